@@ -1,0 +1,215 @@
+"""The one interface between front ends (USB, NBD) and the data path.
+
+Shaped after nbdkit's plugin API: a device has a size and a logical block size,
+and offers positional read/write, flush and trim.  Offsets and lengths are in
+bytes; front ends translate their own addressing (LBAs, NBD offsets) and check
+bounds before calling, but every implementation checks them again.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+from typing import Protocol, runtime_checkable
+
+
+class DeviceState(enum.Enum):
+    READY = "ready"
+    #: Hot standby of a secondary unit: size is visible, data access is refused.
+    STANDBY = "standby"
+    OFFLINE = "offline"
+
+
+class BlockDeviceError(Exception):
+    """Base of errors a BlockDevice reports to its front end."""
+
+
+class OutOfRange(BlockDeviceError):
+    pass
+
+
+class NotReady(BlockDeviceError):
+    pass
+
+
+class WriteProtected(BlockDeviceError):
+    pass
+
+
+class MediumError(BlockDeviceError):
+    """The backing store failed (EIO, ENOSPC...). Carries the errno when known."""
+
+    def __init__(self, message: str, errno_: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
+@runtime_checkable
+class BlockDevice(Protocol):
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def block_size(self) -> int: ...
+
+    @property
+    def state(self) -> DeviceState: ...
+
+    @property
+    def read_only(self) -> bool: ...
+
+    @property
+    def write_cache_enabled(self) -> bool:
+        """True when a completed write may still be volatile until flush()."""
+        ...
+
+    @property
+    def supports_trim(self) -> bool: ...
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+
+    def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def trim(self, offset: int, length: int) -> None: ...
+
+
+def check_range(dev: BlockDevice, offset: int, length: int) -> None:
+    if offset < 0 or length < 0 or offset + length > dev.size:
+        raise OutOfRange(f"range {offset}+{length} outside device of {dev.size} bytes")
+
+
+class FileBlockDevice:
+    """A plain file (or block device node) as a BlockDevice; no journaling.
+
+    Used as the backing of the local mirror, as a baseline in benchmarks, and as
+    a simple device for front-end tests.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        size: int | None = None,
+        block_size: int = 512,
+        read_only: bool = False,
+        create: bool = False,
+    ) -> None:
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        if create:
+            flags |= os.O_CREAT
+        self._fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        actual = os.lseek(self._fd, 0, os.SEEK_END)
+        if size is None:
+            size = actual
+        elif actual < size:
+            if read_only:
+                raise BlockDeviceError(f"{path}: {actual} bytes, expected {size}")
+            os.ftruncate(self._fd, size)
+        if size % block_size:
+            raise BlockDeviceError(f"size {size} is not a multiple of block size {block_size}")
+        self._size = size
+        self._block_size = block_size
+        self._read_only = read_only
+        self._state = DeviceState.READY
+        self._lock = threading.Lock()
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def state(self) -> DeviceState:
+        return self._state
+
+    @state.setter
+    def state(self, value: DeviceState) -> None:
+        self._state = value
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def write_cache_enabled(self) -> bool:
+        return True
+
+    @property
+    def supports_trim(self) -> bool:
+        return True
+
+    def _check_ready(self) -> None:
+        if self._state is not DeviceState.READY:
+            raise NotReady(f"device is {self._state.value}")
+
+    def pread(self, offset: int, length: int) -> bytes:
+        self._check_ready()
+        check_range(self, offset, length)
+        data = os.pread(self._fd, length, offset)
+        if len(data) < length:  # sparse tail past EOF of a growing file
+            data += bytes(length - len(data))
+        return data
+
+    def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        self._check_ready()
+        if self._read_only:
+            raise WriteProtected("device is read-only")
+        check_range(self, offset, len(data))
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(self._fd, view, offset)
+                view = view[n:]
+                offset += n
+            if fua:
+                os.fdatasync(self._fd)
+        except OSError as e:
+            raise MediumError(f"write failed: {e.strerror}", e.errno) from e
+
+    def flush(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            raise MediumError(f"flush failed: {e.strerror}", e.errno) from e
+
+    def trim(self, offset: int, length: int) -> None:
+        self._check_ready()
+        if self._read_only:
+            raise WriteProtected("device is read-only")
+        check_range(self, offset, length)
+        # Punching a hole keeps the file's size and reads back zeroes.
+        try:
+            _punch_hole(self._fd, offset, length)
+        except OSError:
+            self.pwrite(offset, bytes(length))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    falloc_fl_keep_size, falloc_fl_punch_hole = 0x01, 0x02
+    rc = libc.fallocate(
+        fd,
+        falloc_fl_keep_size | falloc_fl_punch_hole,
+        ctypes.c_int64(offset),
+        ctypes.c_int64(length),
+    )
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

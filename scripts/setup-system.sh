@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install the Debian packages the tests and the demo use, if any is missing.
+set -euo pipefail
+packages=(
+    qemu-utils          # qemu-img, qemu-io: NBD clients
+    libnbd-bin          # nbdinfo, nbdcopy
+    qemu-system-x86     # the VM that plays the USB host
+    linux-image-amd64   # the guest kernel and its modules
+    busybox-static      # the guest initramfs
+    sg3-utils           # sg_inq, sg_readcap... inside the guest
+    e2fsprogs           # mkfs.ext4, e2fsck
+    kmod                # modinfo, to order module dependencies
+)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+echo "setup: installing ${missing[*]}"
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -q
+$sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
