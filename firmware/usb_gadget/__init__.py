@@ -1,0 +1,1 @@
+"""USB gadget front end: configfs gadget, FunctionFS endpoints, Bulk-Only Transport."""
