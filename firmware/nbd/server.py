@@ -1,0 +1,506 @@
+"""TCP shell around the sans-IO NBD core: sockets, threads and a BlockDevice.
+
+One thread per client connection; the requests of a connection are executed
+in the order they arrive.  Write payloads are received straight into the
+buffer the request will carry (``recv_into``) and read replies leave with one
+``sendmsg`` of header and data, so large transfers are never handled per
+sector in Python.
+
+The device's addressing unit is its logical block size.  Clients that
+negotiated block sizes (NBD_OPT_GO with NBD_INFO_BLOCK_SIZE) are held to it by
+the core; clients that did not may legally send byte-granular requests, which
+are served here by widening reads and read-modify-writing the edge blocks.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import selectors
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from types import TracebackType
+
+from firmware.blockdev import (
+    BlockDevice,
+    BlockDeviceError,
+    MediumError,
+    NotReady,
+    OutOfRange,
+    WriteProtected,
+)
+from firmware.nbd.protocol import (
+    COMMAND_NAMES,
+    MAX_REQUEST_SIZE,
+    NBD_CMD_FLUSH,
+    NBD_CMD_READ,
+    NBD_CMD_TRIM,
+    NBD_CMD_WRITE,
+    NBD_CMD_WRITE_ZEROES,
+    NBD_EINVAL,
+    NBD_EIO,
+    NBD_ENOSPC,
+    NBD_EPERM,
+    NBD_ESHUTDOWN,
+    Disconnect,
+    Event,
+    ExportInfo,
+    FlushRequest,
+    HandshakeComplete,
+    InvalidRequest,
+    NbdServerConnection,
+    ProtocolError,
+    ReadRequest,
+    TrimRequest,
+    WriteRequest,
+    WriteZeroesRequest,
+)
+
+DEFAULT_PORT = 10809
+DEFAULT_EXPORT_NAME = "mirrorunit"
+#: Bytes asked of the kernel per recv() for request headers (and any payload
+#: that arrives with them).
+RECV_SIZE = 256 * 1024
+#: WRITE_ZEROES and TRIM are split so neither a zero buffer nor a device call
+#: grows with the request length.
+ZERO_CHUNK = 1 << 20
+TRIM_CHUNK = MAX_REQUEST_SIZE
+_ZEROES = bytes(ZERO_CHUNK)
+
+log = logging.getLogger("mirrorunit.nbd")
+
+
+def parse_hostport(s: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """Split ``HOST:PORT``, ``[V6ADDR]:PORT``, ``HOST`` or ``:PORT``.
+
+    An empty host means every interface.  Raises ValueError naming what is wrong.
+    """
+    text = s.strip()
+    if not text:
+        raise ValueError("empty address")
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ValueError(f"{s!r}: unterminated '[' in IPv6 address")
+        host, rest = text[1:close], text[close + 1 :]
+        if not host:
+            raise ValueError(f"{s!r}: empty IPv6 address")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{s!r}: expected ':PORT' after ']'")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") > 1:
+        raise ValueError(f"{s!r}: IPv6 addresses must be written as [ADDR]:PORT")
+    elif ":" in text:
+        host, port_text = text.split(":", 1)
+    else:
+        host, port_text = text, None
+    if port_text is None:
+        return host, default_port
+    if not port_text.isdigit():
+        raise ValueError(f"{s!r}: port {port_text!r} is not a number")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"{s!r}: port {port} is out of range")
+    return host, port
+
+
+def export_info_for(device: BlockDevice, name: str, description: str = "") -> ExportInfo:
+    """Advertised limits of a device: its block size, 4 KiB preferred, 32 MiB max."""
+    block = device.block_size
+    if block <= 0 or block & (block - 1) or block > 65536:
+        # Not expressible as an NBD minimum block size; byte-granular requests
+        # are served by read-modify-write anyway.
+        block = 1
+    return ExportInfo(
+        name=name,
+        size=device.size,
+        read_only=device.read_only,
+        can_trim=device.supports_trim,
+        min_block_size=block,
+        preferred_block_size=max(4096, block),
+        max_block_size=MAX_REQUEST_SIZE - MAX_REQUEST_SIZE % block,
+        description=description,
+    )
+
+
+def nbd_errno(exc: Exception, command: int) -> int:
+    """The NBD error value a BlockDevice failure is reported with."""
+    if isinstance(exc, OutOfRange):
+        return NBD_ENOSPC if command in (NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES) else NBD_EINVAL
+    if isinstance(exc, WriteProtected):
+        return NBD_EPERM
+    if isinstance(exc, NotReady):
+        return NBD_ESHUTDOWN
+    if isinstance(exc, MediumError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return NBD_ENOSPC
+    return NBD_EIO
+
+
+# --- byte-granular access over a block-addressed device ------------------------
+
+
+def _block_of(device: BlockDevice) -> int:
+    block = device.block_size
+    return block if block > 0 else 1
+
+
+def read_range(device: BlockDevice, offset: int, length: int) -> bytes | memoryview:
+    block = _block_of(device)
+    start = offset - offset % block
+    end = -(-(offset + length) // block) * block
+    if start == offset and end == offset + length:
+        return device.pread(offset, length)
+    data = device.pread(start, end - start)
+    return memoryview(data)[offset - start : offset - start + length]
+
+
+def write_range(
+    device: BlockDevice, offset: int, data: bytes | memoryview, fua: bool = False
+) -> None:
+    """Write ``data`` at any byte offset; callers serialise writers (RMW)."""
+    block = _block_of(device)
+    length = len(data)
+    start = offset - offset % block
+    end = -(-(offset + length) // block) * block
+    if start == offset and end == offset + length:
+        device.pwrite(offset, data, fua)
+        return
+    merged = bytearray(end - start)
+    if offset != start:
+        merged[:block] = device.pread(start, block)
+    if (offset + length) % block:
+        merged[-block:] = device.pread(end - block, block)
+    merged[offset - start : offset - start + length] = data
+    device.pwrite(start, merged, fua)
+
+
+def zero_range(device: BlockDevice, offset: int, length: int, fua: bool = False) -> None:
+    # Explicit zeroes: the BlockDevice contract does not promise that trimmed
+    # ranges read back as zero, so a hole is never punched for this command.
+    if length <= ZERO_CHUNK:
+        write_range(device, offset, memoryview(_ZEROES)[:length], fua)
+        return
+    end = offset + length
+    pos = offset
+    while pos < end:
+        n = min(ZERO_CHUNK - pos % ZERO_CHUNK, end - pos)
+        write_range(device, pos, memoryview(_ZEROES)[:n])
+        pos += n
+    if fua:
+        device.flush()
+
+
+def trim_range(device: BlockDevice, offset: int, length: int, fua: bool = False) -> None:
+    # Trim is advisory, so partial edge blocks are simply left alone.
+    block = _block_of(device)
+    start = -(-offset // block) * block
+    end = (offset + length) // block * block
+    pos = start
+    while pos < end:
+        n = min(TRIM_CHUNK, end - pos)
+        device.trim(pos, n)
+        pos += n
+    if fua:
+        device.flush()
+
+
+def _send_buffers(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> None:
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while views:
+        sent = sock.sendmsg(views)
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
+class NbdServer:
+    """Serves one BlockDevice as one NBD export to any number of clients."""
+
+    def __init__(
+        self,
+        device: BlockDevice,
+        host: str,
+        port: int,
+        export_name: str = DEFAULT_EXPORT_NAME,
+        logger: logging.Logger | None = None,
+        description: str = "",
+    ) -> None:
+        self.device = device
+        self.host = host
+        self._requested_port = port
+        self.export_name = export_name
+        self.description = description
+        self.log = logger if logger is not None else log
+        self._listener: socket.socket | None = None
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._lock = threading.Lock()
+        # Mutations are serialised so a read-modify-write of an edge block
+        # cannot interleave with another connection's write of that block.
+        self._write_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._loop_idle = threading.Event()
+        self._loop_idle.set()
+        self._stopped = False
+        self._clients: dict[socket.socket, threading.Thread] = {}
+        self._serve_thread: threading.Thread | None = None
+        # Fail early on a device whose geometry cannot be advertised.
+        export_info_for(device, export_name, description)
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._listener is not None:
+            return int(self._listener.getsockname()[1])
+        return self._requested_port
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._listener is None:
+            return self.host, self._requested_port
+        name = self._listener.getsockname()
+        return str(name[0]), int(name[1])
+
+    def start(self) -> None:
+        """Bind and listen; port 0 picks a free port (see ``.port``)."""
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("server was stopped")
+            if self._listener is not None:
+                return
+            infos = socket.getaddrinfo(
+                self.host or None,
+                self._requested_port,
+                type=socket.SOCK_STREAM,
+                flags=socket.AI_PASSIVE,
+            )
+            family, type_, proto, _, sockaddr = infos[0]
+            listener = socket.socket(family, type_, proto)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind(sockaddr)
+                listener.listen(16)
+                listener.setblocking(False)
+            except OSError:
+                listener.close()
+                raise
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._listener = listener
+        self.log.info("NBD export %r listening on %s:%d", self.export_name, *self.address)
+
+    def serve_forever(self) -> None:
+        """Accept clients until ``stop()``; starts the listener if needed."""
+        self.start()
+        listener, wake_r = self._listener, self._wake_r
+        assert listener is not None and wake_r is not None
+        self._loop_idle.clear()
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(listener, selectors.EVENT_READ)
+                sel.register(wake_r, selectors.EVENT_READ)
+                while not self._stopping.is_set():
+                    for key, _ in sel.select():
+                        if key.fileobj is listener:
+                            self._accept(listener)
+        finally:
+            self._loop_idle.set()
+
+    def stop(self) -> None:
+        """Stop accepting, disconnect clients, release the port. Idempotent."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._stopping.set()
+            if self._wake_w is not None:
+                self._wake_w.send(b"x")
+            clients = dict(self._clients)
+        for sock in clients:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already disconnected by the client
+        if not self._loop_idle.wait(10):
+            self.log.error("NBD accept loop did not exit")
+        for thread in clients.values():
+            thread.join(10)
+        if self._serve_thread is not None and self._serve_thread is not threading.current_thread():
+            self._serve_thread.join(10)
+        for s in (self._listener, self._wake_r, self._wake_w):
+            if s is not None:
+                s.close()
+        self.log.info("NBD export %r stopped", self.export_name)
+
+    def __enter__(self) -> NbdServer:
+        """Start serving on a background thread."""
+        self.start()
+        self._serve_thread = threading.Thread(
+            target=self.serve_forever, name=f"nbd-accept-{self.port}", daemon=True
+        )
+        self._serve_thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, peer = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            # ECONNABORTED, EMFILE...: this client is lost, the server is not.
+            self.log.warning("NBD accept failed: %s", e)
+            return
+        sock.setblocking(True)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        thread = threading.Thread(
+            target=self._run_client, args=(sock, peer), name=f"nbd-client-{peer}", daemon=True
+        )
+        with self._lock:
+            if self._stopping.is_set():
+                sock.close()
+                return
+            self._clients[sock] = thread
+        thread.start()
+
+    # --- one connection ------------------------------------------------------------
+
+    def _run_client(self, sock: socket.socket, peer: object) -> None:
+        self.log.info("NBD client %s connected", peer)
+        reason = "connection closed"
+        try:
+            reason = self._converse(sock, peer)
+        except OSError as e:
+            reason = f"connection error: {e}"
+        except Exception:
+            # The boundary of one client: a bug must cost this connection only.
+            self.log.exception("NBD client %s: internal error, closing connection", peer)
+            reason = "internal error"
+        finally:
+            with self._lock:
+                self._clients.pop(sock, None)
+            sock.close()
+            self.log.info("NBD client %s disconnected: %s", peer, reason)
+
+    def _converse(self, sock: socket.socket, peer: object) -> str:
+        conn = NbdServerConnection(export_info_for(self.device, self.export_name, self.description))
+        sock.sendall(conn.data_to_send())
+        while True:
+            sink = conn.payload_buffer()
+            if sink is not None:
+                events = conn.payload_received(sock.recv_into(sink))
+            else:
+                events = conn.receive_data(sock.recv(RECV_SIZE))
+            out = conn.data_to_send()
+            if out:
+                sock.sendall(out)
+            for event in events:
+                ended = self._handle(conn, sock, peer, event)
+                if ended is not None:
+                    return ended
+
+    def _handle(
+        self, conn: NbdServerConnection, sock: socket.socket, peer: object, event: Event
+    ) -> str | None:
+        """Execute one event; returns the reason when the connection ends."""
+        device = self.device
+        if isinstance(event, ReadRequest):
+            try:
+                data = read_range(device, event.offset, event.length)
+            except (BlockDeviceError, OSError) as e:
+                self._report_device_error(peer, "READ", e)
+                sock.sendall(conn.reply_error(event.handle, nbd_errno(e, NBD_CMD_READ)))
+            else:
+                _send_buffers(sock, conn.reply_read(event.handle, data))
+            return None
+        if isinstance(event, WriteRequest):
+            self._execute(
+                conn,
+                sock,
+                peer,
+                event.handle,
+                NBD_CMD_WRITE,
+                lambda: write_range(device, event.offset, event.data, event.fua),
+            )
+            return None
+        if isinstance(event, WriteZeroesRequest):
+            self._execute(
+                conn,
+                sock,
+                peer,
+                event.handle,
+                NBD_CMD_WRITE_ZEROES,
+                lambda: zero_range(device, event.offset, event.length, event.fua),
+            )
+            return None
+        if isinstance(event, TrimRequest):
+            self._execute(
+                conn,
+                sock,
+                peer,
+                event.handle,
+                NBD_CMD_TRIM,
+                lambda: trim_range(device, event.offset, event.length, event.fua),
+            )
+            return None
+        if isinstance(event, FlushRequest):
+            self._execute(
+                conn, sock, peer, event.handle, NBD_CMD_FLUSH, device.flush, exclusive=False
+            )
+            return None
+        if isinstance(event, InvalidRequest):
+            self.log.info("NBD client %s: refused request: %s", peer, event.reason)
+            sock.sendall(conn.reply_error(event.handle, event.error))
+            return None
+        if isinstance(event, HandshakeComplete):
+            self.log.info(
+                "NBD client %s: export %r, flags %#06x, block sizes %s",
+                peer,
+                event.export_name,
+                event.transmission_flags,
+                "negotiated" if event.block_size_negotiated else "default",
+            )
+            return None
+        if isinstance(event, Disconnect):
+            return event.reason
+        assert isinstance(event, ProtocolError)
+        self.log.warning("NBD client %s: protocol error: %s", peer, event.reason)
+        return f"protocol error: {event.reason}"
+
+    def _execute(
+        self,
+        conn: NbdServerConnection,
+        sock: socket.socket,
+        peer: object,
+        handle: int,
+        command: int,
+        action: Callable[[], None],
+        exclusive: bool = True,
+    ) -> None:
+        try:
+            if exclusive:
+                with self._write_lock:
+                    action()
+            else:
+                action()
+        except (BlockDeviceError, OSError) as e:
+            self._report_device_error(peer, COMMAND_NAMES.get(command, str(command)), e)
+            reply = conn.reply_error(handle, nbd_errno(e, command))
+        else:
+            reply = conn.reply_ok(handle)
+        sock.sendall(reply)
+
+    def _report_device_error(self, peer: object, what: str, exc: Exception) -> None:
+        self.log.warning("NBD client %s: %s failed: %s", peer, what, exc)
