@@ -1,0 +1,500 @@
+"""Journey-link frame codec (sans-IO).
+
+Wire layout of one frame (all integers big-endian)::
+
+    +----------------+---------------------------+----------------------------+
+    | length: u32    | body: `length` bytes      | crc: u32                   |
+    |                | one CBOR map with "type"  | CRC32C(length bytes + body)|
+    +----------------+---------------------------+----------------------------+
+
+The CRC covers the length prefix too, so a corrupted length can never pair with a
+body that happens to check out.  A length above `MAX_FRAME_BODY` is refused as soon
+as the four length bytes arrive, before any of the body is buffered.
+
+WRITES frames do not carry one CBOR item per record's data: the record headers are a
+list of ``[seq, ts, lbn, length]`` and the data of all records is one ``payload`` byte
+string, compressed as a whole with the batch's codec.  One compression stream per
+batch compresses many small block writes far better than one per record.
+
+`FrameDecoder.receive_data` turns bytes into frozen dataclass frames; any malformed
+input raises `LinkProtocolError` with a reason and poisons the decoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import cbor2
+import crc32c
+
+from firmware.link.errors import LinkProtocolError
+
+PROTOCOL_VERSION = 1
+
+FRAME_LENGTH = struct.Struct(">I")
+assert FRAME_LENGTH.size == 4
+FRAME_CRC = struct.Struct(">I")
+assert FRAME_CRC.size == 4
+#: Bytes a frame adds around its CBOR body.
+FRAME_OVERHEAD = FRAME_LENGTH.size + FRAME_CRC.size
+
+#: Largest CBOR body accepted on the wire.
+MAX_FRAME_BODY = 8 * 1024 * 1024
+#: Largest sum of record data in one WRITES batch after decompression; bounds what a
+#: small compressed payload may expand to.
+MAX_BATCH_DATA = 32 * 1024 * 1024
+#: Room left in a frame for the CBOR around a batch's payload (record headers etc.).
+WRITES_HEADER_ALLOWANCE = 64 * 1024
+MAX_U64 = (1 << 64) - 1
+MAX_TEXT = 4096
+
+CODEC_NONE = "none"
+CODEC_ZLIB = "zlib"
+CODEC_ZSTD = "zstd"
+
+#: Record header as hashed for the batch digest: seq, ts, lbn, data length.
+DIGEST_RECORD = struct.Struct(">QQQI")
+assert DIGEST_RECORD.size == 28
+DIGEST_SIZE = 32
+
+
+@dataclass(frozen=True)
+class WriteRecord:
+    """One write of the local volume, as the CBQ numbered it."""
+
+    seq: int
+    lbn: int
+    data: bytes
+    #: Time of the write in nanoseconds since the epoch (informational; history uses it).
+    ts: int
+
+
+@dataclass(frozen=True)
+class Hello:
+    versions: tuple[int, ...]
+    unit_id: str
+    volume_size: int
+    block_size: int
+    #: Last seq the local knows the remote made durable (the local's view).
+    resume_seq: int
+    #: Codecs the local offers, in its order of preference.
+    compression: tuple[str, ...]
+    #: The local asks for the digest handshake (DIGEST / COMMIT / ABORT per batch).
+    signature: bool
+
+
+@dataclass(frozen=True)
+class HelloAck:
+    version: int
+    compression: str
+    signature: bool
+    #: The remote's last durable seq: where the local resumes.
+    durable_seq: int
+
+
+@dataclass(frozen=True)
+class Writes:
+    batch_id: int
+    codec: str
+    records: tuple[WriteRecord, ...]
+
+
+@dataclass(frozen=True)
+class Ack:
+    durable_seq: int
+
+
+@dataclass(frozen=True)
+class Digest:
+    batch_id: int
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class Commit:
+    batch_id: int
+
+
+@dataclass(frozen=True)
+class Abort:
+    batch_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Ping:
+    nonce: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    nonce: int
+
+
+@dataclass(frozen=True)
+class Error:
+    code: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Bye:
+    pass
+
+
+Frame = Union[Hello, HelloAck, Writes, Ack, Digest, Commit, Abort, Ping, Pong, Error, Bye]
+
+
+# --------------------------------------------------------------------------- compression
+
+try:
+    import zstandard as _zstd
+except ImportError:  # pragma: no cover - zstandard is a pinned dependency
+    _zstd = None
+
+
+def available_codecs() -> tuple[str, ...]:
+    """Codecs this build can encode and decode, best first."""
+    if _zstd is not None:
+        return (CODEC_ZSTD, CODEC_ZLIB, CODEC_NONE)
+    return (CODEC_ZLIB, CODEC_NONE)
+
+
+def compress(codec: str, data: bytes) -> bytes:
+    if codec == CODEC_NONE:
+        return data
+    if codec == CODEC_ZLIB:
+        # Level 1: the link is usually CPU-bound on a Pi before it is bandwidth-bound.
+        return zlib.compress(data, 1)
+    if codec == CODEC_ZSTD and _zstd is not None:
+        return _zstd.ZstdCompressor(level=3).compress(data)
+    raise LinkProtocolError(f"codec {codec!r} is not available")
+
+
+def decompress(codec: str, data: bytes, expected: int) -> bytes:
+    """Decompress to exactly `expected` bytes, never producing more than that plus one."""
+    if codec == CODEC_NONE:
+        out = data
+    elif codec == CODEC_ZLIB:
+        d = zlib.decompressobj()
+        try:
+            out = d.decompress(data, expected + 1)
+        except zlib.error as exc:
+            raise LinkProtocolError(f"zlib payload does not decompress: {exc}") from None
+        if not d.eof or d.unconsumed_tail or d.unused_data:
+            raise LinkProtocolError("zlib payload is truncated or has trailing data")
+    elif codec == CODEC_ZSTD and _zstd is not None:
+        try:
+            with _zstd.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
+                out = reader.read(expected + 1)
+        except _zstd.ZstdError as exc:
+            raise LinkProtocolError(f"zstd payload does not decompress: {exc}") from None
+    else:
+        raise LinkProtocolError(f"unknown codec {codec!r}")
+    if len(out) != expected:
+        raise LinkProtocolError(
+            f"payload is {len(out)} bytes after {codec} decompression, records declare {expected}"
+        )
+    return out
+
+
+def batch_digest(records: Sequence[WriteRecord]) -> bytes:
+    """BLAKE2b over the uncompressed batch, as both ends see it after decoding."""
+    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    for r in records:
+        h.update(DIGEST_RECORD.pack(r.seq, r.ts, r.lbn, len(r.data)))
+        h.update(r.data)
+    return h.digest()
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _writes_map(frame: Writes) -> dict[str, Any]:
+    payload = compress(frame.codec, b"".join(r.data for r in frame.records))
+    return {
+        "type": "WRITES",
+        "batch": frame.batch_id,
+        "codec": frame.codec,
+        "recs": [[r.seq, r.ts, r.lbn, len(r.data)] for r in frame.records],
+        "payload": payload,
+    }
+
+
+def _frame_map(frame: Frame) -> dict[str, Any]:
+    if isinstance(frame, Hello):
+        return {
+            "type": "HELLO",
+            "versions": list(frame.versions),
+            "unit": frame.unit_id,
+            "size": frame.volume_size,
+            "bs": frame.block_size,
+            "resume": frame.resume_seq,
+            "compression": list(frame.compression),
+            "signature": frame.signature,
+        }
+    if isinstance(frame, HelloAck):
+        return {
+            "type": "HELLO_ACK",
+            "version": frame.version,
+            "compression": frame.compression,
+            "signature": frame.signature,
+            "durable": frame.durable_seq,
+        }
+    if isinstance(frame, Writes):
+        return _writes_map(frame)
+    if isinstance(frame, Ack):
+        return {"type": "ACK", "durable": frame.durable_seq}
+    if isinstance(frame, Digest):
+        return {"type": "DIGEST", "batch": frame.batch_id, "digest": frame.digest}
+    if isinstance(frame, Commit):
+        return {"type": "COMMIT", "batch": frame.batch_id}
+    if isinstance(frame, Abort):
+        return {"type": "ABORT", "batch": frame.batch_id, "reason": frame.reason}
+    if isinstance(frame, Ping):
+        return {"type": "PING", "nonce": frame.nonce}
+    if isinstance(frame, Pong):
+        return {"type": "PONG", "nonce": frame.nonce}
+    if isinstance(frame, Error):
+        return {"type": "ERROR", "code": frame.code, "text": frame.text}
+    if isinstance(frame, Bye):
+        return {"type": "BYE"}
+    raise TypeError(f"not a frame: {frame!r}")
+
+
+def encode_body(body: bytes) -> bytes:
+    """Wrap an already-encoded CBOR body in length prefix and CRC (tests use it for
+    hand-made bodies)."""
+    head = FRAME_LENGTH.pack(len(body))
+    return head + body + FRAME_CRC.pack(crc32c.crc32c(head + body))
+
+
+def encode_frame(frame: Frame) -> bytes:
+    body = cbor2.dumps(_frame_map(frame))
+    if len(body) > MAX_FRAME_BODY:
+        raise LinkProtocolError(
+            f"{type(frame).__name__} frame body is {len(body)} bytes, limit {MAX_FRAME_BODY}"
+        )
+    return encode_body(body)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _field(m: dict[Any, Any], key: str, ftype: str) -> Any:
+    if key not in m:
+        raise LinkProtocolError(f"{ftype} frame lacks field {key!r}")
+    return m[key]
+
+
+def _u64(m: dict[Any, Any], key: str, ftype: str) -> int:
+    v = _field(m, key, ftype)
+    # bool is an int subclass in Python; CBOR true/false is not a number.
+    if type(v) is not int or not 0 <= v <= MAX_U64:
+        raise LinkProtocolError(f"{ftype} field {key!r} must be an unsigned 64-bit integer")
+    return v
+
+
+def _text(m: dict[Any, Any], key: str, ftype: str, limit: int = MAX_TEXT) -> str:
+    v = _field(m, key, ftype)
+    if type(v) is not str or len(v) > limit:
+        raise LinkProtocolError(f"{ftype} field {key!r} must be text of at most {limit} chars")
+    return v
+
+
+def _bool(m: dict[Any, Any], key: str, ftype: str) -> bool:
+    v = _field(m, key, ftype)
+    if type(v) is not bool:
+        raise LinkProtocolError(f"{ftype} field {key!r} must be a boolean")
+    return v
+
+
+def _bytes(m: dict[Any, Any], key: str, ftype: str) -> bytes:
+    v = _field(m, key, ftype)
+    if type(v) is not bytes:
+        raise LinkProtocolError(f"{ftype} field {key!r} must be a byte string")
+    return v
+
+
+def _list(m: dict[Any, Any], key: str, ftype: str, limit: int) -> list[Any]:
+    v = _field(m, key, ftype)
+    if type(v) is not list or len(v) > limit:
+        raise LinkProtocolError(f"{ftype} field {key!r} must be an array of at most {limit}")
+    return v
+
+
+def _decode_hello(m: dict[Any, Any]) -> Hello:
+    versions = _list(m, "versions", "HELLO", 16)
+    if not versions or any(type(v) is not int or not 0 < v <= 0xFFFF for v in versions):
+        raise LinkProtocolError("HELLO field 'versions' must list protocol versions 1..65535")
+    codecs = _list(m, "compression", "HELLO", 16)
+    if any(type(c) is not str or len(c) > 32 for c in codecs):
+        raise LinkProtocolError("HELLO field 'compression' must list codec names")
+    unit = _text(m, "unit", "HELLO", 128)
+    if not unit:
+        raise LinkProtocolError("HELLO field 'unit' must not be empty")
+    return Hello(
+        versions=tuple(versions),
+        unit_id=unit,
+        volume_size=_u64(m, "size", "HELLO"),
+        block_size=_u64(m, "bs", "HELLO"),
+        resume_seq=_u64(m, "resume", "HELLO"),
+        compression=tuple(codecs),
+        signature=_bool(m, "signature", "HELLO"),
+    )
+
+
+def _decode_hello_ack(m: dict[Any, Any]) -> HelloAck:
+    return HelloAck(
+        version=_u64(m, "version", "HELLO_ACK"),
+        compression=_text(m, "compression", "HELLO_ACK", 32),
+        signature=_bool(m, "signature", "HELLO_ACK"),
+        durable_seq=_u64(m, "durable", "HELLO_ACK"),
+    )
+
+
+def _decode_writes(m: dict[Any, Any]) -> Writes:
+    batch_id = _u64(m, "batch", "WRITES")
+    codec = _text(m, "codec", "WRITES", 32)
+    recs = _list(m, "recs", "WRITES", MAX_FRAME_BODY)
+    payload = _bytes(m, "payload", "WRITES")
+    if not recs:
+        raise LinkProtocolError("WRITES frame carries no records")
+    headers: list[tuple[int, int, int, int]] = []
+    total = 0
+    prev_seq = -1
+    for i, rec in enumerate(recs):
+        if (
+            type(rec) is not list
+            or len(rec) != 4
+            or any(type(x) is not int or not 0 <= x <= MAX_U64 for x in rec)
+        ):
+            raise LinkProtocolError(f"WRITES record {i} must be [seq, ts, lbn, length] of u64")
+        seq, ts, lbn, length = rec
+        if seq <= prev_seq:
+            raise LinkProtocolError(f"WRITES record {i}: seq {seq} does not follow {prev_seq}")
+        prev_seq = seq
+        total += length
+        if total > MAX_BATCH_DATA:
+            raise LinkProtocolError(f"WRITES batch data exceeds {MAX_BATCH_DATA} bytes")
+        headers.append((seq, ts, lbn, length))
+    data = decompress(codec, payload, total)
+    records = []
+    off = 0
+    for seq, ts, lbn, length in headers:
+        records.append(WriteRecord(seq=seq, lbn=lbn, data=data[off : off + length], ts=ts))
+        off += length
+    return Writes(batch_id=batch_id, codec=codec, records=tuple(records))
+
+
+def _decode_digest(m: dict[Any, Any]) -> Digest:
+    digest = _bytes(m, "digest", "DIGEST")
+    if len(digest) != DIGEST_SIZE:
+        raise LinkProtocolError(f"DIGEST must be {DIGEST_SIZE} bytes, got {len(digest)}")
+    return Digest(batch_id=_u64(m, "batch", "DIGEST"), digest=digest)
+
+
+_DECODERS: dict[str, Callable[[dict[Any, Any]], Frame]] = {
+    "HELLO": _decode_hello,
+    "HELLO_ACK": _decode_hello_ack,
+    "WRITES": _decode_writes,
+    "ACK": lambda m: Ack(durable_seq=_u64(m, "durable", "ACK")),
+    "DIGEST": _decode_digest,
+    "COMMIT": lambda m: Commit(batch_id=_u64(m, "batch", "COMMIT")),
+    "ABORT": lambda m: Abort(batch_id=_u64(m, "batch", "ABORT"), reason=_text(m, "reason", "ABORT")),
+    "PING": lambda m: Ping(nonce=_u64(m, "nonce", "PING")),
+    "PONG": lambda m: Pong(nonce=_u64(m, "nonce", "PONG")),
+    "ERROR": lambda m: Error(code=_text(m, "code", "ERROR", 64), text=_text(m, "text", "ERROR")),
+    "BYE": lambda m: Bye(),
+}
+
+
+def decode_body(body: bytes) -> Frame:
+    """Decode one CBOR body (CRC already checked) into a frame."""
+    fp = io.BytesIO(body)
+    try:
+        obj = cbor2.CBORDecoder(fp).decode()
+    except Exception as exc:  # cbor2 raises many exception types on hostile input
+        # Converted, not swallowed: every decode failure ends this connection.
+        raise LinkProtocolError(f"frame body is not valid CBOR: {type(exc).__name__}") from None
+    if fp.tell() != len(body):
+        raise LinkProtocolError(f"{len(body) - fp.tell()} bytes trail the CBOR item in a frame")
+    if type(obj) is not dict:
+        raise LinkProtocolError(f"frame body is a CBOR {type(obj).__name__}, not a map")
+    ftype = obj.get("type")
+    if type(ftype) is not str:
+        raise LinkProtocolError("frame has no text 'type' field")
+    decoder = _DECODERS.get(ftype)
+    if decoder is None:
+        raise LinkProtocolError(f"unknown frame type {ftype[:64]!r}")
+    return decoder(obj)
+
+
+class FrameDecoder:
+    """Incremental decoder: feed any split of the byte stream, get whole frames back."""
+
+    def __init__(self, max_body: int = MAX_FRAME_BODY) -> None:
+        self._buf = bytearray()
+        self._max_body = max_body
+        self._error: LinkProtocolError | None = None
+        self._last_ack = -1
+        self.frames_decoded = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def receive_data(self, data: bytes) -> list[Frame]:
+        if self._error is not None:
+            raise self._error
+        self._buf += data
+        frames: list[Frame] = []
+        try:
+            while True:
+                frame = self._next_frame()
+                if frame is None:
+                    break
+                frames.append(frame)
+        except LinkProtocolError as exc:
+            self._error = exc
+            self._buf.clear()
+            raise
+        return frames
+
+    def _next_frame(self) -> Frame | None:
+        if len(self._buf) < FRAME_LENGTH.size:
+            return None
+        (length,) = FRAME_LENGTH.unpack_from(self._buf, 0)
+        if length == 0:
+            raise LinkProtocolError(f"frame {self.frames_decoded} has an empty body")
+        if length > self._max_body:
+            raise LinkProtocolError(
+                f"frame {self.frames_decoded} declares {length} bytes, limit {self._max_body}"
+            )
+        end = FRAME_LENGTH.size + length
+        if len(self._buf) < end + FRAME_CRC.size:
+            return None
+        (crc,) = FRAME_CRC.unpack_from(self._buf, end)
+        actual = crc32c.crc32c(bytes(self._buf[:end]))
+        if crc != actual:
+            raise LinkProtocolError(
+                f"frame {self.frames_decoded} CRC32C mismatch (wire {crc:08x}, computed {actual:08x})"
+            )
+        body = bytes(self._buf[FRAME_LENGTH.size : end])
+        del self._buf[: end + FRAME_CRC.size]
+        frame = decode_body(body)
+        if isinstance(frame, Ack):
+            # Durability never goes backwards on one connection.
+            if frame.durable_seq < self._last_ack:
+                raise LinkProtocolError(
+                    f"ACK seq {frame.durable_seq} goes backwards from {self._last_ack}"
+                )
+            self._last_ack = frame.durable_seq
+        self.frames_decoded += 1
+        return frame

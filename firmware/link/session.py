@@ -1,0 +1,657 @@
+"""Sans-IO state machines of the journey link: the sender (local) and receiver (remote).
+
+Both are fed bytes with `receive_data()` and hand back events; the bytes they want on
+the wire collect in `data_to_send()`.  Neither touches a socket or a clock: the shell
+owns the connection, keepalive timing and reconnects.
+
+Sequence numbers (`seq`) are the CBQ's: u64, strictly increasing, first one 1, and
+seq 0 means "nothing yet".  The remote acknowledges only seqs its sink made durable;
+after a reconnect the local resumes right after the remote's last durable seq, and
+any seq the remote already applied is acknowledged and skipped, so a replay is
+harmless.
+
+With the signature option every batch waits in the remote's receive buffer: the
+remote answers DIGEST (BLAKE2b of the decoded batch), the local compares it with its
+own and answers COMMIT (apply it) or ABORT (drop it and everything after it; the local
+rewinds and sends again).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, Union
+
+from firmware.link.errors import LinkError, LinkProtocolError, LinkRefused, SourceGap
+from firmware.link.frames import (
+    CODEC_NONE,
+    FRAME_OVERHEAD,
+    MAX_FRAME_BODY,
+    PROTOCOL_VERSION,
+    WRITES_HEADER_ALLOWANCE,
+    Abort,
+    Ack,
+    Bye,
+    Commit,
+    Digest,
+    Error,
+    Frame,
+    FrameDecoder,
+    Hello,
+    HelloAck,
+    Ping,
+    Pong,
+    WriteRecord,
+    Writes,
+    available_codecs,
+    batch_digest,
+    encode_frame,
+)
+
+# --------------------------------------------------------------------------- interfaces
+
+
+class WriteSource(Protocol):
+    """What the sender reads from: on the local unit, a CBQ consumer cursor."""
+
+    def next_batch(self, max_bytes: int) -> list[WriteRecord]:
+        """Records after the last one returned (or after the rewind point), seqs strictly
+        increasing, data totalling at most `max_bytes` except that a single record larger
+        than that is still returned alone.  Empty when nothing is pending now."""
+        ...
+
+    def ack(self, seq: int) -> None:
+        """The remote made every seq <= `seq` durable: those may be released."""
+        ...
+
+    def rewind_to(self, seq: int) -> None:
+        """The next batch starts with the first record whose seq is > `seq`.
+        Raises `SourceGap` if such records were already released."""
+        ...
+
+
+class WriteSink(Protocol):
+    """What the receiver writes to: on the remote unit, the per-unit receive journal."""
+
+    def apply(self, records: Sequence[WriteRecord]) -> int:
+        """Apply records in order; return the last seq now durable.  A seq applied
+        earlier but not yet durable may come again after a reconnect: re-applying it
+        must be harmless (same seq, same lbn, same data)."""
+        ...
+
+    def last_durable_seq(self) -> int: ...
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Established:
+    unit_id: str
+    version: int
+    compression: str
+    signature: bool
+    #: The remote's last durable seq when the session started.
+    durable_seq: int
+
+
+@dataclass(frozen=True)
+class Acknowledged:
+    durable_seq: int
+
+
+@dataclass(frozen=True)
+class BatchApplied:
+    first_seq: int
+    last_seq: int
+    #: Records skipped because their seq was already applied.
+    duplicates: int
+
+
+@dataclass(frozen=True)
+class BatchAborted:
+    batch_id: int
+    first_seq: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    """This side refused the peer (an ERROR frame is queued; close after sending it)."""
+
+    code: str
+    text: str
+
+
+@dataclass(frozen=True)
+class PeerError:
+    """The peer sent ERROR: it refused us or failed."""
+
+    code: str
+    text: str
+
+
+@dataclass(frozen=True)
+class PeerClosed:
+    pass
+
+
+@dataclass(frozen=True)
+class PongReceived:
+    nonce: int
+
+
+SessionEvent = Union[
+    Established, Acknowledged, BatchApplied, BatchAborted, Refused, PeerError, PeerClosed,
+    PongReceived,
+]
+
+
+class SessionState(enum.Enum):
+    IDLE = "idle"
+    HELLO_SENT = "hello-sent"
+    AWAIT_HELLO = "await-hello"
+    STREAMING = "streaming"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+
+class Role(enum.Enum):
+    SENDER = "sender"
+    RECEIVER = "receiver"
+
+
+# Which frames each role accepts in each state; anything else is a protocol error.
+_ALLOWED: dict[tuple[Role, SessionState], tuple[type, ...]] = {
+    (Role.SENDER, SessionState.HELLO_SENT): (HelloAck, Error, Ping, Pong, Bye),
+    (Role.SENDER, SessionState.STREAMING): (Ack, Digest, Error, Ping, Pong, Bye),
+    (Role.RECEIVER, SessionState.AWAIT_HELLO): (Hello, Error, Ping, Bye),
+    (Role.RECEIVER, SessionState.STREAMING): (Writes, Commit, Abort, Error, Ping, Pong, Bye),
+}
+
+# Error codes carried in ERROR frames.
+ERR_PROTOCOL = "protocol"
+ERR_VERSION = "version"
+ERR_UNKNOWN_UNIT = "unknown-unit"
+ERR_IDENTITY = "identity"
+ERR_RESYNC = "resync-needed"
+ERR_ABORTS = "too-many-aborts"
+
+
+class _Session:
+    role: Role
+
+    def __init__(self, state: SessionState) -> None:
+        self.state = state
+        self._decoder = FrameDecoder()
+        self._out = bytearray()
+
+    # -- shell-facing
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def pending_output(self) -> int:
+        return len(self._out)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state in (SessionState.CLOSED, SessionState.FAILED)
+
+    def receive_data(self, data: bytes) -> list[SessionEvent]:
+        """Feed bytes from the peer.  Raises `LinkProtocolError` (after queueing an ERROR
+        frame for the peer) on anything the protocol does not allow."""
+        if self.state is SessionState.FAILED:
+            return []  # closing anyway; late bytes do not matter
+        events: list[SessionEvent] = []
+        try:
+            for frame in self._decoder.receive_data(data):
+                events.extend(self._dispatch(frame))
+                if self.state is SessionState.FAILED:
+                    break
+        except LinkProtocolError as exc:
+            self._fail_with(ERR_PROTOCOL, exc.reason)
+            raise
+        return events
+
+    def ping(self, nonce: int) -> None:
+        self._send(Ping(nonce=nonce))
+
+    def close(self) -> None:
+        """Say BYE; the shell closes after flushing `data_to_send()`."""
+        if not self.is_finished:
+            self._send(Bye())
+            self.state = SessionState.CLOSED
+
+    # -- internals
+
+    def _send(self, frame: Frame) -> None:
+        self._out += encode_frame(frame)
+
+    def _fail_with(self, code: str, text: str) -> None:
+        if self.state is not SessionState.FAILED:
+            self._send(Error(code=code, text=text))
+            self.state = SessionState.FAILED
+
+    def _dispatch(self, frame: Frame) -> list[SessionEvent]:
+        allowed = _ALLOWED.get((self.role, self.state), ())
+        if not isinstance(frame, allowed):
+            raise LinkProtocolError(
+                f"{type(frame).__name__} frame not allowed while {self.role.value} is "
+                f"{self.state.value}"
+            )
+        if isinstance(frame, Ping):
+            self._send(Pong(nonce=frame.nonce))
+            return []
+        if isinstance(frame, Pong):
+            return [PongReceived(nonce=frame.nonce)]
+        if isinstance(frame, Error):
+            self.state = SessionState.FAILED
+            return [PeerError(code=frame.code, text=frame.text)]
+        if isinstance(frame, Bye):
+            self.state = SessionState.CLOSED
+            return [PeerClosed()]
+        return self._handle(frame)
+
+    def _handle(self, frame: Frame) -> list[SessionEvent]:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- sender
+
+
+@dataclass(frozen=True)
+class SenderConfig:
+    unit_id: str
+    volume_size: int
+    block_size: int
+    #: Last seq the local believes the remote made durable.
+    resume_seq: int = 0
+    versions: tuple[int, ...] = (PROTOCOL_VERSION,)
+    #: Codecs offered, best first; "none" is always acceptable.
+    compression: tuple[str, ...] = field(default_factory=available_codecs)
+    signature: bool = False
+    #: Uncompressed record bytes sent but not yet acknowledged.
+    window_bytes: int = 4 * 1024 * 1024
+    batch_bytes: int = 1024 * 1024
+    #: Digest mismatches tolerated for one seq before the session gives up.
+    max_aborts: int = 3
+
+    def __post_init__(self) -> None:
+        if not 0 < self.batch_bytes <= MAX_FRAME_BODY - WRITES_HEADER_ALLOWANCE:
+            raise ValueError(f"batch_bytes must be 1..{MAX_FRAME_BODY - WRITES_HEADER_ALLOWANCE}")
+        if self.window_bytes < self.batch_bytes:
+            raise ValueError("window_bytes must be at least batch_bytes")
+
+
+@dataclass
+class _InFlight:
+    batch_id: int
+    first_seq: int
+    last_seq: int
+    nbytes: int
+    digest: bytes
+    committed: bool = False
+
+
+class SenderSession(_Session):
+    role = Role.SENDER
+
+    def __init__(self, config: SenderConfig, source: WriteSource) -> None:
+        super().__init__(SessionState.IDLE)
+        self.config = config
+        self._source = source
+        self.compression = CODEC_NONE
+        self.signature = False
+        self.acked_seq = config.resume_seq
+        self.last_sent_seq = config.resume_seq
+        self._in_flight: list[_InFlight] = []
+        self._discarded_batches: set[int] = set()
+        self._next_batch_id = 1
+        self._aborts: dict[int, int] = {}
+        self.bytes_sent_payload = 0
+
+    @property
+    def in_flight_bytes(self) -> int:
+        return sum(b.nbytes for b in self._in_flight)
+
+    def start(self) -> None:
+        if self.state is not SessionState.IDLE:
+            raise LinkError("sender session already started")
+        c = self.config
+        self._send(
+            Hello(
+                versions=c.versions,
+                unit_id=c.unit_id,
+                volume_size=c.volume_size,
+                block_size=c.block_size,
+                resume_seq=c.resume_seq,
+                compression=c.compression,
+                signature=c.signature,
+            )
+        )
+        self.state = SessionState.HELLO_SENT
+
+    def pump(self) -> int:
+        """Pull batches from the source while the window has room; returns how many
+        batches were queued for sending."""
+        queued = 0
+        while self.state is SessionState.STREAMING:
+            room = self.config.window_bytes - self.in_flight_bytes
+            if room <= 0:
+                break
+            records = self._source.next_batch(min(room, self.config.batch_bytes))
+            if not records:
+                break
+            self._queue_batch(records)
+            queued += 1
+        return queued
+
+    def _queue_batch(self, records: list[WriteRecord]) -> None:
+        prev = self.last_sent_seq
+        for r in records:
+            if r.seq <= prev:
+                raise LinkError(f"source returned seq {r.seq} after {prev}")
+            prev = r.seq
+        batch_id = self._next_batch_id
+        self._next_batch_id += 1
+        frame = Writes(batch_id=batch_id, codec=self.compression, records=tuple(records))
+        wire = encode_frame(frame)
+        nbytes = sum(len(r.data) for r in records)
+        self._out += wire
+        self.bytes_sent_payload += len(wire) - FRAME_OVERHEAD
+        self._in_flight.append(
+            _InFlight(
+                batch_id=batch_id,
+                first_seq=records[0].seq,
+                last_seq=records[-1].seq,
+                nbytes=nbytes,
+                digest=batch_digest(records) if self.signature else b"",
+            )
+        )
+        self.last_sent_seq = records[-1].seq
+
+    def _handle(self, frame: Frame) -> list[SessionEvent]:
+        if isinstance(frame, HelloAck):
+            return self._on_hello_ack(frame)
+        if isinstance(frame, Ack):
+            return self._on_ack(frame)
+        if isinstance(frame, Digest):
+            return self._on_digest(frame)
+        raise AssertionError(frame)  # _ALLOWED keeps other frames out
+
+    def _on_hello_ack(self, ack: HelloAck) -> list[SessionEvent]:
+        c = self.config
+        if ack.version not in c.versions:
+            raise LinkProtocolError(f"remote chose version {ack.version}, offered {c.versions}")
+        if ack.compression != CODEC_NONE and ack.compression not in c.compression:
+            raise LinkProtocolError(f"remote chose codec {ack.compression!r}, not offered")
+        if ack.signature != c.signature:
+            raise LinkProtocolError(
+                f"remote answered signature={ack.signature} to a request of {c.signature}"
+            )
+        self.compression = ack.compression
+        self.signature = ack.signature
+        durable = ack.durable_seq
+        try:
+            self._source.ack(durable)
+            self._source.rewind_to(durable)
+        except SourceGap as exc:
+            text = f"remote resumes after seq {durable}, the local queue cannot: {exc}"
+            self._fail_with(ERR_RESYNC, text)
+            return [Refused(code=ERR_RESYNC, text=text)]
+        self.acked_seq = durable
+        self.last_sent_seq = durable
+        self.state = SessionState.STREAMING
+        return [
+            Established(
+                unit_id=c.unit_id,
+                version=ack.version,
+                compression=ack.compression,
+                signature=ack.signature,
+                durable_seq=durable,
+            )
+        ]
+
+    def _on_ack(self, ack: Ack) -> list[SessionEvent]:
+        seq = ack.durable_seq
+        if seq > self.last_sent_seq:
+            raise LinkProtocolError(f"ACK for seq {seq}, only {self.last_sent_seq} was sent")
+        if seq <= self.acked_seq:
+            return []
+        if self.signature:
+            for b in self._in_flight:
+                if b.first_seq <= seq and not b.committed:
+                    raise LinkProtocolError(f"ACK {seq} covers batch {b.batch_id} not committed")
+        self.acked_seq = seq
+        self._source.ack(seq)
+        while self._in_flight and self._in_flight[0].last_seq <= seq:
+            self._in_flight.pop(0)
+        return [Acknowledged(durable_seq=seq)]
+
+    def _on_digest(self, digest: Digest) -> list[SessionEvent]:
+        if not self.signature:
+            raise LinkProtocolError("DIGEST without the signature option")
+        if digest.batch_id in self._discarded_batches:
+            return []  # answer to a batch we already aborted; it was dropped remotely
+        for i, batch in enumerate(self._in_flight):
+            if batch.batch_id == digest.batch_id:
+                break
+        else:
+            raise LinkProtocolError(f"DIGEST for unknown batch {digest.batch_id}")
+        if batch.committed:
+            raise LinkProtocolError(f"second DIGEST for batch {digest.batch_id}")
+        if digest.digest == batch.digest:
+            batch.committed = True
+            self._send(Commit(batch_id=batch.batch_id))
+            return []
+        reason = "digest mismatch"
+        self._send(Abort(batch_id=batch.batch_id, reason=reason))
+        count = self._aborts.get(batch.first_seq, 0) + 1
+        self._aborts[batch.first_seq] = count
+        if count > self.config.max_aborts:
+            text = f"batch at seq {batch.first_seq} aborted {count} times"
+            self._fail_with(ERR_ABORTS, text)
+            return [BatchAborted(batch.batch_id, batch.first_seq, reason), Refused(ERR_ABORTS, text)]
+        # The remote drops this batch and every later one; resend from its first seq.
+        for dropped in self._in_flight[i:]:
+            self._discarded_batches.add(dropped.batch_id)
+        del self._in_flight[i:]
+        self._source.rewind_to(batch.first_seq - 1)
+        self.last_sent_seq = batch.first_seq - 1
+        return [BatchAborted(batch.batch_id, batch.first_seq, reason)]
+
+
+# --------------------------------------------------------------------------- receiver
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    known_units: Collection[str]
+    versions: tuple[int, ...] = (PROTOCOL_VERSION,)
+    compression: tuple[str, ...] = field(default_factory=available_codecs)
+    allow_signature: bool = True
+    #: Refuse a seq that does not follow the last one by exactly 1 (a lost write).
+    require_contiguous: bool = True
+    #: Bytes of batches held in the receive buffer awaiting COMMIT.
+    max_pending_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass
+class _Pending:
+    batch_id: int
+    records: tuple[WriteRecord, ...]
+    nbytes: int
+
+
+class ReceiverSession(_Session):
+    role = Role.RECEIVER
+
+    def __init__(
+        self,
+        config: ReceiverConfig,
+        open_sink: Callable[[Hello], WriteSink],
+        authenticated_unit: str | None = None,
+    ) -> None:
+        """`open_sink` resolves the unit's sink (and may claim it); it raises
+        `LinkRefused` to turn the peer away.  `authenticated_unit` is the unit id the
+        TLS layer bound to the peer's certificate, None when there is no TLS."""
+        super().__init__(SessionState.AWAIT_HELLO)
+        self.config = config
+        self._open_sink = open_sink
+        self.authenticated_unit = authenticated_unit
+        self.sink: WriteSink | None = None
+        self.hello: Hello | None = None
+        self.compression = CODEC_NONE
+        self.signature = False
+        self._applied = 0  # highest seq handed to the sink
+        self._high = 0  # highest seq accepted (applied or pending)
+        self._acked = -1
+        self._last_batch_id = 0
+        self._pending: list[_Pending] = []
+
+    def _handle(self, frame: Frame) -> list[SessionEvent]:
+        if isinstance(frame, Hello):
+            return self._on_hello(frame)
+        if isinstance(frame, Writes):
+            return self._on_writes(frame)
+        if isinstance(frame, Commit):
+            return self._on_commit(frame)
+        if isinstance(frame, Abort):
+            return self._on_abort(frame)
+        raise AssertionError(frame)
+
+    def _refuse(self, code: str, text: str) -> list[SessionEvent]:
+        self._fail_with(code, text)
+        return [Refused(code=code, text=text)]
+
+    def _on_hello(self, hello: Hello) -> list[SessionEvent]:
+        common = set(hello.versions) & set(self.config.versions)
+        if not common:
+            return self._refuse(
+                ERR_VERSION, f"no common protocol version: {hello.versions} vs {self.config.versions}"
+            )
+        if hello.unit_id not in self.config.known_units:
+            return self._refuse(ERR_UNKNOWN_UNIT, f"unit {hello.unit_id!r} is not known here")
+        if self.authenticated_unit is not None and hello.unit_id != self.authenticated_unit:
+            return self._refuse(
+                ERR_IDENTITY,
+                f"certificate belongs to unit {self.authenticated_unit!r}, "
+                f"HELLO claims {hello.unit_id!r}",
+            )
+        if hello.block_size == 0 or hello.volume_size % hello.block_size:
+            raise LinkProtocolError(
+                f"volume size {hello.volume_size} is not a multiple of block size {hello.block_size}"
+            )
+        try:
+            sink = self._open_sink(hello)
+        except LinkRefused as exc:
+            return self._refuse(exc.code, exc.text)
+        self.sink = sink
+        self.hello = hello
+        # The sender's preference order decides among codecs both sides have.
+        self.compression = next(
+            (c for c in hello.compression if c in self.config.compression), CODEC_NONE
+        )
+        self.signature = hello.signature and self.config.allow_signature
+        durable = sink.last_durable_seq()
+        self._applied = self._high = durable
+        self._acked = durable
+        self.state = SessionState.STREAMING
+        version = max(common)
+        self._send(
+            HelloAck(
+                version=version,
+                compression=self.compression,
+                signature=self.signature,
+                durable_seq=durable,
+            )
+        )
+        return [Established(hello.unit_id, version, self.compression, self.signature, durable)]
+
+    def _check_batch(self, writes: Writes) -> tuple[WriteRecord, ...]:
+        """Validate a batch; return its records with a seq not yet accepted."""
+        assert self.hello is not None
+        if writes.codec not in (self.compression, CODEC_NONE):
+            raise LinkProtocolError(f"WRITES codec {writes.codec!r}, negotiated {self.compression!r}")
+        if writes.batch_id <= self._last_batch_id:
+            raise LinkProtocolError(
+                f"batch id {writes.batch_id} does not follow {self._last_batch_id}"
+            )
+        bs, size = self.hello.block_size, self.hello.volume_size
+        for r in writes.records:
+            if not r.data or len(r.data) % bs:
+                raise LinkProtocolError(
+                    f"seq {r.seq}: {len(r.data)} data bytes is not a whole number of blocks"
+                )
+            if r.lbn * bs + len(r.data) > size:
+                raise LinkProtocolError(f"seq {r.seq}: lbn {r.lbn} + {len(r.data)} bytes past end")
+        fresh = tuple(r for r in writes.records if r.seq > self._high)
+        if self.config.require_contiguous:
+            expect = self._high + 1
+            for r in fresh:
+                if r.seq != expect:
+                    raise LinkProtocolError(f"seq {r.seq} arrived where {expect} was due")
+                expect += 1
+        return fresh
+
+    def _apply(self, records: tuple[WriteRecord, ...]) -> list[SessionEvent]:
+        assert self.sink is not None
+        fresh = tuple(r for r in records if r.seq > self._applied)
+        events: list[SessionEvent] = []
+        if fresh:
+            self.sink.apply(fresh)
+            self._applied = fresh[-1].seq
+            events.append(BatchApplied(fresh[0].seq, fresh[-1].seq, len(records) - len(fresh)))
+        self._ack_durable(force=not fresh)
+        return events
+
+    def _ack_durable(self, force: bool = False) -> None:
+        assert self.sink is not None
+        # Never claim more than was handed over, whatever the sink says.
+        durable = min(self.sink.last_durable_seq(), self._applied)
+        if durable > self._acked or (force and durable >= self._acked):
+            self._acked = durable
+            self._send(Ack(durable_seq=durable))
+
+    def poll_durable(self) -> None:
+        """Acknowledge seqs the sink made durable since the last call (group commit)."""
+        if self.state is SessionState.STREAMING:
+            self._ack_durable()
+
+    def _on_writes(self, writes: Writes) -> list[SessionEvent]:
+        fresh = self._check_batch(writes)
+        self._last_batch_id = writes.batch_id
+        if fresh:
+            self._high = fresh[-1].seq
+        if not self.signature:
+            return self._apply(fresh)
+        nbytes = sum(len(r.data) for r in writes.records)
+        if sum(p.nbytes for p in self._pending) + nbytes > self.config.max_pending_bytes:
+            raise LinkProtocolError(f"receive buffer over {self.config.max_pending_bytes} bytes")
+        self._pending.append(_Pending(writes.batch_id, fresh, nbytes))
+        self._send(Digest(batch_id=writes.batch_id, digest=batch_digest(writes.records)))
+        return []
+
+    def _on_commit(self, commit: Commit) -> list[SessionEvent]:
+        if not self._pending or self._pending[0].batch_id != commit.batch_id:
+            oldest = self._pending[0].batch_id if self._pending else None
+            raise LinkProtocolError(f"COMMIT {commit.batch_id}, oldest pending batch is {oldest}")
+        return self._apply(self._pending.pop(0).records)
+
+    def _on_abort(self, abort: Abort) -> list[SessionEvent]:
+        for i, p in enumerate(self._pending):
+            if p.batch_id == abort.batch_id:
+                break
+        else:
+            raise LinkProtocolError(f"ABORT for batch {abort.batch_id}, which is not pending")
+        first = p.records[0].seq if p.records else self._high + 1
+        del self._pending[i:]
+        self._high = max(
+            [self._applied] + [q.records[-1].seq for q in self._pending if q.records]
+        )
+        return [BatchAborted(abort.batch_id, first, abort.reason)]
