@@ -28,10 +28,11 @@ import struct
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import cbor2
 import crc32c
+import zstandard as _zstd
 
 from firmware.link.errors import LinkProtocolError
 
@@ -148,22 +149,15 @@ class Bye:
     pass
 
 
-Frame = Union[Hello, HelloAck, Writes, Ack, Digest, Commit, Abort, Ping, Pong, Error, Bye]
+Frame = Hello | HelloAck | Writes | Ack | Digest | Commit | Abort | Ping | Pong | Error | Bye
 
 
 # --------------------------------------------------------------------------- compression
 
-try:
-    import zstandard as _zstd
-except ImportError:  # pragma: no cover - zstandard is a pinned dependency
-    _zstd = None
-
 
 def available_codecs() -> tuple[str, ...]:
     """Codecs this build can encode and decode, best first."""
-    if _zstd is not None:
-        return (CODEC_ZSTD, CODEC_ZLIB, CODEC_NONE)
-    return (CODEC_ZLIB, CODEC_NONE)
+    return (CODEC_ZSTD, CODEC_ZLIB, CODEC_NONE)
 
 
 def compress(codec: str, data: bytes) -> bytes:
@@ -172,7 +166,7 @@ def compress(codec: str, data: bytes) -> bytes:
     if codec == CODEC_ZLIB:
         # Level 1: the link is usually CPU-bound on a Pi before it is bandwidth-bound.
         return zlib.compress(data, 1)
-    if codec == CODEC_ZSTD and _zstd is not None:
+    if codec == CODEC_ZSTD:
         return _zstd.ZstdCompressor(level=3).compress(data)
     raise LinkProtocolError(f"codec {codec!r} is not available")
 
@@ -189,7 +183,7 @@ def decompress(codec: str, data: bytes, expected: int) -> bytes:
             raise LinkProtocolError(f"zlib payload does not decompress: {exc}") from None
         if not d.eof or d.unconsumed_tail or d.unused_data:
             raise LinkProtocolError("zlib payload is truncated or has trailing data")
-    elif codec == CODEC_ZSTD and _zstd is not None:
+    elif codec == CODEC_ZSTD:
         try:
             with _zstd.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
                 out = reader.read(expected + 1)
@@ -407,7 +401,9 @@ _DECODERS: dict[str, Callable[[dict[Any, Any]], Frame]] = {
     "ACK": lambda m: Ack(durable_seq=_u64(m, "durable", "ACK")),
     "DIGEST": _decode_digest,
     "COMMIT": lambda m: Commit(batch_id=_u64(m, "batch", "COMMIT")),
-    "ABORT": lambda m: Abort(batch_id=_u64(m, "batch", "ABORT"), reason=_text(m, "reason", "ABORT")),
+    "ABORT": lambda m: Abort(
+        batch_id=_u64(m, "batch", "ABORT"), reason=_text(m, "reason", "ABORT")
+    ),
     "PING": lambda m: Ping(nonce=_u64(m, "nonce", "PING")),
     "PONG": lambda m: Pong(nonce=_u64(m, "nonce", "PONG")),
     "ERROR": lambda m: Error(code=_text(m, "code", "ERROR", 64), text=_text(m, "text", "ERROR")),
@@ -484,7 +480,8 @@ class FrameDecoder:
         actual = crc32c.crc32c(bytes(self._buf[:end]))
         if crc != actual:
             raise LinkProtocolError(
-                f"frame {self.frames_decoded} CRC32C mismatch (wire {crc:08x}, computed {actual:08x})"
+                f"frame {self.frames_decoded} CRC32C mismatch "
+                f"(wire {crc:08x}, computed {actual:08x})"
             )
         body = bytes(self._buf[FRAME_LENGTH.size : end])
         del self._buf[: end + FRAME_CRC.size]

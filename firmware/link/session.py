@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Union
+from typing import Protocol
 
 from firmware.link.errors import LinkError, LinkProtocolError, LinkRefused, SourceGap
 from firmware.link.frames import (
@@ -142,10 +142,10 @@ class PongReceived:
     nonce: int
 
 
-SessionEvent = Union[
-    Established, Acknowledged, BatchApplied, BatchAborted, Refused, PeerError, PeerClosed,
-    PongReceived,
-]
+SessionEvent = (
+    Established | Acknowledged | BatchApplied | BatchAborted | Refused | PeerError | PeerClosed
+    | PongReceived
+)
 
 
 class SessionState(enum.Enum):
@@ -438,11 +438,10 @@ class SenderSession(_Session):
             raise LinkProtocolError("DIGEST without the signature option")
         if digest.batch_id in self._discarded_batches:
             return []  # answer to a batch we already aborted; it was dropped remotely
-        for i, batch in enumerate(self._in_flight):
-            if batch.batch_id == digest.batch_id:
-                break
-        else:
+        i = next((i for i, b in enumerate(self._in_flight) if b.batch_id == digest.batch_id), -1)
+        if i < 0:
             raise LinkProtocolError(f"DIGEST for unknown batch {digest.batch_id}")
+        batch = self._in_flight[i]
         if batch.committed:
             raise LinkProtocolError(f"second DIGEST for batch {digest.batch_id}")
         if digest.digest == batch.digest:
@@ -456,7 +455,10 @@ class SenderSession(_Session):
         if count > self.config.max_aborts:
             text = f"batch at seq {batch.first_seq} aborted {count} times"
             self._fail_with(ERR_ABORTS, text)
-            return [BatchAborted(batch.batch_id, batch.first_seq, reason), Refused(ERR_ABORTS, text)]
+            return [
+                BatchAborted(batch.batch_id, batch.first_seq, reason),
+                Refused(ERR_ABORTS, text),
+            ]
         # The remote drops this batch and every later one; resend from its first seq.
         for dropped in self._in_flight[i:]:
             self._discarded_batches.add(dropped.batch_id)
@@ -533,7 +535,8 @@ class ReceiverSession(_Session):
         common = set(hello.versions) & set(self.config.versions)
         if not common:
             return self._refuse(
-                ERR_VERSION, f"no common protocol version: {hello.versions} vs {self.config.versions}"
+                ERR_VERSION,
+                f"no common protocol version: {hello.versions} vs {self.config.versions}",
             )
         if hello.unit_id not in self.config.known_units:
             return self._refuse(ERR_UNKNOWN_UNIT, f"unit {hello.unit_id!r} is not known here")
@@ -545,7 +548,8 @@ class ReceiverSession(_Session):
             )
         if hello.block_size == 0 or hello.volume_size % hello.block_size:
             raise LinkProtocolError(
-                f"volume size {hello.volume_size} is not a multiple of block size {hello.block_size}"
+                f"volume size {hello.volume_size} is not a multiple of "
+                f"block size {hello.block_size}"
             )
         try:
             sink = self._open_sink(hello)
@@ -577,7 +581,9 @@ class ReceiverSession(_Session):
         """Validate a batch; return its records with a seq not yet accepted."""
         assert self.hello is not None
         if writes.codec not in (self.compression, CODEC_NONE):
-            raise LinkProtocolError(f"WRITES codec {writes.codec!r}, negotiated {self.compression!r}")
+            raise LinkProtocolError(
+                f"WRITES codec {writes.codec!r}, negotiated {self.compression!r}"
+            )
         if writes.batch_id <= self._last_batch_id:
             raise LinkProtocolError(
                 f"batch id {writes.batch_id} does not follow {self._last_batch_id}"
@@ -644,11 +650,10 @@ class ReceiverSession(_Session):
         return self._apply(self._pending.pop(0).records)
 
     def _on_abort(self, abort: Abort) -> list[SessionEvent]:
-        for i, p in enumerate(self._pending):
-            if p.batch_id == abort.batch_id:
-                break
-        else:
+        i = next((i for i, p in enumerate(self._pending) if p.batch_id == abort.batch_id), -1)
+        if i < 0:
             raise LinkProtocolError(f"ABORT for batch {abort.batch_id}, which is not pending")
+        p = self._pending[i]
         first = p.records[0].seq if p.records else self._high + 1
         del self._pending[i:]
         self._high = max(
