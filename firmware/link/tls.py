@@ -1,0 +1,320 @@
+"""TLS identity and peer pinning for the journey link.
+
+Each unit owns an EC P-256 key and a self-signed certificate made on first start.
+Peers are pinned at pairing: their certificate is stored under a name (a unit id, or
+the remote's name on a local unit) together with its SHA-256 fingerprint.
+
+Python's ssl module offers no verification callback, so pinning is done with what it
+does offer: the pinned certificates are the *only* trust anchors of the context
+(`cadata`), `VERIFY_X509_PARTIAL_CHAIN` lets a self-signed leaf be its own anchor, and
+both sides use `CERT_REQUIRED`.  OpenSSL then refuses any other certificate inside the
+handshake, before a byte of application data is read.  After the handshake the peer's
+DER fingerprint is compared again and mapped to the pinned name (with several pinned
+units in one context, the anchor check alone does not say *which* unit connected).
+
+P-256 rather than Ed25519: both work for TLS 1.3 with OpenSSL 3, but P-256 keeps the
+door open to OpenSSL builds and hardware tokens without EdDSA.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from firmware.link.errors import PeerNotPinned, TlsIdentityError
+
+log = logging.getLogger(__name__)
+
+KEY_FILE = "link-key.pem"
+CERT_FILE = "link-cert.pem"
+PEERS_FILE = "link-peers.json"
+PEERS_FORMAT_VERSION = 1
+
+# A board without a battery-backed clock can boot with a date in 1970 until NTP
+# answers; a certificate that is "not yet valid" then would cut the link.  The
+# validity window is therefore wide on purpose: pinning, not dates, carries the trust.
+_NOT_BEFORE = datetime.datetime(1970, 1, 2, tzinfo=datetime.UTC)
+_NOT_AFTER = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC)
+
+
+def fingerprint(cert_der: bytes) -> str:
+    """SHA-256 of the DER certificate, lowercase hex with colons (as openssl prints it)."""
+    digest = hashlib.sha256(cert_der).hexdigest()
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+def normalize_fingerprint(text: str) -> str:
+    hexdigits = "".join(ch for ch in text.lower() if ch in "0123456789abcdef")
+    if len(hexdigits) != 64:
+        raise ValueError(f"a SHA-256 fingerprint has 64 hex digits, got {len(hexdigits)}")
+    return ":".join(hexdigits[i : i + 2] for i in range(0, 64, 2))
+
+
+def _write_private(path: Path, data: bytes, mode: int) -> None:
+    """Write atomically, with `mode` from the first byte on (no window where a key is
+    world-readable)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.unlink()
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """This unit's TLS identity.  Holds paths, not the key: the key stays on disk."""
+
+    key_path: Path
+    cert_path: Path
+    cert_der: bytes
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.cert_der)
+
+    @property
+    def cert_pem(self) -> str:
+        return ssl.DER_cert_to_PEM_cert(self.cert_der)
+
+
+def load_or_create_identity(state_dir: Path, common_name: str) -> Identity:
+    """Load the unit's key and certificate from `state_dir`, making them on first start."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    key_path = state_dir / KEY_FILE
+    cert_path = state_dir / CERT_FILE
+    if key_path.exists() != cert_path.exists():
+        raise TlsIdentityError(
+            f"only one of {key_path.name} and {cert_path.name} exists in {state_dir}; "
+            "refusing to guess which one to trust"
+        )
+    if not key_path.exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(_NOT_BEFORE)
+            .not_valid_after(_NOT_AFTER)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        _write_private(key_path, key_pem, 0o600)
+        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        log.info("created link identity %s, fingerprint %s", common_name, fingerprint(
+            cert.public_bytes(serialization.Encoding.DER)))
+    mode = key_path.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("link key %s had mode %o; tightening to 600", key_path, mode)
+        os.chmod(key_path, 0o600)
+    try:
+        cert_der = ssl.PEM_cert_to_DER_cert(cert_path.read_text())
+    except (ValueError, OSError) as exc:
+        raise TlsIdentityError(f"cannot read certificate {cert_path}: {exc}") from None
+    return Identity(key_path=key_path, cert_path=cert_path, cert_der=cert_der)
+
+
+@dataclass(frozen=True)
+class PinnedPeer:
+    name: str
+    fingerprint: str
+    cert_der: bytes
+
+
+class PeerStore:
+    """Pinned peers, kept in a small JSON file in the unit's state dir.
+
+    The file holds certificates, not only fingerprints, because OpenSSL needs the
+    certificate to use it as a trust anchor; the fingerprint is re-checked on load.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._peers: dict[str, PinnedPeer] = {}
+        #: Bumped on every change, so shells know to rebuild their SSL contexts.
+        self.generation = 0
+        if path.exists():
+            self._load()
+
+    @classmethod
+    def in_dir(cls, state_dir: Path) -> PeerStore:
+        return cls(state_dir / PEERS_FILE)
+
+    def _load(self) -> None:
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, ValueError) as exc:
+            raise TlsIdentityError(f"cannot read pinned peers {self.path}: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("version") != PEERS_FORMAT_VERSION:
+            raise TlsIdentityError(f"{self.path}: not a version {PEERS_FORMAT_VERSION} peer file")
+        peers = doc.get("peers")
+        if not isinstance(peers, dict):
+            raise TlsIdentityError(f"{self.path}: 'peers' must be a map")
+        for name, entry in peers.items():
+            try:
+                der = ssl.PEM_cert_to_DER_cert(entry["certificate"])
+                fp = normalize_fingerprint(entry["fingerprint"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise TlsIdentityError(f"{self.path}: peer {name!r} is malformed: {exc}") from None
+            if fingerprint(der) != fp:
+                raise TlsIdentityError(
+                    f"{self.path}: peer {name!r} certificate does not match its fingerprint"
+                )
+            self._peers[name] = PinnedPeer(name=name, fingerprint=fp, cert_der=der)
+
+    def _save(self) -> None:
+        doc = {
+            "version": PEERS_FORMAT_VERSION,
+            "peers": {
+                p.name: {"fingerprint": p.fingerprint, "certificate": ssl.DER_cert_to_PEM_cert(
+                    p.cert_der)}
+                for p in self._peers.values()
+            },
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _write_private(self.path, json.dumps(doc, indent=1, sort_keys=True).encode(), 0o644)
+
+    def pin(
+        self, name: str, cert_der: bytes, expected_fingerprint: str | None = None
+    ) -> PinnedPeer:
+        """Pin `cert_der` under `name`.  With `expected_fingerprint` (read to the operator
+        out of band), a certificate with any other fingerprint is refused."""
+        fp = fingerprint(cert_der)
+        if expected_fingerprint is not None and normalize_fingerprint(expected_fingerprint) != fp:
+            raise PeerNotPinned(
+                f"certificate offered for {name!r} has fingerprint {fp}, "
+                f"expected {normalize_fingerprint(expected_fingerprint)}"
+            )
+        with self._lock:
+            other = self._by_fp(fp)
+            if other is not None and other.name != name:
+                raise TlsIdentityError(f"fingerprint {fp} is already pinned as {other.name!r}")
+            peer = PinnedPeer(name=name, fingerprint=fp, cert_der=cert_der)
+            self._peers[name] = peer
+            self._save()
+            self.generation += 1
+        log.info("pinned peer %s with fingerprint %s", name, fp)
+        return peer
+
+    def unpin(self, name: str) -> None:
+        with self._lock:
+            if self._peers.pop(name, None) is not None:
+                self._save()
+                self.generation += 1
+                log.info("unpinned peer %s", name)
+
+    def _by_fp(self, fp: str) -> PinnedPeer | None:
+        return next((p for p in self._peers.values() if p.fingerprint == fp), None)
+
+    def by_fingerprint(self, fp: str) -> PinnedPeer | None:
+        with self._lock:
+            return self._by_fp(fp)
+
+    def get(self, name: str) -> PinnedPeer | None:
+        with self._lock:
+            return self._peers.get(name)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._peers)
+
+    def cadata(self, names: list[str] | None = None) -> str:
+        with self._lock:
+            chosen = [p for p in self._peers.values() if names is None or p.name in names]
+            return "".join(ssl.DER_cert_to_PEM_cert(p.cert_der) for p in chosen)
+
+
+def _base_context(purpose: int, identity: Identity, cadata: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(purpose)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False  # units are named by pinned certificates, not host names
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    ctx.load_cert_chain(certfile=str(identity.cert_path), keyfile=str(identity.key_path))
+    if cadata:
+        ctx.load_verify_locations(cadata=cadata)
+    return ctx
+
+
+def server_context(identity: Identity, peers: PeerStore) -> ssl.SSLContext:
+    """Context for the remote: every pinned unit is an acceptable client."""
+    return _base_context(ssl.PROTOCOL_TLS_SERVER, identity, peers.cadata())
+
+
+def client_context(identity: Identity, peers: PeerStore, remote_name: str) -> ssl.SSLContext:
+    """Context for the local: only the certificate pinned as `remote_name` is accepted."""
+    if peers.get(remote_name) is None:
+        raise PeerNotPinned(f"no certificate pinned for remote {remote_name!r}")
+    return _base_context(ssl.PROTOCOL_TLS_CLIENT, identity, peers.cadata([remote_name]))
+
+
+def peer_identity(sock: ssl.SSLSocket, peers: PeerStore, expected: str | None = None) -> str:
+    """Name of the pinned peer at the other end of a handshaken socket.
+
+    Raises `PeerNotPinned` if its certificate is absent, not pinned, or pinned under a
+    name other than `expected`.
+    """
+    der = sock.getpeercert(binary_form=True)
+    if not der:
+        raise PeerNotPinned("peer presented no certificate")
+    fp = fingerprint(der)
+    pinned = peers.by_fingerprint(fp)
+    if pinned is None:
+        raise PeerNotPinned(f"peer certificate {fp} is not pinned")
+    if expected is not None and pinned.name != expected:
+        raise PeerNotPinned(f"peer certificate {fp} is pinned as {pinned.name!r}, not {expected!r}")
+    return pinned.name
+
+
+def describe_handshake_failure(exc: BaseException) -> str:
+    """A log sentence for a failed handshake, naming the likely cause."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"peer certificate is not pinned here ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError):
+        reason = getattr(exc, "reason", None) or str(exc)
+        if reason in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE",
+                      "TLSV13_ALERT_CERTIFICATE_REQUIRED"):
+            return f"the peer refused our certificate ({reason}): we are not pinned there"
+        return f"TLS handshake failed ({reason})"
+    return f"handshake failed ({type(exc).__name__}: {exc})"
+
+
+def fetch_peer_certificate(sock: ssl.SSLSocket) -> bytes:
+    """DER certificate of the peer of a handshaken socket (for pairing)."""
+    der = sock.getpeercert(binary_form=True)
+    if not der:
+        raise PeerNotPinned("peer presented no certificate")
+    return der
