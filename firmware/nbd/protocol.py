@@ -437,9 +437,10 @@ class NbdServerConnection:
     # --- replies ---------------------------------------------------------------
 
     def reply_ok(self, handle: int) -> bytes:
-        cmd, _ = self._take_pending(handle)
-        if cmd == NBD_CMD_READ:
+        queue = self._pending.get(handle)
+        if queue and queue[0][0] == NBD_CMD_READ:
             raise LocalProtocolError("a successful READ reply needs its data")
+        self._take_pending(handle)
         return SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle)
 
     def reply_read(self, handle: int, data: bytes | memoryview) -> list[bytes | memoryview]:
