@@ -1,0 +1,162 @@
+"""On-disk format of the circular buffer queue (CBQ).
+
+Layout of the queue file or partition (all integers little-endian):
+
+    0            superblock slot 0            (SUPERBLOCK_SLOT bytes)
+    4096         superblock slot 1
+    8192         dirty map                    (one bit per volume chunk, padded to 4 KiB)
+    ring_start   ring of records              (ring_size bytes, a multiple of `align`)
+
+Superblock slots are written alternately; each is a fixed header (magic,
+version, generation, body length, CRC32C) followed by a CBOR body with the
+geometry and the last checkpoint.  The slot with the highest generation whose
+CRC checks out is current, so a torn superblock write leaves the previous one.
+
+Records are packed at RECORD_ALIGN boundaries inside a commit group; each
+group starts at an `align` boundary so a group never rewrites a sector that
+holds records of an earlier, already-synced group.  Every record header
+carries the queue salt, the lap of the ring it was written in, its seq and
+the CRC of the previous record (a chain), and a CRC32C over header and
+payload.  A record left from an earlier lap, from before a crash, or torn by
+a power cut fails one of those checks and ends the log.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+import crc32c as _crc32c
+
+SUPERBLOCK_MAGIC = b"MUCBQSB1"
+SUPERBLOCK_SLOT = 4096
+SUPERBLOCK_HEADER = struct.Struct("<8sHHQII")  # magic, version, flags, generation, body_len, crc
+assert SUPERBLOCK_HEADER.size == 28
+FORMAT_VERSION = 1
+DIRTY_MAP_OFFSET = 2 * SUPERBLOCK_SLOT
+
+RECORD_MAGIC = 0x5243554D  # "MUCR"
+RECORD_VERSION = 1
+RECORD_ALIGN = 16
+# magic, version, kind, flags, lap, salt, seq, timestamp_ns, lbn, nblocks,
+# payload_len, ref_seq, cum_blocks, prev_crc, crc
+RECORD_HEADER = struct.Struct("<IBBHIIQQQIIQQII")
+assert RECORD_HEADER.size == 72
+_CRC_OFFSET = RECORD_HEADER.size - 4
+
+
+class RecordKind(enum.IntEnum):
+    #: A write with its data.
+    DATA = 1
+    #: A write by block numbers only; data is read from the local mirror at send time.
+    COMPACT = 2
+    #: Before-image of blocks of a queued COMPACT record (`ref_seq`), copied on overwrite.
+    SIDE = 3
+    #: The rest of the ring is unused; the log continues at the ring's start.
+    WRAP = 4
+
+
+#: Kinds that are writes of the volume and take a new seq.
+WRITE_KINDS = (RecordKind.DATA, RecordKind.COMPACT)
+
+
+class Mode(enum.Enum):
+    NORMAL = "normal"
+    COMPACT = "compact"
+    OVERFLOW = "overflow"
+
+
+def crc32c(data: bytes | bytearray | memoryview, value: int = 0) -> int:
+    return int(_crc32c.crc32c(data, value))
+
+
+def align_up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class RecordHeader:
+    kind: RecordKind
+    lap: int
+    salt: int
+    seq: int
+    timestamp_ns: int
+    lbn: int
+    nblocks: int
+    payload_len: int
+    ref_seq: int
+    cum_blocks: int
+    prev_crc: int
+    crc: int = 0
+
+    @property
+    def length(self) -> int:
+        """Bytes the record occupies in the ring, padding included."""
+        return align_up(RECORD_HEADER.size + self.payload_len, RECORD_ALIGN)
+
+
+def encode_record(h: RecordHeader,
+                  payload: bytes | bytearray | memoryview = b"") -> tuple[bytes, int]:
+    """Return (header bytes, crc).  The caller writes header, payload and padding."""
+    assert len(payload) == h.payload_len
+    raw = bytearray(
+        RECORD_HEADER.pack(
+            RECORD_MAGIC, RECORD_VERSION, int(h.kind), 0, h.lap, h.salt, h.seq,
+            h.timestamp_ns, h.lbn, h.nblocks, h.payload_len, h.ref_seq, h.cum_blocks,
+            h.prev_crc, 0,
+        )
+    )
+    crc = crc32c(payload, crc32c(raw))
+    struct.pack_into("<I", raw, _CRC_OFFSET, crc)
+    return bytes(raw), crc
+
+
+def decode_header(raw: bytes | memoryview) -> RecordHeader | None:
+    """Parse a header; None when it is not a record header at all."""
+    if len(raw) < RECORD_HEADER.size:
+        return None
+    (magic, version, kind, _flags, lap, salt, seq, ts, lbn, nblocks, plen, ref_seq,
+     cum_blocks, prev_crc, crc) = RECORD_HEADER.unpack_from(raw)
+    if magic != RECORD_MAGIC or version != RECORD_VERSION:
+        return None
+    try:
+        k = RecordKind(kind)
+    except ValueError:
+        return None
+    return RecordHeader(k, lap, salt, seq, ts, lbn, nblocks, plen, ref_seq, cum_blocks,
+                        prev_crc, crc)
+
+
+def record_crc_ok(raw_header: bytes | memoryview, payload: bytes | memoryview, crc: int) -> bool:
+    hdr = bytearray(raw_header[:RECORD_HEADER.size])
+    struct.pack_into("<I", hdr, _CRC_OFFSET, 0)
+    return crc32c(payload, crc32c(hdr)) == crc
+
+
+def encode_superblock(generation: int, body: bytes) -> bytes:
+    if SUPERBLOCK_HEADER.size + len(body) > SUPERBLOCK_SLOT:
+        raise ValueError(f"superblock body of {len(body)} bytes does not fit its slot")
+    head = SUPERBLOCK_HEADER.pack(SUPERBLOCK_MAGIC, FORMAT_VERSION, 0, generation, len(body), 0)
+    crc = crc32c(body, crc32c(head))
+    head = SUPERBLOCK_HEADER.pack(SUPERBLOCK_MAGIC, FORMAT_VERSION, 0, generation, len(body), crc)
+    slot = head + body
+    return slot + bytes(SUPERBLOCK_SLOT - len(slot))
+
+
+def decode_superblock(raw: bytes) -> tuple[int, bytes] | str:
+    """Return (generation, body) or a reason the slot is not valid."""
+    if len(raw) < SUPERBLOCK_HEADER.size:
+        return "short superblock"
+    magic, version, _flags, gen, blen, crc = SUPERBLOCK_HEADER.unpack_from(raw)
+    if magic != SUPERBLOCK_MAGIC:
+        return "bad superblock magic"
+    if version != FORMAT_VERSION:
+        return f"unsupported format version {version}"
+    if SUPERBLOCK_HEADER.size + blen > SUPERBLOCK_SLOT:
+        return f"superblock body length {blen} out of bounds"
+    body = raw[SUPERBLOCK_HEADER.size:SUPERBLOCK_HEADER.size + blen]
+    head = SUPERBLOCK_HEADER.pack(SUPERBLOCK_MAGIC, version, _flags, gen, blen, 0)
+    if crc32c(body, crc32c(head)) != crc:
+        return "superblock CRC mismatch"
+    return gen, bytes(body)

@@ -1,0 +1,346 @@
+"""The local volume: reads from the local mirror, every write to the mirror and the CBQ.
+
+The CBQ is the write-ahead log and the mirror is its checkpointed image:
+
+- a write is appended to the CBQ and held in a RAM cache (visible to reads);
+- at commit (FUA, FLUSH, write-through, the cache limit or the flush timer) the
+  CBQ group is synced, then the cached writes are applied to the mirror;
+- the mirror is fdatasync'ed lazily; afterwards the internal consumer
+  MIRROR_CONSUMER acknowledges what it now holds durably, which lets the CBQ
+  reuse that space once every peer has acknowledged it too;
+- writes whose data is not in the CBQ (compact mode, dirty map) are synced to
+  the mirror before their commit completes.
+
+After a crash, DATA records after the mirror's acknowledgement are redone onto
+the mirror (the newest record of each block wins, so a later compact write
+already durable in the mirror is never overwritten by an older record).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..blockdev import (
+    BlockDeviceError,
+    DeviceState,
+    MediumError,
+    NotReady,
+    OutOfRange,
+    WriteProtected,
+)
+from ..cbq import MIRROR_CONSUMER, CircularBufferQueue, NeedsReclaim, RecordKind
+
+log = logging.getLogger("mirrorunit.volume")
+
+
+class VolumeError(BlockDeviceError):
+    pass
+
+
+class CacheMode(enum.Enum):
+    #: A write completes once its CBQ record is durable.
+    WRITE_THROUGH = "write-through"
+    #: A write completes from RAM; durable at FLUSH/FUA, on the timer or on flush_cache().
+    WRITE_BACK = "write-back"
+
+
+@dataclass
+class _CachedWrite:
+    offset: int
+    data: bytes
+    seq: int | None
+    mirror_sync: bool  # data is not in the CBQ: the mirror copy must be synced
+
+
+class Volume:
+    """A BlockDevice over a mirror Storage and an open CBQ."""
+
+    def __init__(self, mirror: Any, cbq: CircularBufferQueue, *,
+                 cache_mode: CacheMode = CacheMode.WRITE_BACK,
+                 cache_limit: int = 32 << 20, flush_interval: float = 1.0,
+                 mirror_checkpoint_bytes: int | None = None,
+                 read_only: bool = False, state: DeviceState = DeviceState.READY,
+                 on_state_change: Callable[[DeviceState], None] | None = None) -> None:
+        self.mirror = mirror
+        self.cbq = cbq
+        g = cbq.geo
+        self._block_size = g.block_size
+        self._size = g.volume_blocks * g.block_size
+        if mirror.size < self._size:
+            raise VolumeError(f"mirror holds {mirror.size} bytes, volume needs {self._size}")
+        self.cache_mode = cache_mode
+        self.cache_limit = cache_limit
+        self.flush_interval = flush_interval
+        self.mirror_checkpoint_bytes = mirror_checkpoint_bytes or max(
+            1 << 20, min(g.ring_size // 8, 64 << 20))
+        self._read_only = read_only
+        self._state = state
+        self._on_state_change = on_state_change
+        self._lock = threading.RLock()  # serialises writes, commits and checkpoints
+        self._cache_lock = threading.Lock()  # guards _cache for readers
+        self._cache: list[_CachedWrite] = []
+        self._cache_bytes = 0
+        self._applied_seq = cbq.consumers[MIRROR_CONSUMER].acked_seq
+        self._applied_since_checkpoint = 0
+        self._last_mirror_checkpoint = time.monotonic()
+        self._timer: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.counters = {"reads": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0,
+                         "flushes": 0, "commits": 0}
+        cbq._read_current = self._read_current
+        self.redone_records = self._redo()
+
+    # ---------------------------------------------------------------- BlockDevice
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def state(self) -> DeviceState:
+        return self._state
+
+    def set_state(self, state: DeviceState) -> None:
+        if state is self._state:
+            return
+        if state is not DeviceState.READY:
+            self.flush()
+        log.warning("volume: state %s -> %s", self._state.value, state.value)
+        self._state = state
+        if self._on_state_change:
+            self._on_state_change(state)
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def write_cache_enabled(self) -> bool:
+        return self.cache_mode is CacheMode.WRITE_BACK
+
+    @property
+    def supports_trim(self) -> bool:
+        return False
+
+    def _check(self, offset: int, length: int) -> None:
+        if self._state is not DeviceState.READY:
+            raise NotReady(f"volume is {self._state.value}")
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise OutOfRange(f"range {offset}+{length} outside volume of {self._size} bytes")
+
+    def pread(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        data = self._read(offset, length)
+        self.counters["reads"] += 1
+        self.counters["bytes_read"] += length
+        return data
+
+    def _read(self, offset: int, length: int) -> bytes:
+        with self._cache_lock:
+            overlays = [w for w in self._cache
+                        if w.offset < offset + length and offset < w.offset + len(w.data)]
+            try:
+                data = self.mirror.pread(offset, length)
+            except OSError as e:
+                raise MediumError(f"mirror read failed: {e}", getattr(e, "errno", None)) from e
+        if not overlays:
+            return data
+        buf = bytearray(data)
+        for w in overlays:
+            lo, hi = max(offset, w.offset), min(offset + length, w.offset + len(w.data))
+            buf[lo - offset:hi - offset] = w.data[lo - w.offset:hi - w.offset]
+        return bytes(buf)
+
+    def _read_current(self, lbn: int, nblocks: int) -> bytes:
+        return self._read(lbn * self._block_size, nblocks * self._block_size)
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        self._check(offset, len(data))
+        if self._read_only:
+            raise WriteProtected("volume is read-only")
+        bs = self._block_size
+        if offset % bs or len(data) % bs:
+            # Front ends speak in whole blocks; a partial block is merged here so the
+            # CBQ only ever holds whole blocks.
+            lo = offset - offset % bs
+            hi = -(-(offset + len(data)) // bs) * bs
+            with self._lock:
+                merged = bytearray(self._read(lo, hi - lo))
+                merged[offset - lo:offset - lo + len(data)] = data
+                self._write_blocks(lo, bytes(merged), fua)
+            return
+        with self._lock:
+            self._write_blocks(offset, bytes(data), fua)
+
+    def _write_blocks(self, offset: int, data: bytes, fua: bool) -> None:
+        lbn = offset // self._block_size
+        for attempt in range(3):
+            try:
+                enq = self.cbq.append_write(lbn, data)
+                break
+            except NeedsReclaim:
+                # The ring is held only by what the mirror has not yet made durable.
+                self._commit_locked()
+                self._mirror_checkpoint_locked()
+                if attempt == 2:
+                    raise
+        with self._cache_lock:
+            self._cache.append(_CachedWrite(offset, data, enq.seq, not enq.carries_data))
+            self._cache_bytes += len(data)
+        self.counters["writes"] += 1
+        self.counters["bytes_written"] += len(data)
+        if (fua or self.cache_mode is CacheMode.WRITE_THROUGH
+                or self._cache_bytes >= self.cache_limit):
+            self._commit_locked()
+
+    def flush(self) -> None:
+        with self._lock:
+            self.counters["flushes"] += 1
+            self._commit_locked()
+
+    def trim(self, offset: int, length: int) -> None:
+        raise VolumeError("trim is not supported by this volume")
+
+    # ---------------------------------------------------------------- commit
+
+    def _commit_locked(self) -> None:
+        """Make every completed write durable and apply it to the mirror."""
+        try:
+            self.cbq.sync()
+            with self._cache_lock:
+                batch = list(self._cache)
+            if not batch:
+                return
+            need_sync = False
+            for w in batch:
+                self.mirror.pwrite(w.offset, w.data)
+                need_sync |= w.mirror_sync
+            if need_sync:
+                self.mirror.sync()
+            with self._cache_lock:
+                del self._cache[:len(batch)]
+                self._cache_bytes -= sum(len(w.data) for w in batch)
+        except OSError as e:
+            raise MediumError(f"commit failed: {e}", getattr(e, "errno", None)) from e
+        self.counters["commits"] += 1
+        seqs = [w.seq for w in batch if w.seq is not None]
+        if seqs:
+            self._applied_seq = max(self._applied_seq, max(seqs))
+        self._applied_since_checkpoint += sum(len(w.data) for w in batch)
+        if need_sync:
+            self._ack_mirror()
+        elif self._applied_since_checkpoint >= self.mirror_checkpoint_bytes:
+            self._mirror_checkpoint_locked()
+
+    def _mirror_checkpoint_locked(self) -> None:
+        try:
+            self.mirror.sync()
+        except OSError as e:
+            raise MediumError(f"mirror sync failed: {e}", getattr(e, "errno", None)) from e
+        self._ack_mirror()
+
+    def _ack_mirror(self) -> None:
+        # Everything applied is in the mirror file and the file was just synced.
+        self.cbq.ack(MIRROR_CONSUMER, min(self._applied_seq, self.cbq.durable_seq))
+        self._applied_since_checkpoint = 0
+        self._last_mirror_checkpoint = time.monotonic()
+
+    def flush_cache(self) -> float:
+        """Flush the RAM write cache to stable storage (the UPS calls this); seconds taken."""
+        t0 = time.monotonic()
+        with self._lock:
+            self._commit_locked()
+            self._mirror_checkpoint_locked()
+        return time.monotonic() - t0
+
+    # ---------------------------------------------------------------- recovery
+
+    def _redo(self) -> int:
+        """Bring the mirror in line with the CBQ after a crash."""
+        records = list(self.cbq.replay(MIRROR_CONSUMER))
+        if not records:
+            return 0
+        bs = self._block_size
+        claimed: set[int] = set()
+        writes: list[tuple[int, bytes]] = []
+        last_seq = self._applied_seq
+        for _, h, payload in reversed(records):
+            if h.kind not in (RecordKind.DATA, RecordKind.COMPACT):
+                continue
+            last_seq = max(last_seq, h.seq)
+            if h.kind is RecordKind.DATA:
+                run_start = None
+                for b in range(h.lbn, h.lbn + h.nblocks + 1):
+                    free = b < h.lbn + h.nblocks and b not in claimed
+                    if free and run_start is None:
+                        run_start = b
+                    elif not free and run_start is not None:
+                        i, j = run_start - h.lbn, b - h.lbn
+                        writes.append((run_start * bs, payload[i * bs:j * bs]))
+                        run_start = None
+            claimed.update(range(h.lbn, h.lbn + h.nblocks))
+        for off, data in reversed(writes):
+            self.mirror.pwrite(off, data)
+        self.mirror.sync()
+        self._applied_seq = last_seq
+        self.cbq.ack(MIRROR_CONSUMER, min(last_seq, self.cbq.durable_seq))
+        log.info("volume: redid %d writes from the CBQ onto the mirror", len(writes))
+        return len(writes)
+
+    # ---------------------------------------------------------------- background
+
+    def start(self) -> None:
+        """Start the write-back timer and the periodic mirror checkpoint."""
+        if self._timer is not None:
+            return
+        self._stop.clear()
+        self._timer = threading.Thread(target=self._run_timer, name="volume-flush",
+                                       daemon=True)
+        self._timer.start()
+
+    def _run_timer(self) -> None:
+        while not self._stop.wait(self.flush_interval):
+            try:
+                with self._lock:
+                    if self._cache:
+                        self._commit_locked()
+                    if (self._applied_since_checkpoint
+                            and time.monotonic() - self._last_mirror_checkpoint > 5.0):
+                        self._mirror_checkpoint_locked()
+            except BlockDeviceError:
+                log.exception("volume: background flush failed")
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join()
+            self._timer = None
+        with self._lock:
+            self._commit_locked()
+            self._mirror_checkpoint_locked()
+            self.cbq.close()
+
+    def status(self) -> dict[str, Any]:
+        with self._cache_lock:
+            cached = self._cache_bytes
+        return {
+            "size": self._size,
+            "block_size": self._block_size,
+            "state": self._state.value,
+            "read_only": self._read_only,
+            "cache_mode": self.cache_mode.value,
+            "cache_bytes": cached,
+            "cache_limit": self.cache_limit,
+            "applied_seq": self._applied_seq,
+            **self.counters,
+        }
