@@ -14,6 +14,6 @@ from .queue import (
 
 __all__ = [
     "MIRROR_CONSUMER", "CbqCorruption", "CbqError", "CbqFormatError", "CbqUsageError",
-    "CircularBufferQueue", "Enqueued", "Mode", "NeedsReclaim", "QueuedWrite", "RecordKind", "create",
-    "read_superblock",
+    "CircularBufferQueue", "Enqueued", "Mode", "NeedsReclaim", "QueuedWrite", "RecordKind",
+    "create", "read_superblock",
 ]
