@@ -1,0 +1,544 @@
+"""Blocking TCP + TLS shells around the link sessions: `LinkClient` and `LinkServer`.
+
+All protocol decisions live in `session.py`; these classes only move bytes, keep
+time (keepalive, dead peers, reconnect backoff, bandwidth cap) and log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from firmware.link.errors import LinkError, LinkProtocolError, LinkRefused, PeerNotPinned
+from firmware.link.frames import Hello
+from firmware.link.session import (
+    Acknowledged,
+    BatchAborted,
+    Established,
+    PeerClosed,
+    PeerError,
+    ReceiverConfig,
+    ReceiverSession,
+    Refused,
+    SenderConfig,
+    SenderSession,
+    SessionEvent,
+    SessionState,
+    WriteSink,
+    WriteSource,
+)
+from firmware.link.tls import (
+    Identity,
+    PeerStore,
+    client_context,
+    describe_handshake_failure,
+    peer_identity,
+    server_context,
+)
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 256 * 1024
+#: Sends are cut into chunks this big so a bandwidth cap paces them smoothly.
+SEND_CHUNK = 16 * 1024
+ERR_BUSY = "busy"
+
+
+class TokenBucket:
+    """Paces a byte stream to `rate` bytes/s, allowing bursts of `burst` bytes.
+
+    A consumer may take more than is in the bucket; it then waits until the debt is
+    paid, so the long-run rate holds for any chunk size.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.burst = burst if burst is not None else max(SEND_CHUNK, int(rate / 10))
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = float(self.burst)
+        self._stamp = clock()
+
+    def consume(self, n: int) -> float:
+        """Take `n` tokens, sleeping as needed; returns the time slept."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        self._tokens -= n
+        if self._tokens >= 0:
+            return 0.0
+        wait = -self._tokens / self.rate
+        self._sleep(wait)
+        return wait
+
+
+class Backoff:
+    """Exponential reconnect delay with jitter, so a fleet does not reconnect in step."""
+
+    def __init__(
+        self,
+        initial: float = 0.2,
+        maximum: float = 30.0,
+        factor: float = 2.0,
+        jitter: float = 0.5,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.factor = factor
+        self.jitter = jitter
+        self._rng = rng or random.Random()
+        self.attempts = 0
+
+    def next_delay(self) -> float:
+        base = min(self.maximum, self.initial * self.factor**self.attempts)
+        self.attempts += 1
+        return base * (1.0 - self.jitter * self._rng.random())
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
+class _Wakeup:
+    """A socketpair a waiting loop can select on, so stop() or new data wakes it."""
+
+    def __init__(self) -> None:
+        self.r, self.w = socket.socketpair()
+        self.r.setblocking(False)
+        self.w.setblocking(False)
+
+    def set(self) -> None:
+        try:
+            self.w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already pending, or closing: either way the loop will wake
+
+    def drain(self) -> None:
+        try:
+            while self.r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        self.r.close()
+        self.w.close()
+
+
+def _readable(sock: ssl.SSLSocket, wake: _Wakeup, timeout: float) -> bool:
+    # TLS may hold decrypted bytes the kernel socket no longer shows as readable.
+    if sock.pending():
+        return True
+    ready, _, _ = select.select([sock, wake.r], [], [], timeout)
+    if wake.r in ready:
+        wake.drain()
+    return sock in ready
+
+
+class LinkClosed(LinkError):
+    """The connection ended (EOF, reset, timeout) without a protocol reason."""
+
+
+@dataclass
+class ClientStats:
+    connects: int = 0
+    sessions: int = 0
+    handshake_failures: int = 0
+    refusals: int = 0
+    bytes_sent: int = 0
+    last_error: str | None = None
+
+
+class LinkClient:
+    """The local unit's side: connect, authenticate, stream a `WriteSource`, reconnect."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        identity: Identity,
+        peers: PeerStore,
+        remote_name: str,
+        config: SenderConfig,
+        source: WriteSource,
+        *,
+        bandwidth: float | None = None,
+        backoff: Backoff | None = None,
+        keepalive: float = 5.0,
+        dead_after: float = 20.0,
+        connect_timeout: float = 10.0,
+        idle_poll: float = 0.05,
+    ) -> None:
+        self.address = address
+        self.identity = identity
+        self.peers = peers
+        self.remote_name = remote_name
+        self.config = config
+        self.source = source
+        self.bucket = TokenBucket(bandwidth) if bandwidth else None
+        self.backoff = backoff or Backoff()
+        self.keepalive = keepalive
+        self.dead_after = dead_after
+        self.connect_timeout = connect_timeout
+        #: How often an idle sender looks at its source (besides `wakeup()`).
+        self.idle_poll = idle_poll
+        self.stats = ClientStats()
+        self.acked_seq = config.resume_seq
+        self._acked_cond = threading.Condition()
+        self._stop = threading.Event()
+        self._wake = _Wakeup()
+        self._thread: threading.Thread | None = None
+        self._sock: ssl.SSLSocket | None = None
+        self._ping_nonce = 0
+
+    # -- control
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="link-client", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._wake.close()
+
+    def wakeup(self) -> None:
+        """New records are in the source: send them without waiting for the idle poll."""
+        self._wake.set()
+
+    def wait_acked(self, seq: int, timeout: float) -> bool:
+        """Block until the remote acknowledged `seq` (True) or `timeout` passed (False)."""
+        deadline = time.monotonic() + timeout
+        with self._acked_cond:
+            while self.acked_seq < seq:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._acked_cond.wait(left)
+            return True
+
+    # -- loops
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except (OSError, LinkError) as exc:
+                self.stats.last_error = str(exc)
+                log.warning("link to %s:%d lost: %s", *self.address, exc)
+            if self._stop.is_set():
+                break
+            delay = self.backoff.next_delay()
+            log.info("link to %s:%d: reconnecting in %.2fs", *self.address, delay)
+            self._stop.wait(delay)
+
+    def run_once(self) -> None:
+        """One connection: handshake, stream until it ends.  Raises why it ended."""
+        ctx = client_context(self.identity, self.peers, self.remote_name)
+        raw = socket.create_connection(self.address, timeout=self.connect_timeout)
+        self.stats.connects += 1
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            try:
+                sock = ctx.wrap_socket(raw)
+                peer_identity(sock, self.peers, expected=self.remote_name)
+            except (ssl.SSLError, PeerNotPinned) as exc:
+                self.stats.handshake_failures += 1
+                why = describe_handshake_failure(exc) if isinstance(exc, ssl.SSLError) else exc
+                log.warning("refusing remote %s:%d: %s", *self.address, why)
+                raise LinkClosed(f"TLS handshake: {why}") from None
+            self._sock = sock
+            sock.settimeout(self.dead_after)
+            self._stream(sock)
+        finally:
+            self._sock = None
+            raw.close()
+
+    def _send(self, sock: ssl.SSLSocket, data: bytes) -> None:
+        view = memoryview(data)
+        for off in range(0, len(view), SEND_CHUNK):
+            chunk = view[off : off + SEND_CHUNK]
+            if self.bucket is not None:
+                self.bucket.consume(len(chunk))
+            sock.sendall(chunk)
+            self.stats.bytes_sent += len(chunk)
+
+    def _stream(self, sock: ssl.SSLSocket) -> None:
+        config = dataclasses.replace(self.config, resume_seq=self.acked_seq)
+        session = SenderSession(config, self.source)
+        session.start()
+        last_rx = time.monotonic()
+        try:
+            while True:
+                if self._stop.is_set():
+                    session.close()
+                session.pump()
+                out = session.data_to_send()
+                if out:
+                    self._send(sock, out)
+                if session.is_finished:
+                    return
+                room = session.state is SessionState.STREAMING and (
+                    session.in_flight_bytes < session.config.window_bytes
+                )
+                timeout = self.idle_poll if room else self.keepalive
+                if _readable(sock, self._wake, timeout):
+                    data = sock.recv(RECV_SIZE)
+                    if not data:
+                        raise LinkClosed("remote closed the connection")
+                    last_rx = time.monotonic()
+                    for event in session.receive_data(data):
+                        self._on_event(event)
+                elif time.monotonic() - last_rx > self.dead_after:
+                    raise LinkClosed(f"remote silent for {self.dead_after}s")
+                elif time.monotonic() - last_rx > self.keepalive:
+                    self._ping_nonce += 1
+                    session.ping(self._ping_nonce)
+        except LinkProtocolError as exc:
+            log.warning("link to %s:%d: protocol error: %s", *self.address, exc.reason)
+            try:
+                sock.sendall(session.data_to_send())  # the ERROR frame, best effort
+            except OSError:
+                pass
+            raise
+
+    def _on_event(self, event: SessionEvent) -> None:
+        if isinstance(event, Established):
+            self.stats.sessions += 1
+            self.backoff.reset()
+            log.info(
+                "link up to %s:%d as %s: v%d, %s, signature=%s, remote durable seq %d",
+                *self.address, event.unit_id, event.version, event.compression,
+                event.signature, event.durable_seq,
+            )
+            self._set_acked(event.durable_seq)
+        elif isinstance(event, Acknowledged):
+            self._set_acked(event.durable_seq)
+        elif isinstance(event, BatchAborted):
+            log.warning("batch %d at seq %d aborted: %s", event.batch_id, event.first_seq,
+                        event.reason)
+        elif isinstance(event, Refused):
+            self.stats.refusals += 1
+            log.error("link to %s:%d given up: %s: %s", *self.address, event.code, event.text)
+        elif isinstance(event, PeerError):
+            self.stats.refusals += 1
+            log.error("remote %s:%d refused: %s: %s", *self.address, event.code, event.text)
+            raise LinkClosed(f"remote refused: {event.code}: {event.text}")
+        elif isinstance(event, PeerClosed):
+            raise LinkClosed("remote said BYE")
+
+    def _set_acked(self, seq: int) -> None:
+        with self._acked_cond:
+            self.acked_seq = seq
+            self._acked_cond.notify_all()
+
+
+# --------------------------------------------------------------------------- server
+
+
+@dataclass
+class ServerStats:
+    accepted: int = 0
+    handshake_failures: int = 0
+    refusals: int = 0
+    sessions: int = 0
+    protocol_errors: int = 0
+
+
+class LinkServer:
+    """The remote unit's side: accept, authenticate, one receiver per connection.
+
+    A unit id is claimed for the life of its connection; a second connection for the
+    same unit is refused with reason "busy" so two writers never interleave.
+    """
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        identity: Identity,
+        peers: PeerStore,
+        config: ReceiverConfig,
+        open_sink: Callable[[Hello], WriteSink],
+        *,
+        handshake_timeout: float = 10.0,
+        dead_after: float = 20.0,
+        durable_poll: float = 0.1,
+    ) -> None:
+        self.address = address
+        self.identity = identity
+        self.peers = peers
+        self.config = config
+        self.open_sink = open_sink
+        self.handshake_timeout = handshake_timeout
+        self.dead_after = dead_after
+        self.durable_poll = durable_poll
+        self.stats = ServerStats()
+        self._listener: socket.socket | None = None
+        self._ctx: ssl.SSLContext | None = None
+        self._ctx_generation = -1
+        self._lock = threading.Lock()
+        self._busy: dict[str, str] = {}
+        self._conns: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._accept_thread: threading.Thread | None = None
+
+    def start(self) -> tuple[str, int]:
+        listener = socket.create_server(self.address, reuse_port=False)
+        listener.settimeout(0.2)
+        self._listener = listener
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="link-server",
+                                               daemon=True)
+        self._accept_thread.start()
+        host, port = listener.getsockname()[:2]
+        return host, port
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._accept_thread is not None:
+            self._accept_thread.join()
+        if self._listener is not None:
+            self._listener.close()
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in list(self._threads):
+            t.join(10)
+
+    def busy_units(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._busy)
+
+    def _context(self) -> ssl.SSLContext:
+        # Rebuilt when pairing changes the pinned set, so a new unit needs no restart.
+        with self._lock:
+            if self._ctx is None or self._ctx_generation != self.peers.generation:
+                self._ctx_generation = self.peers.generation
+                self._ctx = server_context(self.identity, self.peers)
+            return self._ctx
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                raw, addr = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                raise
+            self.stats.accepted += 1
+            t = threading.Thread(target=self._serve, args=(raw, addr), daemon=True,
+                                 name=f"link-conn-{addr[1]}")
+            with self._lock:
+                self._conns.add(raw)
+                self._threads = [x for x in self._threads if x.is_alive()]
+                self._threads.append(t)
+            t.start()
+
+    def _serve(self, raw: socket.socket, addr: tuple[str, int]) -> None:
+        peer = f"{addr[0]}:{addr[1]}"
+        claimed: list[str] = []
+        try:
+            raw.settimeout(self.handshake_timeout)
+            try:
+                sock = self._context().wrap_socket(raw, server_side=True)
+                unit = peer_identity(sock, self.peers)
+            except (ssl.SSLError, PeerNotPinned) as exc:
+                self.stats.handshake_failures += 1
+                why = describe_handshake_failure(exc) if isinstance(exc, ssl.SSLError) else exc
+                log.warning("refused connection from %s before any data: %s", peer, why)
+                return
+            except OSError as exc:
+                log.info("connection from %s ended during the handshake: %s", peer, exc)
+                return
+            log.info("connection from %s authenticated as unit %s", peer, unit)
+            sock.settimeout(self.dead_after)
+
+            def claim_and_open(hello: Hello) -> WriteSink:
+                with self._lock:
+                    holder = self._busy.get(hello.unit_id)
+                    if holder is not None:
+                        raise LinkRefused(
+                            ERR_BUSY, f"unit {hello.unit_id!r} is already connected from {holder}"
+                        )
+                    self._busy[hello.unit_id] = peer
+                    claimed.append(hello.unit_id)
+                return self.open_sink(hello)
+
+            session = ReceiverSession(self.config, claim_and_open, authenticated_unit=unit)
+            self._receive(sock, session, peer)
+        except (OSError, LinkError) as exc:
+            log.info("connection from %s ended: %s", peer, exc)
+        finally:
+            with self._lock:
+                for u in claimed:
+                    if self._busy.get(u) == peer:
+                        del self._busy[u]
+                self._conns.discard(raw)
+            raw.close()
+
+    def _receive(self, sock: ssl.SSLSocket, session: ReceiverSession, peer: str) -> None:
+        last_rx = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                readable = sock.pending() > 0 or bool(
+                    select.select([sock], [], [], self.durable_poll)[0]
+                )
+                if readable:
+                    data = sock.recv(RECV_SIZE)
+                    if not data:
+                        log.info("connection from %s closed by peer", peer)
+                        return
+                    last_rx = time.monotonic()
+                    events = session.receive_data(data)
+                else:
+                    if time.monotonic() - last_rx > self.dead_after:
+                        log.warning("connection from %s silent for %ss; closing", peer,
+                                    self.dead_after)
+                        return
+                    events = []
+                session.poll_durable()
+            except LinkProtocolError as exc:
+                self.stats.protocol_errors += 1
+                log.warning("closing connection from %s: protocol error: %s", peer, exc.reason)
+                sock.sendall(session.data_to_send())
+                return
+            out = session.data_to_send()
+            if out:
+                sock.sendall(out)
+            for event in events:
+                if isinstance(event, Refused):
+                    self.stats.refusals += 1
+                    log.warning("refused %s: %s: %s", peer, event.code, event.text)
+                elif isinstance(event, Established):
+                    self.stats.sessions += 1
+                    log.info("unit %s from %s: v%d, %s, signature=%s, resuming after seq %d",
+                             event.unit_id, peer, event.version, event.compression,
+                             event.signature, event.durable_seq)
+                elif isinstance(event, PeerError):
+                    log.warning("unit at %s reported %s: %s", peer, event.code, event.text)
+            if session.is_finished:
+                return
