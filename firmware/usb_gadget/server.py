@@ -1,0 +1,311 @@
+"""The USB front end: configfs gadget + FunctionFS endpoints driving the BOT state machine.
+
+Two threads share one `BulkOnlyTransport` under a lock:
+
+* the bulk loop (the thread that calls `run`, normally the main thread) performs
+  the actions the machine returns, one blocking endpoint transfer at a time;
+* the ep0 thread reads FunctionFS events and answers class requests.
+
+When ep0 changes the course of the bulk side (Bulk-Only Mass Storage Reset,
+DISABLE/ENABLE), it replaces the bulk loop's pending actions and bumps a
+generation number.  A transfer still queued in the kernel at that point would
+otherwise complete later against the wrong command (a stale data-in reaching
+the host's next READ), so the ep0 thread interrupts the bulk loop with a
+signal: f_fs then dequeues the transfer and the loop continues with the new
+actions.  Python runs signal handlers only in the main thread, hence the bulk
+loop's place there.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from firmware.scsi import ScsiTarget
+from firmware.usb_gadget.bot import (
+    Action,
+    BulkOnlyTransport,
+    CancelTransfers,
+    ControlReply,
+    ControlStall,
+    ReceiveCBW,
+    ReceiveData,
+    SendCSW,
+    SendData,
+    StallIn,
+    StallOut,
+)
+from firmware.usb_gadget.configfs import Gadget, GadgetSettings, gadget_down, gadget_up
+from firmware.usb_gadget.functionfs import (
+    LANG_EN_US,
+    MAX_PACKET,
+    BulkEndpoint,
+    Ep0,
+    EventType,
+    SetupRequest,
+    mass_storage_descriptors,
+    mount_functionfs,
+    strings_blob,
+    umount_functionfs,
+)
+
+log = logging.getLogger("mirrorunit.gadget")
+
+#: Data-phase piece size: f_fs kmallocs a bounce buffer of the transfer size,
+#: so pieces stay well below what a fragmented kernel can still allocate.
+CHUNK_SIZE = 256 * 1024
+#: Large enough for the biggest max packet, so an over-long CBW shows as such.
+CBW_BUFFER = MAX_PACKET["ss"]
+#: Bulk-out data up to this size is copied before the target sees it; larger
+#: pieces go as views of the receive buffer (WRITE data, consumed at once).
+_COPY_LIMIT = 4096
+INTERRUPT_SIGNAL = signal.SIGRTMIN + 5
+_REQUEST_TYPE_MASK = 0x60
+_REQUEST_TYPE_CLASS = 0x20
+#: Errors of a bulk transfer that a disconnect, reset or disable causes.
+_LINK_ERRORS = {errno.ESHUTDOWN, errno.ECONNRESET, errno.ENODEV, errno.EPIPE, errno.EINTR}
+
+
+class _Interrupted(Exception):
+    """Raised by the signal handler to abandon a superseded blocking transfer."""
+
+
+class UsbFrontEnd:
+    """One gadget serving `target`; `run()` blocks until `stop()`."""
+
+    def __init__(
+        self, target: ScsiTarget, settings: GadgetSettings, *, chunk_size: int = CHUNK_SIZE
+    ) -> None:
+        self.target = target
+        self.settings = settings
+        self.bot = BulkOnlyTransport(target, chunk_size=chunk_size)
+        self._cond = threading.Condition()
+        self._pending: collections.deque[Action] = collections.deque()
+        self._generation = 0
+        #: generation the bulk loop works for while blocked (None: not interruptible)
+        self._blocked_for: int | None = None
+        self._seen_generation = 0
+        self._stopping = False
+        self._bulk_thread: int | None = None
+        self._can_interrupt = False
+        self._ep0: Ep0 | None = None
+        self._bulk_in: BulkEndpoint | None = None
+        self._bulk_out: BulkEndpoint | None = None
+        self._out_buffer = memoryview(bytearray(chunk_size))
+        self._cbw_buffer = memoryview(bytearray(CBW_BUFFER))
+        self.gadget: Gadget | None = None
+        self.ready = threading.Event()
+
+    # -- lifecycle -----------------------------------------------------------
+    def run(self) -> None:
+        """Bring the gadget up, serve until stop(), and always take it down."""
+        s = self.settings
+        self._bulk_thread = threading.get_ident()
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(INTERRUPT_SIGNAL, self._on_interrupt_signal)
+            self._can_interrupt = True
+        else:
+            log.warning("USB bulk loop not on the main thread: resets cannot cancel transfers")
+        ep0_thread: threading.Thread | None = None
+        try:
+            self.gadget = gadget_up(s)
+            mount_functionfs(s.function_name, s.ffs_mount)
+            self._ep0 = Ep0(s.ffs_mount)
+            self._ep0.activate(
+                mass_storage_descriptors(), strings_blob({LANG_EN_US: [s.configuration]})
+            )
+            self._bulk_in = BulkEndpoint(s.ffs_mount, "ep1", is_in=True)
+            self._bulk_out = BulkEndpoint(s.ffs_mount, "ep2", is_in=False)
+            ep0_thread = threading.Thread(target=self._ep0_loop, name="usb-ep0", daemon=True)
+            ep0_thread.start()
+            udc = self.gadget.bind()
+            log.info("gadget %s bound to %s", s.gadget_name, udc)
+            self.ready.set()
+            self._bulk_loop()
+        finally:
+            self._stopping = True
+            if self.gadget is not None:
+                self.gadget.unbind()
+            if ep0_thread is not None:
+                ep0_thread.join(timeout=5)
+            for ep in (self._bulk_in, self._bulk_out, self._ep0):
+                if ep is not None:
+                    ep.close()
+            umount_functionfs(s.ffs_mount)
+            gadget_down(s)
+            if previous is not None:
+                signal.signal(INTERRUPT_SIGNAL, previous)
+            log.info("gadget %s down", s.gadget_name)
+
+    def stop(self) -> None:
+        """Ask run() to return; callable from any thread or a signal handler."""
+        self._stopping = True
+        self._generation += 1
+        self._interrupt_bulk_loop()
+
+    # -- interruption ----------------------------------------------------------
+    def _on_interrupt_signal(self, signum: int, frame: FrameType | None) -> None:
+        blocked = self._blocked_for
+        if blocked is not None and (self._stopping or blocked != self._generation):
+            raise _Interrupted
+
+    def _interrupt_bulk_loop(self) -> None:
+        if self._can_interrupt and self._bulk_thread is not None:
+            signal.pthread_kill(self._bulk_thread, INTERRUPT_SIGNAL)
+
+    def _supersede(self, actions: Sequence[Action], reason: str) -> None:
+        """Replace the bulk loop's course (ep0 thread) and wait until it took the new one."""
+        skip = CancelTransfers | ControlReply | ControlStall
+        bulk = [a for a in actions if not isinstance(a, skip)]
+        self._generation += 1
+        generation = self._generation
+        self._pending = collections.deque(bulk)
+        log.info("bulk side superseded (%s): %s", reason, bulk)
+        self._cond.notify_all()
+        self._cond.release()
+        try:
+            self._interrupt_bulk_loop()
+        finally:
+            self._cond.acquire()
+        self._cond.wait_for(
+            lambda: self._seen_generation >= generation or self._stopping, timeout=2.0
+        )
+
+    # -- bulk side ---------------------------------------------------------------
+    def _bulk_loop(self) -> None:
+        while not self._stopping:
+            with self._cond:
+                self._seen_generation = self._generation
+                self._cond.notify_all()
+                if not self._pending:
+                    self._blocked_for = self._generation
+                    try:
+                        self._cond.wait_for(
+                            lambda: bool(self._pending) or self._stopping
+                            or self._generation != self._seen_generation
+                        )
+                    except _Interrupted:
+                        pass
+                    finally:
+                        self._blocked_for = None
+                    continue
+                action = self._pending.popleft()
+                generation = self._generation
+            try:
+                self._blocked_for = generation
+                try:
+                    result = self._perform(action)
+                finally:
+                    self._blocked_for = None
+            except _Interrupted:
+                continue
+            except OSError as exc:
+                if exc.errno not in _LINK_ERRORS:
+                    raise
+                log.info("bulk transfer ended by the link (%s) during %s", exc.strerror, action)
+                with self._cond:
+                    if generation == self._generation:
+                        # ep0 will report DISABLE/ENABLE or a reset; wait for its course.
+                        self._pending.clear()
+                continue
+            with self._cond:
+                if generation != self._generation:
+                    continue
+                if isinstance(action, ReceiveCBW | ReceiveData):
+                    assert result is not None
+                    self._pending.extend(self.bot.bulk_out_received(result))
+                elif isinstance(action, SendData | SendCSW):
+                    self._pending.extend(self.bot.bulk_in_complete())
+
+    def _perform(self, action: Action) -> bytes | memoryview | None:
+        assert self._bulk_in is not None and self._bulk_out is not None
+        if isinstance(action, ReceiveCBW):
+            n = self._bulk_out.read_into(self._cbw_buffer)
+            return bytes(self._cbw_buffer[:n])
+        if isinstance(action, ReceiveData):
+            view = self._out_buffer[: action.length]
+            n = self._bulk_out.read_into(view)
+            return bytes(view[:n]) if n <= _COPY_LIMIT else view[:n]
+        if isinstance(action, SendData | SendCSW):
+            self._bulk_in.write_all(action.data)
+            return None
+        if isinstance(action, StallIn):
+            self._bulk_in.halt()
+        elif isinstance(action, StallOut):
+            self._bulk_out.halt()
+        elif not isinstance(action, CancelTransfers):
+            log.warning("bulk loop got an ep0 action %s; ignored", action)
+        return None
+
+    # -- ep0 side -------------------------------------------------------------------
+    def _ep0_loop(self) -> None:
+        assert self._ep0 is not None
+        while True:
+            try:
+                events = self._ep0.read_events()
+            except OSError as exc:
+                if self._stopping:
+                    return
+                if exc.errno in (errno.EINTR, errno.EAGAIN):
+                    continue
+                log.error("ep0 read failed: %s", exc.strerror)
+                self.stop()
+                return
+            for event in events:
+                log.info("ep0 event %s %s", event.type, event.setup or "")
+                if event.type == EventType.SETUP and event.setup is not None:
+                    self._on_setup(event.setup)
+                elif event.type == EventType.ENABLE:
+                    with self._cond:
+                        actions = self.bot.bus_reset() + self.bot.start()
+                        self._supersede(actions, "enable")
+                elif event.type == EventType.DISABLE:
+                    with self._cond:
+                        self.bot.bus_reset()
+                        self._supersede([], "disable")
+                elif event.type == EventType.UNBIND and self._stopping:
+                    return
+
+    def _on_setup(self, setup: SetupRequest) -> None:
+        assert self._ep0 is not None
+        if setup.bRequestType & _REQUEST_TYPE_MASK != _REQUEST_TYPE_CLASS:
+            self._ep0.stall(setup)
+            return
+        with self._cond:
+            actions = self.bot.control_request(
+                setup.bRequestType, setup.bRequest, setup.wValue, setup.wIndex, setup.wLength
+            )
+            bulk = [a for a in actions if not isinstance(a, ControlReply | ControlStall)]
+            if bulk:
+                self._supersede(bulk, f"class request 0x{setup.bRequest:02x}")
+        for action in actions:
+            if isinstance(action, ControlReply):
+                self._ep0.reply(setup, action.data)
+                return
+            if isinstance(action, ControlStall):
+                self._ep0.stall(setup)
+                return
+        self._ep0.stall(setup)
+
+
+def serve_usb(target: ScsiTarget, settings: GadgetSettings) -> None:
+    """Serve `target` over USB until SIGTERM/SIGINT (or UsbFrontEnd.stop()); gadget down on exit."""
+    front = UsbFrontEnd(target, settings)
+    restore: dict[signal.Signals, object] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            restore[sig] = signal.signal(sig, lambda *_: front.stop())
+    try:
+        front.run()
+    finally:
+        for signum, handler in restore.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+
+
+__all__ = ["GadgetSettings", "UsbFrontEnd", "serve_usb"]
