@@ -1,0 +1,43 @@
+"""The `vm` marker and the shared QEMU guest fixture."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from vm import GuestVM, VMConfig, missing_requirements  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "vm: boots a QEMU guest (Linux usb-storage against our gadget)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not any(item.get_closest_marker("vm") for item in items):
+        return
+    reason = missing_requirements()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"no VM: {reason}")
+    for item in items:
+        if item.get_closest_marker("vm"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def guest_vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestVM]:
+    """One booted guest per test module (booting takes seconds under TCG)."""
+    workdir = tmp_path_factory.mktemp("vm")
+    if "," in str(workdir) or " " in str(workdir):
+        pytest.fail(f"VM work directory {workdir} must not contain ',' or spaces (QEMU options)")
+    vm = GuestVM(workdir, VMConfig())
+    with vm:
+        print(f"guest booted in {vm.boot_seconds:.1f}s")
+        yield vm

@@ -1,0 +1,187 @@
+"""configfs gadget setup/teardown against a fake configfs tree."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from firmware.usb_gadget.configfs import (
+    ConfigfsOps,
+    Gadget,
+    GadgetError,
+    GadgetSettings,
+    gadget_down,
+    gadget_up,
+)
+
+
+class FakeConfigfs(ConfigfsOps):
+    """Plain directories behaving like configfs where it matters here.
+
+    In configfs an item's attribute files and default groups vanish with it and a
+    directory holding child items or links cannot be removed; writing "" to UDC
+    of an unbound gadget fails with ENODEV.
+    """
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, str]] = []
+        self.fail_unbind_with: int | None = None
+
+    def write(self, path: Path, value: str) -> None:
+        self.log.append(("write", f"{path.name}={value}"))
+        if path.name == "UDC" and not value:
+            if self.fail_unbind_with is not None:
+                raise OSError(self.fail_unbind_with, os.strerror(self.fail_unbind_with))
+            if not path.exists() or not path.read_text().strip():
+                raise OSError(errno.ENODEV, "No such device")
+        super().write(path, value)
+
+    def rmdir(self, path: Path) -> None:
+        self.log.append(("rmdir", str(path)))
+        if not path.exists():
+            raise OSError(errno.ENOENT, "No such file or directory")
+        for child in path.iterdir():
+            if child.is_symlink() or (child.is_dir() and any(child.iterdir())):
+                raise OSError(errno.ENOTEMPTY, "Directory not empty")
+        for child in path.iterdir():
+            child.rmdir() if child.is_dir() else child.unlink()
+        path.rmdir()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> GadgetSettings:
+    (tmp_path / "config" / "usb_gadget").mkdir(parents=True)
+    (tmp_path / "udc" / "dummy_udc.0").mkdir(parents=True)
+    (tmp_path / "udc" / "dummy_udc.1").mkdir(parents=True)
+    return GadgetSettings(
+        configfs_root=tmp_path / "config",
+        udc_class_dir=tmp_path / "udc",
+        ffs_mount=tmp_path / "ffs",
+        serial_number="SN42",
+    )
+
+
+def read(path: Path) -> str:
+    return path.read_text().strip()
+
+
+def test_create_writes_descriptor_fields(settings: GadgetSettings) -> None:
+    gadget_up(settings, FakeConfigfs())
+    g = settings.gadget_dir
+    assert read(g / "idVendor") == "0x1d6b"
+    assert read(g / "idProduct") == "0x0104"
+    assert read(g / "bcdUSB") == "0x0200"
+    assert read(g / "strings" / "0x409" / "serialnumber") == "SN42"
+    assert read(g / "strings" / "0x409" / "manufacturer") == "MirrorUnit"
+    assert read(g / "configs" / "c.1" / "MaxPower") == "250"
+    link = g / "configs" / "c.1" / "ffs.mass"
+    assert link.is_symlink()
+    assert link.resolve() == (g / "functions" / "ffs.mass").resolve()
+    assert not (g / "UDC").exists()  # not bound before FunctionFS has descriptors
+
+
+def test_create_is_idempotent(settings: GadgetSettings) -> None:
+    ops = FakeConfigfs()
+    gadget_up(settings, ops)
+    gadget_up(settings, ops)
+    assert read(settings.gadget_dir / "idVendor") == "0x1d6b"
+
+
+def test_bind_defaults_to_first_udc_and_rebinding_is_a_no_op(settings: GadgetSettings) -> None:
+    ops = FakeConfigfs()
+    gadget = gadget_up(settings, ops)
+    assert gadget.bind() == "dummy_udc.0"
+    assert read(settings.gadget_dir / "UDC") == "dummy_udc.0"
+    writes = len(ops.log)
+    gadget.bind()
+    assert len(ops.log) == writes
+
+
+def test_bind_uses_configured_udc(settings: GadgetSettings, tmp_path: Path) -> None:
+    s = GadgetSettings(
+        configfs_root=settings.configfs_root, udc_class_dir=settings.udc_class_dir,
+        udc="dummy_udc.1",
+    )
+    assert gadget_up(s, FakeConfigfs()).bind() == "dummy_udc.1"
+
+
+def test_bind_without_udc_names_the_directory(settings: GadgetSettings, tmp_path: Path) -> None:
+    s = GadgetSettings(configfs_root=settings.configfs_root, udc_class_dir=tmp_path / "none")
+    with pytest.raises(GadgetError, match="no UDC"):
+        gadget_up(s, FakeConfigfs()).bind()
+
+
+def test_missing_configfs_is_reported(tmp_path: Path) -> None:
+    s = GadgetSettings(configfs_root=tmp_path / "nothing")
+    with pytest.raises(GadgetError, match="usb_gadget"):
+        gadget_up(s, FakeConfigfs())
+
+
+def test_down_removes_everything_in_order(settings: GadgetSettings) -> None:
+    ops = FakeConfigfs()
+    gadget_up(settings, ops).bind()
+    gadget_down(settings, ops)
+    assert not settings.gadget_dir.exists()
+    assert ("write", "UDC=") in ops.log
+    removed = [p for op, p in ops.log if op == "rmdir"]
+    # configs before the functions they link to, the gadget itself last
+    assert removed.index(str(settings.gadget_dir / "configs" / "c.1")) < removed.index(
+        str(settings.gadget_dir / "functions" / "ffs.mass")
+    )
+    assert removed[-1] == str(settings.gadget_dir)
+
+
+def test_down_twice_and_on_missing_gadget(settings: GadgetSettings) -> None:
+    ops = FakeConfigfs()
+    gadget_down(settings, ops)
+    gadget_up(settings, ops)
+    gadget_down(settings, ops)
+    gadget_down(settings, ops)
+    assert not settings.gadget_dir.exists()
+
+
+def test_down_tolerates_partial_state(settings: GadgetSettings) -> None:
+    ops = FakeConfigfs()
+    gadget_up(settings, ops)
+    g = settings.gadget_dir
+    # as if a previous setup died after creating the config but before linking
+    (g / "configs" / "c.1" / "ffs.mass").unlink()
+    (g / "functions" / "ffs.mass").rmdir()
+    gadget_down(settings, ops)
+    assert not g.exists()
+
+
+@pytest.mark.parametrize("code", [errno.ENODEV, errno.ENOENT])
+def test_unbind_tolerates_vanished_udc(settings: GadgetSettings, code: int) -> None:
+    ops = FakeConfigfs()
+    gadget_up(settings, ops).bind()
+    ops.fail_unbind_with = code
+    gadget_down(settings, ops)
+    assert not settings.gadget_dir.exists()
+
+
+def test_unbind_reports_other_errors(settings: GadgetSettings) -> None:
+    ops = FakeConfigfs()
+    gadget_up(settings, ops).bind()
+    ops.fail_unbind_with = errno.EBUSY
+    with pytest.raises(GadgetError, match="UDC"):
+        Gadget(settings, ops).unbind()
+
+
+def test_every_write_is_logged(settings: GadgetSettings, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="mirrorunit.gadget"):
+        gadget_up(settings, FakeConfigfs()).bind()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("idVendor" in m and "0x1d6b" in m for m in messages)
+    assert any(m.endswith("UDC = 'dummy_udc.0'") for m in messages)
+    assert all(r.name == "mirrorunit.gadget" for r in caplog.records)
+
+
+def test_real_filesystem_ops_write_one_line(tmp_path: Path) -> None:
+    ops = ConfigfsOps()
+    ops.write(tmp_path / "attr", "0x1234")
+    assert (tmp_path / "attr").read_bytes() == b"0x1234\n"
