@@ -267,6 +267,12 @@ class NbdServer:
         name = self._listener.getsockname()
         return str(name[0]), int(name[1])
 
+    @property
+    def connection_count(self) -> int:
+        """Client connections currently being served."""
+        with self._lock:
+            return len(self._clients)
+
     def start(self) -> None:
         """Bind and listen; port 0 picks a free port (see ``.port``)."""
         with self._lock:
