@@ -181,6 +181,10 @@ def decompress(codec: str, data: bytes, expected: int) -> bytes:
             out = d.decompress(data, expected + 1)
         except zlib.error as exc:
             raise LinkProtocolError(f"zlib payload does not decompress: {exc}") from None
+        if len(out) > expected:
+            raise LinkProtocolError(
+                f"zlib payload expands past the {expected} bytes the records declare"
+            )
         if not d.eof or d.unconsumed_tail or d.unused_data:
             raise LinkProtocolError("zlib payload is truncated or has trailing data")
     elif codec == CODEC_ZSTD:

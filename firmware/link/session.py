@@ -347,6 +347,12 @@ class SenderSession(_Session):
             records = self._source.next_batch(min(room, self.config.batch_bytes))
             if not records:
                 break
+            if self._in_flight and sum(len(r.data) for r in records) > room:
+                # A lone record bigger than the room left: put it back until acks make
+                # room, so the window stays a bound (it is only exceeded by one record
+                # larger than the whole window, sent when nothing else is in flight).
+                self._source.rewind_to(self.last_sent_seq)
+                break
             self._queue_batch(records)
             queued += 1
         return queued
