@@ -400,3 +400,24 @@ def test_abrupt_resets_do_not_leak_connections(live: Live) -> None:
         sock.close()
     wait_for_idle(live.server)
     live.assert_healthy()
+
+
+def test_idle_handshake_times_out_and_connections_are_capped(tmp_path: Path) -> None:
+    path = tmp_path / "small.img"
+    dev = FileBlockDevice(path, size=1 << 20, create=True)
+    with NbdServer(dev, "127.0.0.1", 0, handshake_timeout=0.5, max_connections=2) as server:
+        idle = [connect(server.port), connect(server.port)]
+        # A third client is turned away while two are connected...
+        extra = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        assert read_until_closed(extra) == b""
+        extra.close()
+        # ...and the idle ones are dropped once the handshake deadline passes.
+        for sock in idle:
+            assert read_until_closed(sock) == b""
+            sock.close()
+        wait_for_idle(server)
+        # A client that completes the handshake is not subject to the deadline.
+        with NbdClient("127.0.0.1", server.port, NAME) as c:
+            time.sleep(1.0)  # longer than the handshake deadline, on purpose
+            assert c.read(0, 512) == bytes(512)
+    dev.close()

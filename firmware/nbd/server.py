@@ -229,8 +229,14 @@ class NbdServer:
         export_name: str = DEFAULT_EXPORT_NAME,
         logger: logging.Logger | None = None,
         description: str = "",
+        handshake_timeout: float | None = 30.0,
+        max_connections: int = 64,
     ) -> None:
         self.device = device
+        #: A client that has not finished option haggling by then is dropped,
+        #: so idle sockets cannot pin threads forever.
+        self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
         self.host = host
         self._requested_port = port
         self.export_name = export_name
@@ -375,10 +381,16 @@ class NbdServer:
             target=self._run_client, args=(sock, peer), name=f"nbd-client-{peer}", daemon=True
         )
         with self._lock:
-            if self._stopping.is_set():
-                sock.close()
-                return
-            self._clients[sock] = thread
+            refuse = self._stopping.is_set() or len(self._clients) >= self.max_connections
+            if not refuse:
+                self._clients[sock] = thread
+        if refuse:
+            if not self._stopping.is_set():
+                self.log.warning(
+                    "NBD client %s refused: %d connections already", peer, self.max_connections
+                )
+            sock.close()
+            return
         thread.start()
 
     # --- one connection ------------------------------------------------------------
@@ -402,6 +414,7 @@ class NbdServer:
 
     def _converse(self, sock: socket.socket, peer: object) -> str:
         conn = NbdServerConnection(export_info_for(self.device, self.export_name, self.description))
+        sock.settimeout(self.handshake_timeout)
         sock.sendall(conn.data_to_send())
         while True:
             sink = conn.payload_buffer()
@@ -471,6 +484,7 @@ class NbdServer:
             sock.sendall(conn.reply_error(event.handle, event.error))
             return None
         if isinstance(event, HandshakeComplete):
+            sock.settimeout(None)
             self.log.info(
                 "NBD client %s: export %r, flags %#06x, block sizes %s",
                 peer,
