@@ -463,8 +463,8 @@ class _ParameterListCommand(Command):
 
 
 def _ascii_field(name: str, value: str, width: int) -> bytes:
-    raw = value.encode("ascii")
-    if len(raw) > width or any(c < 0x20 or c > 0x7E for c in raw):
+    raw = value.encode("ascii", errors="replace")
+    if not value.isascii() or len(raw) > width or any(c < 0x20 or c > 0x7E for c in raw):
         raise ValueError(f"{name} must be at most {width} printable ASCII characters: {value!r}")
     return raw.ljust(width, b" ")
 
