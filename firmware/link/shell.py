@@ -266,7 +266,16 @@ class LinkClient:
                 raise LinkClosed(f"TLS handshake: {why}") from None
             self._sock = sock
             sock.settimeout(self.dead_after)
-            self._stream(sock)
+            try:
+                self._stream(sock)
+            except ssl.SSLError as exc:
+                # In TLS 1.3 the server checks our certificate after our side of the
+                # handshake is done, so its refusal shows up on the first read or write.
+                why = describe_handshake_failure(exc)
+                log.warning("link to %s:%d closed: %s", *self.address, why)
+                raise LinkClosed(why) from None
+            except OSError as exc:
+                raise LinkClosed(f"connection lost: {exc}") from None
         finally:
             self._sock = None
             raw.close()
