@@ -371,7 +371,7 @@ def test_concurrent_clients(served: Served) -> None:
     def worker(i: int) -> None:
         try:
             with NbdClient("127.0.0.1", served.server.port, "mirrorunit", use_go=False) as c:
-                for j in range(50):
+                for j in range(200):
                     # Byte-granular writes sharing blocks with other workers.
                     off = j * 512 + i * 64
                     c.write(off, bytes([i + 1]) * 64)
@@ -384,8 +384,8 @@ def test_concurrent_clients(served: Served) -> None:
     for t in threads:
         t.join(60)
     assert not errors
-    data = served.backing(0, 50 * 512)
-    expected = b"".join(bytes([i + 1]) * 64 for i in range(8)) * 50
+    data = served.backing(0, 200 * 512)
+    expected = b"".join(bytes([i + 1]) * 64 for i in range(8)) * 200
     assert data == expected, "read-modify-write of shared blocks lost an update"
 
 
@@ -433,3 +433,42 @@ def test_parse_hostport(text: str, expected: tuple[str, int]) -> None:
 def test_parse_hostport_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_hostport(text)
+
+
+def test_stop_from_a_signal_handler_in_the_serving_thread(tmp_path: Path) -> None:
+    import signal
+
+    from firmware.nbd.server import ServerStopped
+
+    dev = FileBlockDevice(tmp_path / "img", size=MiB, create=True)
+    server = NbdServer(dev, "127.0.0.1", 0)
+    server.start()
+    port = server.port
+
+    def on_alarm(signum: int, frame: object) -> None:
+        server.stop()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        started = time.monotonic()
+        server.serve_forever()  # returns once the handler has stopped it
+        assert time.monotonic() - started < 5
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert server.port == port
+    with pytest.raises(OSError):
+        NbdClient("127.0.0.1", port, "mirrorunit", timeout=2)
+    with pytest.raises(ServerStopped):
+        server.start()
+    server.serve_forever()  # a stopped server returns at once
+    dev.close()
+
+
+def test_stop_before_the_accept_loop_runs(tmp_path: Path) -> None:
+    dev = FileBlockDevice(tmp_path / "img", size=MiB, create=True)
+    for _ in range(20):
+        with NbdServer(dev, "127.0.0.1", 0):
+            pass
+    dev.close()

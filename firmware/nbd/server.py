@@ -49,6 +49,7 @@ from firmware.nbd.protocol import (
     FlushRequest,
     HandshakeComplete,
     InvalidRequest,
+    NbdError,
     NbdServerConnection,
     ProtocolError,
     ReadRequest,
@@ -69,6 +70,10 @@ TRIM_CHUNK = MAX_REQUEST_SIZE
 _ZEROES = bytes(ZERO_CHUNK)
 
 log = logging.getLogger("mirrorunit.nbd")
+
+
+class ServerStopped(NbdError):
+    """start() after stop(): a stopped server is not restarted."""
 
 
 def parse_hostport(s: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -255,6 +260,8 @@ class NbdServer:
         self._stopped = False
         self._clients: dict[socket.socket, threading.Thread] = {}
         self._serve_thread: threading.Thread | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._closed_address: tuple[str, int] | None = None
         # Fail early on a device whose geometry cannot be advertised.
         export_info_for(device, export_name, description)
 
@@ -262,16 +269,18 @@ class NbdServer:
 
     @property
     def port(self) -> int:
-        if self._listener is not None:
-            return int(self._listener.getsockname()[1])
-        return self._requested_port
+        return self.address[1]
 
     @property
     def address(self) -> tuple[str, int]:
-        if self._listener is None:
-            return self.host, self._requested_port
-        name = self._listener.getsockname()
-        return str(name[0]), int(name[1])
+        """Bound address; after ``stop()`` the one that was bound."""
+        listener = self._listener
+        if listener is not None:
+            name = listener.getsockname()
+            return str(name[0]), int(name[1])
+        if self._closed_address is not None:
+            return self._closed_address
+        return self.host, self._requested_port
 
     @property
     def connection_count(self) -> int:
@@ -283,7 +292,7 @@ class NbdServer:
         """Bind and listen; port 0 picks a free port (see ``.port``)."""
         with self._lock:
             if self._stopped:
-                raise RuntimeError("server was stopped")
+                raise ServerStopped("server was stopped")
             if self._listener is not None:
                 return
             infos = socket.getaddrinfo(
@@ -308,10 +317,17 @@ class NbdServer:
 
     def serve_forever(self) -> None:
         """Accept clients until ``stop()``; starts the listener if needed."""
-        self.start()
-        listener, wake_r = self._listener, self._wake_r
-        assert listener is not None and wake_r is not None
-        self._loop_idle.clear()
+        try:
+            self.start()
+        except ServerStopped:
+            return
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            listener, wake_r = self._listener, self._wake_r
+            assert listener is not None and wake_r is not None
+            self._loop_thread = threading.current_thread()
+            self._loop_idle.clear()
         try:
             with selectors.DefaultSelector() as sel:
                 sel.register(listener, selectors.EVENT_READ)
@@ -322,6 +338,9 @@ class NbdServer:
                             self._accept(listener)
         finally:
             self._loop_idle.set()
+            self._loop_thread = None
+            if self._stopping.is_set():
+                self._close_listener()
 
     def stop(self) -> None:
         """Stop accepting, disconnect clients, release the port. Idempotent."""
@@ -338,16 +357,29 @@ class NbdServer:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass  # already disconnected by the client
-        if not self._loop_idle.wait(10):
-            self.log.error("NBD accept loop did not exit")
+        # Called from the accept loop's own thread (a signal handler), the loop
+        # cannot exit before we return; it then closes the listener itself.
+        if self._loop_thread is not threading.current_thread():
+            if not self._loop_idle.wait(10):
+                self.log.error("NBD accept loop did not exit")
+            self._close_listener()
         for thread in clients.values():
             thread.join(10)
         if self._serve_thread is not None and self._serve_thread is not threading.current_thread():
             self._serve_thread.join(10)
-        for s in (self._listener, self._wake_r, self._wake_w):
+        self.log.info("NBD export %r stopped", self.export_name)
+
+    def _close_listener(self) -> None:
+        with self._lock:
+            sockets = (self._listener, self._wake_r, self._wake_w)
+            self._wake_r = self._wake_w = None
+            listener_name = self.address if self._listener is not None else None
+            self._listener = None
+        for s in sockets:
             if s is not None:
                 s.close()
-        self.log.info("NBD export %r stopped", self.export_name)
+        if listener_name is not None:
+            self._closed_address = listener_name
 
     def __enter__(self) -> NbdServer:
         """Start serving on a background thread."""
