@@ -243,7 +243,7 @@ class InvalidRequest:
 
 @dataclass(frozen=True, slots=True)
 class Disconnect:
-    """The client ended the session (NBD_CMD_DISC, NBD_OPT_ABORT or EOF)."""
+    """The client ended the connection (NBD_CMD_DISC, NBD_OPT_ABORT or EOF)."""
 
     reason: str
 
