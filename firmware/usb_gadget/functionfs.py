@@ -33,6 +33,7 @@ import errno
 import logging
 import os
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,18 +290,30 @@ class BulkEndpoint:
             if not view:
                 return
 
-    def halt(self) -> None:
-        """Stall the endpoint (cleared by the host's CLEAR_FEATURE(ENDPOINT_HALT))."""
-        try:
-            if self.is_in:
-                os.read(self.fd, 1)
+    def halt(self, timeout: float = 5.0) -> None:
+        """Stall the endpoint (cleared by the host's CLEAR_FEATURE(ENDPOINT_HALT)).
+
+        A UDC refuses to halt an IN endpoint while data is still in its FIFO
+        (EAGAIN): a short write completes as soon as the FIFO holds it, before
+        the host has read it.  Like f_mass_storage, retry until the host drained it.
+        """
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while True:
+            try:
+                if self.is_in:
+                    os.read(self.fd, 1)
+                else:
+                    os.write(self.fd, b"\0")
+            except OSError as exc:
+                if exc.errno == errno.EBADMSG:
+                    return
+                if exc.errno != errno.EAGAIN or time.monotonic() > deadline:
+                    raise
             else:
-                os.write(self.fd, b"\0")
-        except OSError as exc:
-            if exc.errno != errno.EBADMSG:
-                raise
-        else:
-            raise FunctionFsError(f"{self.name}: halt request transferred data instead")
+                raise FunctionFsError(f"{self.name}: halt request transferred data instead")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -225,6 +225,8 @@ class UsbFrontEnd:
 
     def _perform(self, action: Action) -> bytes | memoryview | None:
         assert self._bulk_in is not None and self._bulk_out is not None
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("bulk %s", _describe(action))
         if isinstance(action, ReceiveCBW):
             n = self._bulk_out.read_into(self._cbw_buffer)
             return bytes(self._cbw_buffer[:n])
@@ -292,6 +294,14 @@ class UsbFrontEnd:
                 self._ep0.stall(setup)
                 return
         self._ep0.stall(setup)
+
+
+def _describe(action: Action) -> str:
+    if isinstance(action, SendData):
+        return f"SendData({len(action.data)} bytes)"
+    if isinstance(action, SendCSW):
+        return repr(action.csw)
+    return repr(action)
 
 
 def serve_usb(target: ScsiTarget, settings: GadgetSettings) -> None:

@@ -49,7 +49,9 @@ class KernelImage:
     modules_dir: Path
 
 
-def find_kernel(boot_dir: Path = Path("/boot"), modules_root: Path = Path("/lib/modules")) -> KernelImage:
+def find_kernel(
+    boot_dir: Path = Path("/boot"), modules_root: Path = Path("/lib/modules")
+) -> KernelImage:
     """The newest installed kernel that has both an image and a module tree."""
     candidates = []
     for image in boot_dir.glob("vmlinuz-*"):
@@ -58,7 +60,9 @@ def find_kernel(boot_dir: Path = Path("/boot"), modules_root: Path = Path("/lib/
         if (mods / "modules.dep").is_file() and os.access(image, os.R_OK):
             candidates.append(KernelImage(version, image, mods))
     if not candidates:
-        raise KernelNotFound(f"no readable {boot_dir}/vmlinuz-* with {modules_root}/<ver>/modules.dep")
+        raise KernelNotFound(
+            f"no readable {boot_dir}/vmlinuz-* with {modules_root}/<ver>/modules.dep"
+        )
     return sorted(candidates, key=lambda k: k.version)[-1]
 
 

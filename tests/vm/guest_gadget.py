@@ -1,0 +1,67 @@
+"""Run in the guest: serve a FileBlockDevice over our USB gadget.
+
+    python -m tests.vm.guest_gadget IMAGE SIZE --control FIFO [--standby] [--udc NAME]
+
+Lines written to the control FIFO change the device state ("ready",
+"standby", "offline"), standing in for the control socket of a real unit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from firmware.blockdev import DeviceState, FileBlockDevice  # noqa: E402
+from firmware.scsi import LogicalUnit, ScsiTarget  # noqa: E402
+from firmware.usb_gadget.configfs import GadgetSettings  # noqa: E402
+from firmware.usb_gadget.server import serve_usb  # noqa: E402
+
+
+def watch_control(path: Path, device: FileBlockDevice) -> None:
+    while True:
+        # Reopened each time: a writer closing the FIFO ends one read loop.
+        with open(path) as fifo:
+            for line in fifo:
+                word = line.strip()
+                if word:
+                    device.state = DeviceState(word)
+                    logging.getLogger("mirrorunit.vm").info("device state -> %s", word)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("image")
+    parser.add_argument("size", type=int)
+    parser.add_argument("--control")
+    parser.add_argument("--standby", action="store_true")
+    parser.add_argument("--udc")
+    parser.add_argument("--serial", default="MUVM0001")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO, format="%(relativeCreated)8.0f %(name)s %(message)s", stream=sys.stderr
+    )
+    device = FileBlockDevice(args.image, size=args.size, create=True)
+    if args.standby:
+        device.state = DeviceState.STANDBY
+    if args.control:
+        if not os.path.exists(args.control):
+            os.mkfifo(args.control)
+        threading.Thread(
+            target=watch_control, args=(Path(args.control), device), daemon=True
+        ).start()
+    target = ScsiTarget([LogicalUnit(device, serial=args.serial)])
+    settings = GadgetSettings(
+        udc=args.udc, ffs_mount=Path("/run/mirrorunit/ffs"), serial_number=args.serial
+    )
+    serve_usb(target, settings)
+
+
+if __name__ == "__main__":
+    main()
