@@ -45,7 +45,9 @@ def main() -> None:
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO, format="%(relativeCreated)8.0f %(name)s %(message)s", stream=sys.stderr
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(relativeCreated)8.0f %(name)s %(message)s",
+        stream=sys.stderr,
     )
     device = FileBlockDevice(args.image, size=args.size, create=True)
     if args.standby:
