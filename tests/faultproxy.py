@@ -27,6 +27,9 @@ class ConnectionFaults:
     truncate_s2c_after: int | None = None
     corrupt_c2s_at: int | None = None
     corrupt_s2c_at: int | None = None
+    #: A connection that ends before its fault took effect (e.g. refused early) hands
+    #: the fault on to the next connection, so a queued fault is never lost silently.
+    until_fired: bool = True
 
 
 class _Pacer:
@@ -51,6 +54,7 @@ class _Conn:
         self.faults = faults
         self.closed = threading.Event()
         self.counts = {C2S: 0, S2C: 0}
+        self.fired = False
         self._lock = threading.Lock()
         self.threads = [
             threading.Thread(target=self._pump, args=(client, self.server, C2S), daemon=True),
@@ -64,6 +68,8 @@ class _Conn:
             if self.closed.is_set():
                 return
             self.closed.set()
+            if self.faults.until_fired and self.faults != ConnectionFaults() and not self.fired:
+                self.proxy.fault_next(self.faults, front=True)
             for s in (self.client, self.server):
                 try:
                     if reset:
@@ -89,11 +95,15 @@ class _Conn:
                 if truncate is not None and start + len(data) >= truncate:
                     data = data[: max(0, truncate - start)]
                     self._forward(dst, data, direction)
+                    self.fired = True
+                    self.proxy._fired(f"truncate-{direction}")
                     break
                 if corrupt is not None and start <= corrupt < start + len(data):
                     buf = bytearray(data)
                     buf[corrupt - start] ^= 0xFF
                     data = bytes(buf)
+                    self.fired = True
+                    self.proxy._fired(f"corrupt-{direction}")
                 self._forward(dst, data, direction)
         except (OSError, ValueError):
             pass  # the other pump or a fault closed the sockets under us
@@ -126,6 +136,8 @@ class FaultProxy:
         self._stop = threading.Event()
         self.connections = 0
         self.bytes = {C2S: 0, S2C: 0}
+        #: Per-connection faults that took effect, in order ("corrupt-c2s", ...).
+        self.fired: list[str] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.1)
         self.port: int = self._listener.getsockname()[1]
@@ -140,9 +152,12 @@ class FaultProxy:
         """Cap each direction to `rate` bytes/s (None: no cap)."""
         self._pacers = {} if rate is None else {C2S: _Pacer(rate), S2C: _Pacer(rate)}
 
-    def fault_next(self, faults: ConnectionFaults) -> None:
+    def fault_next(self, faults: ConnectionFaults, front: bool = False) -> None:
         with self._lock:
-            self._queue.append(faults)
+            if front:
+                self._queue.appendleft(faults)
+            else:
+                self._queue.append(faults)
 
     def live_connections(self) -> int:
         with self._lock:
@@ -160,6 +175,10 @@ class FaultProxy:
         for c in conns:
             c.close(reset=reset)
         return len(conns)
+
+    def _fired(self, fault: str) -> None:
+        with self._lock:
+            self.fired.append(fault)
 
     def _count(self, direction: str, n: int) -> None:
         with self._lock:

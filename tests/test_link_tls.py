@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import stat
 import threading
 import time
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from faultproxy import ConnectionFaults, FaultProxy
 
 from firmware.link.errors import LinkError, LinkRefused, PeerNotPinned, TlsIdentityError
-from firmware.link.frames import CODEC_NONE, Hello
+from firmware.link.frames import CODEC_NONE, Error, FrameDecoder, Hello
 from firmware.link.memory import MemorySink, MemorySource
 from firmware.link.session import ReceiverConfig, SenderConfig
 from firmware.link.shell import Backoff, LinkClient, LinkServer, TokenBucket
@@ -23,10 +25,10 @@ from firmware.link.tls import (
     KEY_FILE,
     Identity,
     PeerStore,
+    client_context,
     fingerprint,
     load_or_create_identity,
 )
-from faultproxy import ConnectionFaults, FaultProxy
 
 BS = 512
 VOLUME = 4096 * BS
@@ -69,7 +71,9 @@ def units(tmp_path: Path, remote_identity: Identity) -> dict[str, Unit]:
     for name in (*UNITS, "stranger"):
         ident = load_or_create_identity(tmp_path / name, name)
         peers = PeerStore.in_dir(tmp_path / name)
-        peers.pin("remote", remote_identity.cert_der, expected_fingerprint=remote_identity.fingerprint)
+        peers.pin(
+            "remote", remote_identity.cert_der, expected_fingerprint=remote_identity.fingerprint
+        )
         out[name] = Unit(name, ident, peers)
     return out
 
@@ -326,27 +330,44 @@ def test_every_seq_arrives_once_in_order_through_drops_resets_and_corruption(
     proxy = FaultProxy(remote.address)
     proxy.delay = 0.001
     client = make_client(
-        units["unit-a"], proxy.address, source, window_bytes=256 * 1024, batch_bytes=32 * 1024,
+        units["unit-a"],
+        proxy.address,
+        source,
+        window_bytes=256 * 1024,
+        batch_bytes=32 * 1024,
         signature=True,
     )
     sink = remote.sinks["unit-a"]
     client.start()
     faults: list[str] = []
     try:
-        steps: list[tuple[str, Callable[[], object]]] = [
-            ("reset", proxy.reset_all),
-            ("drop", proxy.drop_all),
-            ("truncate", lambda: (proxy.fault_next(ConnectionFaults(truncate_c2s_after=30_000)),
-                                  proxy.reset_all())),
-            ("corrupt", lambda: (proxy.fault_next(ConnectionFaults(corrupt_c2s_at=20_000)),
-                                 proxy.drop_all())),
-            ("corrupt-s2c", lambda: (proxy.fault_next(ConnectionFaults(corrupt_s2c_at=3_000)),
-                                     proxy.reset_all())),
+        # (name, action, fault the proxy must report before the next step)
+        steps: list[tuple[str, Callable[[], object], str | None]] = [
+            ("reset", proxy.reset_all, None),
+            ("drop", proxy.drop_all, None),
+            (
+                "truncate",
+                lambda: proxy.fault_next(ConnectionFaults(truncate_c2s_after=6_000)),
+                "truncate-c2s",
+            ),
+            (
+                "corrupt",
+                lambda: proxy.fault_next(ConnectionFaults(corrupt_c2s_at=4_000)),
+                "corrupt-c2s",
+            ),
+            (
+                "corrupt-s2c",
+                lambda: proxy.fault_next(ConnectionFaults(corrupt_s2c_at=3_000)),
+                "corrupt-s2c",
+            ),
         ]
-        for i, (name, act) in enumerate(steps):
+        for i, (name, act, fault) in enumerate(steps):
             mark = (i + 1) * total // (2 * len(steps) + 2)
             assert _wait_for(lambda m=mark: sink.last_durable_seq() >= m, 60), name  # type: ignore[misc]
             act()
+            if fault is not None:
+                proxy.reset_all()  # the next connection carries the fault
+                assert _wait_for(lambda f=fault: f in proxy.fired, 60), fault  # type: ignore[misc]
             faults.append(name)
             if i == 2:
                 fill(source, total - total // 2, seed=11)  # more writes arrive mid-outage
@@ -356,20 +377,20 @@ def test_every_seq_arrives_once_in_order_through_drops_resets_and_corruption(
         client.stop()
         proxy.close()
     assert faults == [s[0] for s in steps]
+    assert proxy.fired == ["truncate-c2s", "corrupt-c2s", "corrupt-s2c"]
     assert sink.applied_log == list(range(1, total + 1))
     assert bytes(sink.image) == image_of(source)
     assert client.stats.sessions >= len(steps) + 1
     assert proxy.connections >= len(steps) + 1
 
 
-def test_bandwidth_cap_is_respected_over_a_transfer(
-    remote: Remote, units: dict[str, Unit]
-) -> None:
+def test_bandwidth_cap_is_respected_over_a_transfer(remote: Remote, units: dict[str, Unit]) -> None:
     rate = 256 * 1024
     source = MemorySource()
     fill(source, 160, random_data=True)  # ~360 KiB of incompressible data
-    client = make_client(units["unit-a"], remote.address, source, bandwidth=rate,
-                         compression=(CODEC_NONE,))
+    client = make_client(
+        units["unit-a"], remote.address, source, bandwidth=rate, compression=(CODEC_NONE,)
+    )
     started = time.monotonic()
     client.start()
     try:
@@ -406,3 +427,26 @@ def test_proxy_bandwidth_cap_slows_an_uncapped_client(
         proxy.close()
     assert elapsed >= 0.75 * (proxy.bytes["c2s"] - 10 * 1024) / rate
     assert threading.active_count() < 50
+
+
+def test_malformed_frame_from_an_authenticated_peer_closes_with_a_logged_reason(
+    remote: Remote, units: dict[str, Unit], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    unit = units["unit-a"]
+    ctx = client_context(unit.identity, unit.peers, "remote")
+    with socket.create_connection(remote.address, timeout=10) as raw:
+        with ctx.wrap_socket(raw) as tls:
+            tls.sendall(b"\x00\x00\x00\x05not-cbor-at-all")
+            reply = b""
+            while True:
+                chunk = tls.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+    frames = FrameDecoder().receive_data(reply)
+    assert len(frames) == 1 and isinstance(frames[0], Error) and frames[0].code == "protocol"
+    assert "CRC32C mismatch" in frames[0].text
+    assert _wait_for(lambda: remote.server.stats.protocol_errors == 1)
+    assert "protocol error: frame 0 CRC32C mismatch" in caplog.text
+    assert remote.sinks["unit-a"].applied_log == []

@@ -258,13 +258,13 @@ class LinkClient:
         try:
             try:
                 sock = ctx.wrap_socket(raw)
+                self._sock = sock  # owns the fd now: wrap_socket detached `raw`
                 peer_identity(sock, self.peers, expected=self.remote_name)
             except (ssl.SSLError, PeerNotPinned) as exc:
                 self.stats.handshake_failures += 1
                 why = describe_handshake_failure(exc) if isinstance(exc, ssl.SSLError) else exc
                 log.warning("refusing remote %s:%d: %s", *self.address, why)
                 raise LinkClosed(f"TLS handshake: {why}") from None
-            self._sock = sock
             sock.settimeout(self.dead_after)
             try:
                 self._stream(sock)
@@ -277,6 +277,8 @@ class LinkClient:
             except OSError as exc:
                 raise LinkClosed(f"connection lost: {exc}") from None
         finally:
+            if self._sock is not None:
+                self._sock.close()
             self._sock = None
             raw.close()
 
@@ -470,10 +472,16 @@ class LinkServer:
     def _serve(self, raw: socket.socket, addr: tuple[str, int]) -> None:
         peer = f"{addr[0]}:{addr[1]}"
         claimed: list[str] = []
+        # wrap_socket detaches `raw`: from then on only the TLS socket owns the fd.
+        current: socket.socket = raw
         try:
             raw.settimeout(self.handshake_timeout)
             try:
                 sock = self._context().wrap_socket(raw, server_side=True)
+                with self._lock:
+                    self._conns.discard(raw)
+                    self._conns.add(sock)
+                current = sock
                 unit = peer_identity(sock, self.peers)
             except (ssl.SSLError, PeerNotPinned) as exc:
                 self.stats.handshake_failures += 1
@@ -506,7 +514,8 @@ class LinkServer:
                 for u in claimed:
                     if self._busy.get(u) == peer:
                         del self._busy[u]
-                self._conns.discard(raw)
+                self._conns.discard(current)
+            current.close()
             raw.close()
 
     def _receive(self, sock: ssl.SSLSocket, session: ReceiverSession, peer: str) -> None:

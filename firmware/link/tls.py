@@ -308,7 +308,7 @@ def describe_handshake_failure(exc: BaseException) -> str:
         if reason in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE",
                       "TLSV13_ALERT_CERTIFICATE_REQUIRED"):
             return f"the peer refused our certificate ({reason}): we are not pinned there"
-        return f"TLS handshake failed ({reason})"
+        return f"TLS failure ({reason})"
     return f"handshake failed ({type(exc).__name__}: {exc})"
 
 
