@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from faultproxy import ConnectionFaults, FaultProxy
 
 from firmware.link.errors import LinkError, LinkRefused, PeerNotPinned, TlsIdentityError
 from firmware.link.frames import CODEC_NONE, Error, FrameDecoder, Hello
@@ -29,6 +28,7 @@ from firmware.link.tls import (
     fingerprint,
     load_or_create_identity,
 )
+from tests.faultproxy import ConnectionFaults, FaultProxy
 
 BS = 512
 VOLUME = 4096 * BS
