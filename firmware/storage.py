@@ -93,24 +93,40 @@ class _PendingWrite:
 
 
 @dataclass
+class PowerRail:
+    """Write boundaries shared by several CrashSimStorage devices on one power supply."""
+
+    cut_after_writes: int | None = None
+    ops: int = 0
+    dead: bool = False
+
+    def boundary(self) -> None:
+        if self.dead:
+            raise PowerCut("storage lost power")
+        if self.cut_after_writes is not None and self.ops >= self.cut_after_writes:
+            self.dead = True
+            raise PowerCut(f"power cut at write boundary {self.ops}")
+        self.ops += 1
+
+
+@dataclass
 class CrashSimStorage:
     """In-memory storage with a volatile write cache and power-cut injection.
 
     `durable` holds what survived the last sync(); writes since then are kept in
-    order in `pending`.  `cut_after_writes=N` raises PowerCut on the (N+1)-th
-    pwrite or sync call (a "write boundary"), so a test can cut at every
-    boundary of a workload.  `crash_image(rng)` returns what a disk could hold
-    after the cut: every pending write is split into sectors, and each sector is
-    independently kept, dropped or torn (a prefix of it kept).
+    order in `pending`.  A PowerRail with `cut_after_writes=N` raises PowerCut
+    on the (N+1)-th pwrite or sync call (a "write boundary") of any device on
+    that rail, so a test can cut at every boundary of a workload.
+    `crash_image(rng)` returns what a disk could hold after the cut: every
+    pending write is split into sectors, and each sector is independently
+    kept, dropped or torn (a prefix of it kept).
     """
 
     size_: int
     sector: int = 512
-    cut_after_writes: int | None = None
+    rail: PowerRail = field(default_factory=PowerRail)
     durable: bytearray = field(init=False)
     pending: list[_PendingWrite] = field(default_factory=list, init=False)
-    ops: int = field(default=0, init=False)
-    dead: bool = field(default=False, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def __post_init__(self) -> None:
@@ -127,12 +143,7 @@ class CrashSimStorage:
         return self.size_
 
     def _boundary(self) -> None:
-        if self.dead:
-            raise PowerCut("storage lost power")
-        if self.cut_after_writes is not None and self.ops >= self.cut_after_writes:
-            self.dead = True
-            raise PowerCut(f"power cut at write boundary {self.ops}")
-        self.ops += 1
+        self.rail.boundary()
 
     def _current(self) -> bytearray:
         image = bytearray(self.durable)
@@ -142,7 +153,7 @@ class CrashSimStorage:
 
     def pread(self, offset: int, length: int) -> bytes:
         with self._lock:
-            if self.dead:
+            if self.rail.dead:
                 raise PowerCut("storage lost power")
             if offset + length > self.size_:
                 raise OSError(f"read past end: {offset}+{length} > {self.size_}")

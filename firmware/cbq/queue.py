@@ -145,6 +145,12 @@ class NeedsReclaim(CbqError):
     """
 
 
+def _slot_offset(generation: int) -> int:
+    """Generations alternate between the two slots, so the newest never overwrites its
+    predecessor."""
+    return (generation % 2) * SUPERBLOCK_SLOT
+
+
 def create(storage: Any, *, ring_size: int | None = None, block_size: int = 512,
            volume_blocks: int, chunk_size: int = 65536, align: int = 4096,
            consumers: tuple[str, ...] = (), high_water: float = 0.8,
@@ -189,8 +195,8 @@ def create(storage: Any, *, ring_size: int | None = None, block_size: int = 512,
         "time_ns": time.time_ns(),
     }
     storage.pwrite(DIRTY_MAP_OFFSET, bytes(dm_bytes))
-    storage.pwrite(0, encode_superblock(1, cbor2.dumps(state)))
-    storage.pwrite(SUPERBLOCK_SLOT, bytes(SUPERBLOCK_SLOT))
+    storage.pwrite(_slot_offset(0), bytes(SUPERBLOCK_SLOT))
+    storage.pwrite(_slot_offset(1), encode_superblock(1, cbor2.dumps(state)))
     storage.sync()
 
 
@@ -224,8 +230,9 @@ class CircularBufferQueue:
     """An open CBQ.  Thread-safe; writers and consumers may run in different threads."""
 
     def __init__(self, storage: Any, *, current_reader: CurrentReader | None = None,
-                 checkpoint_bytes: int | None = None) -> None:
+                 checkpoint_bytes: int | None = None, read_only: bool = False) -> None:
         self.storage = storage
+        self.read_only = read_only
         self._read_current = current_reader
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -257,6 +264,7 @@ class CircularBufferQueue:
                                              c["seq"], c["lin"])
         h = state["head"]
         self._tail_lin_persisted = state["tail"]["lin"]
+        self._tail_seq_persisted = state["tail"]["seq"]
         self._head_lin = h["lin"]
         self._next_seq = h["seq"]
         self._prev_crc = h["prev_crc"]
@@ -283,11 +291,11 @@ class CircularBufferQueue:
     def _recover(self, state: dict[str, Any]) -> None:
         # Whatever a previous process left in the page cache must be on the medium
         # before we build on it: a power cut later must not un-happen records we replay.
-        self.storage.sync()
+        if not self.read_only:
+            self.storage.sync()
         tail_lin = self._tail_lin()
         if self._compact_from is not None:
-            for lin, h, _ in self._walk(max(self._compact_from, tail_lin), self._head_lin,
-                                        trusted=True):
+            for lin, h, _ in self._walk(max(self._compact_from, tail_lin), self._head_lin):
                 self._index_record(h, lin)
         lin = self._head_lin
         found = 0
@@ -339,9 +347,13 @@ class CircularBufferQueue:
     def _abs(self, lin: int) -> int:
         return self.geo.ring_start + lin % self.geo.ring_size
 
-    def _parse(self, lin: int, next_seq: int, prev_crc: int, limit: int,
+    def _parse(self, lin: int, next_seq: int | None, prev_crc: int | None, limit: int,
                with_payload: bool) -> tuple[RecordHeader, bytes] | str:
-        """Check the record at `lin` against what must come next; a reason if it fails."""
+        """Check the record at `lin`; a reason if it fails.
+
+        `next_seq` and `prev_crc`, when given, are what the record must continue
+        (seq order and CRC chain); the CRC over header and payload is always checked.
+        """
         g = self.geo
         pos = lin % g.ring_size
         if g.ring_size - pos < HDR:
@@ -354,11 +366,12 @@ class CircularBufferQueue:
             return "record of another queue (salt mismatch)"
         if h.lap != (lin // g.ring_size) & 0xFFFFFFFF:
             return f"record of lap {h.lap}, expected {(lin // g.ring_size) & 0xFFFFFFFF}"
-        if h.prev_crc != prev_crc:
+        if prev_crc is not None and h.prev_crc != prev_crc:
             return "broken CRC chain (stale record)"
-        expect_seq = next_seq if h.kind in WRITE_KINDS else next_seq - 1
-        if h.seq != expect_seq:
-            return f"seq {h.seq}, expected {expect_seq}"
+        if next_seq is not None:
+            expect_seq = next_seq if h.kind in WRITE_KINDS else next_seq - 1
+            if h.seq != expect_seq:
+                return f"seq {h.seq}, expected {expect_seq}"
         if h.kind in (RecordKind.DATA, RecordKind.SIDE):
             if h.payload_len != h.nblocks * g.block_size or h.nblocks == 0:
                 return "payload length does not match block count"
@@ -399,36 +412,39 @@ class CircularBufferQueue:
             prev_crc = h.crc
             lin = self._next_lin(lin, h)
 
-    def _walk(self, start: int, end: int, trusted: bool,
+    def _walk(self, start: int, end: int,
               with_payload: bool = False) -> Iterator[tuple[int, RecordHeader, bytes]]:
-        """Records in [start, end), which are known to be valid (between tail and head).
+        """Records in [start, end), a stretch of the log that recovery accepted.
 
-        Unlike _walk_new, the chain cannot be checked from the middle of the log,
-        so only salt, lap, CRC and shape are checked; any failure is corruption.
+        From the second record on, seq order and the CRC chain are checked too.  A
+        commit group may end in padding, or (after a crash) in the remains of a
+        record that recovery dropped; the next group starts on the next `align`
+        boundary.  Anything else that fails is corruption.
         """
         g = self.geo
         lin = start
+        next_seq: int | None = None
+        prev_crc: int | None = None
+        limit = start + g.ring_size
         while lin < end:
             if g.ring_size - lin % g.ring_size < HDR:
                 lin = align_up(lin, g.ring_size)
                 continue
-            raw = self._read_lin(lin, HDR)
-            h = decode_header(raw)
-            if (h is None or h.salt != g.salt
-                    or h.lap != (lin // g.ring_size) & 0xFFFFFFFF):
+            got = self._parse(lin, next_seq, prev_crc, limit, with_payload)
+            if isinstance(got, str):
                 alt = self._aligned(lin)
-                if alt != lin and alt <= end:
-                    lin = alt
-                    continue
-                raise CbqCorruption("queued record unreadable", self._abs(lin))
-            if h.kind is not RecordKind.WRAP and lin % g.ring_size + h.length > g.ring_size:
-                raise CbqCorruption("queued record crosses the end of the ring", self._abs(lin))
-            payload = b""
-            if h.payload_len and (with_payload or not trusted):
-                payload = self._read_lin(lin + HDR, h.payload_len)
-                if not record_crc_ok(raw, payload, h.crc):
-                    raise CbqCorruption(f"queued record seq {h.seq} CRC mismatch", self._abs(lin))
+                if alt >= end:
+                    return
+                if alt != lin:
+                    again = self._parse(alt, next_seq, prev_crc, limit, with_payload)
+                    if not isinstance(again, str):
+                        lin, got = alt, again
+                if isinstance(got, str):
+                    raise CbqCorruption(f"queued record unreadable: {got}", self._abs(lin))
+            h, payload = got
             yield lin, h, payload
+            next_seq = h.seq + 1
+            prev_crc = h.crc
             lin = self._next_lin(lin, h)
 
     def _index_record(self, h: RecordHeader, lin: int) -> None:
@@ -458,7 +474,10 @@ class CircularBufferQueue:
         return min(c.acked_seq for c in self.consumers.values()) + 1
 
     def _rebuild_tail(self) -> None:
-        tail_seq = self._tail_seq()
+        # Copy-on-overwrite protection is dropped only behind the *persisted* tail: an
+        # acknowledgement not yet checkpointed is forgotten by a crash, and the record
+        # would then be sent again and must still carry its own data.
+        tail_seq = min(self._tail_seq(), self._tail_seq_persisted)
         while self._compact_q and self._compact_q[0][0] < tail_seq:
             seq, lbn, n = self._compact_q.popleft()
             for b in range(lbn, lbn + n):
@@ -563,6 +582,8 @@ class CircularBufferQueue:
         nblocks = len(data) // g.block_size
         if lbn < 0 or lbn + nblocks > g.volume_blocks:
             raise CbqUsageError(f"write {lbn}+{nblocks} outside volume of {g.volume_blocks}")
+        if self.read_only:
+            raise CbqUsageError("queue is open read-only")
         with self._lock:
             if self.mode is Mode.OVERFLOW or self.enqueue_paused:
                 self._mark_dirty(lbn, nblocks)
@@ -643,7 +664,7 @@ class CircularBufferQueue:
         peers = self._peers()
         start = min((c.acked_lin for c in peers), default=self._head_lin)
         marked = 0
-        for _, h, _ in self._walk(start, self._head_lin, trusted=True):
+        for _, h, _ in self._walk(start, self._head_lin):
             if h.kind in WRITE_KINDS:
                 self._mark_dirty(h.lbn, h.nblocks)
                 marked += 1
@@ -777,11 +798,13 @@ class CircularBufferQueue:
             "time_ns": time.time_ns(),
         }
         self._gen += 1
-        self.storage.pwrite((self._gen % 2) * SUPERBLOCK_SLOT,
+        self.storage.pwrite(_slot_offset(self._gen),
                             encode_superblock(self._gen, cbor2.dumps(state)))
         self.storage.sync()
         self._tail_lin_persisted = tail_lin
+        self._tail_seq_persisted = state["tail"]["seq"]
         self._since_checkpoint = 0
+        self._rebuild_tail()
 
     def _durable_head_state(self) -> tuple[int, dict[str, int]]:
         # The durable head: everything before _durable_lin is on the medium.  The chain
@@ -840,13 +863,9 @@ class CircularBufferQueue:
                 return []
             out: list[QueuedWrite] = []
             size = 0
-            lin = c.read_lin
-            while lin < self._durable_lin and len(out) < max_records and size < max_bytes:
-                got = next(self._walk(lin, self._durable_lin, trusted=False,
-                                      with_payload=True), None)
-                if got is None:
+            for rlin, h, payload in self._walk(c.read_lin, self._durable_lin, with_payload=True):
+                if len(out) >= max_records or size >= max_bytes:
                     break
-                rlin, h, payload = got
                 lin = self._next_lin(rlin, h)
                 if h.kind not in WRITE_KINDS:
                     continue
@@ -897,7 +916,7 @@ class CircularBufferQueue:
             if c.acked_seq < seq:
                 # Acknowledged without being read here (a peer that applied it before we
                 # restarted): find where it ends.
-                for rlin, h, _ in self._walk(c.acked_lin, self._durable_lin, trusted=True):
+                for rlin, h, _ in self._walk(c.acked_lin, self._durable_lin):
                     if h.kind in WRITE_KINDS and h.seq <= seq:
                         c.acked_seq, c.acked_lin = h.seq, self._next_lin(rlin, h)
                         c.acked_cum = h.cum_blocks
@@ -946,8 +965,7 @@ class CircularBufferQueue:
         """Durable records after a consumer's ack, raw (used to redo the local mirror)."""
         with self._lock:
             c = self._consumer(name)
-            records = list(self._walk(c.acked_lin, self._durable_lin, trusted=False,
-                                      with_payload=True))
+            records = list(self._walk(c.acked_lin, self._durable_lin, with_payload=True))
         return iter(records)
 
     # ------------------------------------------------------------------ status
@@ -995,12 +1013,47 @@ class CircularBufferQueue:
             }
 
     def _timestamp_at(self, lin: int) -> int | None:
-        for _, h, _ in self._walk(lin, self._durable_lin, trusted=True):
+        for _, h, _ in self._walk(lin, self._durable_lin):
             if h.kind in WRITE_KINDS:
                 return h.timestamp_ns
         return None
 
     def close(self) -> None:
+        if self.read_only:
+            return
         with self._lock:
             self._sync_locked()
             self._checkpoint_locked()
+
+    def verify(self) -> dict[str, Any]:
+        """Check every queued record in full: shape, salt, lap, CRC, seq order and chain.
+
+        Returns a report; `clean` is False when a record between the tail and the head
+        fails a check, with the first bad one's offset and reason.
+        """
+        with self._lock:
+            counts = {k.name.lower(): 0 for k in RecordKind}
+            report: dict[str, Any] = {"clean": True, "first_bad": None}
+            prev: RecordHeader | None = None
+            last_seq = None
+            try:
+                for lin, h, _ in self._walk(self._tail_lin(), self._durable_lin):
+                    counts[h.kind.name.lower()] += 1
+                    if prev is not None and h.prev_crc != prev.crc:
+                        raise CbqCorruption(f"seq {h.seq}: CRC chain broken", self._abs(lin))
+                    if h.kind in WRITE_KINDS:
+                        if last_seq is not None and h.seq != last_seq + 1:
+                            raise CbqCorruption(f"seq {h.seq} follows {last_seq}", self._abs(lin))
+                        last_seq = h.seq
+                    prev = h
+                if last_seq is not None and last_seq != self._next_seq - 1:
+                    raise CbqCorruption(f"log ends at seq {last_seq}, head says "
+                                        f"{self._next_seq - 1}", self._abs(self._durable_lin))
+            except CbqCorruption as e:
+                report["clean"] = False
+                report["first_bad"] = {"offset": e.offset, "reason": str(e)}
+            report["records"] = counts
+            report["tail_offset"] = self._abs(self._tail_lin())
+            report["head_offset"] = self._abs(self._head_lin)
+            report["recovered_past_checkpoint"] = self.recovered_records
+            return report
