@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from vm import GuestVM
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
@@ -263,7 +262,7 @@ sg_turs $SG; echo "turs-end=$?"
 def test_stop_takes_the_gadget_down(guest_vm: GuestVM, disk: str) -> None:
     out = run(
         guest_vm,
-        f"""
+        """
 pid=$(cat /tmp/mu-gadget.pid)
 kill -TERM $pid
 i=0; while kill -0 $pid 2>/dev/null; do i=$((i+1)); [ $i -gt 200 ] && break; sleep 0.05; done
