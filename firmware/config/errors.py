@@ -1,0 +1,32 @@
+"""Errors of the appliance configuration."""
+
+from __future__ import annotations
+
+
+class ConfigError(Exception):
+    """A value was refused; names the field and why (never echoes a secret)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class ConfigStoreError(Exception):
+    """The config partition could not be read or written."""
+
+
+class SealError(Exception):
+    """Base of peer-backup blob errors."""
+
+
+class SealFormatError(SealError):
+    """Not a sealed config blob, or one of an unsupported version."""
+
+
+class WrongPassword(SealError):
+    """The admin password does not open this blob."""
+
+
+class SealTampered(SealError):
+    """The blob was altered after sealing (authentication tag mismatch)."""
