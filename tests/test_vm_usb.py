@@ -259,6 +259,29 @@ sg_turs $SG; echo "turs-end=$?"
     assert "turs-end=0" in out, out
 
 
+def test_restart_after_sigkill_serves_the_same_data(guest_vm: GuestVM, disk: str) -> None:
+    """A crashed server leaves configfs and a FunctionFS mount behind; a new one copes."""
+    out = run(
+        guest_vm,
+        f"""
+kill -KILL $(cat /tmp/mu-gadget.pid)
+i=0; while find_disk MirrorUn > /dev/null; do i=$((i+1)); [ $i -gt 200 ] && break; sleep 0.1; done
+[ -e /sys/kernel/config/usb_gadget/mirrorunit ] && echo "stale-gadget"
+cd {REPO}
+{PYTHON} tests/vm/guest_gadget.py {IMAGE} {SIZE} --control {CONTROL} --serial {SERIAL} \
+    >> /tmp/mu-gadget.log 2>&1 &
+echo $! > /tmp/mu-gadget.pid
+DEV=$(wait_disk MirrorUn) || exit 1
+echo "disk=$DEV"
+want=$(sha256sum < /tmp/mu-pattern)
+got=$(dd if=$DEV bs=1M skip=8 count=16 iflag=direct 2>/dev/null | sha256sum)
+[ "$got" = "$want" ] && echo "data-ok"
+""",
+    )
+    assert "stale-gadget" in out  # the crash really left state behind
+    assert "data-ok" in out, out
+
+
 def test_stop_takes_the_gadget_down(guest_vm: GuestVM, disk: str) -> None:
     out = run(
         guest_vm,
