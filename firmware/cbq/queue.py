@@ -53,6 +53,8 @@ log = logging.getLogger("mirrorunit.cbq")
 #: Name of the internal consumer that tracks what the local mirror has made durable.
 MIRROR_CONSUMER = "@mirror"
 HDR = RECORD_HEADER.size
+#: Discarded seq ranges live in the superblock until every peer is past them.
+MAX_DISCARDS = 32
 
 #: Reads the volume's current contents of (lbn, nblocks), as the host would see them.
 CurrentReader = Callable[[int, int], bytes]
@@ -779,10 +781,11 @@ class CircularBufferQueue:
             self._cond.wait()
         head_lin, head = self._durable_head_state()
         tail_lin = min(self._tail_lin(), head_lin)
+        tail_seq = self._tail_seq()
         state = {
             "geometry": self.geo.to_cbor(),
             "head": head,
-            "tail": {"lin": tail_lin, "seq": self._tail_seq()},
+            "tail": {"lin": tail_lin, "seq": tail_seq},
             "mode": self.mode.value,
             "high_water": self.high_water,
             "low_water": self.low_water,
@@ -802,7 +805,7 @@ class CircularBufferQueue:
                             encode_superblock(self._gen, cbor2.dumps(state)))
         self.storage.sync()
         self._tail_lin_persisted = tail_lin
-        self._tail_seq_persisted = state["tail"]["seq"]
+        self._tail_seq_persisted = tail_seq
         self._since_checkpoint = 0
         self._rebuild_tail()
 
@@ -944,6 +947,9 @@ class CircularBufferQueue:
         with self._lock:
             if lo > hi or lo < 1 or hi > self._next_seq - 1:
                 raise CbqUsageError(f"seq range {lo}..{hi} not within 1..{self._next_seq - 1}")
+            if len(self.discards) >= MAX_DISCARDS:
+                raise CbqUsageError(f"{MAX_DISCARDS} discarded ranges are already pending; "
+                                    "wait for peers to pass them")
             self.discards.append((lo, hi))
             self._checkpoint_locked()
             log.warning("cbq: discarded seqs %d..%d from what peers will be sent", lo, hi)

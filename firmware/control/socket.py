@@ -1,0 +1,180 @@
+"""Control socket: length-prefixed CBOR maps over a unix stream socket.
+
+Request:  {"op": "<name>", "args": {...}}
+Response: {"ok": true, "result": ...} or {"ok": false, "error": "<message>"}
+
+Each frame is a 4-byte big-endian length and a CBOR map of at most MAX_FRAME
+bytes.  A malformed request gets an error response and the connection closes;
+the unit carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import cbor2
+
+log = logging.getLogger("mirrorunit.control")
+
+FRAME_LENGTH = struct.Struct(">I")
+assert FRAME_LENGTH.size == 4
+MAX_FRAME = 1 << 20
+
+Handler = Callable[..., Any]
+
+
+class ControlError(Exception):
+    """A request failed; the message is meant for the operator."""
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None if not buf else bytes(buf)
+        buf += chunk
+    return bytes(buf)
+
+
+def _read_frame(sock: socket.socket) -> Any:
+    head = _recv_exact(sock, FRAME_LENGTH.size)
+    if head is None:
+        return None
+    if len(head) < FRAME_LENGTH.size:
+        raise ControlError("truncated frame header")
+    (length,) = FRAME_LENGTH.unpack(head)
+    if length > MAX_FRAME:
+        raise ControlError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
+    body = _recv_exact(sock, length)
+    if body is None or len(body) < length:
+        raise ControlError("truncated frame")
+    try:
+        return cbor2.loads(body)
+    except Exception as e:  # cbor2 raises several unrelated types on garbage
+        raise ControlError(f"undecodable CBOR: {e}") from e
+
+
+def _write_frame(sock: socket.socket, obj: Any) -> None:
+    body = cbor2.dumps(obj)
+    sock.sendall(FRAME_LENGTH.pack(len(body)) + body)
+
+
+class ControlServer:
+    """Serves `handlers` (op name -> callable taking keyword arguments) on a unix socket."""
+
+    def __init__(self, path: str | os.PathLike[str], handlers: dict[str, Handler]) -> None:
+        self.path = os.fspath(path)
+        self.handlers = handlers
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        if os.path.exists(self.path):
+            # A socket left by a unit that died; refuse if something still answers.
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(self.path)
+            except OSError:
+                os.unlink(self.path)
+            else:
+                probe.close()
+                raise ControlError(f"{self.path}: another unit is already serving here")
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o077)  # the socket gives control of the unit: owner only
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        sock.listen(16)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="control-conn",
+                             daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30.0)
+            while True:
+                try:
+                    req = _read_frame(conn)
+                except (ControlError, OSError) as e:
+                    log.warning("control: bad request: %s", e)
+                    try:
+                        _write_frame(conn, {"ok": False, "error": f"bad request: {e}"})
+                    except OSError:
+                        pass
+                    return
+                if req is None:
+                    return
+                _write_frame(conn, self.dispatch(req))
+
+    def dispatch(self, req: Any) -> dict[str, Any]:
+        if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+            return {"ok": False, "error": "request must be a map with a string 'op'"}
+        args = req.get("args") or {}
+        if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+            return {"ok": False, "error": "'args' must be a map with string keys"}
+        handler = self.handlers.get(req["op"])
+        if handler is None:
+            return {"ok": False, "error": f"unknown operation {req['op']!r}; known: "
+                                          + ", ".join(sorted(self.handlers))}
+        try:
+            return {"ok": True, "result": handler(**args)}
+        except TypeError as e:
+            return {"ok": False, "error": f"{req['op']}: bad arguments: {e}"}
+        except Exception as e:  # reported to the caller; the unit keeps serving
+            log.warning("control: %s failed: %s", req["op"], e)
+            return {"ok": False, "error": f"{req['op']}: {e}"}
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+            self._sock = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def call(path: str | os.PathLike[str], op: str, timeout: float = 30.0, **args: Any) -> Any:
+    """Send one request; return its result or raise ControlError with the unit's message."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(os.fspath(path))
+        except OSError as e:
+            raise ControlError(f"cannot reach the unit at {os.fspath(path)}: "
+                               f"{e.strerror or e}") from e
+        _write_frame(sock, {"op": op, "args": args})
+        resp = _read_frame(sock)
+    finally:
+        sock.close()
+    if not isinstance(resp, dict):
+        raise ControlError("the unit closed the connection without answering")
+    if not resp.get("ok"):
+        raise ControlError(str(resp.get("error")))
+    return resp.get("result")
