@@ -77,7 +77,10 @@ class GuestVM:
         self.workdir = workdir.resolve()
         self.xchg = self.workdir / "xchg"
         self.console_log = self.workdir / "console.log"
+        #: wall time from starting QEMU to the agent's first line
         self.boot_seconds = 0.0
+        #: the guest kernel's own uptime at that moment
+        self.guest_uptime_at_ready = 0.0
         self._proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
         self._next_id = 0
@@ -125,8 +128,9 @@ class GuestVM:
             stdout=subprocess.PIPE,
             stderr=open(self.workdir / "qemu.stderr", "wb"),  # noqa: SIM115
         )
-        self._await_line(b"MU-READY", self.config.boot_timeout, "boot")
+        ready = self._await_line(b"MU-READY", self.config.boot_timeout, "boot")
         self.boot_seconds = time.monotonic() - started
+        self.guest_uptime_at_ready = float(ready.split()[1])
 
     def stop(self) -> None:
         proc = self._proc
