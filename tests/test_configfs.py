@@ -1,4 +1,4 @@
-"""configfs gadget setup/teardown against a fake configfs tree."""
+"""configfs gadget setup/teardown against a fake configfs tree; FunctionFS blobs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from firmware.usb_gadget import functionfs as ffs
 from firmware.usb_gadget.configfs import (
     ConfigfsOps,
     Gadget,
@@ -185,3 +186,55 @@ def test_real_filesystem_ops_write_one_line(tmp_path: Path) -> None:
     ops = ConfigfsOps()
     ops.write(tmp_path / "attr", "0x1234")
     assert (tmp_path / "attr").read_bytes() == b"0x1234\n"
+
+
+# -- FunctionFS blobs (the other half of the gadget's configuration) -------------------
+
+
+def test_descriptor_blob_layout() -> None:
+    blob = ffs.mass_storage_descriptors()
+    magic, length, flags = ffs.DESCS_HEAD_V2.unpack_from(blob)
+    assert magic == ffs.FUNCTIONFS_DESCRIPTORS_MAGIC_V2
+    assert length == len(blob)
+    assert flags == (
+        ffs.FUNCTIONFS_HAS_FS_DESC | ffs.FUNCTIONFS_HAS_HS_DESC | ffs.FUNCTIONFS_HAS_SS_DESC
+    )
+    counts = [ffs.DESC_COUNT.unpack_from(blob, 12 + 4 * i)[0] for i in range(3)]
+    assert counts == [3, 3, 5]  # interface + 2 endpoints (+ 2 SS companions)
+    # walk the descriptors: every bLength must chain exactly to the end
+    offset, seen = 24, []
+    while offset < len(blob):
+        b_length, b_type = blob[offset], blob[offset + 1]
+        seen.append((b_type, bytes(blob[offset : offset + b_length])))
+        offset += b_length
+    assert offset == len(blob)
+    assert len(seen) == sum(counts)
+    interfaces = [d for t, d in seen if t == ffs.USB_DT_INTERFACE]
+    assert all(d[5:8] == bytes([0x08, 0x06, 0x50]) for d in interfaces)  # BBB, SCSI
+    endpoints = [ffs.ENDPOINT_DESCRIPTOR.unpack(d) for t, d in seen if t == ffs.USB_DT_ENDPOINT]
+    assert [(e[2], e[4]) for e in endpoints] == [
+        (0x81, 64), (0x02, 64), (0x81, 512), (0x02, 512), (0x81, 1024), (0x02, 1024),
+    ]
+    assert all(e[3] == ffs.USB_ENDPOINT_XFER_BULK for e in endpoints)
+
+
+def test_strings_blob_layout() -> None:
+    blob = ffs.strings_blob({ffs.LANG_EN_US: ["Mass Storage"]})
+    assert ffs.STRINGS_HEAD.unpack_from(blob) == (ffs.FUNCTIONFS_STRINGS_MAGIC, len(blob), 1, 1)
+    assert blob[16:] == b"\x09\x04Mass Storage\0"
+    with pytest.raises(ValueError):
+        ffs.strings_blob({0x409: ["a"], 0x407: ["a", "b"]})
+
+
+def test_ep0_events_parse_setup_and_plain_events() -> None:
+    data = ffs.EVENT.pack(0xA1, 0xFE, 0, 0, 1, ffs.EventType.SETUP) + ffs.EVENT.pack(
+        0, 0, 0, 0, 0, ffs.EventType.ENABLE
+    ) + ffs.EVENT.pack(0, 0, 0, 0, 0, 99)
+    events = list(ffs.parse_events(data))
+    assert events[0].type == ffs.EventType.SETUP
+    assert events[0].setup == ffs.SetupRequest(0xA1, 0xFE, 0, 0, 1)
+    assert events[0].setup.device_to_host
+    assert events[1] == ffs.Ep0Event(ffs.EventType.ENABLE, None)
+    assert events[2].type == 99  # unknown kinds are passed on, not fatal
+    with pytest.raises(ffs.FunctionFsError):
+        list(ffs.parse_events(data[:-1]))
