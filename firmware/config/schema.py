@@ -286,6 +286,13 @@ class ListOf(FieldType):
         self.item, self.max_items, self.unique = item, max_items, unique
 
     def parse(self, key: str, text: str) -> list[Any]:
+        if isinstance(self.item, Record):
+            # Structured entries only make sense as JSON: a list, or one object.
+            try:
+                value = json.loads(text) if text.strip() else []
+            except ValueError as e:
+                raise ConfigError(key, f"expected a JSON list of objects: {e}") from None
+            return self.check(key, [value] if isinstance(value, dict) else value)
         try:
             items = _split_list(text)
         except ValueError as e:

@@ -38,6 +38,7 @@ from .schema import (
     Config,
     ConfigDiff,
     diff_live,
+    field,
     from_document,
     set_value,
     show,
@@ -330,10 +331,10 @@ class ConfigStore:
         return self._commit(old, new, loaded, f"set {key} = {SCHEMA[key].type.display(new[key])}")
 
     def set_many(self, changes: dict[str, str]) -> SetResult:
+        """Several fields at once, validated together (e.g. network.mode with its address)."""
         old, loaded = self._editable()
-        new = old
-        for key, text in changes.items():
-            new = set_value(new, key, text, self.limits)
+        new = old.replace({key: field(key).type.parse(key, text)
+                           for key, text in changes.items()}, self.limits)
         return self._commit(old, new, loaded, f"set {', '.join(changes)}")
 
     def set_admin_password(self, clear: str) -> SetResult:
