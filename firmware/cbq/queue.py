@@ -53,6 +53,7 @@ log = logging.getLogger("mirrorunit.cbq")
 #: Name of the internal consumer that tracks what the local mirror has made durable.
 MIRROR_CONSUMER = "@mirror"
 HDR = RECORD_HEADER.size
+NO_HEADER = "no record header"
 #: Discarded seq ranges live in the superblock until every peer is past them.
 MAX_DISCARDS = 32
 
@@ -363,7 +364,7 @@ class CircularBufferQueue:
         raw = self._read_lin(lin, HDR)
         h = decode_header(raw)
         if h is None:
-            return "no record header"
+            return NO_HEADER
         if h.salt != g.salt:
             return "record of another queue (salt mismatch)"
         if h.lap != (lin // g.ring_size) & 0xFFFFFFFF:
@@ -439,7 +440,8 @@ class CircularBufferQueue:
                     return
                 if alt != lin:
                     again = self._parse(alt, next_seq, prev_crc, limit, with_payload)
-                    if not isinstance(again, str):
+                    if not isinstance(again, str) or got == NO_HEADER:
+                        # Padding at `lin`: what counts is the record at the boundary.
                         lin, got = alt, again
                 if isinstance(got, str):
                     raise CbqCorruption(f"queued record unreadable: {got}", self._abs(lin))

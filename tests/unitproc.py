@@ -1,0 +1,88 @@
+"""Start `mirrorunit` processes for tests and talk to them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from firmware.control import ControlError, call
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def need(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        pytest.skip(f"{binary} is not installed (Debian: libnbd-bin / qemu-utils)")
+    return path
+
+
+class LocalProc:
+    """A `mirrorunit local` subprocess on files under `workdir`."""
+
+    def __init__(self, workdir: Path, *, size: str = "64M", buffer_size: str = "16M",
+                 extra: tuple[str, ...] = ()) -> None:
+        self.workdir = workdir
+        self.disk = workdir / "disk.img"
+        self.buffer = workdir / "cbq.img"
+        self.control = workdir / "local.sock"
+        self.port = free_port()
+        self.log = workdir / "local.log"
+        self.args = [sys.executable, "-m", "firmware", "local", "--disk", str(self.disk),
+                     "--size", size, "--buffer", str(self.buffer), "--buffer-size",
+                     buffer_size, "--nbd", f"127.0.0.1:{self.port}", "--control",
+                     str(self.control), *extra]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}/mirrorunit"
+
+    def start(self, timeout: float = 30.0) -> LocalProc:
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT,
+                                     cwd=Path(__file__).resolve().parent.parent)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"unit exited with {self.proc.returncode}:\n"
+                                     + self.log.read_text())
+            try:
+                self.call("status")
+                return self
+            except ControlError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)  # polling for readiness, not hiding a race
+
+    def call(self, op: str, **args: Any) -> Any:
+        return call(self.control, op, **args)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=60)
+        if sig == signal.SIGKILL and self.control.exists():
+            os.unlink(self.control)
+        return rc
+
+    def __enter__(self) -> LocalProc:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
