@@ -1,0 +1,1231 @@
+"""One virtual remote unit: receive journal -> mirror image, with point-in-time history.
+
+Write path (the link's `WriteSink`):
+
+1. `apply(records)` appends the records to the receive journal and syncs it; that
+   sync is what makes a seq durable (and what the link acknowledges).
+2. Records are moved to the mirror in seq order once due (at once, or `commit
+   delay` after their timestamp): the before-images of the blocks they overwrite
+   go to the history journal, which is synced *before* the mirror is written,
+   then the mirror is written and synced.
+3. Now and then a checkpoint saves the state file (last applied seq, history
+   floor...) and deletes journal segments nothing needs any more.
+
+Recovery: after a crash the history journal's tail says which seqs had their
+before-images made durable beyond the last checkpoint; those writes may have
+reached the mirror partly, so they are written again from the receive journal
+(idempotent: the same data in the same order).  Records whose before-images
+never became durable never touched the mirror, and a torn journal tail is cut
+off by its CRC, so nothing torn is ever applied.
+
+Point in time: every history entry has an *after point* (seq, ts): the state
+of the mirror right after it.  Walking the history newest-first from the
+current mirror and undoing entries whose point lies after the target gives the
+image at the target; `PointInTimeDevice` does this lazily over the mirror
+(an overlay index block -> before-image), never modifying the mirror.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+
+from firmware.blockdev import DeviceState, NotReady, WriteProtected, check_range
+from firmware.link.frames import WriteRecord
+from firmware.remote.errors import (
+    AlreadyApplied,
+    GeometryMismatch,
+    InvalidRecord,
+    InvalidUnitId,
+    JournalCorruption,
+    NotRestorable,
+    OutsideRetention,
+    SeqGap,
+    StoreUsageError,
+    UnitBusy,
+)
+from firmware.remote.fileio import FileHandle, FileOps, OsFileOps, lock_holder
+from firmware.remote.format import (
+    CHUNK_DIGEST_SIZE,
+    CHUNK_SIZE,
+    FORMAT_VERSION,
+    HISTORY_SEGMENT_MAGIC,
+    RECEIVE_SEGMENT_MAGIC,
+    RecordKind,
+    crc32c,
+)
+from firmware.remote.journal import LogEntry, NewRecord, SegmentLog
+
+log = logging.getLogger("mirrorunit.remote")
+
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+#: Data moved to the mirror per history sync + mirror sync.
+APPLY_BATCH_BYTES = 8 * 1024 * 1024
+#: Applied bytes after which a checkpoint bounds the redo work of a recovery.
+CHECKPOINT_BYTES = 64 * 1024 * 1024
+#: Entries of the unit's event log kept in the state file.
+MAX_EVENTS = 256
+STATE_NAME = "state.cbor"
+MIRROR_NAME = "mirror.img"
+LOCK_NAME = "unit.lock"
+NS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How much history (before-images) to keep; None means no bound of that kind.
+    History beyond either bound is pruned, oldest first."""
+
+    max_bytes: int | None = None
+    max_age_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_bytes is not None and self.max_bytes < 0:
+            raise ValueError(f"retention max_bytes must be >= 0, not {self.max_bytes}")
+        if self.max_age_s is not None and self.max_age_s < 0:
+            raise ValueError(f"retention max_age_s must be >= 0, not {self.max_age_s}")
+
+
+@dataclass(frozen=True)
+class PointInTime:
+    """A restorable point: the mirror right after write `seq` (timestamp `ts`)."""
+
+    seq: int
+    ts: int
+
+
+@dataclass(frozen=True)
+class DropReport:
+    """What `drop_range()` removed from the receive journal."""
+
+    count: int
+    first_seq: int
+    last_seq: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class RollbackReport:
+    target: PointInTime
+    #: History entries undone on the mirror.
+    undone: int
+    #: Delayed writes dropped because they would have landed on the rewound image.
+    dropped_pending: int
+
+
+@dataclass(frozen=True)
+class UnitStatus:
+    unit_id: str
+    volume_size: int
+    block_size: int
+    last_applied_seq: int
+    last_durable_seq: int
+    #: Durable records not yet on the mirror (commit delay, or a resync running).
+    pending_records: int
+    pending_bytes: int
+    bytes_received: int
+    newest_ts_received: int
+    #: Recovery point lag: durable seqs not applied, and their span in seconds.
+    lag_seqs: int
+    lag_seconds: float
+    commit_delay_s: float
+    #: None, or {"start_seq": S, "started_ns": t} while a resync runs.
+    resync: dict[str, int] | None
+    oldest_restorable_seq: int
+    oldest_restorable_ns: int
+    history_bytes: int
+    history_records: int
+    retention: Retention
+    #: False after drop_range() or rollback() until a resync makes them equal again.
+    equal_to_local: bool
+    dropped_records: int
+    events: list[dict[str, Any]]
+
+
+@dataclass
+class _State:
+    """The state file's contents (CBOR map; field names are the keys)."""
+
+    unit_id: str
+    volume_size: int
+    block_size: int
+    created_ns: int
+    #: Mirror synced with every seq <= this applied (or dropped).
+    checkpoint_seq: int = 0
+    checkpoint_ts: int = 0
+    durable_seq: int = 0
+    bytes_received: int = 0
+    newest_ts: int = 0
+    max_bytes: int | None = None
+    max_age_s: float | None = None
+    commit_delay_ns: int = 0
+    #: Oldest restorable point, and the history position of the first entry kept.
+    floor_seq: int = 0
+    floor_ts: int = 0
+    floor_segment: int = 0
+    floor_offset: int = 0
+    #: Inclusive seq ranges never to be applied.
+    dropped: list[list[int]] = field(default_factory=list)
+    dropped_total: int = 0
+    equal_to_local: bool = True
+    events: list[dict[str, Any]] = field(default_factory=list)
+    #: {"start_seq", "started_ns"} while a resync runs.
+    resync: dict[str, int] | None = None
+    #: Completed resyncs whose chunk before-images are still in history: [start, end, end_ts].
+    resyncs: list[list[int]] = field(default_factory=list)
+    #: Seq ranges (lo, hi] whose images a rollback removed from the timeline.
+    rolled_back: list[list[int]] = field(default_factory=list)
+    #: A rollback in progress: target_seq, target_ts, segment, offset, from_seq.
+    rollback: dict[str, int] | None = None
+
+    def encode(self) -> bytes:
+        body = cbor2.dumps(dataclasses.asdict(self))
+        return cbor2.dumps({"format": FORMAT_VERSION, "crc": crc32c(body), "body": body})
+
+    @classmethod
+    def decode(cls, raw: bytes, path: str) -> _State:
+        try:
+            outer = cbor2.loads(raw)
+            body = outer["body"]
+            if outer.get("format") != FORMAT_VERSION:
+                raise JournalCorruption(f"unsupported state format {outer.get('format')!r}", path)
+            if crc32c(body) != outer["crc"]:
+                raise JournalCorruption("state CRC mismatch", path)
+            fields = cbor2.loads(body)
+            known = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in fields.items() if k in known})
+        except (cbor2.CBORDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise JournalCorruption(f"unreadable state file: {exc}", path) from exc
+
+
+def validate_unit_id(unit_id: str) -> str:
+    """Return `unit_id` if it is safe as a directory name, else raise InvalidUnitId."""
+    ok = (
+        isinstance(unit_id, str)
+        and 1 <= len(unit_id) <= 64
+        and all(c.isascii() and (c.isalnum() or c in "._-") for c in unit_id)
+        and ".." not in unit_id
+        and unit_id != "."
+    )
+    if not ok:
+        raise InvalidUnitId(
+            f"invalid unit id {unit_id!r}: use 1-64 characters of A-Z a-z 0-9 . _ -, "
+            "not '.' and without '..'"
+        )
+    return unit_id
+
+
+class UnitStore:
+    """One virtual remote unit in its own directory; implements the link's WriteSink.
+
+    Opening creates the unit on first use and takes its exclusive lock (UnitBusy if
+    another process or another open holds it).  All methods are thread-safe.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        unit_id: str,
+        volume_size: int,
+        block_size: int = 512,
+        *,
+        retention: Retention | None = None,
+        commit_delay_s: float | None = None,
+        clock: Callable[[], int] | None = None,
+        ops: FileOps | None = None,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        on_close: Callable[[UnitStore], None] | None = None,
+    ) -> None:
+        """Open (creating if needed) the unit stored in `directory`.
+
+        `retention` and `commit_delay_s`, when given, replace the stored settings.
+        `clock` returns nanoseconds since the epoch (tests pass a fake one); `ops`
+        is the file layer (crash tests pass a simulated one)."""
+        validate_unit_id(unit_id)
+        if block_size <= 0 or block_size & (block_size - 1) or block_size > CHUNK_SIZE:
+            raise GeometryMismatch(f"block size {block_size} is not a power of two <= {CHUNK_SIZE}")
+        if volume_size <= 0 or volume_size % block_size:
+            raise GeometryMismatch(
+                f"volume size {volume_size} is not a positive multiple of block size {block_size}"
+            )
+        self.unit_id = unit_id
+        self.directory = os.fspath(directory)
+        self.volume_size = volume_size
+        self.block_size = block_size
+        self._ops: FileOps = ops if ops is not None else OsFileOps()
+        self._clock = clock if clock is not None else time.time_ns
+        self._segment_bytes = segment_bytes
+        self._on_close = on_close
+        self._lock = threading.RLock()
+        self._closed = False
+        self._views: dict[int, int] = {}  # id(view) -> first absolute history index it needs
+        self._pending: deque[LogEntry] = deque()
+        self._hist: list[LogEntry] = []
+        self._hist_base = 0  # absolute index of _hist[0]; grows as history is pruned
+        self._hist_bytes = 0
+        self._applied_since_checkpoint = 0
+        self._mirror: FileHandle | None = None
+        self._rj: SegmentLog | None = None
+        self._hj: SegmentLog | None = None
+
+        self._ops.makedirs(self.directory)
+        lock_path = os.path.join(self.directory, LOCK_NAME)
+        handle = self._ops.lock(lock_path)
+        if handle is None:
+            raise UnitBusy(
+                f"unit {unit_id!r} is in use by another process (pid {lock_holder(lock_path)}); "
+                "a unit accepts one writer at a time"
+            )
+        self._lock_handle = handle
+        try:
+            self._open(retention, commit_delay_s)
+        except BaseException:
+            self._release()
+            raise
+
+    # ================================================================== opening
+
+    @property
+    def _state_path(self) -> str:
+        return os.path.join(self.directory, STATE_NAME)
+
+    def _open(self, retention: Retention | None, commit_delay_s: float | None) -> None:
+        ops = self._ops
+        mirror_path = os.path.join(self.directory, MIRROR_NAME)
+        if ops.exists(self._state_path):
+            h = ops.open(self._state_path)
+            try:
+                st = _State.decode(h.pread(0, h.size()), self._state_path)
+            finally:
+                h.close()
+            if st.unit_id != self.unit_id:
+                raise GeometryMismatch(
+                    f"{self.directory} holds unit {st.unit_id!r}, not {self.unit_id!r}"
+                )
+            if (st.volume_size, st.block_size) != (self.volume_size, self.block_size):
+                raise GeometryMismatch(
+                    f"unit {self.unit_id!r} exists with volume size {st.volume_size} and "
+                    f"block size {st.block_size}; refused {self.volume_size}/{self.block_size}"
+                )
+            self._st = st
+            new = False
+        else:
+            # First use (or a creation cut short before its state file was saved:
+            # nothing can have been acknowledged yet, so start over).
+            self._st = _State(self.unit_id, self.volume_size, self.block_size, self._clock())
+            m = ops.open(mirror_path, create=True)
+            m.truncate(0)
+            m.truncate(self.volume_size)
+            m.sync()
+            m.close()
+            new = True
+        self._mirror = ops.open(mirror_path)
+        if self._mirror.size() != self.volume_size:
+            raise JournalCorruption(
+                f"mirror is {self._mirror.size()} bytes, expected {self.volume_size}", mirror_path
+            )
+        changed = new
+        if retention is not None and (retention.max_bytes, retention.max_age_s) != (
+            self._st.max_bytes, self._st.max_age_s
+        ):
+            self._st.max_bytes, self._st.max_age_s = retention.max_bytes, retention.max_age_s
+            changed = True
+        if commit_delay_s is not None:
+            delay_ns = self._delay_ns(commit_delay_s)
+            changed |= delay_ns != self._st.commit_delay_ns
+            self._st.commit_delay_ns = delay_ns
+
+        self._rj = SegmentLog(ops, os.path.join(self.directory, "journal"), "rj",
+                              RECEIVE_SEGMENT_MAGIC, self._segment_bytes, self._clock)
+        self._hj = SegmentLog(ops, os.path.join(self.directory, "history"), "hj",
+                              HISTORY_SEGMENT_MAGIC, self._segment_bytes, self._clock)
+        received = self._rj.open()
+        history = self._hj.open()
+        if new:
+            # Fresh state: journals left by an aborted creation hold nothing durable.
+            self._rj.truncate_at(0, 0)
+            self._hj.truncate_at(0, 0)
+            received, history = [], []
+        self._recover(received, history)
+        if changed or new:
+            self._save_state()
+        self._trim_segments()
+
+    def _recover(self, received: list[LogEntry], history: list[LogEntry]) -> None:
+        st = self._st
+        assert self._rj is not None and self._hj is not None and self._mirror is not None
+        cp = st.checkpoint_seq
+        fresh: list[LogEntry] = []
+        expect = cp + 1
+        for e in received:
+            if e.kind is not RecordKind.WRITE:
+                raise JournalCorruption(f"{e.kind.name} record in the receive journal",
+                                        self._rj.path(e.segment), e.offset)
+            if e.seq <= cp:
+                continue
+            if e.seq != expect:
+                raise JournalCorruption(f"seq {e.seq} where {expect} was due",
+                                        self._rj.path(e.segment), e.offset)
+            fresh.append(e)
+            expect += 1
+        self._durable = expect - 1
+        if st.durable_seq > self._durable:
+            raise JournalCorruption(
+                f"state says seq {st.durable_seq} was durable, the receive journal ends at "
+                f"{self._durable}", self._rj.directory)
+        self._bytes_received = st.bytes_received + sum(
+            e.payload_len for e in fresh if e.seq > st.durable_seq)
+        self._newest_ts = max([st.newest_ts] + [e.ts for e in fresh])
+
+        floor = (st.floor_segment, st.floor_offset)
+        self._hist = [e for e in history if e.position >= floor]
+        self._hist_bytes = sum(e.length for e in self._hist)
+        self._applied = cp
+        self._applied_ts = st.checkpoint_ts
+
+        if st.rollback is not None:
+            self._finish_rollback()
+
+        # Writes whose before-images became durable after the checkpoint may have
+        # reached the mirror partly: write them again, in order.
+        redo = [e for e in self._hist if e.kind is RecordKind.BEFORE and e.seq > cp]
+        for h in redo:
+            r = fresh[h.seq - cp - 1] if 0 < h.seq - cp <= len(fresh) else None
+            if r is None or (r.seq, r.lbn, r.nblocks) != (h.seq, h.lbn, h.nblocks):
+                raise JournalCorruption(
+                    f"history entry for seq {h.seq} has no matching received write",
+                    self._hj.path(h.segment), h.offset)
+            self._mirror.pwrite(r.lbn * self.block_size, self._rj.read_payload(r))
+        if redo:
+            self._mirror.sync()
+            self._applied, self._applied_ts = redo[-1].seq, redo[-1].ts
+            log.info("unit %s: redid %d writes after seq %d", self.unit_id, len(redo), cp)
+            self._save_state()
+        self._pending = deque(e for e in fresh if e.seq > self._applied)
+
+    # ================================================================== WriteSink
+
+    def apply(self, records: Sequence[WriteRecord]) -> int:
+        """Append records to the receive journal, make them durable, move what is due
+        to the mirror; return the last durable seq.
+
+        Seqs <= the last durable one are skipped (a replay after a reconnect is
+        harmless); the first new seq must follow the last durable one by exactly 1
+        (SeqGap otherwise, and nothing of the batch is kept)."""
+        with self._lock:
+            self._check_open()
+            assert self._rj is not None
+            fresh: list[WriteRecord] = []
+            expect = self._durable + 1
+            for r in records:
+                if r.seq <= self._durable:
+                    continue
+                if r.seq != expect:
+                    raise SeqGap(
+                        f"unit {self.unit_id!r}: seq {r.seq} arrived where {expect} was due"
+                    )
+                self._check_record(r)
+                fresh.append(r)
+                expect += 1
+            if fresh:
+                bs = self.block_size
+                entries = self._rj.append([
+                    NewRecord(RecordKind.WRITE, r.seq, r.ts, r.lbn, len(r.data) // bs, r.data)
+                    for r in fresh
+                ])
+                self._rj.sync()
+                self._pending.extend(entries)
+                self._durable = fresh[-1].seq
+                self._bytes_received += sum(len(r.data) for r in fresh)
+                self._newest_ts = max(self._newest_ts, max(r.ts for r in fresh))
+            self.apply_due(self._clock())
+            return self._durable
+
+    def last_durable_seq(self) -> int:
+        with self._lock:
+            return self._durable
+
+    def _check_record(self, r: WriteRecord) -> None:
+        bs = self.block_size
+        if not r.data or len(r.data) % bs:
+            raise InvalidRecord(f"seq {r.seq}: {len(r.data)} bytes is not a whole number of "
+                                f"{bs}-byte blocks")
+        if r.lbn < 0 or r.lbn * bs + len(r.data) > self.volume_size:
+            raise InvalidRecord(f"seq {r.seq}: lbn {r.lbn} + {len(r.data)} bytes lies outside "
+                                f"the {self.volume_size}-byte volume")
+
+    # ================================================================== applying
+
+    @property
+    def last_applied_seq(self) -> int:
+        with self._lock:
+            return self._applied
+
+    def apply_due(self, now_ns: int | None = None) -> int:
+        """Move every pending write whose commit delay has passed at `now_ns` to the
+        mirror, in seq order (stopping at the first one not yet due); return how many
+        were applied.  Dropped writes are skipped.  Does nothing while a resync runs."""
+        with self._lock:
+            self._check_open()
+            now = self._clock() if now_ns is None else now_ns
+            if self._st.resync is not None:
+                return 0
+            delay = self._st.commit_delay_ns
+            applied = 0
+            while self._pending:
+                batch: list[LogEntry] = []
+                handled = 0  # leading pending entries this round covers (dropped included)
+                nbytes = 0
+                for e in self._pending:
+                    if self._is_dropped(e.seq):
+                        handled += 1
+                        continue
+                    if e.ts + delay > now or nbytes >= APPLY_BATCH_BYTES:
+                        break
+                    batch.append(e)
+                    nbytes += e.payload_len
+                    handled += 1
+                if handled == 0:
+                    break
+                if batch:
+                    self._apply_batch(batch)
+                    applied += len(batch)
+                last = self._pending[handled - 1]
+                for _ in range(handled):
+                    self._pending.popleft()
+                self._applied = last.seq
+            self._maybe_checkpoint(now)
+            return applied
+
+    def _apply_batch(self, batch: list[LogEntry]) -> None:
+        assert self._rj is not None and self._hj is not None and self._mirror is not None
+        bs = self.block_size
+        datas = [self._rj.read_payload(e) for e in batch]
+        # Before-images must reflect earlier writes of this same batch, which are not
+        # on the mirror yet (the mirror is only written once history is durable).
+        overlay: dict[int, memoryview] = {}
+        befores: list[NewRecord] = []
+        for i, (e, data) in enumerate(zip(batch, datas, strict=True)):
+            before = bytearray(self._mirror.pread(e.lbn * bs, len(data)))
+            if overlay:
+                for k in range(e.nblocks):
+                    blk = overlay.get(e.lbn + k)
+                    if blk is not None:
+                        before[k * bs:(k + 1) * bs] = blk
+            befores.append(NewRecord(RecordKind.BEFORE, e.seq, e.ts, e.lbn, e.nblocks, before))
+            if i < len(batch) - 1:
+                view = memoryview(data)
+                for k in range(e.nblocks):
+                    overlay[e.lbn + k] = view[k * bs:(k + 1) * bs]
+        entries = self._hj.append(befores)
+        self._hj.sync()
+        for e, data in zip(batch, datas, strict=True):
+            self._mirror.pwrite(e.lbn * bs, data)
+        self._mirror.sync()
+        self._hist.extend(entries)
+        self._hist_bytes += sum(e.length for e in entries)
+        self._applied_ts = batch[-1].ts
+        self._applied_since_checkpoint += sum(len(d) for d in datas)
+
+    def _is_dropped(self, seq: int) -> bool:
+        return any(lo <= seq <= hi for lo, hi in self._st.dropped)
+
+    # ================================================================== checkpoints
+
+    def _save_state(self) -> None:
+        st = self._st
+        st.checkpoint_seq, st.checkpoint_ts = self._applied, self._applied_ts
+        st.durable_seq = self._durable
+        st.bytes_received, st.newest_ts = self._bytes_received, self._newest_ts
+        st.events = st.events[-MAX_EVENTS:]
+        tmp = self._state_path + ".tmp"
+        h = self._ops.open(tmp, create=True)
+        try:
+            h.truncate(0)
+            h.pwrite(0, st.encode())
+            h.sync()
+        finally:
+            h.close()
+        self._ops.rename(tmp, self._state_path)
+        self._ops.fsync_dir(self.directory)
+        self._applied_since_checkpoint = 0
+
+    def _trim_segments(self) -> None:
+        """Delete receive segments wholly applied and history segments wholly pruned
+        (only ever after the state saying so is durable)."""
+        assert self._rj is not None and self._hj is not None
+        keep_from = self._pending[0].segment if self._pending else self._rj.end_position[0]
+        self._rj.drop_segments_before(keep_from)
+        self._hj.drop_segments_before(self._st.floor_segment)
+
+    def _maybe_checkpoint(self, now: int) -> None:
+        assert self._rj is not None
+        need = self._applied_since_checkpoint >= CHECKPOINT_BYTES or self._prune_due(now)
+        if not need and self._st.checkpoint_seq != self._applied:
+            keep_from = self._pending[0].segment if self._pending else self._rj.end_position[0]
+            need = any(n < keep_from for n in self._rj.segments)
+        if need:
+            self._checkpoint(now)
+
+    def _checkpoint(self, now: int, exact: bool = False) -> None:
+        self._prune(now, exact)
+        self._save_state()
+        self._trim_segments()
+
+    def checkpoint(self) -> None:
+        """Save the state now (bounds the redo work of a recovery) and trim journals."""
+        with self._lock:
+            self._check_open()
+            self._checkpoint(self._clock())
+
+    # ================================================================== retention
+
+    @property
+    def retention(self) -> Retention:
+        return Retention(self._st.max_bytes, self._st.max_age_s)
+
+    def set_retention(self, retention: Retention) -> None:
+        """Change the history bounds; takes effect (pruning) at once."""
+        with self._lock:
+            self._check_open()
+            self._st.max_bytes, self._st.max_age_s = retention.max_bytes, retention.max_age_s
+            self._checkpoint(self._clock(), exact=True)
+
+    def prune(self, now_ns: int | None = None) -> int:
+        """Drop the history entries beyond the retention bounds at `now_ns`, exactly
+        (automatic pruning leaves some slack to avoid saving state on every batch).
+        Returns how many entries were dropped."""
+        with self._lock:
+            self._check_open()
+            before = self._hist_base
+            self._checkpoint(self._clock() if now_ns is None else now_ns, exact=True)
+            return self._hist_base - before
+
+    def _after_point(self, e: LogEntry) -> PointInTime | None:
+        """The mirror's point right after entry `e`; None inside a running resync."""
+        if e.kind is RecordKind.BEFORE:
+            return PointInTime(e.seq, e.ts)
+        for start, end, end_ts in self._st.resyncs:
+            if start == e.seq:
+                return PointInTime(end, end_ts)
+        return None
+
+    def _prune_due(self, now: int) -> bool:
+        st = self._st
+        if not self._hist:
+            return False
+        if st.max_bytes is not None and self._hist_bytes > st.max_bytes:
+            return True
+        if st.max_age_s is not None:
+            p = self._after_point(self._hist[0])
+            # Slack of a tenth of the age so pruning (a state save) is not per batch.
+            slack = int(st.max_age_s * NS / 10)
+            return p is not None and p.ts <= now - int(st.max_age_s * NS) - slack
+        return False
+
+    def _prune(self, now: int, exact: bool) -> None:
+        st = self._st
+        if st.max_bytes is None and st.max_age_s is None:
+            return
+        low_water = None
+        if st.max_bytes is not None:
+            low_water = st.max_bytes if exact else st.max_bytes - st.max_bytes // 16
+        cutoff = None if st.max_age_s is None else now - int(st.max_age_s * NS)
+        pinned = min(self._views.values(), default=None)
+        kept = self._hist_bytes
+        n = 0
+        last: PointInTime | None = None
+        for e in self._hist:
+            if pinned is not None and self._hist_base + n >= pinned:
+                break
+            p = self._after_point(e)
+            if p is None or p.seq > self._applied:
+                break
+            by_bytes = low_water is not None and kept > low_water
+            by_age = cutoff is not None and p.ts <= cutoff
+            if not (by_bytes or by_age):
+                break
+            kept -= e.length
+            last = p
+            n += 1
+        if n == 0 or last is None:
+            return
+        del self._hist[:n]
+        self._hist_base += n
+        self._hist_bytes = kept
+        assert self._hj is not None
+        st.floor_seq, st.floor_ts = last.seq, last.ts
+        st.floor_segment, st.floor_offset = (
+            self._hist[0].position if self._hist else self._hj.end_position
+        )
+        live_chunks = {e.seq for e in self._hist if e.kind is RecordKind.CHUNK_BEFORE}
+        st.resyncs = [r for r in st.resyncs if r[0] in live_chunks]
+        st.rolled_back = [r for r in st.rolled_back if r[1] > st.floor_seq]
+        log.info("unit %s: history pruned to seq %d (%d entries, %d bytes kept)",
+                 self.unit_id, st.floor_seq, len(self._hist), kept)
+
+    @property
+    def oldest_restorable(self) -> PointInTime:
+        return PointInTime(self._st.floor_seq, self._st.floor_ts)
+
+    # ================================================================== point in time
+
+    def _resolve(self, seq: int | None, t_ns: int | None) -> tuple[PointInTime, int]:
+        """The point to rebuild and the index in _hist of the first entry to undo."""
+        if (seq is None) == (t_ns is None):
+            raise StoreUsageError("give exactly one of a time (ns) or a seq")
+        st = self._st
+        oldest = self.oldest_restorable
+        i = len(self._hist)
+        point: PointInTime | None = None
+        if seq is not None:
+            if seq > self._applied:
+                raise NotRestorable(
+                    f"seq {seq} has not reached the mirror (last applied {self._applied})")
+            if seq < oldest.seq:
+                raise OutsideRetention(
+                    f"seq {seq} is older than the oldest restorable point, seq {oldest.seq} "
+                    f"({_fmt_ns(oldest.ts)})", oldest.seq, oldest.ts)
+            for lo, hi in st.rolled_back:
+                if lo < seq <= hi:
+                    raise NotRestorable(f"seqs {lo + 1}..{hi} were undone by a rollback to {lo}")
+            for start, end, _ in st.resyncs:
+                if start < seq < end:
+                    raise NotRestorable(
+                        f"seq {seq} lies inside a resync from seq {start} to {end}; "
+                        "no consistent image exists there")
+            while i > 0:
+                p = self._after_point(self._hist[i - 1])
+                if p is not None and p.seq <= seq:
+                    point = p
+                    break
+                i -= 1
+        else:
+            assert t_ns is not None
+            if t_ns < oldest.ts:
+                raise OutsideRetention(
+                    f"{_fmt_ns(t_ns)} is older than the oldest restorable instant, "
+                    f"{_fmt_ns(oldest.ts)} (seq {oldest.seq})", oldest.seq, oldest.ts)
+            while i > 0:
+                p = self._after_point(self._hist[i - 1])
+                if p is not None and p.ts <= t_ns:
+                    point = p
+                    break
+                i -= 1
+        return (point if point is not None else oldest), i
+
+    def resolve(self, *, at_ns: int | None = None, seq: int | None = None) -> PointInTime:
+        """The restorable point `image_at(at_ns)` / `image_at_seq(seq)` would give."""
+        with self._lock:
+            self._check_open()
+            return self._resolve(seq, at_ns)[0]
+
+    def image_at(self, t_ns: int) -> PointInTimeDevice:
+        """A read-only device showing the mirror right after the last write with
+        ts <= t_ns.  Close it when done (it pins the history it reads)."""
+        return self._view(None, t_ns)
+
+    def image_at_seq(self, seq: int) -> PointInTimeDevice:
+        """A read-only device showing the mirror right after write `seq` was applied."""
+        return self._view(seq, None)
+
+    def _view(self, seq: int | None, t_ns: int | None) -> PointInTimeDevice:
+        with self._lock:
+            self._check_open()
+            point, i = self._resolve(seq, t_ns)
+            return PointInTimeDevice(self, point, self._hist_base + i)
+
+    def export(self, path: str | os.PathLike[str], *, at_ns: int | None = None,
+               seq: int | None = None) -> PointInTime:
+        """Write the image at a point in time to a (sparse) file; return the point."""
+        dev = self._view(seq, at_ns)
+        step = 1 << 20
+        try:
+            with open(path, "wb") as f:
+                f.truncate(self.volume_size)
+                for off in range(0, self.volume_size, step):
+                    data = dev.pread(off, min(step, self.volume_size - off))
+                    if data != bytes(len(data)):
+                        f.seek(off)
+                        f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return dev.point
+        finally:
+            dev.close()
+
+    def read_mirror(self, offset: int, length: int) -> bytes:
+        """Bytes of the current mirror image."""
+        with self._lock:
+            self._check_open()
+            assert self._mirror is not None
+            if offset < 0 or length < 0 or offset + length > self.volume_size:
+                raise StoreUsageError(f"range {offset}+{length} outside the volume")
+            return self._mirror.pread(offset, length)
+
+    # ================================================================== rollback
+
+    def rollback(self, *, to_ns: int | None = None, to_seq: int | None = None) -> RollbackReport:
+        """Rewind the mirror itself to a point in time (by instant or by seq).
+
+        Writes after the point are undone and leave the timeline; delayed writes not
+        yet applied are dropped (they would land on the rewound image).  The unit is
+        marked as no longer equal to the local volume.  Refused while a resync runs
+        or point-in-time views are open."""
+        with self._lock:
+            self._check_open()
+            st = self._st
+            if st.resync is not None:
+                raise StoreUsageError("cannot roll back while a resync is running")
+            if self._views:
+                raise StoreUsageError(
+                    f"cannot roll back while {len(self._views)} point-in-time view(s) are open")
+            point, i = self._resolve(to_seq, to_ns)
+            undo = len(self._hist) - i
+            dropped = self._drop_pending_all() if self._pending else 0
+            if undo == 0 and dropped == 0:
+                return RollbackReport(point, 0, 0)
+            assert self._hj is not None
+            pos = self._hist[i].position if i < len(self._hist) else self._hj.end_position
+            st.rollback = {"target_seq": point.seq, "target_ts": point.ts,
+                           "segment": pos[0], "offset": pos[1], "from_seq": self._applied,
+                           "dropped": dropped, "undone": undo}
+            self._save_state()
+            self._finish_rollback()
+            return RollbackReport(point, undo, dropped)
+
+    def _drop_pending_all(self) -> int:
+        first, last = self._pending[0].seq, self._pending[-1].seq
+        count = sum(1 for e in self._pending if not self._is_dropped(e.seq))
+        self._add_dropped(first, last, count)
+        return count
+
+    def _finish_rollback(self) -> None:
+        st = self._st
+        rb = st.rollback
+        assert rb is not None and self._hj is not None and self._mirror is not None
+        pos = (rb["segment"], rb["offset"])
+        undo = [e for e in self._hist if e.position >= pos]
+        # Newest first: each block ends with its oldest undone before-image.  Redoing
+        # this after a crash gives the same result, whatever part was done.
+        for e in reversed(undo):
+            self._mirror.pwrite(e.lbn * self.block_size, self._hj.read_payload(e))
+        self._mirror.sync()
+        self._hj.truncate_at(*pos)
+        self._hist = [e for e in self._hist if e.position < pos]
+        self._hist_bytes = sum(e.length for e in self._hist)
+        target, source = rb["target_seq"], rb["from_seq"]
+        if rb.get("undone", 0) and target < source:
+            st.rolled_back.append([target, source])
+        live_chunks = {e.seq for e in self._hist if e.kind is RecordKind.CHUNK_BEFORE}
+        st.resyncs = [r for r in st.resyncs if r[0] in live_chunks]
+        st.rollback = None
+        st.equal_to_local = False
+        self._applied_ts = rb["target_ts"]
+        self._event("rollback", to_seq=target, to_ts=rb["target_ts"], from_seq=source,
+                    undone=len(undo), dropped_pending=rb.get("dropped", 0))
+        log.warning("unit %s: mirror rolled back from seq %d to seq %d (%d entries undone)",
+                    self.unit_id, source, target, len(undo))
+        self._save_state()
+
+    # ================================================================== undo before commit
+
+    @property
+    def commit_delay_s(self) -> float:
+        return self._st.commit_delay_ns / NS
+
+    def set_commit_delay(self, seconds: float) -> None:
+        """Hold received writes this long (after their timestamp) before applying them."""
+        with self._lock:
+            self._check_open()
+            self._st.commit_delay_ns = self._delay_ns(seconds)
+            self._save_state()
+
+    @staticmethod
+    def _delay_ns(seconds: float) -> int:
+        if seconds < 0:
+            raise StoreUsageError(f"commit delay must be >= 0 seconds, not {seconds}")
+        return int(seconds * NS)
+
+    def drop_range(
+        self,
+        t_from: int | None = None,
+        t_to: int | None = None,
+        *,
+        seq_from: int | None = None,
+        seq_to: int | None = None,
+    ) -> DropReport:
+        """Remove pending (delayed) writes from the receive journal before they reach
+        the mirror: those with t_from <= ts <= t_to (ns), or seq_from <= seq <= seq_to.
+
+        They are marked dropped in the state, logged, and never applied; the unit is
+        then no longer equal to the local volume.  Raises AlreadyApplied if the range
+        covers a write that already reached the mirror (use rollback for those)."""
+        by_time = t_from is not None or t_to is not None
+        by_seq = seq_from is not None or seq_to is not None
+        if by_time == by_seq:
+            raise StoreUsageError("give a time range (t_from, t_to) or a seq range, not both")
+        with self._lock:
+            self._check_open()
+            if by_seq:
+                lo = 1 if seq_from is None else seq_from
+                hi = self._durable if seq_to is None else seq_to
+                if lo > hi:
+                    raise StoreUsageError(f"empty seq range {lo}..{hi}")
+                if lo <= self._applied:
+                    raise AlreadyApplied(
+                        f"seqs {lo}..{min(hi, self._applied)} already reached the mirror "
+                        f"(last applied {self._applied}); roll back instead")
+                chosen = [e for e in self._pending if lo <= e.seq <= hi]
+            else:
+                lo_t = 0 if t_from is None else t_from
+                hi_t = (1 << 64) - 1 if t_to is None else t_to
+                if lo_t > hi_t:
+                    raise StoreUsageError(f"empty time range {lo_t}..{hi_t}")
+                applied_hit = any(
+                    e.kind is RecordKind.BEFORE and lo_t <= e.ts <= hi_t for e in self._hist
+                ) or (self._applied > 0 and lo_t <= self._applied_ts <= hi_t)
+                if applied_hit or (lo_t < self._st.floor_ts and self._st.floor_seq > 0):
+                    raise AlreadyApplied(
+                        f"writes between {_fmt_ns(lo_t)} and {_fmt_ns(hi_t)} already reached "
+                        f"the mirror (last applied seq {self._applied} at "
+                        f"{_fmt_ns(self._applied_ts)}); roll back instead")
+                chosen = [e for e in self._pending if lo_t <= e.ts <= hi_t]
+            chosen = [e for e in chosen if not self._is_dropped(e.seq)]
+            if not chosen:
+                return DropReport(0, 0, 0, 0)
+            nbytes = sum(e.payload_len for e in chosen)
+            # A time range over non-monotonic timestamps may pick non-adjacent seqs.
+            runs: list[list[int]] = []
+            for e in chosen:
+                if runs and runs[-1][1] + 1 == e.seq:
+                    runs[-1][1] = e.seq
+                else:
+                    runs.append([e.seq, e.seq])
+            for a, b in runs:
+                self._add_dropped(a, b, 0)
+            self._st.dropped_total += len(chosen)
+            self._event("drop", first_seq=chosen[0].seq, last_seq=chosen[-1].seq,
+                        count=len(chosen), bytes=nbytes,
+                        t_from=t_from, t_to=t_to)
+            self._st.equal_to_local = False
+            self._save_state()
+            log.warning("unit %s: dropped %d pending writes (seqs %d..%d, %d bytes); the "
+                        "remote no longer equals the local volume", self.unit_id,
+                        len(chosen), chosen[0].seq, chosen[-1].seq, nbytes)
+            return DropReport(len(chosen), chosen[0].seq, chosen[-1].seq, nbytes)
+
+    def _add_dropped(self, lo: int, hi: int, count: int) -> None:
+        ranges = sorted(self._st.dropped + [[lo, hi]])
+        merged: list[list[int]] = []
+        for a, b in ranges:
+            if merged and a <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        self._st.dropped = merged
+        self._st.dropped_total += count
+        self._st.equal_to_local = False
+
+    # ================================================================== resync
+
+    @property
+    def chunk_size(self) -> int:
+        return CHUNK_SIZE
+
+    @property
+    def chunk_count(self) -> int:
+        return (self.volume_size + CHUNK_SIZE - 1) // CHUNK_SIZE
+
+    def _chunk_range(self, chunk: int) -> tuple[int, int]:
+        if not 0 <= chunk < self.chunk_count:
+            raise StoreUsageError(f"chunk {chunk} outside 0..{self.chunk_count - 1}")
+        off = chunk * CHUNK_SIZE
+        return off, min(CHUNK_SIZE, self.volume_size - off)
+
+    def chunk_digests(self, chunks: Iterable[int] | None = None) -> dict[int, bytes]:
+        """BLAKE2b-256 digests of 64 KiB chunks of the current mirror (all if None)."""
+        with self._lock:
+            self._check_open()
+            assert self._mirror is not None
+            out: dict[int, bytes] = {}
+            for c in range(self.chunk_count) if chunks is None else chunks:
+                off, n = self._chunk_range(c)
+                out[c] = hashlib.blake2b(self._mirror.pread(off, n),
+                                         digest_size=CHUNK_DIGEST_SIZE).digest()
+            return out
+
+    @property
+    def resync_active(self) -> bool:
+        return self._st.resync is not None
+
+    def begin_resync(self) -> int:
+        """Mark a resync as started at the last applied seq S and return S.  Until
+        `resync_complete()`, nothing more is applied and `image_at_seq(S)` keeps the
+        last consistent image restorable.  Idempotent (a running resync continues)."""
+        with self._lock:
+            self._check_open()
+            if self._st.resync is None:
+                self._st.resync = {"start_seq": self._applied, "started_ns": self._clock()}
+                self._event("resync-start", start_seq=self._applied)
+                self._save_state()
+                log.info("unit %s: resync started at seq %d", self.unit_id, self._applied)
+            return int(self._st.resync["start_seq"])
+
+    def write_chunk(self, chunk: int, data: bytes) -> bool:
+        """Overwrite one resync chunk of the mirror, first saving its before-image to
+        history (durably).  Starts a resync if none runs.  Returns False if the chunk
+        already held `data` (nothing written)."""
+        with self._lock:
+            self._check_open()
+            assert self._mirror is not None and self._hj is not None
+            off, n = self._chunk_range(chunk)
+            if len(data) != n:
+                raise StoreUsageError(f"chunk {chunk} is {n} bytes, got {len(data)}")
+            start = self.begin_resync()
+            before = self._mirror.pread(off, n)
+            if before == data:
+                return False
+            bs = self.block_size
+            [entry] = self._hj.append([NewRecord(RecordKind.CHUNK_BEFORE, start, self._clock(),
+                                                 off // bs, n // bs, before)])
+            self._hj.sync()
+            self._mirror.pwrite(off, data)
+            self._hist.append(entry)
+            self._hist_bytes += entry.length
+            return True
+
+    def resync_complete(self, seq: int) -> None:
+        """The mirror now equals the local volume right after `seq`: that becomes the
+        last applied and durable seq; pending writes up to it are discarded."""
+        with self._lock:
+            self._check_open()
+            assert self._mirror is not None
+            st = self._st
+            if st.resync is None:
+                raise StoreUsageError("no resync is running")
+            start = int(st.resync["start_seq"])
+            if seq < start:
+                raise StoreUsageError(f"resync started at seq {start}, cannot complete at {seq}")
+            self._mirror.sync()
+            now = self._clock()
+            while self._pending and self._pending[0].seq <= seq:
+                self._pending.popleft()
+            self._applied, self._applied_ts = seq, now
+            self._durable = max(self._durable, seq)
+            st.dropped = [r for r in st.dropped if r[1] > seq]
+            if any(e.kind is RecordKind.CHUNK_BEFORE and e.seq == start for e in self._hist):
+                st.resyncs.append([start, seq, now])
+            st.resync = None
+            st.equal_to_local = True
+            self._event("resync-complete", start_seq=start, seq=seq)
+            self._save_state()
+            self._trim_segments()
+            log.info("unit %s: resync from seq %d complete at seq %d", self.unit_id, start, seq)
+
+    # ================================================================== status / close
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        self._st.events.append({"event": kind, "at_ns": self._clock(), **fields})
+
+    def status(self) -> UnitStatus:
+        with self._lock:
+            st = self._st
+            pending_bytes = sum(e.payload_len for e in self._pending)
+            lag = self._durable - self._applied
+            lag_s = max(0, self._newest_ts - self._applied_ts) / NS if lag else 0.0
+            return UnitStatus(
+                unit_id=self.unit_id,
+                volume_size=self.volume_size,
+                block_size=self.block_size,
+                last_applied_seq=self._applied,
+                last_durable_seq=self._durable,
+                pending_records=sum(1 for e in self._pending if not self._is_dropped(e.seq)),
+                pending_bytes=pending_bytes,
+                bytes_received=self._bytes_received,
+                newest_ts_received=self._newest_ts,
+                lag_seqs=lag,
+                lag_seconds=lag_s,
+                commit_delay_s=st.commit_delay_ns / NS,
+                resync=None if st.resync is None else dict(st.resync),
+                oldest_restorable_seq=st.floor_seq,
+                oldest_restorable_ns=st.floor_ts,
+                history_bytes=self._hist_bytes,
+                history_records=len(self._hist),
+                retention=self.retention,
+                equal_to_local=st.equal_to_local,
+                dropped_records=st.dropped_total,
+                events=[dict(e) for e in st.events],
+            )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreUsageError(f"unit {self.unit_id!r} is closed")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Checkpoint, close files and release the unit's lock.  Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if self._mirror is not None and self._st.rollback is None:
+                    self._save_state()
+            finally:
+                self._closed = True
+                self._release()
+        if self._on_close is not None:
+            self._on_close(self)
+
+    def _release(self) -> None:
+        for j in (self._rj, self._hj):
+            if j is not None:
+                j.close()
+        if self._mirror is not None:
+            self._mirror.close()
+        self._lock_handle.release()
+
+    def __enter__(self) -> UnitStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _fmt_ns(ns: int) -> str:
+    secs, rem = divmod(ns, NS)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{rem:09d}Z ({ns} ns)"
+
+
+class PointInTimeDevice:
+    """A read-only BlockDevice showing a unit's mirror at a point in time.
+
+    Nothing is copied: blocks changed after the point are read from their oldest
+    before-image newer than the point (an index built for this point), every other
+    block from the live mirror.  Writes applied while the device is open append
+    before-images first, and the index picks them up before any read, so the
+    device keeps showing the same point.  Close it to release the history it pins.
+    """
+
+    def __init__(self, unit: UnitStore, point: PointInTime, first_abs: int) -> None:
+        self._unit = unit
+        self.point = point
+        self._first_abs = first_abs
+        self._next_abs = first_abs
+        #: block -> (history segment, byte offset of that block's before-image)
+        self._overlay: dict[int, tuple[int, int]] = {}
+        self._closed = False
+        unit._views[id(self)] = first_abs
+        self._refresh()
+
+    def _refresh(self) -> None:
+        u = self._unit
+        bs = u.block_size
+        end = u._hist_base + len(u._hist)
+        for e in u._hist[self._next_abs - u._hist_base:]:
+            base = e.payload_offset
+            for k in range(e.nblocks):
+                self._overlay.setdefault(e.lbn + k, (e.segment, base + k * bs))
+        self._next_abs = end
+
+    # --- BlockDevice
+    @property
+    def size(self) -> int:
+        return self._unit.volume_size
+
+    @property
+    def block_size(self) -> int:
+        return self._unit.block_size
+
+    @property
+    def state(self) -> DeviceState:
+        return DeviceState.OFFLINE if self._closed else DeviceState.READY
+
+    @property
+    def read_only(self) -> bool:
+        return True
+
+    @property
+    def write_cache_enabled(self) -> bool:
+        return False
+
+    @property
+    def supports_trim(self) -> bool:
+        return False
+
+    @property
+    def changed_blocks(self) -> int:
+        """Blocks that differ in source from the live mirror (served from history)."""
+        return len(self._overlay)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if self._closed:
+            raise NotReady("point-in-time view is closed")
+        check_range(self, offset, length)
+        u = self._unit
+        bs = u.block_size
+        with u._lock:
+            if u._closed:
+                raise NotReady(f"unit {u.unit_id!r} is closed")
+            self._refresh()
+            assert u._mirror is not None and u._hj is not None
+            if not self._overlay:
+                return u._mirror.pread(offset, length)
+            first, last = offset // bs, (offset + length - 1) // bs if length else offset // bs
+            out = bytearray()
+            b = first
+            while b <= last and length:
+                src = self._overlay.get(b)
+                run = 1
+                if src is None:
+                    while b + run <= last and (b + run) not in self._overlay:
+                        run += 1
+                    out += u._mirror.pread(b * bs, run * bs)
+                else:
+                    seg, off = src
+                    while b + run <= last and self._overlay.get(b + run) == (seg, off + run * bs):
+                        run += 1
+                    out += u._hj.read(seg, off, run * bs)
+                b += run
+            skip = offset - first * bs
+            return bytes(out[skip:skip + length])
+
+    def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        raise WriteProtected("a point-in-time image is read-only")
+
+    def flush(self) -> None:
+        pass
+
+    def trim(self, offset: int, length: int) -> None:
+        raise WriteProtected("a point-in-time image is read-only")
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with self._unit._lock:
+                self._unit._views.pop(id(self), None)
+
+    def __enter__(self) -> PointInTimeDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = [
+    "DEFAULT_SEGMENT_BYTES", "DropReport", "PointInTime", "PointInTimeDevice", "Retention",
+    "RollbackReport", "UnitStatus", "UnitStore", "validate_unit_id",
+]
