@@ -23,8 +23,9 @@ import errno
 import logging
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import Protocol
 
 from firmware.scsi import ScsiTarget
 from firmware.usb_gadget.bot import (
@@ -46,6 +47,7 @@ from firmware.usb_gadget.functionfs import (
     MAX_PACKET,
     BulkEndpoint,
     Ep0,
+    Ep0Event,
     EventType,
     SetupRequest,
     mass_storage_descriptors,
@@ -71,6 +73,26 @@ _REQUEST_TYPE_CLASS = 0x20
 _LINK_ERRORS = {errno.ESHUTDOWN, errno.ECONNRESET, errno.ENODEV, errno.EPIPE, errno.EINTR}
 
 
+class ControlEndpoint(Protocol):
+    """ep0 as the front end uses it (functionfs.Ep0, or a fake in tests)."""
+
+    def read_events(self) -> list[Ep0Event]: ...
+
+    def reply(self, setup: SetupRequest, data: bytes) -> None: ...
+
+    def stall(self, setup: SetupRequest) -> None: ...
+
+
+class BulkPipe(Protocol):
+    """A bulk endpoint as the front end uses it (functionfs.BulkEndpoint, or a fake)."""
+
+    def read_into(self, buffer: memoryview) -> int: ...
+
+    def write_all(self, data: bytes | memoryview) -> None: ...
+
+    def halt(self) -> None: ...
+
+
 class _Interrupted(Exception):
     """Raised by the signal handler to abandon a superseded blocking transfer."""
 
@@ -93,9 +115,9 @@ class UsbFrontEnd:
         self._stopping = False
         self._bulk_thread: int | None = None
         self._can_interrupt = False
-        self._ep0: Ep0 | None = None
-        self._bulk_in: BulkEndpoint | None = None
-        self._bulk_out: BulkEndpoint | None = None
+        self._ep0: ControlEndpoint | None = None
+        self._bulk_in: BulkPipe | None = None
+        self._bulk_out: BulkPipe | None = None
         self._out_buffer = memoryview(bytearray(chunk_size))
         self._cbw_buffer = memoryview(bytearray(CBW_BUFFER))
         self.gadget: Gadget | None = None
@@ -105,6 +127,47 @@ class UsbFrontEnd:
     def run(self) -> None:
         """Bring the gadget up, serve until stop(), and always take it down."""
         s = self.settings
+        endpoints: list[Ep0 | BulkEndpoint] = []
+        try:
+            self.gadget = gadget_up(s)
+            mount_functionfs(s.function_name, s.ffs_mount)
+            ep0 = Ep0(s.ffs_mount)
+            endpoints.append(ep0)
+            ep0.activate(
+                mass_storage_descriptors(), strings_blob({LANG_EN_US: [s.configuration]})
+            )
+            bulk_in = BulkEndpoint(s.ffs_mount, "ep1", is_in=True)
+            endpoints.append(bulk_in)
+            bulk_out = BulkEndpoint(s.ffs_mount, "ep2", is_in=False)
+            endpoints.append(bulk_out)
+            gadget = self.gadget
+
+            def bind() -> None:
+                log.info("gadget %s bound to %s", s.gadget_name, gadget.bind())
+
+            # Unbinding makes f_fs send UNBIND, which lets the ep0 thread end.
+            self.serve_endpoints(ep0, bulk_in, bulk_out, on_started=bind, on_stopping=gadget.unbind)
+        finally:
+            self._stopping = True
+            if self.gadget is not None:
+                self.gadget.unbind()
+            for ep in reversed(endpoints):
+                ep.close()
+            umount_functionfs(s.ffs_mount)
+            gadget_down(s)
+            log.info("gadget %s down", s.gadget_name)
+
+    def serve_endpoints(
+        self,
+        ep0: ControlEndpoint,
+        bulk_in: BulkPipe,
+        bulk_out: BulkPipe,
+        *,
+        on_started: Callable[[], None] | None = None,
+        on_stopping: Callable[[], None] | None = None,
+    ) -> None:
+        """Serve on open endpoints until stop(): ep0 in a thread, bulk in this one."""
+        self._ep0, self._bulk_in, self._bulk_out = ep0, bulk_in, bulk_out
         self._bulk_thread = threading.get_ident()
         previous = None
         if threading.current_thread() is threading.main_thread():
@@ -112,36 +175,21 @@ class UsbFrontEnd:
             self._can_interrupt = True
         else:
             log.warning("USB bulk loop not on the main thread: resets cannot cancel transfers")
-        ep0_thread: threading.Thread | None = None
+        ep0_thread = threading.Thread(target=self._ep0_loop, name="usb-ep0", daemon=True)
         try:
-            self.gadget = gadget_up(s)
-            mount_functionfs(s.function_name, s.ffs_mount)
-            self._ep0 = Ep0(s.ffs_mount)
-            self._ep0.activate(
-                mass_storage_descriptors(), strings_blob({LANG_EN_US: [s.configuration]})
-            )
-            self._bulk_in = BulkEndpoint(s.ffs_mount, "ep1", is_in=True)
-            self._bulk_out = BulkEndpoint(s.ffs_mount, "ep2", is_in=False)
-            ep0_thread = threading.Thread(target=self._ep0_loop, name="usb-ep0", daemon=True)
             ep0_thread.start()
-            udc = self.gadget.bind()
-            log.info("gadget %s bound to %s", s.gadget_name, udc)
+            if on_started is not None:
+                on_started()
             self.ready.set()
             self._bulk_loop()
         finally:
             self._stopping = True
-            if self.gadget is not None:
-                self.gadget.unbind()
-            if ep0_thread is not None:
-                ep0_thread.join(timeout=5)
-            for ep in (self._bulk_in, self._bulk_out, self._ep0):
-                if ep is not None:
-                    ep.close()
-            umount_functionfs(s.ffs_mount)
-            gadget_down(s)
+            self._can_interrupt = False
+            if on_stopping is not None:
+                on_stopping()
+            ep0_thread.join(timeout=5)
             if previous is not None:
                 signal.signal(INTERRUPT_SIGNAL, previous)
-            log.info("gadget %s down", s.gadget_name)
 
     def stop(self) -> None:
         """Ask run() to return; callable from any thread or a signal handler."""
