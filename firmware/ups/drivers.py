@@ -280,6 +280,7 @@ class GpioPowerInput:
         self._stable = self._asserted()
         self._candidate: bool | None = None
         self._candidate_since = 0.0
+        self._last_edge = float("-inf")
         g.add_event_detect(pin, g.BOTH, callback=self._edge)
         log.info("ups: power-loss input on BCM %d (active %s, debounce %d ms): %s", pin,
                  "low" if active_low else "high", debounce_ms,
@@ -292,6 +293,9 @@ class GpioPowerInput:
     def _edge(self, channel: int) -> None:
         with self._lock:
             self.edges += 1
+            # A bounce between two polls is invisible to sampling; the edge restarts
+            # the stability window all the same.
+            self._last_edge = self.clock()
         if self.on_edge is not None:
             self.on_edge()
 
@@ -304,7 +308,7 @@ class GpioPowerInput:
                 self._candidate = None
             elif self._candidate != level:
                 self._candidate, self._candidate_since = level, now
-            if self._candidate is not None and now - self._candidate_since >= self.debounce_s:
+            if self._candidate is not None and now - self._stable_since() >= self.debounce_s:
                 self._stable, self._candidate = self._candidate, None
                 log.info("ups: power-loss input settled: %s",
                          "power lost" if self._stable else "mains present")
@@ -316,7 +320,10 @@ class GpioPowerInput:
         with self._lock:
             if self._candidate is None:
                 return None
-            return self._candidate_since + self.debounce_s
+            return self._stable_since() + self.debounce_s
+
+    def _stable_since(self) -> float:
+        return max(self._candidate_since, self._last_edge)
 
     def read(self) -> UpsReading:
         lost = self.power_lost()
