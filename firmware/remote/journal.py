@@ -228,6 +228,9 @@ class SegmentLog:
                     self._dirty.add(self._active)
                     self._end = start + len(buf)
                     buf = bytearray()
+                # Only the last segment may end torn: finish this one before the next
+                # one exists.
+                self.sync()
                 self._new_segment()
                 start = self._end
             salt = self._salts[self._active]

@@ -360,6 +360,8 @@ class UnitStore:
         if changed or new:
             self._save_state()
         self._trim_segments()
+        # Complete what the receive journal holds and is due.
+        self.apply_due(self._clock())
 
     def _recover(self, received: list[LogEntry], history: list[LogEntry]) -> None:
         st = self._st
@@ -490,7 +492,8 @@ class UnitStore:
                     if self._is_dropped(e.seq):
                         handled += 1
                         continue
-                    if e.ts + delay > now or nbytes >= APPLY_BATCH_BYTES:
+                    # Without a delay the local's timestamps (another clock) play no part.
+                    if (delay and e.ts + delay > now) or nbytes >= APPLY_BATCH_BYTES:
                         break
                     batch.append(e)
                     nbytes += e.payload_len
