@@ -3,6 +3,7 @@ delay and drop_range, resync hooks, virtual units and their locks."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import random
@@ -570,3 +571,302 @@ def test_sigkill_at_random_moments_then_reopen(tmp_path: Path) -> None:
             for seq in (d // 3, d - 1):
                 with u.image_at_seq(seq) as v:
                     assert v.pread(0, size) == model(recs[:seq], size)
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def test_retention_by_bytes_prunes_oldest_and_names_the_oldest_instant(tmp_path: Path) -> None:
+    rng = random.Random(20)
+    recs = make_records(rng, 120, 128)
+    clock = FakeClock()
+    with open_unit(tmp_path / "u", clock=clock, segment_bytes=8192,
+                   retention=Retention(max_bytes=20_000)) as u:
+        for b in batches(recs, rng):
+            u.apply(b)
+        st = u.status()
+        assert 0 < st.history_bytes <= 20_000
+        oldest = st.oldest_restorable_seq
+        assert 0 < oldest < 120
+        assert st.oldest_restorable_ns == recs[oldest - 1].ts
+        with u.image_at_seq(oldest) as v:
+            assert v.pread(0, 64 * 1024) == model(recs[:oldest], 64 * 1024)
+        with pytest.raises(OutsideRetention, match=f"oldest restorable point, seq {oldest}") as ei:
+            u.image_at_seq(oldest - 1)
+        assert ei.value.oldest_seq == oldest
+        with pytest.raises(OutsideRetention, match="oldest restorable instant") as ei2:
+            u.image_at(recs[oldest - 1].ts - 1)
+        assert ei2.value.oldest_ns == recs[oldest - 1].ts
+        # Pruned history segments are deleted from disk, not only forgotten.
+        on_disk = sum(p.stat().st_size for p in (tmp_path / "u" / "history").iterdir())
+        assert on_disk <= 20_000 + 2 * 8192
+        u.set_retention(Retention(max_bytes=5_000))
+        assert u.status().history_bytes <= 5_000
+    with open_unit(tmp_path / "u", segment_bytes=8192) as u:
+        st = u.status()
+        assert st.retention == Retention(max_bytes=5_000)
+        with u.image_at_seq(st.oldest_restorable_seq) as v:
+            assert v.pread(0, 64 * 1024) == model(recs[:st.oldest_restorable_seq], 64 * 1024)
+
+
+def test_retention_by_age(tmp_path: Path) -> None:
+    rng = random.Random(21)
+    recs = make_records(rng, 100, 128, step=S)  # one write a second
+    clock = FakeClock()
+    with open_unit(tmp_path / "u", clock=clock, retention=Retention(max_age_s=30)) as u:
+        u.apply(recs)
+        assert u.status().oldest_restorable_seq == 0  # nothing is old yet at T0
+        now = recs[-1].ts + 5 * S
+        dropped = u.prune(now)
+        # Every instant from now-30 s on stays restorable; older ones are gone.
+        cutoff = now - 30 * S
+        st = u.status()
+        assert st.oldest_restorable_ns <= cutoff
+        assert dropped == st.oldest_restorable_seq
+        assert all(r.ts > cutoff for r in recs[st.oldest_restorable_seq:])
+        with u.image_at(cutoff) as v:
+            upto = max(r.seq for r in recs if r.ts <= cutoff)
+            assert v.point.seq == upto
+            assert v.pread(0, 64 * 1024) == model(recs[:upto], 64 * 1024)
+        with pytest.raises(OutsideRetention):
+            u.image_at(st.oldest_restorable_ns - 1)
+
+
+def test_open_view_pins_history_against_pruning(tmp_path: Path) -> None:
+    rng = random.Random(22)
+    recs = make_records(rng, 60, 128)
+    with open_unit(tmp_path / "u", segment_bytes=4096) as u:
+        u.apply(recs[:30])
+        view = u.image_at_seq(5)
+        u.set_retention(Retention(max_bytes=0))
+        u.apply(recs[30:])
+        assert u.status().oldest_restorable_seq <= 5
+        assert view.pread(0, 64 * 1024) == model(recs[:5], 64 * 1024)
+        view.close()
+        u.prune()
+        assert u.status().history_records == 0
+        assert u.status().oldest_restorable_seq == 60
+
+
+# --------------------------------------------------------------------------- commit delay
+
+
+def test_commit_delay_holds_writes_until_due(tmp_path: Path) -> None:
+    rng = random.Random(30)
+    recs = make_records(rng, 20, 128, step=S)
+    clock = FakeClock(T0)
+    with open_unit(tmp_path / "u", clock=clock, commit_delay_s=10) as u:
+        assert u.apply(recs) == 20  # durable at once...
+        st = u.status()
+        assert (st.last_applied_seq, st.pending_records) == (0, 20)  # ...applied later
+        assert st.lag_seqs == 20 and st.lag_seconds == pytest.approx(19.0)
+        assert u.read_mirror(0, 64 * 1024) == bytes(64 * 1024)
+        assert u.apply_due(T0 + 14 * S) == 5  # ts T0..T0+4 s are due
+        assert u.last_applied_seq == 5
+        assert u.read_mirror(0, 64 * 1024) == model(recs[:5], 64 * 1024)
+    # Pending writes survive a restart and are not applied early.
+    clock.now = T0 + 14 * S
+    with open_unit(tmp_path / "u", clock=clock) as u:
+        assert u.last_applied_seq == 5 and u.commit_delay_s == 10
+        clock.now = T0 + 100 * S
+        u.apply_due()
+        assert u.read_mirror(0, 64 * 1024) == model(recs, 64 * 1024)
+
+
+def test_drop_range_by_time_and_by_seq(tmp_path: Path) -> None:
+    rng = random.Random(31)
+    recs = make_records(rng, 30, 128, step=S)
+    clock = FakeClock(T0)
+    with open_unit(tmp_path / "u", clock=clock, commit_delay_s=60) as u:
+        u.apply(recs)
+        u.apply_due(T0 + 60 * S + 4 * S)  # seqs 1..5 applied
+        assert u.last_applied_seq == 5
+        with pytest.raises(AlreadyApplied, match="roll back"):
+            u.drop_range(seq_from=4, seq_to=8)
+        with pytest.raises(AlreadyApplied):
+            u.drop_range(recs[3].ts, recs[8].ts)
+        rep = u.drop_range(recs[10].ts, recs[12].ts)  # seqs 11..13
+        assert (rep.count, rep.first_seq, rep.last_seq) == (3, 11, 13)
+        assert rep.bytes == sum(len(r.data) for r in recs[10:13])
+        rep2 = u.drop_range(seq_from=20, seq_to=21)
+        assert (rep2.count, rep2.first_seq, rep2.last_seq) == (2, 20, 21)
+        assert u.drop_range(seq_from=20, seq_to=21).count == 0  # already dropped
+        st = u.status()
+        assert st.equal_to_local is False
+        assert st.dropped_records == 5
+        assert [e["event"] for e in st.events] == ["drop", "drop"]
+        assert st.pending_records == 25 - 5
+    dropped = frozenset({11, 12, 13, 20, 21})
+    # The drops are durable: after a restart they still never reach the mirror.
+    with open_unit(tmp_path / "u", clock=clock) as u:
+        u.apply_due(T0 + 1000 * S)
+        assert u.last_applied_seq == 30
+        assert u.read_mirror(0, 64 * 1024) == model(recs, 64 * 1024, skip=dropped)
+        # The timeline skips them: the image at a dropped seq is the one before it.
+        with u.image_at_seq(12) as v:
+            assert v.pread(0, 64 * 1024) == model(recs[:10], 64 * 1024)
+        assert u.status().equal_to_local is False
+
+
+def test_drop_range_needs_exactly_one_kind_of_range(tmp_path: Path) -> None:
+    with open_unit(tmp_path / "u") as u:
+        with pytest.raises(StoreUsageError):
+            u.drop_range()
+        with pytest.raises(StoreUsageError):
+            u.drop_range(1, 2, seq_from=1)
+
+
+# --------------------------------------------------------------------------- resync
+
+
+def test_resync_keeps_last_consistent_image_restorable(tmp_path: Path) -> None:
+    rng = random.Random(40)
+    size = 4 * CHUNK_SIZE
+    blocks = size // BS
+    recs = make_records(rng, 30, blocks)
+    target = bytearray(rng.randbytes(size))
+    target[CHUNK_SIZE:2 * CHUNK_SIZE] = model(recs, size)[CHUNK_SIZE:2 * CHUNK_SIZE]
+    u = open_unit(tmp_path / "u", size=size)
+    u.apply(recs)
+    before = model(recs, size)
+    digests = u.chunk_digests()
+    assert set(digests) == set(range(4))
+    assert digests[2] == hashlib.blake2b(before[2 * CHUNK_SIZE:3 * CHUNK_SIZE],
+                                         digest_size=32).digest()
+    start = u.begin_resync()
+    assert start == 30
+    # Only chunks whose digests differ are sent; chunk 1 already matches.
+    want = {c: hashlib.blake2b(bytes(target[c * CHUNK_SIZE:(c + 1) * CHUNK_SIZE]),
+                               digest_size=32).digest() for c in range(4)}
+    differing = [c for c in range(4) if digests[c] != want[c]]
+    assert differing == [0, 2, 3]
+    assert u.write_chunk(0, bytes(target[:CHUNK_SIZE]))
+    assert not u.write_chunk(1, bytes(target[CHUNK_SIZE:2 * CHUNK_SIZE]))
+    resync = u.status().resync
+    assert resync is not None and resync["start_seq"] == 30
+    # Writes arriving meanwhile are journaled, not applied.
+    u.apply([WriteRecord(31, 0, b"\x11" * BS, T0)])
+    assert u.last_applied_seq == 30
+    with u.image_at_seq(30) as v:
+        assert v.pread(0, size) == before
+    u.close()  # interrupted: the marker and the before-images survive a restart
+    u = open_unit(tmp_path / "u", size=size)
+    assert u.resync_active
+    with u.image_at_seq(30) as v, u.image_at(T0 + 10**6 * S) as w:
+        assert v.pread(0, size) == before
+        assert w.point.seq == 30
+    for c in (2, 3):
+        u.write_chunk(c, bytes(target[c * CHUNK_SIZE:(c + 1) * CHUNK_SIZE]))
+    assert u.chunk_digests() == want
+    u.resync_complete(40)
+    st = u.status()
+    assert (st.last_applied_seq, st.last_durable_seq, st.resync) == (40, 40, None)
+    assert u.read_mirror(0, size) == bytes(target)
+    with pytest.raises(NotRestorable, match="inside a resync"):
+        u.image_at_seq(35)
+    with u.image_at_seq(30) as v:
+        assert v.pread(0, size) == before
+    with u.image_at_seq(40) as v:
+        assert v.pread(0, size) == bytes(target)
+    # The stream continues after the resync point.
+    with pytest.raises(SeqGap):
+        u.apply([WriteRecord(42, 0, b"\x22" * BS, T0)])
+    u.apply([WriteRecord(41, 0, b"\x22" * BS, T0 + 50 * S)])
+    target[:BS] = b"\x22" * BS
+    assert u.read_mirror(0, size) == bytes(target)
+    u.close()
+
+
+# --------------------------------------------------------------------------- virtual units
+
+
+def test_two_units_in_one_store_are_independent(tmp_path: Path) -> None:
+    rng = random.Random(50)
+    ra, rb = make_records(rng, 20, 128), make_records(rng, 15, 64)
+    with RemoteStore(tmp_path / "root") as store:
+        a = store.open_unit("site-a", 64 * 1024, 512)
+        b = store.open_unit("site_b.2", 32 * 1024, 512)
+        a.apply(ra)
+        b.apply(rb)
+        assert a.read_mirror(0, 64 * 1024) == model(ra, 64 * 1024)
+        assert b.read_mirror(0, 32 * 1024) == model(rb, 32 * 1024)
+        st = store.status()
+        assert (st["site-a"].last_applied_seq, st["site_b.2"].last_applied_seq) == (20, 15)
+        with pytest.raises(UnitBusy, match="already open in this process"):
+            store.open_unit("site-a", 64 * 1024, 512)
+        a.close()
+        a2 = store.open_unit("site-a", 64 * 1024, 512)  # released on close
+        assert a2.last_durable_seq() == 20
+        assert store.unit_ids() == ["site-a", "site_b.2"]
+    # A second store in the same process still cannot take an open unit (flock).
+    s1, s2 = RemoteStore(tmp_path / "root"), RemoteStore(tmp_path / "root")
+    u1 = s1.open_unit("site-a", 64 * 1024, 512)
+    with pytest.raises(UnitBusy, match="in use by another process"):
+        s2.open_unit("site-a", 64 * 1024, 512)
+    u1.close()
+    s2.open_unit("site-a", 64 * 1024, 512).close()
+
+
+def test_geometry_mismatch_is_refused(tmp_path: Path) -> None:
+    with RemoteStore(tmp_path) as store:
+        store.open_unit("u", 64 * 1024, 512).close()
+        with pytest.raises(GeometryMismatch, match="volume size 65536 and block size 512"):
+            store.open_unit("u", 128 * 1024, 512)
+        with pytest.raises(GeometryMismatch, match="block size"):
+            store.open_unit("u", 64 * 1024, 4096)
+        with pytest.raises(GeometryMismatch, match="multiple"):
+            store.open_unit("v", 1000, 512)
+        # The refused opens released the lock.
+        store.open_unit("u", 64 * 1024, 512).close()
+
+
+@pytest.mark.parametrize(
+    "bad", ["", ".", "..", "a/b", "../x", "a..b", "x" * 65, "ünit", "a b", "a\x00b", "/abs"]
+)
+def test_bad_unit_ids_are_refused(tmp_path: Path, bad: str) -> None:
+    with RemoteStore(tmp_path / "root") as store:
+        with pytest.raises(InvalidUnitId, match="invalid unit id"):
+            store.open_unit(bad, 64 * 1024, 512)
+    assert os.listdir(tmp_path / "root") == []
+
+
+@pytest.mark.parametrize("good", ["a", "A-1", "unit.example_2", "x" * 64, ".hidden"])
+def test_good_unit_ids(tmp_path: Path, good: str) -> None:
+    with RemoteStore(tmp_path) as store:
+        store.open_unit(good, 64 * 1024, 512).close()
+        assert store.unit_ids() == [good]
+
+
+LOCKER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from firmware.remote import RemoteStore
+    store = RemoteStore(sys.argv[2])
+    unit = store.open_unit("shared", 65536, 512)
+    print("locked", flush=True)
+    sys.stdin.readline()
+    unit.close()
+    """
+)
+
+
+def test_unit_lock_holds_across_processes(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", LOCKER, str(REPO), str(tmp_path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with RemoteStore(tmp_path) as store:
+            with pytest.raises(UnitBusy, match=f"another process \\(pid {proc.pid}\\)"):
+                store.open_unit("shared", 65536, 512)
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            assert proc.wait(timeout=30) == 0
+            store.open_unit("shared", 65536, 512).close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()

@@ -1046,7 +1046,12 @@ class UnitStore:
             st = self._st
             pending_bytes = sum(e.payload_len for e in self._pending)
             lag = self._durable - self._applied
-            lag_s = max(0, self._newest_ts - self._applied_ts) / NS if lag else 0.0
+            lag_s = 0.0
+            if lag and self._pending:
+                # Measured from the newest write the mirror holds; before the first
+                # one, from the oldest write it lacks.
+                ref = self._applied_ts if self._applied else self._pending[0].ts
+                lag_s = max(0, self._newest_ts - ref) / NS
             return UnitStatus(
                 unit_id=self.unit_id,
                 volume_size=self.volume_size,
