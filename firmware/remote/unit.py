@@ -756,11 +756,15 @@ class UnitStore:
         try:
             with open(path, "wb") as f:
                 f.truncate(self.volume_size)
+                zero = bytes(CHUNK_SIZE)
                 for off in range(0, self.volume_size, step):
-                    data = dev.pread(off, min(step, self.volume_size - off))
-                    if data != bytes(len(data)):
-                        f.seek(off)
-                        f.write(data)
+                    data = memoryview(dev.pread(off, min(step, self.volume_size - off)))
+                    # Zero runs stay holes, so an export is as sparse as its image.
+                    for sub in range(0, len(data), CHUNK_SIZE):
+                        piece = data[sub:sub + CHUNK_SIZE]
+                        if piece != zero[:len(piece)]:
+                            f.seek(off + sub)
+                            f.write(piece)
                 f.flush()
                 os.fsync(f.fileno())
             return dev.point
