@@ -260,14 +260,20 @@ sg_turs $SG; echo "turs-end=$?"
 
 
 def test_restart_after_sigkill_serves_the_same_data(guest_vm: GuestVM, disk: str) -> None:
-    """A crashed server leaves configfs and a FunctionFS mount behind; a new one copes."""
+    """A crashed server leaves configfs and a FunctionFS mount behind; `gadget down`
+    clears them and a new server serves the same data."""
     out = run(
         guest_vm,
         f"""
 kill -KILL $(cat /tmp/mu-gadget.pid)
 i=0; while find_disk MirrorUn > /dev/null; do i=$((i+1)); [ $i -gt 200 ] && break; sleep 0.1; done
 [ -e /sys/kernel/config/usb_gadget/mirrorunit ] && echo "stale-gadget"
+grep -q functionfs /proc/mounts && echo "stale-mount"
 cd {REPO}
+{PYTHON} -c "from firmware.usb_gadget.configfs import GadgetSettings, gadget_down
+gadget_down(GadgetSettings())" && echo "down-ok"
+[ -e /sys/kernel/config/usb_gadget/mirrorunit ] && echo "gadget-left"
+grep -q functionfs /proc/mounts && echo "mount-left"
 {PYTHON} tests/vm/guest_gadget.py {IMAGE} {SIZE} --control {CONTROL} --serial {SERIAL} \
     >> /tmp/mu-gadget.log 2>&1 &
 echo $! > /tmp/mu-gadget.pid
@@ -278,7 +284,9 @@ got=$(dd if=$DEV bs=1M skip=8 count=16 iflag=direct 2>/dev/null | sha256sum)
 [ "$got" = "$want" ] && echo "data-ok"
 """,
     )
-    assert "stale-gadget" in out  # the crash really left state behind
+    assert "stale-gadget" in out and "stale-mount" in out  # the crash left state behind
+    assert "down-ok" in out
+    assert "gadget-left" not in out and "mount-left" not in out
     assert "data-ok" in out, out
 
 

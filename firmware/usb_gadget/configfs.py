@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from firmware.usb_gadget.functionfs import umount_functionfs
+
 log = logging.getLogger("mirrorunit.gadget")
 
 #: Errors that mean "already gone" or "not bound" during teardown.
@@ -234,5 +236,13 @@ def gadget_up(settings: GadgetSettings, ops: ConfigfsOps | None = None) -> Gadge
 
 
 def gadget_down(settings: GadgetSettings, ops: ConfigfsOps | None = None) -> None:
-    """Unbind and remove the gadget; safe to call on a missing or half-built gadget."""
-    Gadget(settings, ops).remove()
+    """Unbind and remove the gadget; safe to call on a missing or half-built gadget.
+
+    A FunctionFS mount left by a server that died is unmounted too: it belongs to
+    the function instance removed here, and a new instance of the same name
+    would never see descriptors written through the old mount.
+    """
+    gadget = Gadget(settings, ops)
+    gadget.unbind()
+    umount_functionfs(settings.ffs_mount)
+    gadget.remove()
