@@ -106,7 +106,7 @@ def test_export_at_several_instants(unit: tuple[UnitStore, list[WriteRecord]],
     ]
     for t in instants:
         out = tmp_path / "img.raw"
-        point = u.export(out, at_ns=t)
+        point = u.export(out, at=t)
         expect = upto_ts(recs, t)
         assert point.seq == (expect[-1].seq if expect else 0)
         data = out.read_bytes()
@@ -230,9 +230,9 @@ def test_rollback_rewinds_the_mirror_and_the_timeline(tmp_path: Path) -> None:
     t = recs[89].ts + 1
     view = u.image_at_seq(10)
     with pytest.raises(StoreUsageError, match="view"):
-        u.rollback(to_ns=t)
+        u.rollback(to=t)
     view.close()
-    rep = u.rollback(to_ns=t)
+    rep = u.rollback(to=t)
     assert (rep.target.seq, rep.undone) == (90, 60)
     assert u.read_mirror(0, SIZE) == image(recs[:90])
     st = u.status()
@@ -273,7 +273,7 @@ def test_rollback_outside_retention_names_the_oldest_instant(tmp_path: Path) -> 
         oldest = u.status().oldest_restorable_ns
         assert oldest > 0
         with pytest.raises(OutsideRetention, match="oldest restorable instant") as ei:
-            u.rollback(to_ns=recs[0].ts)
+            u.rollback(to=recs[0].ts)
         assert ei.value.oldest_ns == oldest
         assert str(oldest) in str(ei.value)
         # Nothing changed.

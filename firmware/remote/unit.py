@@ -727,11 +727,11 @@ class UnitStore:
                 i -= 1
         return (point if point is not None else oldest), i
 
-    def resolve(self, *, at_ns: int | None = None, seq: int | None = None) -> PointInTime:
-        """The restorable point `image_at(at_ns)` / `image_at_seq(seq)` would give."""
+    def resolve(self, at: int | None = None, *, seq: int | None = None) -> PointInTime:
+        """The restorable point `image_at(at)` / `image_at_seq(seq)` would give."""
         with self._lock:
             self._check_open()
-            return self._resolve(seq, at_ns)[0]
+            return self._resolve(seq, at)[0]
 
     def image_at(self, t_ns: int) -> PointInTimeDevice:
         """A read-only device showing the mirror right after the last write with
@@ -748,10 +748,11 @@ class UnitStore:
             point, i = self._resolve(seq, t_ns)
             return PointInTimeDevice(self, point, self._hist_base + i)
 
-    def export(self, path: str | os.PathLike[str], *, at_ns: int | None = None,
+    def export(self, path: str | os.PathLike[str], at: int | None = None, *,
                seq: int | None = None) -> PointInTime:
-        """Write the image at a point in time to a (sparse) file; return the point."""
-        dev = self._view(seq, at_ns)
+        """Write the image at instant `at` (ns since the epoch) or right after write
+        `seq` to a (sparse) file; return the point it shows."""
+        dev = self._view(seq, at)
         step = 1 << 20
         try:
             with open(path, "wb") as f:
@@ -782,8 +783,9 @@ class UnitStore:
 
     # ================================================================== rollback
 
-    def rollback(self, *, to_ns: int | None = None, to_seq: int | None = None) -> RollbackReport:
-        """Rewind the mirror itself to a point in time (by instant or by seq).
+    def rollback(self, to: int | None = None, *, to_seq: int | None = None) -> RollbackReport:
+        """Rewind the mirror itself to instant `to` (ns since the epoch) or to right
+        after write `to_seq`.
 
         Writes after the point are undone and leave the timeline; delayed writes not
         yet applied are dropped (they would land on the rewound image).  The unit is
@@ -797,7 +799,7 @@ class UnitStore:
             if self._views:
                 raise StoreUsageError(
                     f"cannot roll back while {len(self._views)} point-in-time view(s) are open")
-            point, i = self._resolve(to_seq, to_ns)
+            point, i = self._resolve(to_seq, to)
             undo = len(self._hist) - i
             dropped = self._drop_pending_all() if self._pending else 0
             if undo == 0 and dropped == 0:
