@@ -254,14 +254,20 @@ class UsbFrontEnd:
             except _Interrupted:
                 continue
             except OSError as exc:
-                if exc.errno not in _LINK_ERRORS:
+                if exc.errno == errno.EOVERFLOW and isinstance(action, ReceiveCBW):
+                    # The host sent more than any CBW can be: hand the machine an
+                    # over-long one so it stalls and waits for reset recovery.
+                    log.warning("bulk-out overflow where a CBW was expected")
+                    result = bytes(CBW_BUFFER + 1)
+                elif exc.errno in _LINK_ERRORS or exc.errno == errno.EOVERFLOW:
+                    log.info("bulk transfer ended (%s) during %s", exc.strerror, action)
+                    with self._cond:
+                        if generation == self._generation:
+                            # ep0 will report DISABLE/ENABLE or a reset; wait for its course.
+                            self._pending.clear()
+                    continue
+                else:
                     raise
-                log.info("bulk transfer ended by the link (%s) during %s", exc.strerror, action)
-                with self._cond:
-                    if generation == self._generation:
-                        # ep0 will report DISABLE/ENABLE or a reset; wait for its course.
-                        self._pending.clear()
-                continue
             with self._cond:
                 if generation != self._generation:
                     continue

@@ -10,6 +10,7 @@ host's next command.
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import socket
@@ -17,6 +18,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -57,9 +59,15 @@ class SocketPipe:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.halts = 0
+        #: set by a scenario: the next read fails as a UDC reports a babbling host
+        self.overflow_next = False
 
     def read_into(self, buffer: memoryview) -> int:
-        return os.readv(self.sock.fileno(), [buffer])
+        n = os.readv(self.sock.fileno(), [buffer])
+        if self.overflow_next:
+            self.overflow_next = False
+            raise OSError(errno.EOVERFLOW, os.strerror(errno.EOVERFLOW))
+        return n
 
     def write_all(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -86,8 +94,22 @@ def read_csw(sock: socket.socket, tag: int) -> int:
     return status
 
 
-def serve(tmp_path: Path, scenario: Callable[[UsbFrontEnd, FakeEp0, socket.socket,
-                                               socket.socket], None]) -> None:
+@dataclass
+class Host:
+    """What a scenario plays the USB host with, plus the device-side pipes to inspect."""
+
+    front: UsbFrontEnd
+    ep0: FakeEp0
+    out: socket.socket
+    inp: socket.socket
+    bulk_in: SocketPipe
+    bulk_out: SocketPipe
+
+
+Scenario = Callable[[Host], None]
+
+
+def serve(tmp_path: Path, scenario: Scenario) -> None:
     """Run the front end in this (main) thread and `scenario` as the host in another."""
     device = FileBlockDevice(tmp_path / "disk.img", size=SIZE, create=True)
     target = ScsiTarget([LogicalUnit(device, serial="FRONT1")])
@@ -99,10 +121,12 @@ def serve(tmp_path: Path, scenario: Callable[[UsbFrontEnd, FakeEp0, socket.socke
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
     errors: list[BaseException] = []
+    bulk_in, bulk_out = SocketPipe(dev_in), SocketPipe(dev_out)
+    player = Host(front, ep0, host_out, host_in, bulk_in, bulk_out)
 
     def host() -> None:
         try:
-            scenario(front, ep0, host_out, host_in)
+            scenario(player)
         except BaseException as exc:  # reported in the main thread below
             errors.append(exc)
         finally:
@@ -110,7 +134,7 @@ def serve(tmp_path: Path, scenario: Callable[[UsbFrontEnd, FakeEp0, socket.socke
 
     thread = threading.Thread(target=host)
     front.serve_endpoints(
-        ep0, SocketPipe(dev_in), SocketPipe(dev_out),
+        ep0, bulk_in, bulk_out,
         on_started=thread.start,
         on_stopping=lambda: ep0.events.put(Ep0Event(EventType.UNBIND)),
     )
@@ -123,7 +147,8 @@ def serve(tmp_path: Path, scenario: Callable[[UsbFrontEnd, FakeEp0, socket.socke
 
 @pytest.mark.timeout(60)
 def test_class_requests_and_a_command(tmp_path: Path) -> None:
-    def scenario(front: UsbFrontEnd, ep0: FakeEp0, out: socket.socket, inp: socket.socket) -> None:
+    def scenario(h: Host) -> None:
+        ep0, out, inp = h.ep0, h.out, h.inp
         ep0.events.put(Ep0Event(EventType.ENABLE))
         assert ep0.setup(0xA1, 0xFE, 1) == ("reply", b"\x00")  # Get Max LUN: one LUN
         assert ep0.setup(0x41, 0x01, 0)[0] == "stall"  # vendor request
@@ -137,7 +162,8 @@ def test_class_requests_and_a_command(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_reset_cancels_a_stuck_data_in_transfer(tmp_path: Path) -> None:
-    def scenario(front: UsbFrontEnd, ep0: FakeEp0, out: socket.socket, inp: socket.socket) -> None:
+    def scenario(h: Host) -> None:
+        front, ep0, out, inp = h.front, h.ep0, h.out, h.inp
         ep0.events.put(Ep0Event(EventType.ENABLE))
         out.send(make_cbw(1, 0, False, TUR))
         read_csw(inp, 1)
@@ -167,7 +193,8 @@ def test_reset_cancels_a_stuck_data_in_transfer(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_stop_ends_a_blocked_bulk_read(tmp_path: Path) -> None:
-    def scenario(front: UsbFrontEnd, ep0: FakeEp0, out: socket.socket, inp: socket.socket) -> None:
+    def scenario(h: Host) -> None:
+        ep0, out, inp = h.ep0, h.out, h.inp
         ep0.events.put(Ep0Event(EventType.ENABLE))
         out.send(make_cbw(1, 0, False, TUR))
         read_csw(inp, 1)
@@ -176,3 +203,24 @@ def test_stop_ends_a_blocked_bulk_read(tmp_path: Path) -> None:
     started = time.monotonic()
     serve(tmp_path, scenario)
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.timeout(60)
+def test_overlong_cbw_transfer_stalls_until_reset(tmp_path: Path) -> None:
+    def scenario(h: Host) -> None:
+        ep0, out, inp = h.ep0, h.out, h.inp
+        bulk_in, bulk_out = h.bulk_in, h.bulk_out
+        ep0.events.put(Ep0Event(EventType.ENABLE))
+        out.send(make_cbw(1, 0, False, TUR))
+        read_csw(inp, 1)
+        bulk_out.overflow_next = True
+        out.send(make_cbw(2, 0, False, TUR))
+        deadline = time.monotonic() + 10
+        while (bulk_in.halts == 0 or bulk_out.halts == 0) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the stalls are the only observable; nothing to wait on
+        assert bulk_in.halts and bulk_out.halts
+        assert ep0.setup(0x21, 0xFF, 0) == ("reply", b"")  # reset recovery
+        out.send(make_cbw(3, 0, False, TUR))
+        assert read_csw(inp, 3) == 0
+
+    serve(tmp_path, scenario)
