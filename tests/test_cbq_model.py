@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from firmware.cbq import MIRROR_CONSUMER, CircularBufferQueue, Mode, NeedsReclaim, create
+from firmware.cbq import (
+    MIRROR_CONSUMER,
+    CbqUsageError,
+    CircularBufferQueue,
+    Mode,
+    NeedsReclaim,
+    create,
+)
+from firmware.cbq.queue import MAX_DISCARDS
 from firmware.storage import CrashSimStorage
 
 BS = 512
@@ -144,6 +153,11 @@ class CbqMachine(RuleBasedStateMachine):
             return
         lo = data.draw(st.integers(lo_bound, self.q.last_seq))
         hi = data.draw(st.integers(lo, self.q.last_seq))
+        if len(self.q.discards) >= MAX_DISCARDS - 1:
+            with pytest.raises(CbqUsageError):
+                self.q.discard(lo, hi) if (lo, hi) not in self.q.discards else \
+                    self.q.discard(0, 0)
+            return
         self.q.discard(lo, hi)
         self.discarded.update(range(lo, hi + 1))
 

@@ -20,6 +20,7 @@ and CRC; the first record that fails ends the log.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -146,6 +147,16 @@ class NeedsReclaim(CbqError):
     The volume must make its mirror durable (and ack MIRROR_CONSUMER) and retry;
     no state was changed.
     """
+
+
+def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def _slot_offset(generation: int) -> int:
@@ -278,6 +289,9 @@ class CircularBufferQueue:
         # In-memory indexes rebuilt from the log: COMPACT records still queued, blocks whose
         # newest queued write is a COMPACT record not yet copied aside, SIDE records by ref seq.
         self._compact_q: deque[tuple[int, int, int]] = deque()  # seq, lbn, nblocks
+        # Where each write record appended by this process ends (seq, end lin, cum blocks),
+        # so an acknowledgement of a record nobody read here needs no walk.
+        self._ends: deque[tuple[int, int, int]] = deque()
         self._unprotected: dict[int, int] = {}  # lbn -> seq
         self._side: dict[int, list[tuple[int, int, int]]] = {}  # ref seq -> [(lbn, n, lin)]
         self.transitions: list[tuple[int, str, str]] = []
@@ -478,6 +492,12 @@ class CircularBufferQueue:
         return min(c.acked_seq for c in self.consumers.values()) + 1
 
     def _rebuild_tail(self) -> None:
+        tail = self._tail_seq()
+        while self._ends and self._ends[0][0] < tail:
+            self._ends.popleft()
+        self._drop_protection()
+
+    def _drop_protection(self) -> None:
         # Copy-on-overwrite protection is dropped only behind the *persisted* tail: an
         # acknowledgement not yet checkpointed is forgotten by a crash, and the record
         # would then be sent again and must still carry its own data.
@@ -563,6 +583,7 @@ class CircularBufferQueue:
         if kind in WRITE_KINDS:
             self._next_seq += 1
             self._cum = cum
+            self._ends.append((seq, self._head_lin, cum))
             self.stats_appended += 1
         self._index_record(h, lin)
         self._since_checkpoint += length
@@ -918,6 +939,9 @@ class CircularBufferQueue:
                 # Discarded writes right after the ack were never sent; they go with it.
                 s, lin, cum = c.delivered.popleft()
                 c.acked_seq, c.acked_lin, c.acked_cum = s, lin, cum
+            if c.acked_seq < seq and self._ends and self._ends[0][0] <= c.acked_seq + 1:
+                i = bisect.bisect_right(self._ends, (seq, float("inf"), 0)) - 1
+                c.acked_seq, c.acked_lin, c.acked_cum = self._ends[i]
             if c.acked_seq < seq:
                 # Acknowledged without being read here (a peer that applied it before we
                 # restarted): find where it ends.
@@ -949,10 +973,11 @@ class CircularBufferQueue:
         with self._lock:
             if lo > hi or lo < 1 or hi > self._next_seq - 1:
                 raise CbqUsageError(f"seq range {lo}..{hi} not within 1..{self._next_seq - 1}")
-            if len(self.discards) >= MAX_DISCARDS:
+            merged = _merge_ranges([*self.discards, (lo, hi)])
+            if len(merged) > MAX_DISCARDS:
                 raise CbqUsageError(f"{MAX_DISCARDS} discarded ranges are already pending; "
                                     "wait for peers to pass them")
-            self.discards.append((lo, hi))
+            self.discards = merged
             self._checkpoint_locked()
             log.warning("cbq: discarded seqs %d..%d from what peers will be sent", lo, hi)
             return hi - lo + 1
