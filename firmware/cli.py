@@ -14,6 +14,32 @@ from .units import parse_size
 
 DEFAULT_CONTROL = "/run/mirrorunit/local.sock"
 
+#: Modules that add sub-commands (a `register(subparsers)` function whose parsers set
+#: `func`) and options of `mirrorunit local` (`extend_local(parser)`).  Each role's
+#: commands live beside its code.
+EXTENSIONS = (
+    "firmware.usb_gadget.cli",
+    "firmware.link.cli",
+    "firmware.remote.cli",
+    "firmware.config.cli",
+    "firmware.ups.cli",
+    "firmware.console.cli",
+    "firmware.notify.cli",
+)
+
+
+def _extensions() -> list[Any]:
+    import importlib
+
+    mods = []
+    for name in EXTENSIONS:
+        try:
+            mods.append(importlib.import_module(name))
+        except ModuleNotFoundError as e:
+            if not e.name or not (name + ".").startswith(e.name + "."):
+                raise  # the module exists but something it needs is missing
+    return mods
+
 
 def _size(text: str) -> int:
     try:
@@ -79,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                            ("promote", "leave standby: serve reads and writes")):
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("--control", type=Path, default=Path(DEFAULT_CONTROL))
+    for mod in _extensions():
+        if hasattr(mod, "extend_local"):
+            mod.extend_local(lo)
+        if hasattr(mod, "register"):
+            mod.register(sub)
     return p
 
 
@@ -96,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from .control import ControlError, call
 
+    if getattr(args, "func", None) is not None:
+        return int(args.func(args))
     try:
         if args.command == "local":
             return _run_local(args)
@@ -138,7 +171,7 @@ def _run_local(args: argparse.Namespace) -> int:
         buffer_size=args.buffer_size, block_size=args.block_size, nbd=args.nbd or None,
         export_name=args.export_name, cache_mode=CacheMode(args.cache_mode),
         cache_limit=args.cache_limit, high_water=args.high_water,
-        peers=args.peers or ["remote"], standby=args.standby)
+        peers=args.peers or ["remote"], standby=args.standby, args=args)
     try:
         unit = LocalUnit(settings)
         unit.start()

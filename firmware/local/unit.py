@@ -8,9 +8,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .. import __version__
 from ..blockdev import DeviceState
@@ -44,6 +45,29 @@ class LocalSettings:
     high_water: float = 0.8
     peers: list[str] = field(default_factory=lambda: ["remote"])
     standby: bool = False
+    #: The parsed command line, for services that added their own options.
+    args: Any = None
+
+
+class Service(Protocol):
+    """Something the local unit runs beside its front end (a link to a peer, a USB
+    front end, the UPS policy...).  `status()` is merged into the unit's status
+    under `name`; `handlers()` adds control operations."""
+
+    name: str
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def handlers(self) -> dict[str, Any]: ...
+
+
+#: Factories called with the unit once its volume is open; each returns a Service or
+#: None when its options were not given.  Extension modules append to this list.
+SERVICE_FACTORIES: list[Callable[[LocalUnit], Service | None]] = []
 
 
 def _prepare_file(path: Path, size: int | None, what: str) -> int:
@@ -95,6 +119,7 @@ class LocalUnit:
         self._stop = threading.Event()
         self.nbd: Any = None
         self.control: ControlServer | None = None
+        self.services: list[Service] = []
         s = settings
         if s.block_size not in (512, 4096):
             raise LocalUnitError(f"block size {s.block_size} must be 512 or 4096")
@@ -137,6 +162,15 @@ class LocalUnit:
     def start(self) -> None:
         s = self.settings
         self.volume.start()
+        from ..cli import _extensions
+
+        _extensions()  # lets extension modules register their service factories
+        for factory in SERVICE_FACTORIES:
+            service = factory(self)
+            if service is not None:
+                service.start()
+                self.services.append(service)
+                log.info("started %s", service.name)
         if s.nbd:
             from ..nbd.server import NbdServer, parse_hostport
 
@@ -157,6 +191,11 @@ class LocalUnit:
 
     def stop(self) -> None:
         self._stop.set()
+        for service in reversed(self.services):
+            try:
+                service.stop()
+            except Exception:  # stopping the rest matters more than this one's failure
+                log.exception("stopping %s failed", service.name)
         if self.nbd is not None:
             self.nbd.stop()
         if self.control is not None:
@@ -200,7 +239,11 @@ class LocalUnit:
                      "compact": w.compact, "timestamp_ns": w.timestamp_ns}
                     for w in cbq.read(consumer, max_records=max_records)]
 
+        extra: dict[str, Any] = {}
+        for service in self.services:
+            extra.update(service.handlers())
         return {
+            **extra,
             "status": self.status,
             "cbq.pause": pause,
             "cbq.resume": resume,
@@ -233,4 +276,5 @@ class LocalUnit:
             "nbd": nbd,
             "volume": self.volume.status(),
             "cbq": self.cbq.stats(),
+            **{svc.name: svc.status() for svc in self.services},
         }
