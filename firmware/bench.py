@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 MiB = 1 << 20
+BENCH_EXTENSIONS = ("firmware.usb_gadget.bench", "firmware.link.bench")
 
 
 def _drop_caches() -> bool:
@@ -196,6 +197,19 @@ def main() -> int:
               f"{r['warm_seconds']:.3f} s; cold "
               + (f"{r['cold_seconds']:.3f} s" if "cold_seconds" in r else str(r.get("cold")))
               + " (goal < 1 s)")
+    # Each subsystem with figures of its own adds a module with `run(workdir) -> dict`
+    # that prints its lines and returns what goes into the report.
+    import importlib
+
+    for name in BENCH_EXTENSIONS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and (name + ".").startswith(e.name + "."):
+                continue
+            raise
+        with tempfile.TemporaryDirectory(dir=base) as d:
+            report[name.rsplit(".", 2)[-2]] = mod.run(Path(d))
     out = base / "bench.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"report written to {out}")

@@ -184,10 +184,18 @@ class LocalUnit:
         log.info("control socket %s", s.control)
 
     def run_forever(self) -> None:
+        """Serve until SIGTERM/SIGINT.  A service that must own the main thread (one that
+        relies on signals, like the USB front end) provides `run_main(stop_event)`."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
-        self._stop.wait()
-        self.stop()
+        main = next((s for s in self.services if hasattr(s, "run_main")), None)
+        try:
+            if main is not None:
+                main.run_main(self._stop)  # type: ignore[attr-defined]
+            else:
+                self._stop.wait()
+        finally:
+            self.stop()
 
     def stop(self) -> None:
         self._stop.set()
