@@ -43,42 +43,52 @@ def _prealloc(path: Path, size: int) -> None:
 
 
 def bench_append(workdir: Path, total: int = 256 * MiB, record: int = 64 * 1024,
-                 group: int = 16) -> dict[str, Any]:
+                 group: int = 16, rounds: int = 3) -> dict[str, Any]:
+    """Rounds alternate raw and CBQ on fresh preallocated files; medians are reported."""
+    import statistics
+
     from .cbq import MIRROR_CONSUMER, CircularBufferQueue, create
     from .storage import FileStorage
 
     payload = os.urandom(record)
     n = total // record
-    raw_path = workdir / "raw.bin"
-    _prealloc(raw_path, total + 64 * MiB)
-    fd = os.open(raw_path, os.O_RDWR)
-    t0 = time.perf_counter()
-    for i in range(n):
-        os.pwrite(fd, payload, i * record)
-        if (i + 1) % group == 0:
-            os.fdatasync(fd)
-    os.fdatasync(fd)
-    raw_s = time.perf_counter() - t0
-    os.close(fd)
-
-    cbq_path = workdir / "cbq.bin"
-    _prealloc(cbq_path, total + 64 * MiB)
-    st = FileStorage(cbq_path)
-    create(st, volume_blocks=(1 << 30) // 512, consumers=(), high_water=1.0)
-    q = CircularBufferQueue(st)
     lbns = (1 << 30) // 512 - record // 512
-    t0 = time.perf_counter()
-    for i in range(n):
-        q.append_write((i * (record // 512)) % lbns, payload)
-        if (i + 1) % group == 0:
-            q.ack(MIRROR_CONSUMER, q.sync())
-    q.sync()
-    cbq_s = time.perf_counter() - t0
-    q.close()
-    st.close()
+    raw_times: list[float] = []
+    cbq_times: list[float] = []
+    for _ in range(rounds):
+        raw_path = workdir / "raw.bin"
+        _prealloc(raw_path, total + 64 * MiB)
+        fd = os.open(raw_path, os.O_RDWR)
+        t0 = time.perf_counter()
+        for i in range(n):
+            os.pwrite(fd, payload, i * record)
+            if (i + 1) % group == 0:
+                os.fdatasync(fd)
+        os.fdatasync(fd)
+        raw_times.append(time.perf_counter() - t0)
+        os.close(fd)
+        raw_path.unlink()
+
+        cbq_path = workdir / "cbq.bin"
+        _prealloc(cbq_path, total + 64 * MiB)
+        st = FileStorage(cbq_path)
+        create(st, volume_blocks=(1 << 30) // 512, consumers=(), high_water=1.0)
+        q = CircularBufferQueue(st)
+        t0 = time.perf_counter()
+        for i in range(n):
+            q.append_write((i * (record // 512)) % lbns, payload)
+            if (i + 1) % group == 0:
+                q.ack(MIRROR_CONSUMER, q.sync())
+        q.sync()
+        cbq_times.append(time.perf_counter() - t0)
+        q.close()
+        st.close()
+        cbq_path.unlink()
+    raw_s, cbq_s = statistics.median(raw_times), statistics.median(cbq_times)
     return {"bytes": total, "record_bytes": record, "records_per_fsync": group,
-            "raw_MiBps": total / MiB / raw_s, "cbq_MiBps": total / MiB / cbq_s,
-            "ratio": raw_s / cbq_s}
+            "rounds": rounds, "raw_MiBps": total / MiB / raw_s,
+            "cbq_MiBps": total / MiB / cbq_s, "ratio": raw_s / cbq_s,
+            "ratios_per_round": [r / c for r, c in zip(raw_times, cbq_times, strict=True)]}
 
 
 def bench_nbd(workdir: Path, total: int = 256 * MiB) -> dict[str, Any]:

@@ -73,6 +73,21 @@ class FileStorage:
             view = view[n:]
             offset += n
 
+    def pwritev(self, offset: int, buffers: list[bytes | bytearray | memoryview]) -> None:
+        # IOV_MAX bounds one call; a short write continues where it stopped.
+        views = [memoryview(b) for b in buffers if len(b)]
+        while views:
+            batch = views[:1024]
+            n = os.pwritev(self._fd, batch, offset)
+            offset += n
+            while n and views:
+                if n >= len(views[0]):
+                    n -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][n:]
+                    n = 0
+
     def sync(self) -> None:
         os.fdatasync(self._fd)
 

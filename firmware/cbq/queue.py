@@ -121,23 +121,37 @@ class _Consumer:
 
 
 @dataclass
+class _Segment:
+    """Contiguous bytes of the ring held as a list of buffers (no copy of payloads)."""
+
+    __slots__ = ("start", "buffers", "length")
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.buffers: list[bytes | bytearray | memoryview] = []
+        self.length = 0
+
+    def read(self, lin: int, n: int) -> bytes:
+        return b"".join(self.buffers)[lin - self.start:lin - self.start + n]
+
+
+@dataclass
 class _Pending:
     """A commit group being filled: contiguous segments of the ring."""
 
-    segments: list[tuple[int, bytearray]] = field(default_factory=list)
+    segments: list[_Segment] = field(default_factory=list)
 
     def add(self, lin: int, data: bytes | bytearray | memoryview) -> None:
-        if self.segments:
-            start, buf = self.segments[-1]
-            if start + len(buf) == lin:
-                buf += data
-                return
-        self.segments.append((lin, bytearray(data)))
+        if not self.segments or self.segments[-1].start + self.segments[-1].length != lin:
+            self.segments.append(_Segment(lin))
+        seg = self.segments[-1]
+        seg.buffers.append(data)
+        seg.length += len(data)
 
     def read(self, lin: int, n: int) -> bytes | None:
-        for start, buf in self.segments:
-            if start <= lin and lin + n <= start + len(buf):
-                return bytes(buf[lin - start:lin - start + n])
+        for seg in self.segments:
+            if seg.start <= lin and lin + n <= seg.start + seg.length:
+                return seg.read(lin, n)
         return None
 
 
@@ -147,6 +161,15 @@ class NeedsReclaim(CbqError):
     The volume must make its mirror durable (and ack MIRROR_CONSUMER) and retry;
     no state was changed.
     """
+
+
+def _write_buffers(storage: Any, offset: int,
+                   buffers: list[bytes | bytearray | memoryview]) -> None:
+    """One vectored write where the storage offers it (a group is one syscall)."""
+    if hasattr(storage, "pwritev"):
+        storage.pwritev(offset, buffers)
+    else:
+        storage.pwrite(offset, b"".join(buffers))
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -605,6 +628,8 @@ class CircularBufferQueue:
         if len(data) == 0 or len(data) % g.block_size:
             raise CbqUsageError(f"write of {len(data)} bytes is not whole blocks")
         nblocks = len(data) // g.block_size
+        # The group holds a reference until it is written: it must not change under us.
+        data = data if isinstance(data, bytes) else bytes(data)
         if lbn < 0 or lbn + nblocks > g.volume_blocks:
             raise CbqUsageError(f"write {lbn}+{nblocks} outside volume of {g.volume_blocks}")
         if self.read_only:
@@ -768,8 +793,8 @@ class CircularBufferQueue:
             seq_after = self._next_seq - 1
             self._lock.release()
             try:
-                for lin, buf in pending.segments:
-                    self.storage.pwrite(self._abs(lin), buf)
+                for seg in pending.segments:
+                    _write_buffers(self.storage, self._abs(seg.start), seg.buffers)
                 for p in pages:
                     self.storage.pwrite(DIRTY_MAP_OFFSET + p * 4096, dirty[p * 4096:(p + 1) * 4096])
                 self.storage.sync()
@@ -836,7 +861,7 @@ class CircularBufferQueue:
         # The durable head: everything before _durable_lin is on the medium.  The chain
         # value and counters at that point are those of the last durable record.
         if self._pending.segments:
-            first_lin = self._pending.segments[0][0]
+            first_lin = self._pending.segments[0].start
             raw = self._pending.read(first_lin, HDR)
             h = decode_header(raw) if raw else None
             if h is not None:
