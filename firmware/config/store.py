@@ -337,6 +337,12 @@ class ConfigStore:
                            for key, text in changes.items()}, self.limits)
         return self._commit(old, new, loaded, f"set {', '.join(changes)}")
 
+    def update(self, changes: dict[str, Any]) -> SetResult:
+        """Typed values (as a Config holds them), validated together; all or nothing."""
+        old, loaded = self._editable()
+        new = old.replace(changes, self.limits)
+        return self._commit(old, new, loaded, f"set {', '.join(changes)}")
+
     def set_admin_password(self, clear: str) -> SetResult:
         old, loaded = self._editable()
         new = set_admin_password(old, clear)

@@ -1,0 +1,217 @@
+"""`mirrorunit config ...`: show, set, export, import, passwd, backup, restore.
+
+The config partition's path comes from --config, else $MIRRORUNIT_CONFIG, else
+DEFAULT_CONFIG_PATH.  With --control, live-applicable changes are pushed to the
+running local unit and the command says which changes need a restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .backup import backup_blob, restore_blob
+from .errors import ConfigError, ConfigStoreError, SealError
+from .live import apply_live
+from .mount import RemountHook
+from .password import check_admin_password
+from .schema import format_show
+from .store import ConfigStore, ExportFormat, SetResult, StoreSettings
+
+ENV_CONFIG = "MIRRORUNIT_CONFIG"
+DEFAULT_CONFIG_PATH = "/etc/mirrorunit/config.slots"
+ENV_CONTROL = "MIRRORUNIT_CONTROL"
+
+
+def default_config_path() -> str:
+    return os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH
+
+
+def open_store(path: str | os.PathLike[str] | None = None) -> ConfigStore:
+    p = os.fspath(path) if path is not None else default_config_path()
+    return ConfigStore(StoreSettings(p), remount=RemountHook(p))
+
+
+def add_config_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, metavar="PATH",
+                   help=f"config partition (default ${ENV_CONFIG} or {DEFAULT_CONFIG_PATH})")
+
+
+def _add_control(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--control", default=os.environ.get(ENV_CONTROL), metavar="SOCKET",
+                   help="local unit control socket: push live changes to it")
+
+
+def register(sub: Any) -> None:
+    cfg = sub.add_parser("config", help="show and change the unit's configuration")
+    cs = cfg.add_subparsers(dest="config_command", required=True)
+
+    sh = cs.add_parser("show", help="every field (secrets as set / not set)")
+    add_config_option(sh)
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(func=cmd_show)
+
+    st = cs.add_parser("set", help="change one field")
+    add_config_option(st)
+    _add_control(st)
+    st.add_argument("key")
+    st.add_argument("value")
+    st.set_defaults(func=cmd_set)
+
+    ex = cs.add_parser("export", help="write the config as JSON or CBOR")
+    add_config_option(ex)
+    ex.add_argument("--format", choices=("json", "cbor"), default="json")
+    ex.add_argument("--output", "-o", type=Path, help="file (default: standard output)")
+    ex.set_defaults(func=cmd_export)
+
+    im = cs.add_parser("import", help="replace fields from a JSON or CBOR document")
+    add_config_option(im)
+    _add_control(im)
+    im.add_argument("file", type=Path, help="document ('-' for standard input)")
+    im.add_argument("--format", choices=("json", "cbor"), default=None,
+                    help="default: from the file name, else JSON")
+    im.set_defaults(func=cmd_import)
+
+    pw = cs.add_parser("passwd", help="set or change the admin password")
+    add_config_option(pw)
+    pw.add_argument("--stdin", action="store_true",
+                    help="read the current (if set) and new password as lines on stdin")
+    pw.set_defaults(func=cmd_passwd)
+
+    bk = cs.add_parser("backup", help="write the config sealed under the admin password")
+    add_config_option(bk)
+    bk.add_argument("output", type=Path)
+    bk.add_argument("--stdin", action="store_true", help="read the password from stdin")
+    bk.set_defaults(func=cmd_backup)
+
+    rs = cs.add_parser("restore", help="restore a sealed backup (blank or corrupt partition)")
+    add_config_option(rs)
+    rs.add_argument("blob", type=Path)
+    rs.add_argument("--force", action="store_true", help="even over a valid config")
+    rs.add_argument("--stdin", action="store_true", help="read the password from stdin")
+    rs.set_defaults(func=cmd_restore)
+
+
+def _err(msg: str) -> int:
+    print(f"mirrorunit config: {msg}", file=sys.stderr)
+    return 1
+
+
+def _report(result: SetResult, control: str | None) -> None:
+    if not result.diff.changed:
+        print("no change")
+        return
+    print(f"saved generation {result.generation}")
+    for line in apply_live(result.diff, result.config, control).lines():
+        print(line)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store = open_store(args.config)
+    try:
+        loaded = store.load()
+        cfg, _ = store._editable()
+    except ConfigStoreError as e:
+        return _err(str(e))
+    if args.json:
+        print(json.dumps({"state": loaded.state.value, "generation": loaded.generation,
+                          "config": store.show()}, indent=2))
+    else:
+        print(f"# {loaded.describe()}")
+        print(format_show(cfg))
+    return 0
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    try:
+        result = open_store(args.config).set(args.key, args.value)
+    except (ConfigError, ConfigStoreError) as e:
+        return _err(str(e))
+    _report(result, args.control)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        data = open_store(args.config).export(args.format)
+    except ConfigStoreError as e:
+        return _err(str(e))
+    if args.output:
+        args.output.write_bytes(data)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    fmt: ExportFormat = args.format or ("cbor" if str(args.file).endswith(".cbor") else "json")
+    try:
+        data = sys.stdin.buffer.read() if str(args.file) == "-" else args.file.read_bytes()
+    except OSError as e:
+        return _err(f"{args.file}: {e.strerror or e}")
+    try:
+        result = open_store(args.config).import_(data, fmt)
+    except (ConfigError, ConfigStoreError) as e:
+        return _err(f"import refused, nothing written: {e}")
+    _report(result, args.control)
+    return 0
+
+
+def _reader(use_stdin: bool) -> Any:
+    if use_stdin or not sys.stdin.isatty():
+        def read(_prompt: str) -> str:
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError("standard input ended")
+            return line.rstrip("\n")
+        return read
+    return getpass.getpass
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    store = open_store(args.config)
+    read = _reader(args.stdin)
+    try:
+        cfg, _ = store._editable()
+        if cfg["admin.password_hash"]:
+            if not check_admin_password(cfg, read("Current admin password: ")):
+                return _err("wrong password; nothing changed")
+        new = read("New admin password: ")
+        if read("Repeat it: ") != new:
+            return _err("the two entries differ; nothing changed")
+        result = store.set_admin_password(new)
+    except (ConfigError, ConfigStoreError, EOFError) as e:
+        return _err(str(e))
+    print(f"admin password saved (generation {result.generation})")
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    try:
+        blob = backup_blob(open_store(args.config), _reader(args.stdin)("Admin password: "))
+        args.output.write_bytes(blob)
+    except (ConfigStoreError, SealError, ConfigError, EOFError) as e:
+        return _err(str(e))
+    except OSError as e:
+        return _err(f"{args.output}: {e.strerror or e}")
+    print(f"sealed backup written to {args.output} ({len(blob)} bytes)")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    try:
+        blob = args.blob.read_bytes()
+        result = restore_blob(open_store(args.config), blob,
+                              _reader(args.stdin)("Admin password: "), force=args.force)
+    except OSError as e:
+        return _err(f"{args.blob}: {e.strerror or e}")
+    except (ConfigStoreError, SealError, ConfigError, EOFError) as e:
+        return _err(f"restore refused, nothing written: {e}")
+    print(f"configuration restored (generation {result.generation})")
+    return 0
