@@ -1,0 +1,1 @@
+"""Build of the flashable SD-card image: board profiles, partition layout, root tree."""

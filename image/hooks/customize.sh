@@ -1,0 +1,13 @@
+#!/bin/sh
+# mmdebstrap customize hook: keep raspi-firmware's files for the boot partition without
+# installing the package (its kernel hooks want a mounted /boot/firmware), drop what must be
+# unique per unit (SSH host keys, machine-id) and the apt caches.
+set -eu
+root="$1"
+chroot "$root" sh -c 'cd /tmp && apt-get download -q raspi-firmware'
+mkdir -p "$root/usr/share/mirrorunit/debs"
+mv "$root"/tmp/raspi-firmware_*.deb "$root/usr/share/mirrorunit/debs/"
+rm -f "$root"/etc/ssh/ssh_host_*
+: > "$root/etc/machine-id"
+rm -f "$root/var/lib/dbus/machine-id"
+rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb
