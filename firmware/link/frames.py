@@ -65,6 +65,11 @@ assert DIGEST_RECORD.size == 28
 DIGEST_SIZE = 32
 
 
+def chunk_digest(data: bytes) -> bytes:
+    """The strong digest both ends compare to decide a resync chunk is equal."""
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+
+
 @dataclass(frozen=True)
 class WriteRecord:
     """One write of the local volume, as the CBQ numbered it."""
@@ -149,7 +154,72 @@ class Bye:
     pass
 
 
-Frame = Hello | HelloAck | Writes | Ack | Digest | Commit | Abort | Ping | Pong | Error | Bye
+@dataclass(frozen=True)
+class ResyncStart:
+    """Local -> remote: a checksum resync (or, with `verify`, a comparison that moves
+    no data) begins.  When it ends the remote image will equal the local volume as
+    of right after `seq` once the writes after `seq` are applied."""
+
+    resync_id: int
+    verify: bool
+    seq: int
+    chunk_size: int
+    #: Chunks the local will ask digests for (informational, for progress).
+    chunk_total: int
+
+
+@dataclass(frozen=True)
+class DigestRequest:
+    """Local -> remote: send the digests of these chunks of your mirror."""
+
+    resync_id: int
+    chunks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ChunkDigests:
+    """Remote -> local: BLAKE2b-256 digests of the chunks of one `DigestRequest`."""
+
+    resync_id: int
+    chunks: tuple[int, ...]
+    digests: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class ChunkData:
+    """Local -> remote: the contents of a chunk whose digests differ."""
+
+    resync_id: int
+    chunk: int
+    codec: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ResyncEnd:
+    resync_id: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class ResyncDone:
+    """Remote -> local: the resync is complete (its durable seq is now `seq`), or
+    the verify is over."""
+
+    resync_id: int
+    seq: int
+    chunks_written: int
+
+
+Frame = (
+    Hello | HelloAck | Writes | Ack | Digest | Commit | Abort | Ping | Pong | Error | Bye
+    | ResyncStart | DigestRequest | ChunkDigests | ChunkData | ResyncEnd | ResyncDone
+)
+
+#: Chunks named in one DIGEST_REQ / CHUNK_DIGESTS frame.
+MAX_DIGEST_CHUNKS = 1024
+#: Largest resync chunk accepted (the store's chunks are 64 KiB).
+MAX_CHUNK_DATA = 1024 * 1024
 
 
 # --------------------------------------------------------------------------- compression
@@ -263,6 +333,23 @@ def _frame_map(frame: Frame) -> dict[str, Any]:
         return {"type": "ERROR", "code": frame.code, "text": frame.text}
     if isinstance(frame, Bye):
         return {"type": "BYE"}
+    if isinstance(frame, ResyncStart):
+        return {"type": "RESYNC_START", "rid": frame.resync_id, "verify": frame.verify,
+                "seq": frame.seq, "chunk": frame.chunk_size, "total": frame.chunk_total}
+    if isinstance(frame, DigestRequest):
+        return {"type": "DIGEST_REQ", "rid": frame.resync_id, "chunks": list(frame.chunks)}
+    if isinstance(frame, ChunkDigests):
+        return {"type": "CHUNK_DIGESTS", "rid": frame.resync_id, "chunks": list(frame.chunks),
+                "digests": b"".join(frame.digests)}
+    if isinstance(frame, ChunkData):
+        return {"type": "CHUNK", "rid": frame.resync_id, "chunk": frame.chunk,
+                "codec": frame.codec, "len": len(frame.data),
+                "data": compress(frame.codec, frame.data)}
+    if isinstance(frame, ResyncEnd):
+        return {"type": "RESYNC_END", "rid": frame.resync_id, "seq": frame.seq}
+    if isinstance(frame, ResyncDone):
+        return {"type": "RESYNC_DONE", "rid": frame.resync_id, "seq": frame.seq,
+                "written": frame.chunks_written}
     raise TypeError(f"not a frame: {frame!r}")
 
 
@@ -398,6 +485,53 @@ def _decode_digest(m: dict[Any, Any]) -> Digest:
     return Digest(batch_id=_u64(m, "batch", "DIGEST"), digest=digest)
 
 
+def _chunk_list(m: dict[Any, Any], ftype: str) -> tuple[int, ...]:
+    chunks = _list(m, "chunks", ftype, MAX_DIGEST_CHUNKS)
+    if any(type(c) is not int or not 0 <= c <= MAX_U64 for c in chunks):
+        raise LinkProtocolError(f"{ftype} field 'chunks' must list chunk numbers")
+    return tuple(chunks)
+
+
+def _decode_resync_start(m: dict[Any, Any]) -> ResyncStart:
+    chunk_size = _u64(m, "chunk", "RESYNC_START")
+    if not 0 < chunk_size <= MAX_CHUNK_DATA:
+        raise LinkProtocolError(f"RESYNC_START chunk size {chunk_size} outside 1..{MAX_CHUNK_DATA}")
+    return ResyncStart(
+        resync_id=_u64(m, "rid", "RESYNC_START"),
+        verify=_bool(m, "verify", "RESYNC_START"),
+        seq=_u64(m, "seq", "RESYNC_START"),
+        chunk_size=chunk_size,
+        chunk_total=_u64(m, "total", "RESYNC_START"),
+    )
+
+
+def _decode_chunk_digests(m: dict[Any, Any]) -> ChunkDigests:
+    chunks = _chunk_list(m, "CHUNK_DIGESTS")
+    blob = _bytes(m, "digests", "CHUNK_DIGESTS")
+    if len(blob) != DIGEST_SIZE * len(chunks):
+        raise LinkProtocolError(
+            f"CHUNK_DIGESTS has {len(blob)} digest bytes for {len(chunks)} chunks"
+        )
+    return ChunkDigests(
+        resync_id=_u64(m, "rid", "CHUNK_DIGESTS"),
+        chunks=chunks,
+        digests=tuple(blob[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] for i in range(len(chunks))),
+    )
+
+
+def _decode_chunk(m: dict[Any, Any]) -> ChunkData:
+    length = _u64(m, "len", "CHUNK")
+    if not 0 < length <= MAX_CHUNK_DATA:
+        raise LinkProtocolError(f"CHUNK length {length} outside 1..{MAX_CHUNK_DATA}")
+    codec = _text(m, "codec", "CHUNK", 32)
+    return ChunkData(
+        resync_id=_u64(m, "rid", "CHUNK"),
+        chunk=_u64(m, "chunk", "CHUNK"),
+        codec=codec,
+        data=decompress(codec, _bytes(m, "data", "CHUNK"), length),
+    )
+
+
 _DECODERS: dict[str, Callable[[dict[Any, Any]], Frame]] = {
     "HELLO": _decode_hello,
     "HELLO_ACK": _decode_hello_ack,
@@ -412,6 +546,19 @@ _DECODERS: dict[str, Callable[[dict[Any, Any]], Frame]] = {
     "PONG": lambda m: Pong(nonce=_u64(m, "nonce", "PONG")),
     "ERROR": lambda m: Error(code=_text(m, "code", "ERROR", 64), text=_text(m, "text", "ERROR")),
     "BYE": lambda m: Bye(),
+    "RESYNC_START": _decode_resync_start,
+    "DIGEST_REQ": lambda m: DigestRequest(
+        resync_id=_u64(m, "rid", "DIGEST_REQ"), chunks=_chunk_list(m, "DIGEST_REQ")
+    ),
+    "CHUNK_DIGESTS": _decode_chunk_digests,
+    "CHUNK": _decode_chunk,
+    "RESYNC_END": lambda m: ResyncEnd(
+        resync_id=_u64(m, "rid", "RESYNC_END"), seq=_u64(m, "seq", "RESYNC_END")
+    ),
+    "RESYNC_DONE": lambda m: ResyncDone(
+        resync_id=_u64(m, "rid", "RESYNC_DONE"), seq=_u64(m, "seq", "RESYNC_DONE"),
+        chunks_written=_u64(m, "written", "RESYNC_DONE"),
+    ),
 }
 
 

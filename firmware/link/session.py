@@ -33,8 +33,11 @@ from firmware.link.frames import (
     Abort,
     Ack,
     Bye,
+    ChunkData,
+    ChunkDigests,
     Commit,
     Digest,
+    DigestRequest,
     Error,
     Frame,
     FrameDecoder,
@@ -42,10 +45,14 @@ from firmware.link.frames import (
     HelloAck,
     Ping,
     Pong,
+    ResyncDone,
+    ResyncEnd,
+    ResyncStart,
     WriteRecord,
     Writes,
     available_codecs,
     batch_digest,
+    chunk_digest,
     encode_frame,
 )
 
@@ -81,6 +88,61 @@ class WriteSink(Protocol):
         ...
 
     def last_durable_seq(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ResyncPlan:
+    """A checksum resync (or a verify) the source wants before streaming on.
+
+    After it the remote equals the local volume as of right after `seq` once the
+    writes after `seq` are applied; the source then streams from `seq`."""
+
+    verify: bool
+    seq: int
+    chunks: tuple[int, ...]
+
+
+class ResyncSource(Protocol):
+    """A `WriteSource` that can also resync by checksum (the local volume + CBQ)."""
+
+    chunk_size: int
+
+    def resync_plan(self, remote_durable: int) -> ResyncPlan | None:
+        """A plan if the remote needs a resync (or a verify was asked for) before
+        streaming on from `remote_durable`; None to stream normally."""
+        ...
+
+    def read_chunk(self, chunk: int) -> bytes:
+        """The local volume's current contents of one chunk."""
+        ...
+
+    def resync_finished(self, plan: ResyncPlan, differing: list[int], seq: int) -> None:
+        """The remote confirmed the resync (or verify) of `plan`."""
+        ...
+
+
+class ResyncSink(Protocol):
+    """A `WriteSink` that can take part in a checksum resync (the remote unit store)."""
+
+    @property
+    def chunk_size(self) -> int: ...
+
+    @property
+    def chunk_count(self) -> int: ...
+
+    def begin_resync(self) -> int: ...
+
+    def chunk_digests(self, chunks: Sequence[int]) -> dict[int, bytes]: ...
+
+    def write_chunk(self, chunk: int, data: bytes) -> bool: ...
+
+    def resync_complete(self, seq: int) -> None: ...
+
+
+#: Chunks per DIGEST_REQ, and requests the sender keeps outstanding: enough to keep
+#: a long link busy, few enough that the chunks one answer triggers stay small.
+DIGEST_PIECE = 128
+DIGEST_WINDOW = 4
 
 
 # --------------------------------------------------------------------------- events
@@ -142,9 +204,29 @@ class PongReceived:
     nonce: int
 
 
+@dataclass(frozen=True)
+class ResyncStarted:
+    resync_id: int
+    verify: bool
+    seq: int
+    chunks: int
+
+
+@dataclass(frozen=True)
+class ResyncFinished:
+    resync_id: int
+    verify: bool
+    seq: int
+    chunks_compared: int
+    #: Chunks whose digests differed (sent, unless verifying).
+    differing: tuple[int, ...]
+    #: Uncompressed chunk bytes sent (0 for a verify).
+    bytes_sent: int
+
+
 SessionEvent = (
     Established | Acknowledged | BatchApplied | BatchAborted | Refused | PeerError | PeerClosed
-    | PongReceived
+    | PongReceived | ResyncStarted | ResyncFinished
 )
 
 
@@ -165,9 +247,14 @@ class Role(enum.Enum):
 # Which frames each role accepts in each state; anything else is a protocol error.
 _ALLOWED: dict[tuple[Role, SessionState], tuple[type, ...]] = {
     (Role.SENDER, SessionState.HELLO_SENT): (HelloAck, Error, Ping, Pong, Bye),
-    (Role.SENDER, SessionState.STREAMING): (Ack, Digest, Error, Ping, Pong, Bye),
+    (Role.SENDER, SessionState.STREAMING): (
+        Ack, Digest, ChunkDigests, ResyncDone, Error, Ping, Pong, Bye,
+    ),
     (Role.RECEIVER, SessionState.AWAIT_HELLO): (Hello, Error, Ping, Bye),
-    (Role.RECEIVER, SessionState.STREAMING): (Writes, Commit, Abort, Error, Ping, Pong, Bye),
+    (Role.RECEIVER, SessionState.STREAMING): (
+        Writes, Commit, Abort, ResyncStart, DigestRequest, ChunkData, ResyncEnd,
+        Error, Ping, Pong, Bye,
+    ),
 }
 
 # Error codes carried in ERROR frames.
@@ -289,6 +376,18 @@ class SenderConfig:
 
 
 @dataclass
+class _SenderResync:
+    resync_id: int
+    plan: ResyncPlan
+    todo: list[int]
+    outstanding: int = 0
+    compared: int = 0
+    differing: list[int] = field(default_factory=list)
+    bytes_sent: int = 0
+    end_sent: bool = False
+
+
+@dataclass
 class _InFlight:
     batch_id: int
     first_seq: int
@@ -314,6 +413,44 @@ class SenderSession(_Session):
         self._next_batch_id = 1
         self._aborts: dict[int, int] = {}
         self.bytes_sent_payload = 0
+        self._resync: _SenderResync | None = None
+        self._next_resync_id = 1
+        self._pending_events: list[SessionEvent] = []
+
+    @property
+    def resync_active(self) -> bool:
+        return self._resync is not None
+
+    def _resync_source(self) -> ResyncSource | None:
+        src = self._source
+        return src if hasattr(src, "resync_plan") else None  # type: ignore[return-value]
+
+    def _start_resync(self, plan: ResyncPlan) -> None:
+        src = self._resync_source()
+        assert src is not None
+        rid = self._next_resync_id
+        self._next_resync_id += 1
+        self._resync = _SenderResync(rid, plan, list(reversed(plan.chunks)))
+        self._send(ResyncStart(resync_id=rid, verify=plan.verify, seq=plan.seq,
+                               chunk_size=src.chunk_size, chunk_total=len(plan.chunks)))
+        self._pending_events.append(
+            ResyncStarted(rid, plan.verify, plan.seq, len(plan.chunks)))
+
+    def _pump_resync(self) -> None:
+        r = self._resync
+        assert r is not None
+        while r.todo and r.outstanding < DIGEST_WINDOW:
+            piece = [r.todo.pop() for _ in range(min(DIGEST_PIECE, len(r.todo)))]
+            self._send(DigestRequest(resync_id=r.resync_id, chunks=tuple(piece)))
+            r.outstanding += 1
+        if not r.todo and r.outstanding == 0 and not r.end_sent:
+            self._send(ResyncEnd(resync_id=r.resync_id, seq=r.plan.seq))
+            r.end_sent = True
+
+    def take_events(self) -> list[SessionEvent]:
+        """Events that arose in `pump()` rather than from received bytes."""
+        out, self._pending_events = self._pending_events, []
+        return out
 
     @property
     def in_flight_bytes(self) -> int:
@@ -340,6 +477,15 @@ class SenderSession(_Session):
         """Pull batches from the source while the window has room; returns how many
         batches were queued for sending."""
         queued = 0
+        if self.state is SessionState.STREAMING and self._resync is None and not self._in_flight:
+            src = self._resync_source()
+            plan = src.resync_plan(self.acked_seq) if src is not None else None
+            if plan is not None:
+                self._start_resync(plan)
+        if self._resync is not None:
+            if self.state is SessionState.STREAMING:
+                self._pump_resync()
+            return 0
         while self.state is SessionState.STREAMING:
             room = self.config.window_bytes - self.in_flight_bytes
             if room <= 0:
@@ -388,7 +534,57 @@ class SenderSession(_Session):
             return self._on_ack(frame)
         if isinstance(frame, Digest):
             return self._on_digest(frame)
+        if isinstance(frame, ChunkDigests):
+            return self._on_chunk_digests(frame)
+        if isinstance(frame, ResyncDone):
+            return self._on_resync_done(frame)
         raise AssertionError(frame)  # _ALLOWED keeps other frames out
+
+    def _on_chunk_digests(self, frame: ChunkDigests) -> list[SessionEvent]:
+        r = self._resync
+        if r is None or frame.resync_id != r.resync_id or r.outstanding == 0:
+            raise LinkProtocolError(f"CHUNK_DIGESTS for resync {frame.resync_id}, not running")
+        src = self._resync_source()
+        assert src is not None
+        r.outstanding -= 1
+        for chunk, remote_digest in zip(frame.chunks, frame.digests, strict=True):
+            data = src.read_chunk(chunk)
+            r.compared += 1
+            if chunk_digest(data) == remote_digest:
+                continue
+            r.differing.append(chunk)
+            if not r.plan.verify:
+                self._send(ChunkData(resync_id=r.resync_id, chunk=chunk,
+                                     codec=self.compression, data=data))
+                r.bytes_sent += len(data)
+        return []
+
+    def _on_resync_done(self, frame: ResyncDone) -> list[SessionEvent]:
+        r = self._resync
+        if r is None or frame.resync_id != r.resync_id or not r.end_sent:
+            raise LinkProtocolError(f"RESYNC_DONE for resync {frame.resync_id}, not ending")
+        src = self._resync_source()
+        assert src is not None
+        self._resync = None
+        events: list[SessionEvent] = [ResyncFinished(
+            r.resync_id, r.plan.verify, frame.seq, r.compared, tuple(sorted(r.differing)),
+            r.bytes_sent)]
+        src.resync_finished(r.plan, sorted(r.differing), frame.seq)
+        if r.plan.verify:
+            return events
+        if frame.seq != r.plan.seq:
+            raise LinkProtocolError(f"RESYNC_DONE at seq {frame.seq}, asked for {r.plan.seq}")
+        self.acked_seq = self.last_sent_seq = frame.seq
+        events.append(Acknowledged(durable_seq=frame.seq))
+        try:
+            self._source.rewind_to(frame.seq)
+        except SourceGap:
+            # The queue overflowed again while the resync ran: go round once more.
+            plan = src.resync_plan(frame.seq)
+            if plan is None:
+                raise
+            self._start_resync(plan)
+        return events
 
     def _on_hello_ack(self, ack: HelloAck) -> list[SessionEvent]:
         c = self.config
@@ -403,6 +599,15 @@ class SenderSession(_Session):
         self.compression = ack.compression
         self.signature = ack.signature
         durable = ack.durable_seq
+        self.acked_seq = durable
+        self.last_sent_seq = durable
+        src = self._resync_source()
+        plan = src.resync_plan(durable) if src is not None else None
+        if plan is not None:
+            self.state = SessionState.STREAMING
+            self._start_resync(plan)
+            return [Established(c.unit_id, ack.version, ack.compression, ack.signature,
+                                durable)]
         try:
             self._source.ack(durable)
             self._source.rewind_to(durable)
@@ -521,6 +726,9 @@ class ReceiverSession(_Session):
         self._acked = -1
         self._last_batch_id = 0
         self._pending: list[_Pending] = []
+        #: (resync id, verify, chunks written) while a resync or verify runs.
+        self._resync: tuple[int, bool] | None = None
+        self._chunks_written = 0
 
     def _handle(self, frame: Frame) -> list[SessionEvent]:
         if isinstance(frame, Hello):
@@ -531,7 +739,69 @@ class ReceiverSession(_Session):
             return self._on_commit(frame)
         if isinstance(frame, Abort):
             return self._on_abort(frame)
+        if isinstance(frame, ResyncStart):
+            return self._on_resync_start(frame)
+        if isinstance(frame, DigestRequest | ChunkData | ResyncEnd):
+            return self._on_resync_frame(frame)
         raise AssertionError(frame)
+
+    def _resync_sink(self) -> ResyncSink:
+        sink = self.sink
+        if sink is None or not hasattr(sink, "write_chunk"):
+            raise LinkProtocolError("this remote's store cannot take part in a resync")
+        return sink  # type: ignore[return-value]
+
+    def _on_resync_start(self, frame: ResyncStart) -> list[SessionEvent]:
+        sink = self._resync_sink()
+        if self._resync is not None:
+            raise LinkProtocolError(f"RESYNC_START {frame.resync_id} while one runs")
+        if self._pending:
+            raise LinkProtocolError("RESYNC_START while batches await COMMIT")
+        if frame.chunk_size != sink.chunk_size:
+            raise LinkProtocolError(
+                f"resync chunk size {frame.chunk_size}, this store uses {sink.chunk_size}")
+        if not frame.verify:
+            sink.begin_resync()
+        self._resync = (frame.resync_id, frame.verify)
+        self._chunks_written = 0
+        return [ResyncStarted(frame.resync_id, frame.verify, frame.seq, frame.chunk_total)]
+
+    def _on_resync_frame(self, frame: DigestRequest | ChunkData | ResyncEnd) -> list[SessionEvent]:
+        sink = self._resync_sink()
+        if self._resync is None or self._resync[0] != frame.resync_id:
+            raise LinkProtocolError(
+                f"{type(frame).__name__} for resync {frame.resync_id}, which is not running")
+        verify = self._resync[1]
+        if isinstance(frame, DigestRequest):
+            for c in frame.chunks:
+                if c >= sink.chunk_count:
+                    raise LinkProtocolError(f"chunk {c} outside 0..{sink.chunk_count - 1}")
+            digests = sink.chunk_digests(frame.chunks)
+            self._send(ChunkDigests(resync_id=frame.resync_id, chunks=frame.chunks,
+                                    digests=tuple(digests[c] for c in frame.chunks)))
+            return []
+        if isinstance(frame, ChunkData):
+            if verify:
+                raise LinkProtocolError("CHUNK during a verify")
+            if frame.codec not in (self.compression, CODEC_NONE):
+                raise LinkProtocolError(f"CHUNK codec {frame.codec!r}, negotiated "
+                                        f"{self.compression!r}")
+            if frame.chunk >= sink.chunk_count:
+                raise LinkProtocolError(f"chunk {frame.chunk} outside the volume")
+            if sink.write_chunk(frame.chunk, frame.data):
+                self._chunks_written += 1
+            return []
+        self._resync = None
+        if verify:
+            self._send(ResyncDone(frame.resync_id, self._applied, 0))
+            return [ResyncFinished(frame.resync_id, True, self._applied, 0, (), 0)]
+        if frame.seq < self._applied:
+            raise LinkProtocolError(
+                f"resync ends at seq {frame.seq}, before seq {self._applied} already here")
+        sink.resync_complete(frame.seq)
+        self._applied = self._high = self._acked = frame.seq
+        self._send(ResyncDone(frame.resync_id, frame.seq, self._chunks_written))
+        return [ResyncFinished(frame.resync_id, False, frame.seq, 0, (), 0)]
 
     def _refuse(self, code: str, text: str) -> list[SessionEvent]:
         self._fail_with(code, text)
@@ -636,6 +906,8 @@ class ReceiverSession(_Session):
             self._ack_durable()
 
     def _on_writes(self, writes: Writes) -> list[SessionEvent]:
+        if self._resync is not None:
+            raise LinkProtocolError("WRITES while a resync runs")
         fresh = self._check_batch(writes)
         self._last_batch_id = writes.batch_id
         if fresh:

@@ -28,6 +28,8 @@ from firmware.link.session import (
     ReceiverConfig,
     ReceiverSession,
     Refused,
+    ResyncFinished,
+    ResyncStarted,
     SenderConfig,
     SenderSession,
     SessionEvent,
@@ -205,6 +207,11 @@ class LinkClient:
         self._thread: threading.Thread | None = None
         self._sock: ssl.SSLSocket | None = None
         self._ping_nonce = 0
+        #: The session of the current connection (None between connections).
+        self.session: SenderSession | None = None
+        self.connected = False
+        #: Called with every session event (from the link thread).
+        self.listeners: list[Callable[[SessionEvent], None]] = []
 
     # -- control
 
@@ -294,6 +301,7 @@ class LinkClient:
     def _stream(self, sock: ssl.SSLSocket) -> None:
         config = dataclasses.replace(self.config, resume_seq=self.acked_seq)
         session = SenderSession(config, self.source)
+        self.session = session
         session.start()
         last_rx = time.monotonic()
         try:
@@ -301,6 +309,8 @@ class LinkClient:
                 if self._stop.is_set():
                     session.close()
                 session.pump()
+                for event in session.take_events():
+                    self._on_event(event)
                 out = session.data_to_send()
                 if out:
                     self._send(sock, out)
@@ -308,6 +318,7 @@ class LinkClient:
                     return
                 room = session.state is SessionState.STREAMING and (
                     session.in_flight_bytes < session.config.window_bytes
+                    or session.resync_active
                 )
                 timeout = self.idle_poll if room else self.keepalive
                 if _readable(sock, self._wake, timeout):
@@ -329,9 +340,26 @@ class LinkClient:
             except OSError:
                 pass
             raise
+        finally:
+            self.connected = False
 
     def _on_event(self, event: SessionEvent) -> None:
-        if isinstance(event, Established):
+        for listener in self.listeners:
+            listener(event)
+        if isinstance(event, ResyncStarted):
+            log.warning("link to %s:%d: %s %d of %d chunks from seq %d", *self.address,
+                        "verify" if event.verify else "checksum resync", event.resync_id,
+                        event.chunks, event.seq)
+        elif isinstance(event, ResyncFinished):
+            log.warning("link to %s:%d: %s %d done at seq %d: %d chunks compared, %d differ, "
+                        "%d bytes sent", *self.address,
+                        "verify" if event.verify else "checksum resync", event.resync_id,
+                        event.seq, event.chunks_compared, len(event.differing),
+                        event.bytes_sent)
+            if not event.verify:
+                self._set_acked(event.seq)
+        elif isinstance(event, Established):
+            self.connected = True
             self.stats.sessions += 1
             self.backoff.reset()
             log.info(
@@ -558,5 +586,13 @@ class LinkServer:
                              event.signature, event.durable_seq)
                 elif isinstance(event, PeerError):
                     log.warning("unit at %s reported %s: %s", peer, event.code, event.text)
+                elif isinstance(event, ResyncStarted):
+                    log.warning("unit at %s: %s %d started (local seq %d, %d chunks)", peer,
+                                "verify" if event.verify else "checksum resync",
+                                event.resync_id, event.seq, event.chunks)
+                elif isinstance(event, ResyncFinished):
+                    log.warning("unit at %s: %s %d finished at seq %d", peer,
+                                "verify" if event.verify else "checksum resync",
+                                event.resync_id, event.seq)
             if session.is_finished:
                 return

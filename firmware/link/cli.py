@@ -1,0 +1,262 @@
+"""Command-line parts of the journey link.
+
+- `mirrorunit local ... --remote NAME=HOST:PORT` (repeatable) replicates the local
+  volume to each remote; NAME is the CBQ consumer and the name the remote's
+  certificate is pinned under.
+- `mirrorunit pair show|add|fetch|list|remove` manages this unit's identity and
+  the certificates it pins (see docs/replication.md, "Pairing").
+- `mirrorunit link status|pause|resume|verify` talks to a running local unit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import socket
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from firmware.link.errors import LinkError, PeerNotPinned
+from firmware.link.tls import (
+    CERT_FILE,
+    Identity,
+    PeerStore,
+    fingerprint,
+    load_or_create_identity,
+    normalize_fingerprint,
+)
+from firmware.units import parse_size
+
+DEFAULT_CONTROL = "/run/mirrorunit/local.sock"
+
+
+def certificate_name(cert_der: bytes) -> str:
+    """The common name a unit put in its certificate (its unit id)."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        raise LinkError("certificate has no common name")
+    value = names[0].value
+    return value if isinstance(value, str) else value.decode()
+
+
+def unit_identity(state_dir: Path, unit_id: str | None = None) -> tuple[Identity, str]:
+    """Load (or create on first start) this unit's identity; its id is the
+    certificate's common name, chosen at random unless `unit_id` is given."""
+    if not (state_dir / CERT_FILE).exists():
+        identity = load_or_create_identity(state_dir, unit_id or f"unit-{secrets.token_hex(6)}")
+    else:
+        identity = load_or_create_identity(state_dir, unit_id or "unused")
+    name = certificate_name(identity.cert_der)
+    if unit_id is not None and unit_id != name:
+        raise LinkError(f"the identity in {state_dir} belongs to unit {name!r}, not {unit_id!r}")
+    return identity, name
+
+
+def default_local_state_dir(buffer: Path) -> Path:
+    return buffer.parent / (buffer.name + ".link")
+
+
+# --------------------------------------------------------------------------- local
+
+
+def _bandwidth(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def extend_local(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("journey link")
+    g.add_argument("--remote", action="append", default=[], metavar="NAME=HOST:PORT",
+                   help="replicate to this remote (repeatable); NAME is its CBQ consumer "
+                        "and pinned-peer name")
+    g.add_argument("--state-dir", type=Path,
+                   help="link identity and pinned peers (default: BUFFER.link next to "
+                        "the buffer)")
+    g.add_argument("--unit-id", help="this unit's id when its identity is first created")
+    g.add_argument("--link-bandwidth", type=_bandwidth, metavar="BYTES/S",
+                   help="cap each link to this many bytes per second (e.g. 2M)")
+    g.add_argument("--compression", choices=("zstd", "zlib", "none"), default="zstd")
+
+
+def _link_factory(unit: Any) -> Any:
+    args = unit.settings.args
+    remotes = getattr(args, "remote", None) if args is not None else None
+    if not remotes:
+        return None
+    from firmware.link.local_service import LinkService, RemoteSpec
+
+    specs = [RemoteSpec.parse(r) for r in remotes]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--remote names must be unique: {names}")
+    state_dir = args.state_dir or default_local_state_dir(unit.settings.buffer)
+    identity, unit_id = unit_identity(state_dir, args.unit_id)
+    peers = PeerStore.in_dir(state_dir)
+    cbq = unit.cbq
+    if args.peers is None and "remote" in cbq.consumers and "remote" not in names:
+        # The default consumer nobody replicates to would pin the queue's space.
+        cbq.remove_consumer("remote")
+    for name in names:
+        if peers.get(name) is None:
+            import logging
+
+            logging.getLogger("mirrorunit.link").error(
+                "remote %s is not paired: pin its certificate with `mirrorunit pair` "
+                "(state dir %s); the link will be refused until then", name, state_dir)
+    return LinkService(cbq=cbq, volume=unit.volume, identity=identity, peers=peers,
+                       unit_id=unit_id, remotes=specs, state_dir=state_dir,
+                       bandwidth=args.link_bandwidth, compression=args.compression)
+
+
+def _register_factory() -> None:
+    from firmware.local.unit import SERVICE_FACTORIES
+
+    if _link_factory not in SERVICE_FACTORIES:
+        SERVICE_FACTORIES.append(_link_factory)
+
+
+_register_factory()
+
+
+# --------------------------------------------------------------------------- pair
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    if args.state_dir is not None:
+        return Path(args.state_dir)
+    print("mirrorunit pair: give --state-dir (the unit's link state directory)",
+          file=sys.stderr)
+    raise SystemExit(2)
+
+
+def fetch_certificate(host: str, port: int, timeout: float = 10.0,
+                      identity: Identity | None = None) -> bytes:
+    """The certificate a unit listening at host:port presents.  Nothing is trusted
+    here: the caller compares its fingerprint with one obtained out of band."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if identity is not None:
+        ctx.load_cert_chain(str(identity.cert_path), str(identity.key_path))
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        with ctx.wrap_socket(raw) as sock:
+            der = sock.getpeercert(binary_form=True)
+    if not der:
+        raise PeerNotPinned(f"{host}:{port} presented no certificate")
+    return der
+
+
+def _pair(args: argparse.Namespace) -> int:
+    state_dir = _state_dir(args)
+    try:
+        if args.pair_command == "show":
+            identity, unit_id = unit_identity(state_dir, args.unit_id)
+            if args.pem:
+                print(identity.cert_pem, end="")
+            else:
+                print(f"unit id      {unit_id}")
+                print(f"fingerprint  {identity.fingerprint}")
+                print(f"certificate  {identity.cert_path}")
+            return 0
+        peers = PeerStore.in_dir(state_dir)
+        if args.pair_command == "list":
+            for name in peers.names():
+                p = peers.get(name)
+                assert p is not None
+                print(f"{name}  {p.fingerprint}")
+            return 0
+        if args.pair_command == "remove":
+            peers.unpin(args.name)
+            print(f"unpinned {args.name}")
+            return 0
+        if args.pair_command == "add":
+            text = Path(args.cert).read_text() if args.cert != "-" else sys.stdin.read()
+            der = ssl.PEM_cert_to_DER_cert(text)
+        else:  # fetch
+            host, _, port = args.address.rpartition(":")
+            identity, _ = unit_identity(state_dir)
+            der = fetch_certificate(host.strip("[]"), int(port), identity=identity)
+        fp = fingerprint(der)
+        name = args.name or certificate_name(der)
+        expected = args.fingerprint
+        if expected is None:
+            print(f"peer {name} presents fingerprint\n  {fp}")
+            if not sys.stdin.isatty():
+                print("mirrorunit pair: no --fingerprint given and no terminal to confirm "
+                      "on; refusing to pin an unverified certificate", file=sys.stderr)
+                return 1
+            answer = input("Does this match the fingerprint shown on the peer? [yes/no] ")
+            if answer.strip().lower() != "yes":
+                print("not pinned")
+                return 1
+            expected = fp
+        else:
+            expected = normalize_fingerprint(expected)
+        peers.pin(name, der, expected_fingerprint=expected)
+        print(f"pinned {name} ({fp})")
+        return 0
+    except (LinkError, OSError, ValueError) as exc:
+        print(f"mirrorunit pair: {exc}", file=sys.stderr)
+        return 1
+
+
+def _link(args: argparse.Namespace) -> int:
+    from firmware.control import ControlError, call
+
+    try:
+        if args.link_command == "status":
+            result = call(args.control, "link.status")
+        else:
+            result = call(args.control, f"link.{args.link_command}", name=args.name)
+    except ControlError as exc:
+        print(f"mirrorunit link: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def register(sub: Any) -> None:
+    pr = sub.add_parser("pair", help="this unit's link identity and its pinned peers")
+    ps = pr.add_subparsers(dest="pair_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state-dir", type=Path, help="the unit's link state directory")
+    show = ps.add_parser("show", parents=[common],
+                         help="print this unit's id and certificate fingerprint")
+    show.add_argument("--unit-id", help="id to use if the identity is created now")
+    show.add_argument("--pem", action="store_true", help="print the certificate (PEM)")
+    add = ps.add_parser("add", parents=[common], help="pin a peer from its certificate file")
+    add.add_argument("--cert", required=True, help="PEM file ('-' for stdin)")
+    add.add_argument("--name", help="pin under this name (default: the certificate's unit id)")
+    add.add_argument("--fingerprint", help="refuse unless the certificate has this SHA-256")
+    fe = ps.add_parser("fetch", parents=[common],
+                       help="fetch a listening peer's certificate over TLS and pin it")
+    fe.add_argument("--address", required=True, metavar="HOST:PORT")
+    fe.add_argument("--name", help="pin under this name (default: the peer's unit id)")
+    fe.add_argument("--fingerprint",
+                    help="the fingerprint the peer printed; without it you are asked")
+    ps.add_parser("list", parents=[common], help="list pinned peers")
+    rm = ps.add_parser("remove", parents=[common], help="unpin a peer")
+    rm.add_argument("name")
+    pr.set_defaults(func=_pair)
+
+    li = sub.add_parser("link", help="journey links of a running local unit")
+    ls = li.add_subparsers(dest="link_command", required=True)
+    st = ls.add_parser("status", help="per-remote link state, lag and resync")
+    st.add_argument("--control", type=Path, default=Path(DEFAULT_CONTROL))
+    for name, helptext in (("pause", "disconnect a remote and stop sending to it"),
+                           ("resume", "reconnect a paused remote"),
+                           ("verify", "compare the volumes by digest (moves no data)")):
+        sp = ls.add_parser(name, help=helptext)
+        sp.add_argument("name", help="the remote's name")
+        sp.add_argument("--control", type=Path, default=Path(DEFAULT_CONTROL))
+    li.set_defaults(func=_link)

@@ -1,0 +1,364 @@
+"""The local unit's side of the journey link: one CBQ consumer and one `LinkClient`
+per configured remote, run as a service of the local unit process.
+
+`CbqSource` adapts a CBQ consumer cursor to the sender's `WriteSource` (and
+`ResyncSource`): records go out in seq order, only acknowledged seqs are released
+in the CBQ, and when the consumer needs a checksum resync (CBQ overflow, a new
+peer, a remote that lost its place) it plans one over the dirty chunks or the
+whole volume.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from firmware.cbq import CircularBufferQueue
+from firmware.cbq.errors import CbqError
+from firmware.link.errors import LinkError, SourceGap
+from firmware.link.frames import WriteRecord, available_codecs
+from firmware.link.session import (
+    Established,
+    ResyncFinished,
+    ResyncPlan,
+    ResyncStarted,
+    SenderConfig,
+    SessionEvent,
+)
+from firmware.link.shell import Backoff, LinkClient
+from firmware.link.tls import Identity, PeerStore
+
+log = logging.getLogger("mirrorunit.link")
+
+#: A marker file in the state dir: this peer must get a whole-volume resync (it was
+#: added after the volume had data, so no dirty map covers what it lacks).
+FULL_RESYNC_SUFFIX = ".full-resync"
+
+
+class CbqSource:
+    """`WriteSource` + `ResyncSource` over one consumer of the local CBQ.
+
+    Records handed to the sender but not yet acknowledged stay in memory (the
+    sender's window bounds them), so a rewind within the window costs no re-read."""
+
+    def __init__(self, cbq: CircularBufferQueue, name: str, volume: Any,
+                 state_dir: Path, read_records: int = 256) -> None:
+        self.cbq = cbq
+        self.name = name
+        self.volume = volume
+        self.state_dir = state_dir
+        self.chunk_size = cbq.geo.chunk_size
+        self._read_records = read_records
+        self._lock = threading.Lock()
+        self._handed: deque[WriteRecord] = deque()
+        self._stash: deque[WriteRecord] = deque()
+        self._skip_upto = 0
+        self._verify_requested = False
+        self.last_verify: dict[str, Any] | None = None
+        self.resync: dict[str, Any] | None = None
+        self.resyncs_done = 0
+        self.resync_bytes_sent = 0
+
+    # ---------------------------------------------------------------- WriteSource
+
+    def _consumer_needs_resync(self) -> bool:
+        c = self.cbq.consumers.get(self.name)
+        return c is not None and c.needs_resync
+
+    def next_batch(self, max_bytes: int) -> list[WriteRecord]:
+        with self._lock:
+            if self._consumer_needs_resync():
+                return []  # the queue overflowed: stop streaming, resync next
+            out: list[WriteRecord] = []
+            total = 0
+            while True:
+                if not self._stash:
+                    got = self.cbq.read(self.name, max_records=self._read_records,
+                                        max_bytes=max(max_bytes, 1 << 20))
+                    if not got:
+                        break
+                    self._stash.extend(
+                        WriteRecord(seq=q.seq, lbn=q.lbn, data=q.data, ts=q.timestamp_ns)
+                        for q in got if q.seq > self._skip_upto)
+                    continue
+                r = self._stash[0]
+                if out and total + len(r.data) > max_bytes:
+                    break
+                out.append(self._stash.popleft())
+                total += len(r.data)
+                if total >= max_bytes:
+                    break
+            self._handed.extend(out)
+            return out
+
+    def ack(self, seq: int) -> None:
+        with self._lock:
+            seq = min(seq, self.cbq.durable_seq)
+            try:
+                self.cbq.ack(self.name, seq)
+            except CbqError as exc:
+                raise LinkError(f"CBQ refused ack {seq} for {self.name}: {exc}") from None
+            while self._handed and self._handed[0].seq <= seq:
+                self._handed.popleft()
+
+    def rewind_to(self, seq: int) -> None:
+        with self._lock:
+            acked = self.cbq.consumers[self.name].acked_seq
+            if seq < acked:
+                raise SourceGap(f"{self.name}: seqs up to {acked} are released, "
+                                f"cannot resend from {seq + 1}")
+            back = [r for r in self._handed if r.seq > seq]
+            keep = [r for r in self._handed if r.seq <= seq]
+            self._handed = deque(keep)
+            self._stash = deque(r for r in [*back, *self._stash] if r.seq > seq)
+            self._skip_upto = max(self._skip_upto, seq)
+
+    # ---------------------------------------------------------------- ResyncSource
+
+    @property
+    def _full_marker(self) -> Path:
+        return self.state_dir / (self.name + FULL_RESYNC_SUFFIX)
+
+    def request_verify(self) -> None:
+        self._verify_requested = True
+
+    def _all_chunks(self) -> tuple[int, ...]:
+        return tuple(range(self.cbq.geo.chunks))
+
+    def resync_plan(self, remote_durable: int) -> ResyncPlan | None:
+        with self._lock:
+            c = self.cbq.consumers[self.name]
+            full = self._full_marker.exists() or remote_durable < c.acked_seq
+            if c.needs_resync or full:
+                dirty = self.cbq.begin_resync()
+                # The consumer's acked seq is where streaming resumes: every write after
+                # it is still queued for this peer.
+                seq = self.cbq.consumers[self.name].acked_seq
+                chunks = self._all_chunks() if full else tuple(dirty)
+                if full and not self._full_marker.exists():
+                    # A restart mid-resync must not fall back to the (partial) dirty map.
+                    self._full_marker.touch()
+                self._handed.clear()
+                self._stash.clear()
+                self.cbq.rewind(self.name)
+                self._skip_upto = seq
+                self.resync = {"kind": "full" if full else "dirty", "chunks": len(chunks),
+                               "seq": seq, "started_ns": time.time_ns()}
+                log.warning("%s: checksum resync over %d %s chunks (remote at seq %d, "
+                            "local resumes after %d)", self.name, len(chunks),
+                            "volume" if full else "dirty", remote_durable, seq)
+                return ResyncPlan(verify=False, seq=seq, chunks=chunks)
+            if self._verify_requested and not self._handed and not self._stash:
+                self._verify_requested = False
+                self.resync = {"kind": "verify", "chunks": self.cbq.geo.chunks,
+                               "seq": remote_durable, "started_ns": time.time_ns()}
+                return ResyncPlan(verify=True, seq=remote_durable, chunks=self._all_chunks())
+            return None
+
+    def read_chunk(self, chunk: int) -> bytes:
+        off = chunk * self.chunk_size
+        n = min(self.chunk_size, self.volume.size - off)
+        return bytes(self.volume.pread(off, n))
+
+    def resync_finished(self, plan: ResyncPlan, differing: list[int], seq: int) -> None:
+        with self._lock:
+            now = time.time_ns()
+            if plan.verify:
+                self.last_verify = {"finished_ns": now, "seq": seq,
+                                    "chunks_compared": len(plan.chunks),
+                                    "differing_chunks": differing}
+                log.warning("%s: verify compared %d chunks, %d differ%s", self.name,
+                            len(plan.chunks), len(differing),
+                            f": {differing[:16]}" if differing else "")
+            else:
+                c = self.cbq.consumers[self.name]
+                if not (c.needs_resync and c.acked_seq > plan.seq):
+                    # Unless the queue overflowed again meanwhile, this peer is whole.
+                    self.cbq.resync_done(self.name)
+                    self._full_marker.unlink(missing_ok=True)
+                self.resyncs_done += 1
+                self.resync_bytes_sent += len(differing) * self.chunk_size
+            self.resync = None
+
+
+# --------------------------------------------------------------------------- service
+
+
+@dataclass
+class RemoteSpec:
+    name: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> RemoteSpec:
+        name, sep, addr = text.partition("=")
+        host, sep2, port = addr.rpartition(":")
+        if not sep or not sep2 or not name or not host or not port.isdigit():
+            raise ValueError(f"--remote {text!r}: expected NAME=HOST:PORT")
+        return cls(name, host.strip("[]"), int(port))
+
+
+@dataclass
+class _Peer:
+    spec: RemoteSpec
+    source: CbqSource
+    client: LinkClient | None = None
+    paused: bool = False
+    events: int = 0
+    last_resync: dict[str, Any] | None = None
+
+
+class LinkService:
+    """Runs one `LinkClient` per remote; status and control ops for each."""
+
+    name = "link"
+
+    def __init__(self, *, cbq: CircularBufferQueue, volume: Any, identity: Identity,
+                 peers: PeerStore, unit_id: str, remotes: list[RemoteSpec], state_dir: Path,
+                 bandwidth: float | None = None, compression: str = "zstd",
+                 keepalive: float = 5.0, dead_after: float = 20.0,
+                 backoff_max: float = 10.0) -> None:
+        self.cbq = cbq
+        self.volume = volume
+        self.identity = identity
+        self.peers = peers
+        self.unit_id = unit_id
+        self.state_dir = state_dir
+        self.bandwidth = bandwidth
+        codecs = available_codecs()
+        self.compression = (compression,) + tuple(c for c in codecs if c == "none") \
+            if compression != "none" else ("none",)
+        self.keepalive = keepalive
+        self.dead_after = dead_after
+        self.backoff_max = backoff_max
+        self._peers: dict[str, _Peer] = {}
+        for spec in remotes:
+            if spec.name not in cbq.consumers:
+                # A peer added to a volume that may already hold data: only a
+                # whole-volume resync can bring it level.
+                cbq.add_consumer(spec.name)
+                (state_dir / (spec.name + FULL_RESYNC_SUFFIX)).touch()
+                log.warning("remote %s is new: added as CBQ consumer; it gets a full resync",
+                            spec.name)
+            self._peers[spec.name] = _Peer(spec, CbqSource(cbq, spec.name, volume, state_dir))
+
+    def _make_client(self, peer: _Peer) -> LinkClient:
+        config = SenderConfig(
+            unit_id=self.unit_id, volume_size=self.volume.size,
+            block_size=self.volume.block_size,
+            resume_seq=self.cbq.consumers[peer.spec.name].acked_seq,
+            compression=self.compression)
+        client = LinkClient((peer.spec.host, peer.spec.port), self.identity, self.peers,
+                            peer.spec.name, config, peer.source, bandwidth=self.bandwidth,
+                            backoff=Backoff(maximum=self.backoff_max),
+                            keepalive=self.keepalive, dead_after=self.dead_after)
+
+        def on_event(event: SessionEvent) -> None:
+            peer.events += 1
+            if isinstance(event, ResyncFinished):
+                peer.last_resync = {"verify": event.verify, "seq": event.seq,
+                                    "chunks_compared": event.chunks_compared,
+                                    "differing": len(event.differing),
+                                    "bytes_sent": event.bytes_sent,
+                                    "finished_ns": time.time_ns()}
+            elif isinstance(event, Established | ResyncStarted):
+                pass
+
+        client.listeners.append(on_event)
+        return client
+
+    # ---------------------------------------------------------------- Service
+
+    def start(self) -> None:
+        for peer in self._peers.values():
+            if not peer.paused:
+                peer.client = self._make_client(peer)
+                peer.client.start()
+
+    def stop(self) -> None:
+        for peer in self._peers.values():
+            if peer.client is not None:
+                peer.client.stop()
+                peer.client = None
+
+    def _peer(self, name: str) -> _Peer:
+        try:
+            return self._peers[name]
+        except KeyError:
+            raise ValueError(f"no remote named {name!r}; known: "
+                             + ", ".join(sorted(self._peers))) from None
+
+    def pause(self, name: str) -> dict[str, Any]:
+        peer = self._peer(name)
+        peer.paused = True
+        if peer.client is not None:
+            peer.client.stop()
+            peer.client = None
+        log.warning("link to %s paused by the operator", name)
+        return self.peer_status(name)
+
+    def resume(self, name: str) -> dict[str, Any]:
+        peer = self._peer(name)
+        if peer.paused:
+            peer.paused = False
+            peer.client = self._make_client(peer)
+            peer.client.start()
+            log.warning("link to %s resumed by the operator", name)
+        return self.peer_status(name)
+
+    def verify(self, name: str) -> dict[str, Any]:
+        self._peer(name).source.request_verify()
+        return self.peer_status(name)
+
+    def peer_status(self, name: str) -> dict[str, Any]:
+        peer = self._peer(name)
+        stats = self.cbq.stats()
+        c = stats["consumers"].get(name, {})
+        client = peer.client
+        session = client.session if client is not None else None
+        if peer.paused:
+            state = "paused"
+        elif client is not None and client.connected:
+            state = "resyncing" if peer.source.resync is not None else "connected"
+        else:
+            state = "retrying"
+        oldest = c.get("oldest_pending_ns")
+        pending = c.get("pending_records", 0)
+        return {
+            "remote": f"{peer.spec.host}:{peer.spec.port}",
+            "state": state,
+            "last_error": client.stats.last_error if client is not None else None,
+            "connects": client.stats.connects if client is not None else 0,
+            "sessions": client.stats.sessions if client is not None else 0,
+            "wire_bytes_sent": client.stats.bytes_sent if client is not None else 0,
+            "sent_seq": session.last_sent_seq if session is not None else c.get("acked_seq"),
+            "acked_seq": c.get("acked_seq"),
+            "last_seq": stats["last_seq"],
+            "lag_seqs": pending,
+            "lag_bytes": c.get("pending_bytes", 0),
+            "lag_seconds": round((time.time_ns() - oldest) / 1e9, 3)
+            if pending and oldest else 0.0,
+            "needs_resync": c.get("needs_resync", False),
+            "resync": peer.source.resync,
+            "resyncs_done": peer.source.resyncs_done,
+            "last_resync": peer.last_resync,
+            "last_verify": peer.source.last_verify,
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {"unit_id": self.unit_id, "fingerprint": self.identity.fingerprint,
+                "peers": {name: self.peer_status(name) for name in self._peers}}
+
+    def handlers(self) -> dict[str, Any]:
+        return {
+            "link.status": self.status,
+            "link.pause": self.pause,
+            "link.resume": self.resume,
+            "link.verify": self.verify,
+        }

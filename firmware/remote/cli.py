@@ -1,0 +1,259 @@
+"""`mirrorunit remote`: run the remote unit, and operate its virtual units.
+
+    mirrorunit remote --listen HOST:PORT --store DIR [--state-dir DIR]
+        [--commit-delay S] [--retention-bytes N] [--retention-age S] [--control SOCK]
+    mirrorunit remote status|export|rollback|drop ...
+
+The operator commands talk to the running daemon through its control socket.  When
+no daemon answers there they open the store directory themselves (a unit's lock
+keeps them from touching a unit a daemon holds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from firmware.units import parse_size
+
+DEFAULT_REMOTE_CONTROL = "/run/mirrorunit/remote.sock"
+log = logging.getLogger("mirrorunit.remote")
+
+
+def parse_time(text: str) -> int:
+    """An instant as nanoseconds since the epoch: ISO 8601 ('2024-05-01T12:00:00Z',
+    local time without a zone), seconds since the epoch ('1714564800.25'), or
+    'ns:1714564800250000000'."""
+    t = text.strip()
+    if t.startswith("ns:"):
+        return int(t[3:])
+    try:
+        secs = float(t)
+    except ValueError:
+        pass
+    else:
+        return int(round(secs * 1e9))
+    try:
+        dt = datetime.datetime.fromisoformat(t.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time (ISO 8601, epoch seconds or ns:<int>)") from None
+    if dt.tzinfo is None:
+        dt = dt.astimezone()
+    return int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def register(sub: Any) -> None:
+    rp = sub.add_parser("remote", help="run the remote unit or operate its virtual units")
+    rp.add_argument("--listen", type=_hostport, metavar="HOST:PORT",
+                    help="journey-link address to serve")
+    rp.add_argument("--store", type=Path, help="directory holding one subdirectory per unit")
+    rp.add_argument("--state-dir", type=Path,
+                    help="link identity and pinned units (default STORE/.link-state)")
+    rp.add_argument("--unit-id", help="this remote's id when its identity is first created")
+    rp.add_argument("--commit-delay", type=float, metavar="S",
+                    help="hold received writes S seconds before they reach the mirror")
+    rp.add_argument("--retention-bytes", type=_size, metavar="N",
+                    help="keep at most N bytes of point-in-time history per unit")
+    rp.add_argument("--retention-age", type=float, metavar="S",
+                    help="keep point-in-time history for S seconds")
+    rp.add_argument("--control", type=Path, default=Path(DEFAULT_REMOTE_CONTROL))
+    rs = rp.add_subparsers(dest="remote_command")
+
+    def op(name: str, helptext: str) -> argparse.ArgumentParser:
+        p = rs.add_parser(name, help=helptext)
+        p.add_argument("--control", type=Path, default=Path(DEFAULT_REMOTE_CONTROL))
+        p.add_argument("--store", type=Path, help="store directory (used when no daemon runs)")
+        return p
+
+    st = op("status", "units, lag, resync, history")
+    st.add_argument("--json", action="store_true")
+    ex = op("export", "a unit's image at a point in time, to a file or over NBD")
+    ex.add_argument("--unit", required=True)
+    g = ex.add_mutually_exclusive_group()
+    g.add_argument("--at", type=parse_time, help="instant (ISO 8601, epoch s, ns:N)")
+    g.add_argument("--seq", type=int, help="right after write SEQ")
+    o = ex.add_mutually_exclusive_group(required=True)
+    o.add_argument("--output", type=Path, help="image file to write")
+    o.add_argument("--nbd", metavar="HOST:PORT", help="serve read-only over NBD until Ctrl-C")
+    rb = op("rollback", "rewind a unit's mirror itself to a point in time")
+    rb.add_argument("--unit", required=True)
+    g = rb.add_mutually_exclusive_group(required=True)
+    g.add_argument("--to", type=parse_time)
+    g.add_argument("--to-seq", type=int)
+    dr = op("drop", "drop delayed writes of a time range before they reach the mirror")
+    dr.add_argument("--unit", required=True)
+    dr.add_argument("--from", dest="t_from", type=parse_time, required=True)
+    dr.add_argument("--to", dest="t_to", type=parse_time, required=True)
+    rp.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.remote_command is None:
+        return _serve(args)
+    from firmware.control import ControlError, call
+
+    try:
+        call(args.control, "status", timeout=5)
+        online = True
+    except ControlError:
+        online = False
+    try:
+        if online:
+            return _online(args, lambda op, **kw: call(args.control, op, **kw))
+        if args.store is None:
+            print(f"mirrorunit remote: no daemon answers on {args.control}; give --store to "
+                  "work on the store directory directly", file=sys.stderr)
+            return 1
+        return _offline(args)
+    except (ControlError, Exception) as exc:  # reported to the operator, exit code says it
+        print(f"mirrorunit remote {args.remote_command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _print_status(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    print(f"MirrorUnit remote unit, fingerprint {result.get('fingerprint', '?')}")
+    if "listen" in result:
+        print(f"  listening {result['listen']}, store {result['store']}")
+    for uid, u in sorted(result["units"].items()):
+        conn = u.get("connected_from")
+        print(f"  unit {uid}: {'connected from ' + conn if conn else 'not connected'}")
+        print(f"    volume {u['volume_size']} bytes, applied seq {u['last_applied_seq']}, "
+              f"durable seq {u['last_durable_seq']}, lag {u['lag_seqs']} writes / "
+              f"{u['pending_bytes']} bytes / {u['lag_seconds']:.1f} s, "
+              f"received {u['bytes_received']} bytes")
+        print(f"    history {u['history_records']} entries / {u['history_bytes']} bytes, "
+              f"oldest restorable seq {u['oldest_restorable_seq']}"
+              + (f", RESYNC since seq {u['resync']['start_seq']}" if u["resync"] else "")
+              + ("" if u["equal_to_local"] else ", differs from local (drop/rollback)"))
+
+
+def _online(args: argparse.Namespace, call: Any) -> int:
+    cmd = args.remote_command
+    if cmd == "status":
+        _print_status(call("status"), args.json)
+    elif cmd == "export" and args.output is not None:
+        r = call("remote.export", unit=args.unit, output=str(args.output.resolve()),
+                 at_ns=args.at, seq=args.seq)
+        print(f"exported unit {args.unit} at seq {r['seq']} ({_fmt(r['ts'])}) to {args.output}")
+    elif cmd == "export":
+        r = call("remote.nbd_start", unit=args.unit, address=args.nbd, at_ns=args.at,
+                 seq=args.seq)
+        print(f"serving unit {args.unit} at seq {r['seq']} ({_fmt(r['ts'])}) read-only: "
+              f"nbd://{r['address']}/{r['export']}  (Ctrl-C to stop)", flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            call("remote.nbd_stop", key=r["key"])
+    elif cmd == "rollback":
+        r = call("remote.rollback", unit=args.unit, to_ns=args.to, to_seq=args.to_seq)
+        print(f"unit {args.unit} rolled back to seq {r['seq']} ({_fmt(r['ts'])}): "
+              f"{r['undone']} history entries undone, {r['dropped_pending']} delayed writes "
+              "dropped")
+    elif cmd == "drop":
+        r = call("remote.drop", unit=args.unit, from_ns=args.t_from, to_ns=args.t_to)
+        print(f"unit {args.unit}: dropped {r['count']} delayed writes "
+              f"(seqs {r['first_seq']}..{r['last_seq']}, {r['bytes']} bytes)")
+    return 0
+
+
+def _offline(args: argparse.Namespace) -> int:
+    """The same operations on the store directory, with no daemon running."""
+    from firmware.link.cli import unit_identity
+    from firmware.link.tls import PeerStore
+    from firmware.remote.server import RemoteServer, default_remote_state_dir
+
+    state_dir = default_remote_state_dir(args.store)
+    identity, _ = unit_identity(state_dir)
+    server = RemoteServer(store_dir=args.store, listen=("127.0.0.1", 0), identity=identity,
+                          peers=PeerStore.in_dir(state_dir))
+    handlers = server.handlers()
+    try:
+        if args.remote_command == "status":
+            for uid in server.store.unit_ids():
+                server.unit(uid)
+            result = server.status()
+            result.pop("listen", None)
+            _print_status(result, args.json)
+            return 0
+        unit = getattr(args, "unit", None)
+        if unit is not None:
+            server.unit(unit)
+
+        def call(op: str, **kw: Any) -> Any:
+            return handlers[op](**kw)
+
+        return _online(args, call)
+    finally:
+        for srv in list(server.nbd_exports.values()):
+            srv.stop()
+        server.store.close()
+
+
+def _fmt(ns: int) -> str:
+    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC).isoformat(
+        timespec="milliseconds")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from firmware.control import ControlServer
+    from firmware.link.cli import unit_identity
+    from firmware.link.tls import PeerStore
+    from firmware.remote.server import RemoteServer, default_remote_state_dir
+    from firmware.remote.unit import Retention
+
+    if args.listen is None or args.store is None:
+        print("mirrorunit remote: --listen and --store are required to run the remote unit",
+              file=sys.stderr)
+        return 2
+    state_dir = args.state_dir or default_remote_state_dir(args.store)
+    identity, unit_id = unit_identity(state_dir, args.unit_id)
+    retention = None
+    if args.retention_bytes is not None or args.retention_age is not None:
+        retention = Retention(max_bytes=args.retention_bytes, max_age_s=args.retention_age)
+    server = RemoteServer(store_dir=args.store, listen=args.listen, identity=identity,
+                          peers=PeerStore.in_dir(state_dir), commit_delay_s=args.commit_delay,
+                          retention=retention)
+    host, port = server.start()
+    control = ControlServer(args.control, server.handlers())
+    control.start()
+    log.info("remote unit %s (fingerprint %s) listening on %s:%d, store %s, control %s",
+             unit_id, identity.fingerprint, host, port, args.store, args.control)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        stop.wait()
+    finally:
+        control.stop()
+        server.stop()
+        log.info("remote unit stopped cleanly")
+    return 0

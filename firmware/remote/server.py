@@ -1,0 +1,329 @@
+"""The remote unit's process: a `LinkServer` in front of a `RemoteStore`.
+
+Each paired local unit is a virtual unit of the store (`STORE/<unit id>/`), opened
+on its first connection and kept open while the process runs, so point-in-time
+exports, rollbacks and drops work through the control socket whether or not the
+local is connected.  A timer moves writes whose commit delay has passed to the
+mirror and prunes history beyond retention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from firmware.link.errors import LinkProtocolError, LinkRefused
+from firmware.link.frames import Hello, WriteRecord
+from firmware.link.session import ReceiverConfig
+from firmware.link.shell import LinkServer
+from firmware.link.tls import Identity, PeerStore
+from firmware.remote.errors import GeometryMismatch, RemoteError, UnitBusy
+from firmware.remote.store import RemoteStore
+from firmware.remote.unit import Retention, UnitStore
+
+log = logging.getLogger("mirrorunit.remote")
+
+#: Per-unit log of the seq ranges handed to the store, one "FIRST LAST" line per
+#: batch (tests check from it that every seq arrived once, in order).
+ARRIVALS_NAME = "arrivals.log"
+
+
+class UnitSink:
+    """A unit store as the link's `WriteSink` / `ResyncSink`.
+
+    Store errors become protocol errors: the connection closes with the reason
+    logged, and the unit (and the process) carry on."""
+
+    def __init__(self, unit: UnitStore) -> None:
+        self.unit = unit
+        self._arrivals = Path(unit.directory) / ARRIVALS_NAME
+        self._reconcile_arrivals()
+
+    def _reconcile_arrivals(self) -> None:
+        last = 0
+        if self._arrivals.exists():
+            lines = self._arrivals.read_text().splitlines()
+            for line in reversed(lines):
+                parts = line.split()
+                if len(parts) >= 2 and parts[1].isdigit():
+                    last = int(parts[1])
+                    break
+        durable = self.unit.last_durable_seq()
+        if durable > last:
+            # The process died after the store made these durable and before the
+            # line was written: they did arrive (once; the journal is contiguous).
+            self._log(last + 1, durable, "recovered")
+
+    def _log(self, first: int, last: int, note: str = "") -> None:
+        with open(self._arrivals, "a") as f:
+            f.write(f"{first} {last}{(' ' + note) if note else ''}\n")
+
+    def apply(self, records: Sequence[WriteRecord]) -> int:
+        try:
+            durable = self.unit.apply(records)
+        except RemoteError as exc:
+            raise LinkProtocolError(f"unit {self.unit.unit_id}: {exc}") from None
+        if records:
+            self._log(records[0].seq, records[-1].seq)
+        return durable
+
+    def last_durable_seq(self) -> int:
+        return self.unit.last_durable_seq()
+
+    @property
+    def chunk_size(self) -> int:
+        return self.unit.chunk_size
+
+    @property
+    def chunk_count(self) -> int:
+        return self.unit.chunk_count
+
+    def begin_resync(self) -> int:
+        return self._guard(self.unit.begin_resync)
+
+    def chunk_digests(self, chunks: Sequence[int]) -> dict[int, bytes]:
+        return self._guard(lambda: self.unit.chunk_digests(chunks))
+
+    def write_chunk(self, chunk: int, data: bytes) -> bool:
+        return self._guard(lambda: self.unit.write_chunk(chunk, data))
+
+    def resync_complete(self, seq: int) -> None:
+        self._guard(lambda: self.unit.resync_complete(seq))
+        self._log(seq, seq, "resync")
+
+    def _guard(self, fn: Any) -> Any:
+        try:
+            return fn()
+        except RemoteError as exc:
+            raise LinkProtocolError(f"unit {self.unit.unit_id}: {exc}") from None
+
+
+class _PinnedUnits:
+    """`known_units` for the receiver: every pinned peer is a unit it accepts."""
+
+    def __init__(self, peers: PeerStore) -> None:
+        self.peers = peers
+
+    def __contains__(self, unit_id: object) -> bool:
+        return isinstance(unit_id, str) and self.peers.get(unit_id) is not None
+
+    def __iter__(self) -> Any:
+        return iter(self.peers.names())
+
+    def __len__(self) -> int:
+        return len(self.peers.names())
+
+
+class RemoteServer:
+    def __init__(self, *, store_dir: Path, listen: tuple[str, int], identity: Identity,
+                 peers: PeerStore, commit_delay_s: float | None = None,
+                 retention: Retention | None = None, tick: float = 0.2,
+                 dead_after: float = 20.0) -> None:
+        self.store = RemoteStore(store_dir)
+        self.identity = identity
+        self.peers = peers
+        self.commit_delay_s = commit_delay_s
+        self.retention = retention
+        self.tick = tick
+        self._lock = threading.Lock()
+        self._sinks: dict[str, UnitSink] = {}
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+        self.nbd_exports: dict[str, Any] = {}
+        self.link = LinkServer(
+            listen, identity, peers,
+            ReceiverConfig(known_units=_PinnedUnits(peers)),  # type: ignore[arg-type]
+            self._open_sink, dead_after=dead_after)
+
+    # ---------------------------------------------------------------- units
+
+    def unit(self, unit_id: str, volume_size: int | None = None,
+             block_size: int = 512) -> UnitStore:
+        """The open unit, opening it (from disk, or creating it with the geometry
+        given) if needed."""
+        with self._lock:
+            sink = self._sinks.get(unit_id)
+            if sink is not None:
+                return sink.unit
+            if volume_size is None:
+                unit = self._open_existing(unit_id)
+            else:
+                unit = self.store.open_unit(unit_id, volume_size, block_size,
+                                            retention=self.retention,
+                                            commit_delay_s=self.commit_delay_s)
+            self._sinks[unit_id] = UnitSink(unit)
+            return unit
+
+    def _open_existing(self, unit_id: str) -> UnitStore:
+        import cbor2
+
+        from firmware.remote.unit import STATE_NAME
+
+        if unit_id not in self.store.unit_ids():
+            raise RemoteError(f"no unit {unit_id!r} in {self.store.root_dir}")
+        # Geometry comes from the state file; UnitStore re-checks it all.
+        raw = (Path(self.store.unit_dir(unit_id)) / STATE_NAME).read_bytes()
+        body = cbor2.loads(cbor2.loads(raw)["body"])
+        return self.store.open_unit(unit_id, body["volume_size"], body["block_size"],
+                                    retention=self.retention,
+                                    commit_delay_s=self.commit_delay_s)
+
+    def _open_sink(self, hello: Hello) -> UnitSink:
+        try:
+            self.unit(hello.unit_id, hello.volume_size, hello.block_size)
+        except GeometryMismatch as exc:
+            raise LinkRefused("geometry", str(exc)) from None
+        except UnitBusy as exc:
+            raise LinkRefused("busy", str(exc)) from None
+        except RemoteError as exc:
+            raise LinkRefused("store", str(exc)) from None
+        with self._lock:
+            sink = self._sinks[hello.unit_id]
+        if (sink.unit.volume_size, sink.unit.block_size) != (hello.volume_size,
+                                                              hello.block_size):
+            raise LinkRefused("geometry", f"unit {hello.unit_id!r} holds a "
+                              f"{sink.unit.volume_size}-byte volume of "
+                              f"{sink.unit.block_size}-byte blocks")
+        return sink
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> tuple[str, int]:
+        # Units already stored are opened now so their delayed writes keep moving
+        # and their history is there to export before their local reconnects.
+        for unit_id in self.store.unit_ids():
+            try:
+                self.unit(unit_id)
+            except RemoteError as exc:
+                log.error("unit %s cannot be opened: %s", unit_id, exc)
+        address = self.link.start()
+        self._timer = threading.Thread(target=self._run_timer, name="apply-due", daemon=True)
+        self._timer.start()
+        return address
+
+    def _run_timer(self) -> None:
+        last_prune = time.monotonic()
+        while not self._stop.wait(self.tick):
+            with self._lock:
+                units = [s.unit for s in self._sinks.values()]
+            prune = time.monotonic() - last_prune > 10.0
+            for unit in units:
+                try:
+                    unit.apply_due()
+                    if prune:
+                        unit.prune()
+                except RemoteError as exc:
+                    log.error("unit %s: applying due writes failed: %s", unit.unit_id, exc)
+            if prune:
+                last_prune = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.link.stop()
+        if self._timer is not None:
+            self._timer.join()
+        for server in list(self.nbd_exports.values()):
+            server.stop()
+        self.store.close()
+
+    # ---------------------------------------------------------------- control
+
+    def status(self) -> dict[str, Any]:
+        busy = self.link.busy_units()
+        with self._lock:
+            units = {uid: s.unit for uid, s in self._sinks.items()}
+        out = {}
+        for uid, unit in units.items():
+            st = dataclasses.asdict(unit.status())
+            st["retention"] = dataclasses.asdict(unit.retention)
+            st["events"] = st["events"][-8:]
+            st["connected_from"] = busy.get(uid)
+            out[uid] = st
+        s = self.link.stats
+        return {"role": "remote", "fingerprint": self.identity.fingerprint,
+                "listen": _addr(self.link_address), "store": self.store.root_dir,
+                "link": dataclasses.asdict(s), "units": out,
+                "nbd_exports": {k: _addr(v.address) for k, v in self.nbd_exports.items()}}
+
+    @property
+    def link_address(self) -> tuple[str, int]:
+        listener = self.link._listener
+        if listener is None:
+            return self.link.address
+        host, port = listener.getsockname()[:2]
+        return host, port
+
+    def handlers(self) -> dict[str, Any]:
+        def export(unit: str, output: str, at_ns: int | None = None,
+                   seq: int | None = None) -> dict[str, int]:
+            u = self.unit(unit)
+            if at_ns is None and seq is None:
+                seq = u.last_applied_seq
+            p = u.export(output, at_ns, seq=seq)
+            return {"seq": p.seq, "ts": p.ts}
+
+        def nbd_start(unit: str, address: str, at_ns: int | None = None,
+                      seq: int | None = None) -> dict[str, Any]:
+            from firmware.nbd.server import NbdServer, parse_hostport
+
+            u = self.unit(unit)
+            dev = u.image_at(at_ns) if at_ns is not None else u.image_at_seq(
+                seq if seq is not None else u.last_applied_seq)
+            host, port = parse_hostport(address)
+            name = f"{unit}@{dev.point.seq}"
+            server = NbdServer(dev, host, port, export_name=name)
+            server.start()
+            threading.Thread(target=server.serve_forever, name="nbd-export",
+                             daemon=True).start()
+            key = f"{unit}@{dev.point.seq}:{server.port}"
+            self.nbd_exports[key] = server
+            return {"key": key, "export": name, "address": _addr(server.address),
+                    "seq": dev.point.seq, "ts": dev.point.ts}
+
+        def nbd_stop(key: str) -> bool:
+            server = self.nbd_exports.pop(key, None)
+            if server is None:
+                return False
+            server.stop()
+            server.device.close()
+            return True
+
+        def rollback(unit: str, to_ns: int | None = None,
+                     to_seq: int | None = None) -> dict[str, Any]:
+            r = self.unit(unit).rollback(to_ns, to_seq=to_seq)
+            return {"seq": r.target.seq, "ts": r.target.ts, "undone": r.undone,
+                    "dropped_pending": r.dropped_pending}
+
+        def drop(unit: str, from_ns: int | None = None, to_ns: int | None = None,
+                 seq_from: int | None = None, seq_to: int | None = None) -> dict[str, Any]:
+            if seq_from is not None or seq_to is not None:
+                r = self.unit(unit).drop_range(seq_from=seq_from, seq_to=seq_to)
+            else:
+                r = self.unit(unit).drop_range(from_ns, to_ns)
+            return dataclasses.asdict(r)
+
+        def read(unit: str, offset: int, length: int) -> bytes:
+            return self.unit(unit).read_mirror(offset, length)
+
+        return {"status": self.status, "remote.export": export, "remote.nbd_start": nbd_start,
+                "remote.nbd_stop": nbd_stop, "remote.rollback": rollback,
+                "remote.drop": drop, "remote.read": read}
+
+
+def _addr(address: tuple[str, int]) -> str:
+    return f"{address[0]}:{address[1]}"
+
+
+def default_remote_state_dir(store: Path) -> Path:
+    return store / ".link-state"
+
+
+def ensure_dir(path: Path) -> Path:
+    os.makedirs(path, exist_ok=True)
+    return path
