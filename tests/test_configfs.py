@@ -238,3 +238,93 @@ def test_ep0_events_parse_setup_and_plain_events() -> None:
     assert events[2].type == 99  # unknown kinds are passed on, not fatal
     with pytest.raises(ffs.FunctionFsError):
         list(ffs.parse_events(data[:-1]))
+
+
+# -- `mirrorunit gadget` and the USB options of `mirrorunit local` ------------------------
+
+
+def _gadget_args(tmp_path: Path) -> list[str]:
+    return ["--configfs", str(tmp_path / "config"), "--udc-dir", str(tmp_path / "udc"),
+            "--ffs-mount", str(tmp_path / "ffs")]
+
+
+def test_cli_gadget_up_status_down(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from firmware.cli import main
+
+    (tmp_path / "config" / "usb_gadget").mkdir(parents=True)
+    common = _gadget_args(tmp_path)
+    assert main(["gadget", "up", "--no-mount", *common, "--vid", "0x1234", "--pid", "0xabcd",
+                 "--serial", "SN42", "--product", "Test Disk"]) == 0
+    g = tmp_path / "config" / "usb_gadget" / "mirrorunit"
+    assert (g / "idVendor").read_text() == "0x1234\n"
+    assert (g / "idProduct").read_text() == "0xabcd\n"
+    assert (g / "strings" / "0x409" / "serialnumber").read_text() == "SN42\n"
+    assert (g / "strings" / "0x409" / "product").read_text() == "Test Disk\n"
+    assert (g / "configs" / "c.1" / "ffs.mass").is_symlink()
+    capsys.readouterr()
+    assert main(["gadget", "status", "--json", *common]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["exists"] and status["udc"] is None and not status["functionfs_mounted"]
+    # a second `up` completes the same tree without complaint
+    assert main(["gadget", "up", "--no-mount", *common, "--vid", "0x1234"]) == 0
+    # `down` on a gadget that is already gone succeeds (idempotent teardown)
+    missing = tmp_path / "other"
+    (missing / "usb_gadget").mkdir(parents=True)
+    assert main(["gadget", "down", "--configfs", str(missing), "--ffs-mount",
+                 str(tmp_path / "ffs")]) == 0
+
+
+def test_cli_gadget_up_reports_missing_configfs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from firmware.cli import main
+
+    assert main(["gadget", "up", "--no-mount", *_gadget_args(tmp_path)]) == 1
+    assert "configfs not mounted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [["--vid", "0x10000"], ["--usb-serial", "é"],
+                                 ["--scsi-vendor", "TOOLONGVENDOR"],
+                                 ["--scsi-product", "x" * 17]])
+def test_cli_local_refuses_bad_usb_options(bad: list[str], tmp_path: Path) -> None:
+    from firmware.cli import build_parser
+
+    argv = ["local", "--disk", str(tmp_path / "d"), "--buffer", str(tmp_path / "b"),
+            "--frontend", "usb", *bad]
+    if bad[0] == "--vid":
+        argv = ["gadget", "up", *bad]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+
+
+def test_usb_service_only_with_usb_frontend(tmp_path: Path) -> None:
+    from firmware.cli import build_parser
+    from firmware.local import LocalSettings, LocalUnit
+    from firmware.local.unit import SERVICE_FACTORIES
+    from firmware.usb_gadget.service import UsbService, usb_service
+
+    assert usb_service in SERVICE_FACTORIES
+    base = ["local", "--disk", str(tmp_path / "d"), "--size", "1M",
+            "--buffer", str(tmp_path / "b"), "--buffer-size", "4M"]
+    for extra, expect in (([], None), (["--frontend", "usb", "--lun-read-only",
+                                        "--usb-serial", "SER9", "--scsi-vendor", "ACME"],
+                                       UsbService)):
+        args = build_parser().parse_args(base + extra)
+        unit = LocalUnit(LocalSettings(disk=args.disk, buffer=args.buffer,
+                                       control=tmp_path / "c.sock", size=args.size,
+                                       buffer_size=args.buffer_size, nbd=None, args=args))
+        try:
+            service = usb_service(unit)
+            if expect is None:
+                assert service is None
+            else:
+                assert isinstance(service, UsbService)
+                lu = service.logical_unit
+                assert lu.read_only and lu.serial == b"SER9" and lu.vendor == b"ACME    "
+                assert lu.block_count == (1 << 20) // 512
+                assert service.status()["serving"] is False
+        finally:
+            unit.volume.close()
+            unit.mirror.close()
+            unit.cbq_storage.close()

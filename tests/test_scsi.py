@@ -759,3 +759,30 @@ def test_random_cdbs_never_raise(
     # the target stays usable
     sense = target.execute(lun, cdb6(T.REQUEST_SENSE, b4=18))
     assert sense.good and len(sense.data_in) == 18
+
+
+def test_real_volume_standby_and_promotion_over_the_control_path(tmp_path: Path) -> None:
+    """The local unit's volume (mirror + cache + CBQ) as the device: its state set the
+    way `mirrorunit standby` / `promote` set it is what the target reports."""
+    from firmware.local import LocalSettings, LocalUnit
+
+    unit = LocalUnit(LocalSettings(disk=tmp_path / "disk", buffer=tmp_path / "cbq",
+                                   control=tmp_path / "c.sock", size=1 << 20,
+                                   buffer_size=4 << 20, nbd=None, standby=True))
+    try:
+        target = ScsiTarget([LogicalUnit(unit.volume, serial="VOL1")])
+        check(target.execute(0, cdb6(T.TEST_UNIT_READY)), S.POWER_ON_RESET)
+        assert struct.unpack(">II", good(target.execute(0, b"\x25" + bytes(9))))[0] == 2047
+        check(target.execute(0, cdb6(T.TEST_UNIT_READY)), S.NOT_READY_STANDBY)
+        check(target.execute(0, rw10(T.READ_10, 0, 8)), S.NOT_READY_STANDBY)
+        unit.handlers()["volume.set_state"]("ready")
+        check(target.execute(0, rw10(T.READ_10, 0, 8)), S.NOT_READY_TO_READY_CHANGE)
+        good(target.execute(0, rw10(T.WRITE_10, 8, 2), b"\xab" * 2 * BS))
+        assert good(target.execute(0, rw10(T.READ_10, 8, 2))) == b"\xab" * 2 * BS
+        assert unit.cbq.stats()["last_seq"] >= 1  # the write went through the CBQ
+        unit.handlers()["volume.set_state"]("standby")
+        check(target.execute(0, rw10(T.READ_10, 8, 2)), S.NOT_READY_STANDBY)
+    finally:
+        unit.volume.close()
+        unit.mirror.close()
+        unit.cbq_storage.close()

@@ -122,6 +122,11 @@ class UsbFrontEnd:
         self._cbw_buffer = memoryview(bytearray(CBW_BUFFER))
         self.gadget: Gadget | None = None
         self.ready = threading.Event()
+        self._counts = {"commands": 0, "bytes_in": 0, "bytes_out": 0, "resets": 0}
+
+    def counters(self) -> dict[str, int]:
+        """Commands and data-phase bytes seen since start; resets of any kind."""
+        return dict(self._counts)
 
     # -- lifecycle -----------------------------------------------------------
     def run(self) -> None:
@@ -214,6 +219,7 @@ class UsbFrontEnd:
         self._generation += 1
         generation = self._generation
         self._pending = collections.deque(bulk)
+        self._counts["resets"] += 1
         log.info("bulk side superseded (%s): %s", reason, bulk)
         self._cond.notify_all()
         self._cond.release()
@@ -283,12 +289,18 @@ class UsbFrontEnd:
             log.debug("bulk %s", _describe(action))
         if isinstance(action, ReceiveCBW):
             n = self._bulk_out.read_into(self._cbw_buffer)
+            self._counts["commands"] += 1
             return bytes(self._cbw_buffer[:n])
         if isinstance(action, ReceiveData):
             view = self._out_buffer[: action.length]
             n = self._bulk_out.read_into(view)
+            self._counts["bytes_out"] += n
             return bytes(view[:n]) if n <= _COPY_LIMIT else view[:n]
-        if isinstance(action, SendData | SendCSW):
+        if isinstance(action, SendData):
+            self._bulk_in.write_all(action.data)
+            self._counts["bytes_in"] += len(action.data)
+            return None
+        if isinstance(action, SendCSW):
             self._bulk_in.write_all(action.data)
             return None
         if isinstance(action, StallIn):

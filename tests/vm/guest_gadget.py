@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--udc")
     parser.add_argument("--serial", default="MUVM0001")
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--profile", help="write cProfile stats of the bulk loop here")
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
@@ -62,7 +63,16 @@ def main() -> None:
     settings = GadgetSettings(
         udc=args.udc, ffs_mount=Path("/run/mirrorunit/ffs"), serial_number=args.serial
     )
-    serve_usb(target, settings)
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        try:
+            profiler.runcall(serve_usb, target, settings)
+        finally:
+            profiler.dump_stats(args.profile)
+    else:
+        serve_usb(target, settings)
 
 
 if __name__ == "__main__":
