@@ -133,7 +133,10 @@ class CbqSource:
     def resync_plan(self, remote_durable: int) -> ResyncPlan | None:
         with self._lock:
             c = self.cbq.consumers[self.name]
-            full = self._full_marker.exists() or remote_durable < c.acked_seq
+            # Behind the consumer's ack without an overflow to explain it, the remote
+            # lost writes (a new or restored store): no dirty map covers that.
+            full = self._full_marker.exists() or (
+                remote_durable < c.acked_seq and not c.needs_resync)
             if c.needs_resync or full:
                 dirty = self.cbq.begin_resync()
                 # The consumer's acked seq is where streaming resumes: every write after
