@@ -10,6 +10,7 @@ packages=(
     sg3-utils           # sg_inq, sg_readcap... inside the guest
     e2fsprogs           # mkfs.ext4, e2fsck
     kmod                # modinfo, to order module dependencies
+    snmptrapd           # SNMP trap receiver the notification tests send to
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -110,6 +110,8 @@ GOOD: list[tuple[str, str, Any]] = [
     ("notify.email.relay", "smtp.example.com", "smtp.example.com:25"),
     ("notify.email.from", "unit@example.com", "unit@example.com"),
     ("notify.poll_interval_s", "60", 60),
+    ("notify.snmp_v3_auth_key", "auth-pass-1", "auth-pass-1"),
+    ("notify.snmp_v3_priv_key", "priv-pass-1", "priv-pass-1"),
 ]
 
 BAD: list[tuple[str, str, str]] = [
@@ -178,6 +180,8 @@ BAD: list[tuple[str, str, str]] = [
     ("notify.email.relay", "smtp:x", "port must be"),
     ("notify.email.from", "unit at example", "not an e-mail address"),
     ("notify.poll_interval_s", "0", "outside 1..3600"),
+    ("notify.snmp_v3_auth_key", "short", "at least 8 characters"),
+    ("notify.snmp_v3_priv_key", "x" * 65, "at most 64 characters"),
 ]
 
 
@@ -193,6 +197,8 @@ def test_field_accepts(key: str, text: str, expected: Any) -> None:
     if key == "network.gateway":
         base = base.replace({"network.mode": "static", "network.address": "10.0.0.5",
                              "network.netmask": "24"})
+    if key == "notify.snmp" or key == "notify.snmp_v3_priv_key":
+        base = base.replace({"notify.snmp_v3_auth_key": "auth-pass-1"})
     if key.startswith("notify.email"):
         base = base.replace({"notify.email.recipients": ["a@example.com"],
                              "notify.email.relay": "mx.example.com:25",
@@ -228,6 +234,10 @@ def test_field_refuses_naming_the_field(key: str, text: str, reason: str) -> Non
     ({"network.mode": "static", "network.address": "2001:db8::5", "network.netmask": "64",
       "network.gateway": "10.0.0.1"}, "network.gateway", "is not in"),
     ({"ups.model": "gpio"}, "ups.gpio_pin", "required when ups.model is gpio"),
+    ({"notify.snmp": [{"host": "nms:162", "v3_user": "ops"}]}, "notify.snmp_v3_auth_key",
+     "required for SNMPv3"),
+    ({"notify.snmp_v3_priv_key": "priv-pass-1"}, "notify.snmp_v3_auth_key",
+     "required with a privacy passphrase"),
     ({"notify.email.recipients": ["a@example.com"]}, "notify.email.relay", "required"),
     ({"notify.email.recipients": ["a@example.com"], "notify.email.relay": "mx:25"},
      "notify.email.from", "required"),

@@ -463,6 +463,13 @@ class PasswordHash(FieldType):
         return "set" if value else "not set"
 
 
+class SecretText(Text):
+    """A secret typed as text (SNMPv3 keys); shown only as set / not set."""
+
+    def display(self, value: Any) -> str:
+        return "set" if value else "not set"
+
+
 # ------------------------------------------------------------------ the table
 
 
@@ -533,6 +540,12 @@ FIELDS: tuple[Field, ...] = (
           "charge at which the unit shuts down at once", live=True),
     Field("notify.snmp", ListOf(_SNMP_TARGET, max_items=4), [],
           "SNMP trap targets: host, port, community or v3_user", live=True),
+    Field("notify.snmp_v3_auth_key", SecretText(64, min_len=0), "",
+          "SNMPv3 authentication passphrase (SHA) of the v3 users, 8+ characters",
+          live=True, secret=True),
+    Field("notify.snmp_v3_priv_key", SecretText(64, min_len=0), "",
+          "SNMPv3 privacy passphrase (AES-128); empty: authentication only",
+          live=True, secret=True),
     Field("notify.email.recipients", ListOf(Email(), max_items=8), [],
           "e-mail recipients of alerts", live=True),
     Field("notify.email.relay", HostPort(optional=True, default_port=25), "",
@@ -693,6 +706,13 @@ def _cross_check(v: dict[str, Any], limits: BoardLimits) -> None:
                           f"{format_size(limits.max_volume_bytes)}")
     if v["ups.model"] == "gpio" and v["ups.gpio_pin"] is None:
         raise ConfigError("ups.gpio_pin", "is required when ups.model is gpio")
+    for key in ("notify.snmp_v3_auth_key", "notify.snmp_v3_priv_key"):
+        if v[key] and len(v[key]) < 8:
+            raise ConfigError(key, "needs at least 8 characters")
+    if any("v3_user" in t for t in v["notify.snmp"]) and not v["notify.snmp_v3_auth_key"]:
+        raise ConfigError("notify.snmp_v3_auth_key", "is required for SNMPv3 trap targets")
+    if v["notify.snmp_v3_priv_key"] and not v["notify.snmp_v3_auth_key"]:
+        raise ConfigError("notify.snmp_v3_auth_key", "is required with a privacy passphrase")
     if v["notify.email.recipients"]:
         for key in ("notify.email.relay", "notify.email.from"):
             if not v[key]:

@@ -1,0 +1,60 @@
+"""`mirrorunit notify` (the notifier process) and `mirrorunit notify test`."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Any
+
+from ..config import StoreState
+from .daemon import DEFAULT_RATE_LIMIT_S, Notifier, test_event
+from .senders import build_senders, deliver
+
+DEFAULT_CONTROL = "/run/mirrorunit/local.sock"
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("notify", help="send SNMP traps and e-mail when the mirror is at risk")
+    p.add_argument("--control", default=DEFAULT_CONTROL, metavar="SOCKET",
+                   help="the local unit's control socket")
+    p.add_argument("--ups-control", default=None, metavar="SOCKET",
+                   help="the UPS monitor's socket, when it runs as its own process")
+    p.add_argument("--config", default=None, metavar="PATH", help="config partition")
+    p.add_argument("--rate-limit", type=float, default=DEFAULT_RATE_LIMIT_S, metavar="S",
+                   help="at most one message per event and peer in S seconds")
+    p.set_defaults(func=cmd_run)
+    ps = p.add_subparsers(dest="notify_command")
+    t = ps.add_parser("test", help="send a test event to every configured target")
+    t.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH")
+    t.set_defaults(func=cmd_test)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..config.cli import open_store
+
+    notifier = Notifier(open_store(args.config), args.control, ups_control=args.ups_control,
+                        rate_limit_s=args.rate_limit)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: notifier.stop())
+    notifier.run()
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from ..config.cli import open_store
+
+    loaded = open_store(args.config).load()
+    if loaded.state is not StoreState.OK or loaded.config is None:
+        print(f"mirrorunit notify: {loaded.describe()}", file=sys.stderr)
+        return 1
+    cfg = loaded.config
+    senders = build_senders(cfg)
+    if not senders:
+        print("mirrorunit notify: no targets configured (notify.snmp, "
+              "notify.email.recipients)", file=sys.stderr)
+        return 1
+    results = deliver(senders, test_event(cfg), cfg["unit.name"])
+    for target, result in results:
+        print(f"{target}: {result}")
+    return 0 if all(r == "sent" for _, r in results) else 1
