@@ -33,3 +33,19 @@ bench: setup
 
 clean:
 	rm -rf var .pytest_cache
+
+# --- SD-card image (image/, board/): `make image BOARD=pi4`, `make image-test BOARD=pi4` ---
+BOARD ?= pi4
+
+.PHONY: image image-setup image-test
+
+image-setup:
+	image/setup.sh
+
+image: setup image-setup
+	$(PY) -m image.build --board $(BOARD)
+
+# Boots the built image in qemu-system-aarch64 (virt, TCG) and checks the serial console.
+image-test: setup image-setup
+	MIRRORUNIT_IMAGE_BOARD=$(BOARD) MIRRORUNIT_IMAGE_BOOT=1 \
+		$(PY) -m pytest tests/test_image_boot.py -q -p no:cacheprovider

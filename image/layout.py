@@ -25,6 +25,8 @@ MBR_LIMIT = (1 << 32) * SECTOR
 
 BOOT_SIZE = 256 * MIB
 CONFIG_SIZE = 16 * MIB
+#: below this a data partition is no use as a volume
+MIN_DATA = 64 * MIB
 DISK_ID = 0x4D550001  # "MU" + layout generation 1; the root's PARTUUID derives from it
 
 
@@ -89,9 +91,9 @@ def grow_layout(parts: list[Part], disk_size: int, buffer_fraction: float,
     free = end - config.end - 2 * ALIGN  # one EBR gap before each new logical partition
     buffer = align_down(min(max(int(free * buffer_fraction), buffer_min), buffer_max))
     data = align_down(min(free - buffer, max_volume))
-    if buffer < buffer_min or data < buffer_min:
+    if buffer < buffer_min or data < MIN_DATA:
         raise LayoutError(f"card of {disk_size} bytes leaves {free} bytes: too small for "
-                          f"a buffer of at least {buffer_min} bytes and a data partition")
+                          f"a buffer of at least {buffer_min} bytes and {MIN_DATA} of data")
     buf = Part(6, "buffer", config.end + ALIGN, buffer, "da")
     dat = Part(7, "data", buf.end + ALIGN, data, "da")
     grown_ext = Part(4, "extended", ext.start, dat.end - ext.start, ext.type)
@@ -105,7 +107,7 @@ def external_layout(disk_size: int, buffer_fraction: float, buffer_min: int,
     free = align_down(disk_size - ALIGN - 34 * SECTOR)
     buffer = align_down(min(max(int(free * buffer_fraction), buffer_min), buffer_max))
     data = align_down(min(free - buffer, max_volume))
-    if data < buffer_min:
+    if buffer < buffer_min or data < MIN_DATA:
         raise LayoutError(f"disk of {disk_size} bytes is too small")
     buf = Part(1, "buffer", ALIGN, buffer, "0FC63DAF-8483-4772-8E79-3D69D8477DE4")
     return [buf, Part(2, "data", buf.end, data, "0FC63DAF-8483-4772-8E79-3D69D8477DE4")]
