@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from firmware.cbq.format import RECORD_HEADER, align_up
-from firmware.control import ControlError
 
 from .unitproc import LocalProc, need
 
@@ -242,14 +241,17 @@ def test_corrupt_and_truncated_cbq_files(tmp_path: Path) -> None:
     res = run(*mu, "cbq", "inspect", str(unit.buffer), "--json")
     report = json.loads(res.stdout)
     assert report["first_bad"]["offset"] == second
-    # The unit still serves its disk (the mirror is intact) but reports the bad record,
-    # and a peer reading the queue gets the error instead of corrupt data.
+    # The unit still serves its disk (the mirror is intact) and reports the bad record;
+    # a peer never gets corrupt data: it is switched to a full checksum resync instead.
     with LocalProc(tmp_path, size="16M", buffer_size="4M") as again:
         qemu_io(again.url, "read -P 7 64k 64k")
         report = again.call("cbq.verify")
         assert not report["clean"] and report["first_bad"]["offset"] == second
-        with pytest.raises(ControlError, match="CRC"):
-            again.call("cbq.read", consumer="remote")
+        assert again.call("cbq.read", consumer="remote") == []
+        st = again.call("status")["cbq"]
+        assert st["consumers"]["remote"]["needs_resync"]
+        assert len(again.call("cbq.dirty_chunks")) == 16 * MiB // 65536
+        assert any("unreadable queued record" in t["why"] for t in st["transitions"])
 
     # Truncated file and garbage superblocks: clear errors, no traceback.
     unit.buffer.write_bytes(good[:5000])

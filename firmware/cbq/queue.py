@@ -914,23 +914,51 @@ class CircularBufferQueue:
                 return []
             out: list[QueuedWrite] = []
             size = 0
-            for rlin, h, payload in self._walk(c.read_lin, self._durable_lin, with_payload=True):
-                if len(out) >= max_records or size >= max_bytes:
-                    break
-                lin = self._next_lin(rlin, h)
-                if h.kind not in WRITE_KINDS:
-                    continue
-                c.read_seq, c.read_lin = h.seq, lin
-                c.delivered.append((h.seq, lin, h.cum_blocks))
-                if not c.internal and self._discarded(h.seq):
-                    continue
-                if h.kind is RecordKind.COMPACT and not c.internal:
-                    payload = self._compact_data(h)
-                out.append(QueuedWrite(h.seq, h.timestamp_ns, h.lbn, h.nblocks, payload,
-                                       h.kind is RecordKind.COMPACT))
-                size += len(payload)
+            try:
+                for rlin, h, payload in self._walk(c.read_lin, self._durable_lin,
+                                                   with_payload=True):
+                    if len(out) >= max_records or size >= max_bytes:
+                        break
+                    lin = self._next_lin(rlin, h)
+                    if h.kind not in WRITE_KINDS:
+                        continue
+                    c.read_seq, c.read_lin = h.seq, lin
+                    c.delivered.append((h.seq, lin, h.cum_blocks))
+                    if not c.internal and self._discarded(h.seq):
+                        continue
+                    if h.kind is RecordKind.COMPACT and not c.internal:
+                        payload = self._compact_data(h)
+                    out.append(QueuedWrite(h.seq, h.timestamp_ns, h.lbn, h.nblocks, payload,
+                                           h.kind is RecordKind.COMPACT))
+                    size += len(payload)
+            except CbqCorruption as e:
+                if c.internal:
+                    raise
+                self._resync_after_corruption(c, e)
+                return []
             c.sent_records += len(out)
             return out
+
+    def _resync_after_corruption(self, c: _Consumer, e: CbqCorruption) -> None:
+        """A queued record cannot be read back: this peer catches up by checksum resync.
+
+        Which blocks the bad record held is unknown, so every chunk is marked; the
+        resync exchanges digests and sends only chunks that differ.
+        """
+        log.error("cbq: %s; peer %s will catch up by a full checksum resync", e, c.name)
+        for i in range(len(self._dirty)):
+            self._dirty[i] = 0xFF
+        self._dirty_pages.update(range(-(-len(self._dirty) // 4096)))
+        self.dirty_active = True
+        self._sync_locked()
+        c.needs_resync = True
+        c.acked_seq, c.acked_lin, c.acked_cum = self._durable_seq, self._durable_lin, self._cum
+        c.read_seq, c.read_lin = c.acked_seq, c.acked_lin
+        c.delivered.clear()
+        self.transitions.append((time.time_ns(), f"peer {c.name}: resync",
+                                 f"unreadable queued record: {e}"))
+        self._rebuild_tail()
+        self._checkpoint_locked()
 
     def _compact_data(self, h: RecordHeader) -> bytes:
         """The data a COMPACT record stands for: its SIDE copies, else the current contents."""
