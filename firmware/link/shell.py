@@ -258,6 +258,7 @@ class LinkClient:
 
     def run_once(self) -> None:
         """One connection: handshake, stream until it ends.  Raises why it ended."""
+        self.peers.refresh()
         ctx = client_context(self.identity, self.peers, self.remote_name)
         raw = socket.create_connection(self.address, timeout=self.connect_timeout)
         self.stats.connects += 1
@@ -471,6 +472,7 @@ class LinkServer:
 
     def _context(self) -> ssl.SSLContext:
         # Rebuilt when pairing changes the pinned set, so a new unit needs no restart.
+        self.peers.refresh()
         with self._lock:
             if self._ctx is None or self._ctx_generation != self.peers.generation:
                 self._ctx_generation = self.peers.generation

@@ -165,14 +165,36 @@ class PeerStore:
         self._peers: dict[str, PinnedPeer] = {}
         #: Bumped on every change, so shells know to rebuild their SSL contexts.
         self.generation = 0
+        self._mtime: int | None = None
         if path.exists():
             self._load()
+
+    def _stamp(self) -> int | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns ^ st.st_ino
+
+    def refresh(self) -> bool:
+        """Reload the file if another process (`mirrorunit pair`) changed it, so a
+        running unit accepts a newly paired peer without a restart."""
+        stamp = self._stamp()
+        with self._lock:
+            if stamp == self._mtime:
+                return False
+            self._peers = {}
+            if stamp is not None:
+                self._load()
+            self.generation += 1
+            return True
 
     @classmethod
     def in_dir(cls, state_dir: Path) -> PeerStore:
         return cls(state_dir / PEERS_FILE)
 
     def _load(self) -> None:
+        self._mtime = self._stamp()
         try:
             doc = json.loads(self.path.read_text())
         except (OSError, ValueError) as exc:
@@ -224,6 +246,7 @@ class PeerStore:
             peer = PinnedPeer(name=name, fingerprint=fp, cert_der=cert_der)
             self._peers[name] = peer
             self._save()
+            self._mtime = self._stamp()
             self.generation += 1
         log.info("pinned peer %s with fingerprint %s", name, fp)
         return peer
@@ -232,6 +255,7 @@ class PeerStore:
         with self._lock:
             if self._peers.pop(name, None) is not None:
                 self._save()
+                self._mtime = self._stamp()
                 self.generation += 1
                 log.info("unpinned peer %s", name)
 
