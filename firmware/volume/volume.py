@@ -82,8 +82,12 @@ class Volume:
         self._read_only = read_only
         self._state = state
         self._on_state_change = on_state_change
-        self._lock = threading.RLock()  # serialises writes, commits and checkpoints
-        self._cache_lock = threading.Lock()  # guards _cache for readers
+        # Lock order: _lock (appends: CBQ order = cache order) -> _commit_lock (commits and
+        # mirror checkpoints, one at a time) -> _cache_lock (the cache list, for readers).
+        self._lock = threading.RLock()
+        self._commit_lock = threading.RLock()
+        self._cache_lock = threading.Lock()
+        self._kick = threading.Event()
         self._cache: list[_CachedWrite] = []
         self._cache_bytes = 0
         self._applied_seq = cbq.consumers[MIRROR_CONSUMER].acked_seq
@@ -177,12 +181,14 @@ class Volume:
             with self._lock:
                 merged = bytearray(self._read(lo, hi - lo))
                 merged[offset - lo:offset - lo + len(data)] = data
-                self._write_blocks(lo, bytes(merged), fua)
+                self._write_blocks(lo, bytes(merged))
+            self._after_write(fua)
             return
         with self._lock:
-            self._write_blocks(offset, bytes(data), fua)
+            self._write_blocks(offset, bytes(data))
+        self._after_write(fua)
 
-    def _write_blocks(self, offset: int, data: bytes, fua: bool) -> None:
+    def _write_blocks(self, offset: int, data: bytes) -> None:
         lbn = offset // self._block_size
         for attempt in range(3):
             try:
@@ -190,8 +196,8 @@ class Volume:
                 break
             except NeedsReclaim:
                 # The ring is held only by what the mirror has not yet made durable.
-                self._commit_locked()
-                self._mirror_checkpoint_locked()
+                self._commit()
+                self._mirror_checkpoint()
                 if attempt == 2:
                     raise
         with self._cache_lock:
@@ -199,26 +205,36 @@ class Volume:
             self._cache_bytes += len(data)
         self.counters["writes"] += 1
         self.counters["bytes_written"] += len(data)
-        if (fua or self.cache_mode is CacheMode.WRITE_THROUGH
-                or self._cache_bytes >= self.cache_limit):
-            self._commit_locked()
+
+    def _after_write(self, fua: bool) -> None:
+        if fua or self.cache_mode is CacheMode.WRITE_THROUGH:
+            self._commit()
+        elif self._cache_bytes >= self.cache_limit:
+            self._commit()  # back-pressure: the writer waits for the cache to drain
+        elif self._cache_bytes >= self.cache_limit // 2 and self._timer is not None:
+            self._kick.set()  # the background committer drains it while writes go on
 
     def flush(self) -> None:
-        with self._lock:
-            self.counters["flushes"] += 1
-            self._commit_locked()
+        self.counters["flushes"] += 1
+        self._commit()
 
     def trim(self, offset: int, length: int) -> None:
         raise VolumeError("trim is not supported by this volume")
 
     # ---------------------------------------------------------------- commit
 
-    def _commit_locked(self) -> None:
+    def _commit(self) -> None:
         """Make every completed write durable and apply it to the mirror."""
+        with self._commit_lock:
+            self._commit_locked()
+
+    def _commit_locked(self) -> None:
         try:
-            self.cbq.sync()
+            # Snapshot first: everything in it was appended before the sync below, so
+            # it is in the log before it reaches the mirror (write-ahead).
             with self._cache_lock:
                 batch = list(self._cache)
+            self.cbq.sync()
             if not batch:
                 return
             need_sync = False
@@ -242,6 +258,10 @@ class Volume:
         elif self._applied_since_checkpoint >= self.mirror_checkpoint_bytes:
             self._mirror_checkpoint_locked()
 
+    def _mirror_checkpoint(self) -> None:
+        with self._commit_lock:
+            self._mirror_checkpoint_locked()
+
     def _mirror_checkpoint_locked(self) -> None:
         try:
             self.mirror.sync()
@@ -258,7 +278,7 @@ class Volume:
     def flush_cache(self) -> float:
         """Flush the RAM write cache to stable storage (the UPS calls this); seconds taken."""
         t0 = time.monotonic()
-        with self._lock:
+        with self._commit_lock:
             self._commit_locked()
             self._mirror_checkpoint_locked()
         return time.monotonic() - t0
@@ -309,9 +329,11 @@ class Volume:
         self._timer.start()
 
     def _run_timer(self) -> None:
-        while not self._stop.wait(self.flush_interval):
+        while not self._stop.is_set():
+            self._kick.wait(self.flush_interval)
+            self._kick.clear()
             try:
-                with self._lock:
+                with self._commit_lock:
                     if self._cache:
                         self._commit_locked()
                     if (self._applied_since_checkpoint
@@ -322,10 +344,11 @@ class Volume:
 
     def close(self) -> None:
         self._stop.set()
+        self._kick.set()
         if self._timer is not None:
             self._timer.join()
             self._timer = None
-        with self._lock:
+        with self._lock, self._commit_lock:
             self._commit_locked()
             self._mirror_checkpoint_locked()
             self.cbq.close()
