@@ -340,7 +340,10 @@ class Volume:
                             and time.monotonic() - self._last_mirror_checkpoint > 5.0):
                         self._mirror_checkpoint_locked()
             except BlockDeviceError:
-                log.exception("volume: background flush failed")
+                log.exception("volume: background flush failed; retrying")
+            except Exception:  # the storage is gone (power cut): writers see it themselves
+                log.exception("volume: background committer stopped")
+                return
 
     def close(self) -> None:
         self._stop.set()
