@@ -73,7 +73,8 @@ def test_mains_loss_flushes_then_shutdown_detaches_the_real_unit(
     chip.mains_lost()
     t0 = time.monotonic()
     proc.poll()
-    print(f"mains loss to write-through with an empty cache: {time.monotonic() - t0:.3f} s")
+    print("mains loss with a full cache to write-through (flush included): "
+          f"{time.monotonic() - t0:.3f} s")
     st = call(unit.settings.control, "status")
     assert st["volume"]["cache_mode"] == "write-through"
     assert st["volume"]["cache_bytes"] == 0

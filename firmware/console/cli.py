@@ -1,0 +1,64 @@
+"""`mirrorunit console`: the setup utility (systemd runs it on tty1 and the serial line)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shlex
+from typing import Any
+
+DEFAULT_CONTROL = "/run/mirrorunit/local.sock"
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("console", help="setup utility for the front-panel console")
+    p.add_argument("--config", default=None, metavar="PATH", help="config partition")
+    p.add_argument("--control", default=DEFAULT_CONTROL, metavar="SOCKET",
+                   help="the local unit's control socket")
+    p.add_argument("--ups-control", default=None, metavar="SOCKET",
+                   help="the UPS monitor's socket, when it runs as its own process")
+    p.add_argument("--reboot-command", default="systemctl reboot")
+    p.add_argument("--poweroff-command", default="systemctl poweroff")
+    logs = p.add_mutually_exclusive_group()
+    logs.add_argument("--log-command", default="journalctl -n 500 --no-pager -o short",
+                      help="command whose output the log screen shows")
+    logs.add_argument("--log-file", default=None, help="show this file instead")
+    p.add_argument("--backup-file", default=None, metavar="PATH",
+                   help="recovery reads the sealed config from this file instead of a peer")
+    p.add_argument("--cert", default=None, metavar="PEM",
+                   help="this unit's certificate, to show its fingerprint")
+    p.set_defaults(func=cmd_console)
+
+
+def _fingerprint(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        with open(path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+    except (OSError, ValueError):
+        return None
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from ..config.backup import file_source
+    from ..config.cli import open_store
+    from .app import ConsoleSettings, command_log, file_log, run_console
+
+    settings = ConsoleSettings(
+        store=open_store(args.config), control=args.control, ups_control=args.ups_control,
+        reboot=shlex.split(args.reboot_command), poweroff=shlex.split(args.poweroff_command),
+        log_lines=file_log(args.log_file) if args.log_file else command_log(args.log_command),
+        backup_source=file_source(args.backup_file) if args.backup_file else None,
+        own_fingerprint=_fingerprint(args.cert))
+    try:
+        run_console(settings)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
