@@ -224,7 +224,9 @@ def test_qemu_img_convert_and_compare(served: Served, tmp_path: Path) -> None:
     # Change one byte behind the server's back: compare must notice.
     with open(served.path, "r+b") as f:
         f.seek(12345)
-        f.write(b"\x01")
+        original = f.read(1)[0]
+        f.seek(12345)
+        f.write(bytes([original ^ 0xFF]))  # always a different byte
     res = run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), served.url)
     assert res.returncode == 1, res.stdout + res.stderr
 
