@@ -733,8 +733,11 @@ class CircularBufferQueue:
 
     def dirty_chunks(self) -> list[int]:
         with self._lock:
-            return [i * 8 + b for i, v in enumerate(self._dirty) if v
-                    for b in range(8) if v & (1 << b) and i * 8 + b < self.geo.chunks]
+            return self._dirty_list()
+
+    def _dirty_list(self) -> list[int]:
+        return [i * 8 + b for i, v in enumerate(self._dirty) if v
+                for b in range(8) if v & (1 << b) and i * 8 + b < self.geo.chunks]
 
     def begin_resync(self) -> list[int]:
         """Leave overflow: return the dirty chunks and queue new writes again.
@@ -742,8 +745,7 @@ class CircularBufferQueue:
         The map is kept until every peer that needed a resync called resync_done().
         """
         with self._lock:
-            chunks = [i * 8 + b for i, v in enumerate(self._dirty) if v
-                      for b in range(8) if v & (1 << b) and i * 8 + b < self.geo.chunks]
+            chunks = self._dirty_list()
             if self.mode is Mode.OVERFLOW:
                 self._transition(Mode.NORMAL, "checksum resync started; queuing resumes")
                 self._checkpoint_locked()
