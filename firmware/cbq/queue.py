@@ -948,8 +948,10 @@ class CircularBufferQueue:
         resync exchanges digests and sends only chunks that differ.
         """
         log.error("cbq: %s; peer %s will catch up by a full checksum resync", e, c.name)
-        for i in range(len(self._dirty)):
-            self._dirty[i] = 0xFF
+        full, rest = divmod(self.geo.chunks, 8)
+        self._dirty[:full] = b"\xff" * full
+        if rest:
+            self._dirty[full] |= (1 << rest) - 1
         self._dirty_pages.update(range(-(-len(self._dirty) // 4096)))
         self.dirty_active = True
         self._sync_locked()
