@@ -85,6 +85,9 @@ def extend_local(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--link-bandwidth", type=_bandwidth, metavar="BYTES/S",
                    help="cap each link to this many bytes per second (e.g. 2M)")
     g.add_argument("--compression", choices=("zstd", "zlib", "none"), default="zstd")
+    g.add_argument("--link-signature", action="store_true",
+                   help="digest handshake per batch: the remote holds each batch until "
+                        "this unit confirms its digest (COMMIT) or rejects it (ABORT)")
 
 
 def _link_factory(unit: Any) -> Any:
@@ -114,7 +117,8 @@ def _link_factory(unit: Any) -> Any:
                 "(state dir %s); the link will be refused until then", name, state_dir)
     return LinkService(cbq=cbq, volume=unit.volume, identity=identity, peers=peers,
                        unit_id=unit_id, remotes=specs, state_dir=state_dir,
-                       bandwidth=args.link_bandwidth, compression=args.compression)
+                       bandwidth=args.link_bandwidth, compression=args.compression,
+                       signature=bool(getattr(args, "link_signature", False)))
 
 
 def _register_factory() -> None:

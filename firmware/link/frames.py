@@ -16,6 +16,10 @@ list of ``[seq, ts, lbn, length]`` and the data of all records is one ``payload`
 string, compressed as a whole with the batch's codec.  One compression stream per
 batch compresses many small block writes far better than one per record.
 
+A record with a fifth element, ``[first, ts, 0, 0, last]``, is a SKIP: the local
+queue discarded seqs first..last, so they carry nothing, yet the remote must consume
+them to keep its seq stream contiguous (and replays of them idempotent).
+
 `FrameDecoder.receive_data` turns bytes into frozen dataclass frames; any malformed
 input raises `LinkProtocolError` with a reason and poisons the decoder.
 """
@@ -63,6 +67,7 @@ CODEC_ZSTD = "zstd"
 DIGEST_RECORD = struct.Struct(">QQQI")
 assert DIGEST_RECORD.size == 28
 DIGEST_SIZE = 32
+DIGEST_SKIP_LENGTH = 0xFFFFFFFF
 
 
 def chunk_digest(data: bytes) -> bytes:
@@ -72,13 +77,32 @@ def chunk_digest(data: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class WriteRecord:
-    """One write of the local volume, as the CBQ numbered it."""
+    """One write of the local volume, as the CBQ numbered it (or a SKIP, see below)."""
 
     seq: int
     lbn: int
     data: bytes
     #: Time of the write in nanoseconds since the epoch (informational; history uses it).
     ts: int
+    #: Nonzero: this is no write but a SKIP of seqs `seq`..`skip_last`, which the
+    #: local queue discarded; `lbn` is 0 and `data` empty.
+    skip_last: int = 0
+
+    @property
+    def is_skip(self) -> bool:
+        return self.skip_last != 0
+
+    @property
+    def last_seq(self) -> int:
+        """The last seq this record accounts for."""
+        return self.skip_last or self.seq
+
+
+def skip_record(first: int, last: int, ts: int) -> WriteRecord:
+    """A SKIP of the discarded seqs first..last."""
+    if not 0 < first <= last <= MAX_U64:
+        raise ValueError(f"skip range {first}..{last} is not 1 <= first <= last")
+    return WriteRecord(seq=first, lbn=0, data=b"", ts=ts, skip_last=last)
 
 
 @dataclass(frozen=True)
@@ -276,6 +300,10 @@ def batch_digest(records: Sequence[WriteRecord]) -> bytes:
     """BLAKE2b over the uncompressed batch, as both ends see it after decoding."""
     h = hashlib.blake2b(digest_size=DIGEST_SIZE)
     for r in records:
+        if r.is_skip:
+            # No write can be that long (MAX_BATCH_DATA), so this marks a skip.
+            h.update(DIGEST_RECORD.pack(r.seq, r.ts, r.skip_last, DIGEST_SKIP_LENGTH))
+            continue
         h.update(DIGEST_RECORD.pack(r.seq, r.ts, r.lbn, len(r.data)))
         h.update(r.data)
     return h.digest()
@@ -290,7 +318,8 @@ def _writes_map(frame: Writes) -> dict[str, Any]:
         "type": "WRITES",
         "batch": frame.batch_id,
         "codec": frame.codec,
-        "recs": [[r.seq, r.ts, r.lbn, len(r.data)] for r in frame.records],
+        "recs": [[r.seq, r.ts, 0, 0, r.skip_last] if r.is_skip
+                 else [r.seq, r.ts, r.lbn, len(r.data)] for r in frame.records],
         "payload": payload,
     }
 
@@ -451,29 +480,36 @@ def _decode_writes(m: dict[Any, Any]) -> Writes:
     payload = _bytes(m, "payload", "WRITES")
     if not recs:
         raise LinkProtocolError("WRITES frame carries no records")
-    headers: list[tuple[int, int, int, int]] = []
+    headers: list[tuple[int, int, int, int, int]] = []
     total = 0
     prev_seq = -1
     for i, rec in enumerate(recs):
         if (
             type(rec) is not list
-            or len(rec) != 4
+            or len(rec) not in (4, 5)
             or any(type(x) is not int or not 0 <= x <= MAX_U64 for x in rec)
         ):
-            raise LinkProtocolError(f"WRITES record {i} must be [seq, ts, lbn, length] of u64")
-        seq, ts, lbn, length = rec
+            raise LinkProtocolError(
+                f"WRITES record {i} must be [seq, ts, lbn, length] or "
+                f"[first, ts, 0, 0, last] of u64")
+        seq, ts, lbn, length = rec[:4]
+        last = rec[4] if len(rec) == 5 else 0
+        if len(rec) == 5 and (lbn or length or not 0 < seq <= last):
+            raise LinkProtocolError(
+                f"WRITES record {i}: a skip must be [first, ts, 0, 0, last], 0 < first <= last")
         if seq <= prev_seq:
             raise LinkProtocolError(f"WRITES record {i}: seq {seq} does not follow {prev_seq}")
-        prev_seq = seq
+        prev_seq = last or seq
         total += length
         if total > MAX_BATCH_DATA:
             raise LinkProtocolError(f"WRITES batch data exceeds {MAX_BATCH_DATA} bytes")
-        headers.append((seq, ts, lbn, length))
+        headers.append((seq, ts, lbn, length, last))
     data = decompress(codec, payload, total)
     records = []
     off = 0
-    for seq, ts, lbn, length in headers:
-        records.append(WriteRecord(seq=seq, lbn=lbn, data=data[off : off + length], ts=ts))
+    for seq, ts, lbn, length, last in headers:
+        records.append(WriteRecord(seq=seq, lbn=lbn, data=data[off : off + length], ts=ts,
+                                   skip_last=last))
         off += length
     return Writes(batch_id=batch_id, codec=codec, records=tuple(records))
 

@@ -10,7 +10,9 @@ whole volume.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -21,12 +23,11 @@ from typing import Any
 from firmware.cbq import CircularBufferQueue
 from firmware.cbq.errors import CbqError
 from firmware.link.errors import LinkError, SourceGap
-from firmware.link.frames import WriteRecord, available_codecs
+from firmware.link.frames import WriteRecord, available_codecs, skip_record
 from firmware.link.session import (
-    Established,
+    BatchAborted,
     ResyncFinished,
     ResyncPlan,
-    ResyncStarted,
     SenderConfig,
     SessionEvent,
 )
@@ -38,6 +39,21 @@ log = logging.getLogger("mirrorunit.link")
 #: A marker file in the state dir: this peer must get a whole-volume resync (it was
 #: added after the volume had data, so no dirty map covers what it lacks).
 FULL_RESYNC_SUFFIX = ".full-resync"
+#: Seq ranges discarded from the queue (`cbq discard`) that this peer has not yet
+#: confirmed as skipped.  The CBQ forgets a discarded range once every consumer's
+#: ack passed it, and lets an ack carry a consumer over discarded seqs right after
+#: it, so only this ledger still explains the gap after a reconnect or a restart.
+SKIPS_SUFFIX = ".skips.json"
+
+
+def _covers(ranges: list[tuple[int, int]], lo: int, hi: int) -> bool:
+    """Whether the union of `ranges` contains every seq lo..hi."""
+    for a, b in sorted(ranges):
+        if a <= lo <= b:
+            lo = b + 1
+            if lo > hi:
+                return True
+    return lo > hi
 
 
 class CbqSource:
@@ -58,6 +74,10 @@ class CbqSource:
         self._handed: deque[WriteRecord] = deque()
         self._stash: deque[WriteRecord] = deque()
         self._skip_upto = 0
+        #: The seq the next record handed to the sender must start at.
+        self._next_seq = cbq.consumers[name].acked_seq + 1
+        self._ledger: list[tuple[int, int]] = self._load_ledger()
+        self.skips_sent = 0
         self._verify_requested = False
         self.last_verify: dict[str, Any] | None = None
         self.resync: dict[str, Any] | None = None
@@ -70,6 +90,72 @@ class CbqSource:
         c = self.cbq.consumers.get(self.name)
         return c is not None and c.needs_resync
 
+    # ---------------------------------------------------------------- skips
+
+    @property
+    def _ledger_path(self) -> Path:
+        return self.state_dir / (self.name + SKIPS_SUFFIX)
+
+    def _load_ledger(self) -> list[tuple[int, int]]:
+        try:
+            raw = json.loads(self._ledger_path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            log.error("%s: skip ledger %s unreadable (%s); discarded ranges the remote "
+                      "has not confirmed will need a resync", self.name, self._ledger_path, exc)
+            return []
+        return [(int(a), int(b)) for a, b in raw]
+
+    def _save_ledger(self) -> None:
+        tmp = self._ledger_path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump([list(r) for r in self._ledger], f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._ledger_path)
+
+    def _note_gaps(self, prev: int, seqs: list[int], read_upto: int) -> None:
+        """Seqs the queue walked past without returning them were discarded: keep them
+        in the ledger before an ack can carry the consumer (and the CBQ's memory of
+        the discard) past them."""
+        gaps = []
+        p = prev
+        for seq in [*seqs, read_upto + 1]:
+            if seq > p + 1:
+                gaps.append((p + 1, seq - 1))
+            p = max(p, seq)
+        if not gaps:
+            return
+        discards = [(int(a), int(b)) for a, b in self.cbq.discards]
+        for lo, hi in gaps:
+            if not _covers(discards, lo, hi):
+                raise LinkError(f"{self.name}: the queue skipped seqs {lo}..{hi}, which "
+                                "are not discarded")
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted(self._ledger + gaps):
+            if merged and a <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self._ledger = merged
+        self._save_ledger()
+
+    def _skipped(self, lo: int, hi: int) -> bool:
+        return _covers(self._ledger + [(int(a), int(b)) for a, b in self.cbq.discards], lo, hi)
+
+    def _skip_to(self, hi: int) -> WriteRecord:
+        lo = self._next_seq
+        if not self._skipped(lo, hi):
+            raise LinkError(f"{self.name}: seqs {lo}..{hi} are missing from the queue and "
+                            "were not discarded")
+        self.skips_sent += 1
+        log.warning("%s: seqs %d..%d were discarded here; the remote is told to skip them",
+                    self.name, lo, hi)
+        return skip_record(lo, hi, time.time_ns())
+
+    # ---------------------------------------------------------------- WriteSource
+
     def next_batch(self, max_bytes: int) -> list[WriteRecord]:
         with self._lock:
             if self._consumer_needs_resync():
@@ -78,18 +164,36 @@ class CbqSource:
             total = 0
             while True:
                 if not self._stash:
+                    c = self.cbq.consumers[self.name]
+                    prev = c.read_seq
                     got = self.cbq.read(self.name, max_records=self._read_records,
                                         max_bytes=max(max_bytes, 1 << 20))
+                    if not c.needs_resync:
+                        self._note_gaps(prev, [q.seq for q in got], c.read_seq)
                     if not got:
+                        # Discarded seqs at the end of what is queued: a skip alone.
+                        upto = max(c.read_seq, c.acked_seq)
+                        if upto >= self._next_seq and not c.needs_resync:
+                            skip = self._skip_to(upto)
+                            out.append(skip)
+                            self._next_seq = skip.last_seq + 1
                         break
                     self._stash.extend(
                         WriteRecord(seq=q.seq, lbn=q.lbn, data=q.data, ts=q.timestamp_ns)
                         for q in got if q.seq > self._skip_upto)
                     continue
                 r = self._stash[0]
+                if r.seq < self._next_seq:
+                    self._stash.popleft()  # resent by the queue after a rewind of ours
+                    continue
+                if r.seq > self._next_seq:
+                    skip = self._skip_to(r.seq - 1)
+                    out.append(skip)
+                    self._next_seq = skip.last_seq + 1
                 if out and total + len(r.data) > max_bytes:
                     break
                 out.append(self._stash.popleft())
+                self._next_seq = r.seq + 1
                 total += len(r.data)
                 if total >= max_bytes:
                     break
@@ -103,20 +207,27 @@ class CbqSource:
                 self.cbq.ack(self.name, seq)
             except CbqError as exc:
                 raise LinkError(f"CBQ refused ack {seq} for {self.name}: {exc}") from None
-            while self._handed and self._handed[0].seq <= seq:
+            while self._handed and self._handed[0].last_seq <= seq:
                 self._handed.popleft()
+            if self._ledger and self._ledger[0][0] <= seq:
+                self._ledger = [(max(a, seq + 1), b) for a, b in self._ledger if b > seq]
+                self._save_ledger()
 
     def rewind_to(self, seq: int) -> None:
         with self._lock:
             acked = self.cbq.consumers[self.name].acked_seq
-            if seq < acked:
+            # The CBQ's ack carries a consumer over discarded seqs right after the
+            # acked one; the remote may not have had their skip yet.
+            if seq < acked and not self._skipped(seq + 1, acked):
                 raise SourceGap(f"{self.name}: seqs up to {acked} are released, "
                                 f"cannot resend from {seq + 1}")
-            back = [r for r in self._handed if r.seq > seq]
-            keep = [r for r in self._handed if r.seq <= seq]
+            # Skips are not put back: they are cut afresh from the gap they leave.
+            back = [r for r in self._handed if r.seq > seq and not r.is_skip]
+            keep = [r for r in self._handed if r.last_seq <= seq]
             self._handed = deque(keep)
             self._stash = deque(r for r in [*back, *self._stash] if r.seq > seq)
             self._skip_upto = max(self._skip_upto, seq)
+            self._next_seq = seq + 1
 
     # ---------------------------------------------------------------- ResyncSource
 
@@ -136,7 +247,8 @@ class CbqSource:
             # Behind the consumer's ack without an overflow to explain it, the remote
             # lost writes (a new or restored store): no dirty map covers that.
             full = self._full_marker.exists() or (
-                remote_durable < c.acked_seq and not c.needs_resync)
+                remote_durable < c.acked_seq and not c.needs_resync
+                and not self._skipped(remote_durable + 1, c.acked_seq))
             if c.needs_resync or full:
                 dirty = self.cbq.begin_resync()
                 # The consumer's acked seq is where streaming resumes: every write after
@@ -150,6 +262,7 @@ class CbqSource:
                 self._stash.clear()
                 self.cbq.rewind(self.name)
                 self._skip_upto = seq
+                self._next_seq = seq + 1
                 self.resync = {"kind": "full" if full else "dirty", "chunks": len(chunks),
                                "seq": seq, "started_ns": time.time_ns()}
                 log.warning("%s: checksum resync over %d %s chunks (remote at seq %d, "
@@ -214,6 +327,7 @@ class _Peer:
     client: LinkClient | None = None
     paused: bool = False
     events: int = 0
+    aborted: int = 0
     last_resync: dict[str, Any] | None = None
 
 
@@ -226,7 +340,7 @@ class LinkService:
                  peers: PeerStore, unit_id: str, remotes: list[RemoteSpec], state_dir: Path,
                  bandwidth: float | None = None, compression: str = "zstd",
                  keepalive: float = 5.0, dead_after: float = 20.0,
-                 backoff_max: float = 10.0) -> None:
+                 backoff_max: float = 10.0, signature: bool = False) -> None:
         self.cbq = cbq
         self.volume = volume
         self.identity = identity
@@ -240,6 +354,8 @@ class LinkService:
         self.keepalive = keepalive
         self.dead_after = dead_after
         self.backoff_max = backoff_max
+        #: Ask every remote for the digest handshake (DIGEST / COMMIT / ABORT).
+        self.signature = signature
         self._peers: dict[str, _Peer] = {}
         for spec in remotes:
             if spec.name not in cbq.consumers:
@@ -256,7 +372,7 @@ class LinkService:
             unit_id=self.unit_id, volume_size=self.volume.size,
             block_size=self.volume.block_size,
             resume_seq=self.cbq.consumers[peer.spec.name].acked_seq,
-            compression=self.compression)
+            compression=self.compression, signature=self.signature)
         client = LinkClient((peer.spec.host, peer.spec.port), self.identity, self.peers,
                             peer.spec.name, config, peer.source, bandwidth=self.bandwidth,
                             backoff=Backoff(maximum=self.backoff_max),
@@ -270,8 +386,8 @@ class LinkService:
                                     "differing": len(event.differing),
                                     "bytes_sent": event.bytes_sent,
                                     "finished_ns": time.time_ns()}
-            elif isinstance(event, Established | ResyncStarted):
-                pass
+            elif isinstance(event, BatchAborted):
+                peer.aborted += 1
 
         client.listeners.append(on_event)
         return client
@@ -340,6 +456,9 @@ class LinkService:
             "connects": client.stats.connects if client is not None else 0,
             "sessions": client.stats.sessions if client is not None else 0,
             "wire_bytes_sent": client.stats.bytes_sent if client is not None else 0,
+            "signature": session.signature if session is not None else self.signature,
+            "batches_aborted": peer.aborted,
+            "skips_sent": peer.source.skips_sent,
             "sent_seq": session.last_sent_seq if session is not None else c.get("acked_seq"),
             "acked_seq": c.get("acked_seq"),
             "last_seq": stats["last_seq"],

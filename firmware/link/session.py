@@ -54,6 +54,7 @@ from firmware.link.frames import (
     batch_digest,
     chunk_digest,
     encode_frame,
+    skip_record,
 )
 
 # --------------------------------------------------------------------------- interfaces
@@ -508,7 +509,7 @@ class SenderSession(_Session):
         for r in records:
             if r.seq <= prev:
                 raise LinkError(f"source returned seq {r.seq} after {prev}")
-            prev = r.seq
+            prev = r.last_seq
         batch_id = self._next_batch_id
         self._next_batch_id += 1
         frame = Writes(batch_id=batch_id, codec=self.compression, records=tuple(records))
@@ -520,12 +521,12 @@ class SenderSession(_Session):
             _InFlight(
                 batch_id=batch_id,
                 first_seq=records[0].seq,
-                last_seq=records[-1].seq,
+                last_seq=records[-1].last_seq,
                 nbytes=nbytes,
                 digest=batch_digest(records) if self.signature else b"",
             )
         )
-        self.last_sent_seq = records[-1].seq
+        self.last_sent_seq = records[-1].last_seq
 
     def _handle(self, frame: Frame) -> list[SessionEvent]:
         if isinstance(frame, HelloAck):
@@ -680,6 +681,20 @@ class SenderSession(_Session):
 
 
 # --------------------------------------------------------------------------- receiver
+
+
+def _after(records: Sequence[WriteRecord], seq: int) -> tuple[WriteRecord, ...]:
+    """The records (or parts of skips) past `seq`: a replay after a reconnect may
+    resend what is already here, and a skip may have been re-cut at another seq."""
+    out = []
+    for r in records:
+        if r.last_seq <= seq:
+            continue
+        if r.is_skip and r.seq <= seq:
+            r = skip_record(seq + 1, r.skip_last, r.ts)
+        out.append(r)
+    return tuple(out)
+
 
 
 @dataclass(frozen=True)
@@ -866,29 +881,32 @@ class ReceiverSession(_Session):
             )
         bs, size = self.hello.block_size, self.hello.volume_size
         for r in writes.records:
+            if r.is_skip:
+                continue  # the codec checked its shape; it carries no blocks
             if not r.data or len(r.data) % bs:
                 raise LinkProtocolError(
                     f"seq {r.seq}: {len(r.data)} data bytes is not a whole number of blocks"
                 )
             if r.lbn * bs + len(r.data) > size:
                 raise LinkProtocolError(f"seq {r.seq}: lbn {r.lbn} + {len(r.data)} bytes past end")
-        fresh = tuple(r for r in writes.records if r.seq > self._high)
+        fresh = _after(writes.records, self._high)
         if self.config.require_contiguous:
             expect = self._high + 1
             for r in fresh:
                 if r.seq != expect:
                     raise LinkProtocolError(f"seq {r.seq} arrived where {expect} was due")
-                expect += 1
+                expect = r.last_seq + 1
         return fresh
 
     def _apply(self, records: tuple[WriteRecord, ...]) -> list[SessionEvent]:
         assert self.sink is not None
-        fresh = tuple(r for r in records if r.seq > self._applied)
+        fresh = _after(records, self._applied)
         events: list[SessionEvent] = []
         if fresh:
             self.sink.apply(fresh)
-            self._applied = fresh[-1].seq
-            events.append(BatchApplied(fresh[0].seq, fresh[-1].seq, len(records) - len(fresh)))
+            self._applied = fresh[-1].last_seq
+            events.append(BatchApplied(fresh[0].seq, fresh[-1].last_seq,
+                                       len(records) - len(fresh)))
         self._ack_durable(force=not fresh)
         return events
 
@@ -911,7 +929,7 @@ class ReceiverSession(_Session):
         fresh = self._check_batch(writes)
         self._last_batch_id = writes.batch_id
         if fresh:
-            self._high = fresh[-1].seq
+            self._high = fresh[-1].last_seq
         if not self.signature:
             return self._apply(fresh)
         nbytes = sum(len(r.data) for r in writes.records)
@@ -935,6 +953,6 @@ class ReceiverSession(_Session):
         first = p.records[0].seq if p.records else self._high + 1
         del self._pending[i:]
         self._high = max(
-            [self._applied] + [q.records[-1].seq for q in self._pending if q.records]
+            [self._applied] + [q.records[-1].last_seq for q in self._pending if q.records]
         )
         return [BatchAborted(abort.batch_id, first, abort.reason)]

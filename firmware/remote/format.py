@@ -50,6 +50,10 @@ class RecordKind(enum.IntEnum):
     BEFORE = 2
     #: History: the blocks a resync chunk overwrote; `seq` is the resync's start seq.
     CHUNK_BEFORE = 3
+    #: Receive journal: seqs `seq`..`lbn` were discarded at the local and carry
+    #: nothing (nblocks 0, no payload).  The last seq sits in the header, not the
+    #: payload, because recovery checks seq contiguity from headers alone.
+    SKIP = 4
 
 
 def crc32c(data: bytes | bytearray | memoryview, value: int = 0) -> int:

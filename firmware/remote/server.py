@@ -30,7 +30,8 @@ from firmware.remote.unit import Retention, UnitStore
 log = logging.getLogger("mirrorunit.remote")
 
 #: Per-unit log of the seq ranges handed to the store, one "FIRST LAST" line per
-#: batch (tests check from it that every seq arrived once, in order).
+#: batch ("FIRST LAST skip" for seqs the local discarded; tests check from it that
+#: every seq arrived once, in order).
 ARRIVALS_NAME = "arrivals.log"
 
 
@@ -69,8 +70,17 @@ class UnitSink:
             durable = self.unit.apply(records)
         except RemoteError as exc:
             raise LinkProtocolError(f"unit {self.unit.unit_id}: {exc}") from None
-        if records:
-            self._log(records[0].seq, records[-1].seq)
+        # One line per run of writes, and one per skip, so the log shows the skips.
+        run: list[WriteRecord] = []
+        for r in [*records, None]:
+            if r is None or r.is_skip:
+                if run:
+                    self._log(run[0].seq, run[-1].seq)
+                    run = []
+                if r is not None:
+                    self._log(r.seq, r.skip_last, "skip")
+            else:
+                run.append(r)
         return durable
 
     def last_durable_seq(self) -> int:

@@ -41,7 +41,7 @@ from typing import Any
 import cbor2
 
 from firmware.blockdev import DeviceState, NotReady, WriteProtected, check_range
-from firmware.link.frames import WriteRecord
+from firmware.link.frames import WriteRecord, skip_record
 from firmware.remote.errors import (
     AlreadyApplied,
     GeometryMismatch,
@@ -79,6 +79,11 @@ STATE_NAME = "state.cbor"
 MIRROR_NAME = "mirror.img"
 LOCK_NAME = "unit.lock"
 NS = 1_000_000_000
+
+
+def _last_seq(e: LogEntry) -> int:
+    """The last seq a receive-journal entry accounts for (a SKIP spans a range)."""
+    return e.lbn if e.kind is RecordKind.SKIP else e.seq
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,9 @@ class UnitStatus:
     equal_to_local: bool
     dropped_records: int
     events: list[dict[str, Any]]
+    #: Seqs the local discarded and this unit skipped, and the latest such ranges.
+    skipped_seqs: int = 0
+    skipped_ranges: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -187,6 +195,9 @@ class _State:
     rolled_back: list[list[int]] = field(default_factory=list)
     #: A rollback in progress: target_seq, target_ts, segment, offset, from_seq.
     rollback: dict[str, int] | None = None
+    #: Recent seq ranges the local discarded and told this unit to skip (newest last).
+    skipped: list[list[int]] = field(default_factory=list)
+    skipped_total: int = 0
 
     def encode(self) -> bytes:
         body = cbor2.dumps(dataclasses.asdict(self))
@@ -370,16 +381,18 @@ class UnitStore:
         fresh: list[LogEntry] = []
         expect = cp + 1
         for e in received:
-            if e.kind is not RecordKind.WRITE:
+            if e.kind not in (RecordKind.WRITE, RecordKind.SKIP):
                 raise JournalCorruption(f"{e.kind.name} record in the receive journal",
                                         self._rj.path(e.segment), e.offset)
-            if e.seq <= cp:
+            last = _last_seq(e)
+            if last <= cp:
                 continue
-            if e.seq != expect:
+            # Only a skip may straddle the checkpoint (it is applied as a whole).
+            if e.seq != expect and not (e.kind is RecordKind.SKIP and e.seq < expect):
                 raise JournalCorruption(f"seq {e.seq} where {expect} was due",
                                         self._rj.path(e.segment), e.offset)
             fresh.append(e)
-            expect += 1
+            expect = last + 1
         self._durable = expect - 1
         if st.durable_seq > self._durable:
             raise JournalCorruption(
@@ -388,6 +401,10 @@ class UnitStore:
         self._bytes_received = st.bytes_received + sum(
             e.payload_len for e in fresh if e.seq > st.durable_seq)
         self._newest_ts = max([st.newest_ts] + [e.ts for e in fresh])
+        for e in fresh:
+            if e.kind is RecordKind.SKIP and e.lbn > st.durable_seq:
+                # Received after the last state save: its note was not saved yet.
+                self._note_skip(max(e.seq, st.durable_seq + 1), e.lbn)
 
         floor = (st.floor_segment, st.floor_offset)
         self._hist = [e for e in history if e.position >= floor]
@@ -401,8 +418,9 @@ class UnitStore:
         # Writes whose before-images became durable after the checkpoint may have
         # reached the mirror partly: write them again, in order.
         redo = [e for e in self._hist if e.kind is RecordKind.BEFORE and e.seq > cp]
+        writes = {e.seq: e for e in fresh if e.kind is RecordKind.WRITE}
         for h in redo:
-            r = fresh[h.seq - cp - 1] if 0 < h.seq - cp <= len(fresh) else None
+            r = writes.get(h.seq)
             if r is None or (r.seq, r.lbn, r.nblocks) != (h.seq, h.lbn, h.nblocks):
                 raise JournalCorruption(
                     f"history entry for seq {h.seq} has no matching received write",
@@ -413,7 +431,7 @@ class UnitStore:
             self._applied, self._applied_ts = redo[-1].seq, redo[-1].ts
             log.info("unit %s: redid %d writes after seq %d", self.unit_id, len(redo), cp)
             self._save_state()
-        self._pending = deque(e for e in fresh if e.seq > self._applied)
+        self._pending = deque(e for e in fresh if _last_seq(e) > self._applied)
 
     # ================================================================== WriteSink
 
@@ -423,31 +441,41 @@ class UnitStore:
 
         Seqs <= the last durable one are skipped (a replay after a reconnect is
         harmless); the first new seq must follow the last durable one by exactly 1
-        (SeqGap otherwise, and nothing of the batch is kept)."""
+        (SeqGap otherwise, and nothing of the batch is kept).  A SKIP record (seqs
+        the local discarded) is journaled like a write: its seqs are consumed and
+        nothing reaches the mirror."""
         with self._lock:
             self._check_open()
             assert self._rj is not None
             fresh: list[WriteRecord] = []
             expect = self._durable + 1
             for r in records:
-                if r.seq <= self._durable:
+                if r.last_seq < expect:
                     continue
+                if r.is_skip and r.seq < expect:
+                    r = skip_record(expect, r.skip_last, r.ts)
                 if r.seq != expect:
                     raise SeqGap(
                         f"unit {self.unit_id!r}: seq {r.seq} arrived where {expect} was due"
                     )
-                self._check_record(r)
+                if not r.is_skip:
+                    self._check_record(r)
                 fresh.append(r)
-                expect += 1
+                expect = r.last_seq + 1
             if fresh:
                 bs = self.block_size
                 entries = self._rj.append([
-                    NewRecord(RecordKind.WRITE, r.seq, r.ts, r.lbn, len(r.data) // bs, r.data)
+                    NewRecord(RecordKind.SKIP, r.seq, r.ts, r.skip_last, 0, b"") if r.is_skip
+                    else NewRecord(RecordKind.WRITE, r.seq, r.ts, r.lbn, len(r.data) // bs,
+                                   r.data)
                     for r in fresh
                 ])
                 self._rj.sync()
                 self._pending.extend(entries)
-                self._durable = fresh[-1].seq
+                self._durable = fresh[-1].last_seq
+                for r in fresh:
+                    if r.is_skip:
+                        self._note_skip(r.seq, r.skip_last)
                 self._bytes_received += sum(len(r.data) for r in fresh)
                 self._newest_ts = max(self._newest_ts, max(r.ts for r in fresh))
             self.apply_due(self._clock())
@@ -456,6 +484,14 @@ class UnitStore:
     def last_durable_seq(self) -> int:
         with self._lock:
             return self._durable
+
+    def _note_skip(self, first: int, last: int) -> None:
+        st = self._st
+        st.skipped = (st.skipped + [[first, last]])[-MAX_EVENTS:]
+        st.skipped_total += last - first + 1
+        self._event("skip", first_seq=first, last_seq=last)
+        log.warning("unit %s: seqs %d..%d were discarded at the local unit; skipped here",
+                    self.unit_id, first, last)
 
     def _check_record(self, r: WriteRecord) -> None:
         bs = self.block_size
@@ -492,6 +528,12 @@ class UnitStore:
                     if self._is_dropped(e.seq):
                         handled += 1
                         continue
+                    if e.kind is RecordKind.SKIP:
+                        # Nothing to write; it still waits its turn behind a delay.
+                        if delay and e.ts + delay > now:
+                            break
+                        handled += 1
+                        continue
                     # Without a delay the local's timestamps (another clock) play no part.
                     if (delay and e.ts + delay > now) or nbytes >= APPLY_BATCH_BYTES:
                         break
@@ -506,7 +548,7 @@ class UnitStore:
                 last = self._pending[handled - 1]
                 for _ in range(handled):
                     self._pending.popleft()
-                self._applied = last.seq
+                self._applied = _last_seq(last)
             self._maybe_checkpoint(now)
             return applied
 
@@ -814,8 +856,9 @@ class UnitStore:
             return RollbackReport(point, undo, dropped)
 
     def _drop_pending_all(self) -> int:
-        first, last = self._pending[0].seq, self._pending[-1].seq
-        count = sum(1 for e in self._pending if not self._is_dropped(e.seq))
+        first, last = self._pending[0].seq, _last_seq(self._pending[-1])
+        count = sum(1 for e in self._pending
+                     if e.kind is RecordKind.WRITE and not self._is_dropped(e.seq))
         self._add_dropped(first, last, count)
         return count
 
@@ -910,7 +953,8 @@ class UnitStore:
                         f"the mirror (last applied seq {self._applied} at "
                         f"{_fmt_ns(self._applied_ts)}); roll back instead")
                 chosen = [e for e in self._pending if lo_t <= e.ts <= hi_t]
-            chosen = [e for e in chosen if not self._is_dropped(e.seq)]
+            chosen = [e for e in chosen
+                      if e.kind is RecordKind.WRITE and not self._is_dropped(e.seq)]
             if not chosen:
                 return DropReport(0, 0, 0, 0)
             nbytes = sum(e.payload_len for e in chosen)
@@ -1064,7 +1108,8 @@ class UnitStore:
                 block_size=self.block_size,
                 last_applied_seq=self._applied,
                 last_durable_seq=self._durable,
-                pending_records=sum(1 for e in self._pending if not self._is_dropped(e.seq)),
+                pending_records=sum(1 for e in self._pending
+                                    if e.kind is RecordKind.WRITE and not self._is_dropped(e.seq)),
                 pending_bytes=pending_bytes,
                 bytes_received=self._bytes_received,
                 newest_ts_received=self._newest_ts,
@@ -1080,6 +1125,8 @@ class UnitStore:
                 equal_to_local=st.equal_to_local,
                 dropped_records=st.dropped_total,
                 events=[dict(e) for e in st.events],
+                skipped_seqs=st.skipped_total,
+                skipped_ranges=[list(r) for r in st.skipped[-8:]],
             )
 
     def _check_open(self) -> None:
