@@ -49,7 +49,8 @@ DISABLED_UNITS = ["apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.tim
                   "e2scrub_reap.service", "wpa_supplicant.service"]
 MASKED_UNITS = ["systemd-firstboot.service", "console-getty.service",
                 "systemd-networkd-wait-online.service", "debug-shell.service",
-                "systemd-random-seed.service"]
+                "systemd-random-seed.service", "ldconfig.service",
+                "systemd-update-done.service"]
 
 
 class BuildError(RuntimeError):
@@ -75,6 +76,7 @@ class Context:
     cache: Path
     mirror: str
     version: str
+    base: Path | None = None
 
     @property
     def root(self) -> Path:
@@ -234,6 +236,17 @@ def configure_units(ctx: Context) -> None:
     sh(["systemctl", f"--root={root}", "mask", *MASKED_UNITS], capture_output=True)
 
 
+def mark_updated(root: Path) -> None:
+    """Tell systemd's ConditionNeedsUpdate= that /etc and /var match /usr, so nothing tries
+    to rebuild caches or users on the read-only root at boot."""
+    usr = (root / "usr").stat()
+    for d in ("etc", "var"):
+        stamp = root / d / ".updated"
+        stamp.write_text("# stamped by the image build: /usr is never updated in place\n"
+                         f"TIMESTAMP_NSEC={usr.st_mtime_ns}\n")
+        os.utime(stamp, ns=(usr.st_mtime_ns, usr.st_mtime_ns))
+
+
 def check_imports(ctx: Context) -> str:
     """Import our package and its dependencies with the root's own arm64 python3."""
     code = ("import platform, cbor2, crc32c, cryptography, zstandard, smbus2, firmware, "
@@ -304,7 +317,7 @@ def extract_boot_payload(ctx: Context) -> None:
 
 
 def build_root(ctx: Context) -> None:
-    tar = build_base(ctx.cache, ctx.mirror)
+    tar = ctx.base or build_base(ctx.cache, ctx.mirror)
     if ctx.root.exists():
         shutil.rmtree(ctx.root)
     ctx.root.mkdir(parents=True)
@@ -313,6 +326,7 @@ def build_root(ctx: Context) -> None:
     install_python(ctx)
     install_files(ctx)
     configure_units(ctx)
+    mark_updated(ctx.root)
     log("import check: " + check_imports(ctx))
 
 
@@ -369,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=REPO / "build/image")
     p.add_argument("--mirror", default=os.environ.get("MIRRORUNIT_MIRROR",
                                                       "http://deb.debian.org/debian"))
+    p.add_argument("--base", type=Path, default=None,
+                   help="use this base root tarball instead of the cached/built one")
     p.add_argument("--stage", choices=("root", "image"), default="image")
     p.add_argument("--no-xz", action="store_true", help="leave the image uncompressed")
     args = p.parse_args(argv)
@@ -379,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or args.cache / board.name
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(board, out, args.cache, args.mirror, image_version())
+    ctx = Context(board, out, args.cache, args.mirror, image_version(), args.base)
     t0 = time.monotonic()
     try:
         build_root(ctx)
