@@ -34,7 +34,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -269,6 +269,48 @@ class Ep0:
             self.fd = -1
 
 
+_libc_write = _libc.write
+_libc_write.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
+_libc_write.restype = ctypes.c_ssize_t
+
+
+def _c_buffer(view: memoryview) -> bytes | ctypes.Array[ctypes.c_char]:
+    """Something ctypes passes as a pointer to `view`'s bytes, copying only when it must."""
+    if not view.readonly:
+        return (ctypes.c_char * len(view)).from_buffer(view)
+    base = view.obj
+    if isinstance(base, bytes) and len(base) == len(view):
+        return base
+    return view.tobytes()
+
+
+def write_fd(fd: int, data: bytes | memoryview,
+             cancelled: Callable[[], bool] | None = None) -> None:
+    """Write all of `data` to `fd`.
+
+    os.write() retries after EINTR outside the main thread (PEP 475: only the main
+    thread runs signal handlers), so a writer thread could never be pulled out of
+    a transfer that a reset made stale.  With `cancelled`, the write goes through
+    libc directly: EINTR comes back to us, and the transfer is abandoned (f_fs has
+    dequeued it) when cancelled() is true, retried otherwise.
+    """
+    view = memoryview(data).cast("B")
+    if cancelled is None:
+        while view:
+            view = view[os.write(fd, view):]
+        return
+    while view:
+        n = _libc_write(fd, _c_buffer(view), len(view))
+        if n < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                if cancelled():
+                    raise InterruptedError(errno.EINTR, "bulk-in transfer cancelled")
+                continue
+            raise OSError(err, os.strerror(err))
+        view = view[n:]
+
+
 class BulkEndpoint:
     """ep1 (bulk IN) or ep2 (bulk OUT) of the instance; blocking I/O."""
 
@@ -282,13 +324,13 @@ class BulkEndpoint:
         """One bulk-out transfer into `buffer`; returns its length (short = host ended it)."""
         return os.readv(self.fd, [buffer])
 
-    def write_all(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while True:
-            n = os.write(self.fd, view)
-            view = view[n:]
-            if not view:
-                return
+    def write_all(self, data: bytes | memoryview,
+                  cancelled: Callable[[], bool] | None = None) -> None:
+        """One bulk-in transfer of `data` (f_fs completes a write as one request).
+
+        With `cancelled`, a signal ends a blocked write (raising InterruptedError)
+        when cancelled() says so, from whichever thread writes; see write_fd."""
+        write_fd(self.fd, data, cancelled)
 
     def halt(self, timeout: float = 5.0) -> None:
         """Stall the endpoint (cleared by the host's CLEAR_FEATURE(ENDPOINT_HALT)).

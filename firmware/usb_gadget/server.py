@@ -1,9 +1,16 @@
 """The USB front end: configfs gadget + FunctionFS endpoints driving the BOT state machine.
 
-Two threads share one `BulkOnlyTransport` under a lock:
+Three threads share one `BulkOnlyTransport` under a lock:
 
 * the bulk loop (the thread that calls `run`, normally the main thread) performs
-  the actions the machine returns, one blocking endpoint transfer at a time;
+  the actions the machine returns: it reads CBWs and data-out, reads the medium,
+  and hands data-in, CSWs and bulk-in stalls to
+* the bulk-in writer, which writes them in order.  The machine is told a
+  data-in piece or CSW is complete once it is queued (its payload is
+  immutable), so the bulk loop reads the next piece from the medium while the
+  previous one is on the wire, and has the next CBW read posted before the CSW
+  has reached the host: the per-command turnaround the host sees no longer
+  includes Python's;
 * the ep0 thread reads FunctionFS events and answers class requests.
 
 When ep0 changes the course of the bulk side (Bulk-Only Mass Storage Reset,
@@ -13,7 +20,9 @@ otherwise complete later against the wrong command (a stale data-in reaching
 the host's next READ), so the ep0 thread interrupts the bulk loop with a
 signal: f_fs then dequeues the transfer and the loop continues with the new
 actions.  Python runs signal handlers only in the main thread, hence the bulk
-loop's place there.
+loop's place there; the writer, which cannot run one, writes through libc so
+that the signal still ends its transfer (functionfs.write_fd) and drops every
+queued item of an old generation.
 """
 
 from __future__ import annotations
@@ -69,6 +78,9 @@ _COPY_LIMIT = 4096
 INTERRUPT_SIGNAL = signal.SIGRTMIN + 5
 _REQUEST_TYPE_MASK = 0x60
 _REQUEST_TYPE_CLASS = 0x20
+#: Bulk-in items queued ahead of the writer: two data pieces and a CSW keep the wire
+#: busy while bounding the memory held.
+IN_QUEUE_DEPTH = 3
 #: Errors of a bulk transfer that a disconnect, reset or disable causes.
 _LINK_ERRORS = {errno.ESHUTDOWN, errno.ECONNRESET, errno.ENODEV, errno.EPIPE, errno.EINTR}
 
@@ -88,7 +100,9 @@ class BulkPipe(Protocol):
 
     def read_into(self, buffer: memoryview) -> int: ...
 
-    def write_all(self, data: bytes | memoryview) -> None: ...
+    def write_all(
+        self, data: bytes | memoryview, cancelled: Callable[[], bool] | None = None
+    ) -> None: ...
 
     def halt(self) -> None: ...
 
@@ -113,6 +127,8 @@ class UsbFrontEnd:
         self._blocked_for: int | None = None
         self._seen_generation = 0
         self._stopping = False
+        self._stopper_started = False
+        self._bulk_done = threading.Event()
         self._bulk_thread: int | None = None
         self._can_interrupt = False
         self._ep0: ControlEndpoint | None = None
@@ -123,6 +139,12 @@ class UsbFrontEnd:
         self.gadget: Gadget | None = None
         self.ready = threading.Event()
         self._counts = {"commands": 0, "bytes_in": 0, "bytes_out": 0, "resets": 0}
+        #: bulk-in work for the writer: (generation, SendData | SendCSW | StallIn)
+        self._in_queue: collections.deque[tuple[int, Action]] = collections.deque()
+        self._in_cond = threading.Condition()
+        #: generation of the item the writer is transferring (None: idle)
+        self._in_busy: int | None = None
+        self._writer_thread: int | None = None
 
     def counters(self) -> dict[str, int]:
         """Commands and data-phase bytes seen since start; resets of any kind."""
@@ -181,17 +203,24 @@ class UsbFrontEnd:
         else:
             log.warning("USB bulk loop not on the main thread: resets cannot cancel transfers")
         ep0_thread = threading.Thread(target=self._ep0_loop, name="usb-ep0", daemon=True)
+        writer = threading.Thread(target=self._in_loop, name="usb-bulk-in", daemon=True)
         try:
+            writer.start()
             ep0_thread.start()
             if on_started is not None:
                 on_started()
             self.ready.set()
             self._bulk_loop()
         finally:
+            self._bulk_done.set()
             self._stopping = True
             self._can_interrupt = False
+            with self._in_cond:
+                self._in_cond.notify_all()
+            self._interrupt_writer()
             if on_stopping is not None:
                 on_stopping()
+            writer.join(timeout=5)
             ep0_thread.join(timeout=5)
             if previous is not None:
                 signal.signal(INTERRUPT_SIGNAL, previous)
@@ -201,6 +230,19 @@ class UsbFrontEnd:
         self._stopping = True
         self._generation += 1
         self._interrupt_bulk_loop()
+        self._interrupt_writer()
+        if not self._stopper_started:
+            # One signal can land just before the bulk loop enters a transfer and
+            # interrupt nothing; keep knocking until the loop has left.
+            self._stopper_started = True
+            threading.Thread(target=self._keep_stopping, name="usb-stop", daemon=True).start()
+
+    def _keep_stopping(self) -> None:
+        for _ in range(100):
+            if self._bulk_done.wait(0.1):
+                return
+            self._interrupt_bulk_loop()
+            self._interrupt_writer()
 
     # -- interruption ----------------------------------------------------------
     def _on_interrupt_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -212,6 +254,13 @@ class UsbFrontEnd:
         if self._can_interrupt and self._bulk_thread is not None:
             signal.pthread_kill(self._bulk_thread, INTERRUPT_SIGNAL)
 
+    def _interrupt_writer(self) -> None:
+        if self._can_interrupt and self._writer_thread is not None and self._in_busy is not None:
+            try:
+                signal.pthread_kill(self._writer_thread, INTERRUPT_SIGNAL)
+            except ProcessLookupError:
+                pass  # the writer already ended
+
     def _supersede(self, actions: Sequence[Action], reason: str) -> None:
         """Replace the bulk loop's course (ep0 thread) and wait until it took the new one."""
         skip = CancelTransfers | ControlReply | ControlStall
@@ -222,14 +271,40 @@ class UsbFrontEnd:
         self._counts["resets"] += 1
         log.info("bulk side superseded (%s): %s", reason, bulk)
         self._cond.notify_all()
-        self._cond.release()
-        try:
-            self._interrupt_bulk_loop()
-        finally:
-            self._cond.acquire()
-        self._cond.wait_for(
-            lambda: self._seen_generation >= generation or self._stopping, timeout=2.0
-        )
+        # Repeated: a signal landing between the loop's last look at the generation
+        # and its entry into read()/write() interrupts nothing.
+        for _ in range(40):
+            self._cond.release()
+            try:
+                self._interrupt_bulk_loop()
+            finally:
+                self._cond.acquire()
+            if self._cond.wait_for(
+                lambda: self._seen_generation >= generation or self._stopping, timeout=0.05
+            ):
+                break
+        self._drain_writer(generation)
+
+    def _drain_writer(self, generation: int) -> None:
+        """Wait until the writer holds nothing older than `generation` (ep0 thread,
+        `_cond` held).  The signal is repeated: one that lands just before the
+        writer enters write() is not seen by that write."""
+        with self._in_cond:
+            self._in_queue = collections.deque(
+                item for item in self._in_queue if item[0] >= generation
+            )
+            self._in_cond.notify_all()
+        for _ in range(40):
+            with self._in_cond:
+                busy = self._in_busy
+                if busy is None or busy >= generation or self._stopping:
+                    return
+            self._interrupt_writer()
+            with self._in_cond:
+                self._in_cond.wait_for(
+                    lambda: self._in_busy is None or self._in_busy >= generation, timeout=0.05
+                )
+        log.warning("bulk-in writer did not leave a superseded transfer")
 
     # -- bulk side ---------------------------------------------------------------
     def _bulk_loop(self) -> None:
@@ -253,8 +328,11 @@ class UsbFrontEnd:
                 generation = self._generation
             try:
                 self._blocked_for = generation
+                if self._stopping or generation != self._generation:
+                    self._blocked_for = None
+                    continue
                 try:
-                    result = self._perform(action)
+                    result = self._perform(action, generation)
                 finally:
                     self._blocked_for = None
             except _Interrupted:
@@ -283,7 +361,7 @@ class UsbFrontEnd:
                 elif isinstance(action, SendData | SendCSW):
                     self._pending.extend(self.bot.bulk_in_complete())
 
-    def _perform(self, action: Action) -> bytes | memoryview | None:
+    def _perform(self, action: Action, generation: int) -> bytes | memoryview | None:
         assert self._bulk_in is not None and self._bulk_out is not None
         if log.isEnabledFor(logging.DEBUG):
             log.debug("bulk %s", _describe(action))
@@ -296,20 +374,78 @@ class UsbFrontEnd:
             n = self._bulk_out.read_into(view)
             self._counts["bytes_out"] += n
             return bytes(view[:n]) if n <= _COPY_LIMIT else view[:n]
-        if isinstance(action, SendData):
-            self._bulk_in.write_all(action.data)
-            self._counts["bytes_in"] += len(action.data)
+        if isinstance(action, SendData | SendCSW | StallIn):
+            self._queue_in(action, generation)
             return None
-        if isinstance(action, SendCSW):
-            self._bulk_in.write_all(action.data)
-            return None
-        if isinstance(action, StallIn):
-            self._bulk_in.halt()
-        elif isinstance(action, StallOut):
+        if isinstance(action, StallOut):
             self._bulk_out.halt()
         elif not isinstance(action, CancelTransfers):
             log.warning("bulk loop got an ep0 action %s; ignored", action)
         return None
+
+    def _queue_in(self, action: Action, generation: int) -> None:
+        """Hand a bulk-in item to the writer (bulk loop); blocks while the queue is full."""
+        with self._in_cond:
+            self._in_cond.wait_for(
+                lambda: len(self._in_queue) < IN_QUEUE_DEPTH
+                or self._stopping or self._generation != generation
+            )
+            if self._generation == generation and not self._stopping:
+                self._in_queue.append((generation, action))
+                self._in_cond.notify_all()
+
+    # -- bulk-in writer ------------------------------------------------------------------
+    def _in_loop(self) -> None:
+        self._writer_thread = threading.get_ident()
+        # Only our interrupt may reach this thread: a SIGTERM landing here would
+        # break a transfer that is not to be abandoned.
+        others = {s for s in signal.valid_signals() if s != INTERRUPT_SIGNAL}
+        signal.pthread_sigmask(signal.SIG_BLOCK, others)
+        while True:
+            with self._in_cond:
+                self._in_cond.wait_for(lambda: bool(self._in_queue) or self._stopping)
+                if self._stopping:
+                    return
+                generation, action = self._in_queue.popleft()
+                self._in_cond.notify_all()
+                if generation != self._generation:
+                    continue
+                self._in_busy = generation
+            try:
+                self._write_in(generation, action)
+            except InterruptedError:
+                log.info("bulk-in transfer abandoned: %s", _describe(action))
+            except OSError as exc:
+                if exc.errno not in _LINK_ERRORS and exc.errno != errno.EOVERFLOW:
+                    log.error("bulk-in write failed: %s; stopping", exc.strerror)
+                    self.stop()
+                    return
+                log.info("bulk-in transfer ended (%s) during %s", exc.strerror,
+                         _describe(action))
+                with self._in_cond:
+                    # The rest of this command's bulk-in cannot follow a broken
+                    # transfer; ep0 reports the reset/disable that caused it.
+                    self._in_queue = collections.deque(
+                        item for item in self._in_queue if item[0] != generation
+                    )
+            finally:
+                with self._in_cond:
+                    self._in_busy = None
+                    self._in_cond.notify_all()
+
+    def _write_in(self, generation: int, action: Action) -> None:
+        assert self._bulk_in is not None
+        if isinstance(action, StallIn):
+            self._bulk_in.halt()
+            return
+        assert isinstance(action, SendData | SendCSW)
+
+        def cancelled() -> bool:
+            return self._stopping or self._generation != generation
+
+        self._bulk_in.write_all(action.data, cancelled)
+        if isinstance(action, SendData):
+            self._counts["bytes_in"] += len(action.data)
 
     # -- ep0 side -------------------------------------------------------------------
     def _ep0_loop(self) -> None:

@@ -27,7 +27,7 @@ from firmware.blockdev import FileBlockDevice
 from firmware.scsi import LogicalUnit, ScsiTarget
 from firmware.usb_gadget.bot import CSW, CSW_SIGNATURE, make_cbw
 from firmware.usb_gadget.configfs import GadgetSettings
-from firmware.usb_gadget.functionfs import Ep0Event, EventType, SetupRequest
+from firmware.usb_gadget.functionfs import Ep0Event, EventType, SetupRequest, write_fd
 from firmware.usb_gadget.server import UsbFrontEnd
 
 TUR = bytes(6)
@@ -69,10 +69,10 @@ class SocketPipe:
             raise OSError(errno.EOVERFLOW, os.strerror(errno.EOVERFLOW))
         return n
 
-    def write_all(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.sock.fileno(), view) :]
+    def write_all(
+        self, data: bytes | memoryview, cancelled: Callable[[], bool] | None = None
+    ) -> None:
+        write_fd(self.sock.fileno(), data, cancelled)
 
     def halt(self) -> None:
         self.halts += 1
