@@ -102,3 +102,41 @@ def test_link_signature_from_the_command_line(tmp_path: Path) -> None:
         assert "signature=True" in remote.log.read_text()
     finally:
         p.close()
+
+
+def test_a_recreated_local_queue_gets_a_full_resync(pair: Pair, tmp_path: Path) -> None:
+    local, remote = pair.local, pair.remote
+    write_each(pair, [i * CHUNK for i in range(10)], 0x20)
+    old_last = wait_caught_up(local, remote, pair.unit_id)
+    before = remote.unit(pair.unit_id)
+    assert before["queue_id"] is not None and before["seq_offset"] == 0
+    old_image = local.disk.read_bytes()
+    # The buffer is lost and formatted afresh: the new queue's seqs start at 1
+    # again, below what the remote holds.
+    local.stop()
+    local.buffer.unlink()
+    local.start()
+    seqs = write_each(pair, [(i + 3) * CHUNK for i in range(5)], 0x70)
+    assert seqs[0] <= old_last
+
+    def followed() -> dict[str, Any] | None:
+        p = peer_status(local)
+        u = remote.unit(pair.unit_id)
+        if (p["acked_seq"] != p["last_seq"] or p["resync"] is not None
+                or u.get("resync") or not u.get("seq_offset")
+                or u["last_applied_seq"] - u["seq_offset"] != p["last_seq"]):
+            return None
+        return u
+
+    u = wait_for(followed, 90, "the remote to follow the new queue")
+    assert u["queue_id"] != before["queue_id"]
+    assert any(e["event"] == "requeue" for e in u["events"])
+    assert peer_status(local)["resyncs_done"] == 1
+    assert_same_image(local, remote, pair.unit_id, tmp_path)
+    # The image from before the new queue is still there to restore, by its seq.
+    out = tmp_path / "before.img"
+    remote.call("remote.export", unit=pair.unit_id, output=str(out), seq=old_last)
+    assert out.read_bytes() == old_image
+    notes = [note for _, _, note in remote.arrivals(pair.unit_id)]
+    assert notes.count("requeue") == 1
+    assert "a full resync must come first" in remote.log.read_text()

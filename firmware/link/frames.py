@@ -117,6 +117,10 @@ class Hello:
     compression: tuple[str, ...]
     #: The local asks for the digest handshake (DIGEST / COMMIT / ABORT per batch).
     signature: bool
+    #: Identity of the local queue the seqs come from (the CBQ's random salt).  A
+    #: re-created queue starts its seqs again, so a remote that knew another queue
+    #: must not take them as a continuation.  None: not told (field absent).
+    queue_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,9 @@ class HelloAck:
     signature: bool
     #: The remote's last durable seq: where the local resumes.
     durable_seq: int
+    #: The remote holds seqs of another queue than HELLO's: it takes nothing but a
+    #: full checksum resync, after which it follows the new queue's seqs.
+    requeue: bool = False
 
 
 @dataclass(frozen=True)
@@ -335,6 +342,7 @@ def _frame_map(frame: Frame) -> dict[str, Any]:
             "resume": frame.resume_seq,
             "compression": list(frame.compression),
             "signature": frame.signature,
+            **({} if frame.queue_id is None else {"queue": frame.queue_id}),
         }
     if isinstance(frame, HelloAck):
         return {
@@ -343,6 +351,7 @@ def _frame_map(frame: Frame) -> dict[str, Any]:
             "compression": frame.compression,
             "signature": frame.signature,
             "durable": frame.durable_seq,
+            **({"requeue": True} if frame.requeue else {}),
         }
     if isinstance(frame, Writes):
         return _writes_map(frame)
@@ -461,6 +470,7 @@ def _decode_hello(m: dict[Any, Any]) -> Hello:
         resume_seq=_u64(m, "resume", "HELLO"),
         compression=tuple(codecs),
         signature=_bool(m, "signature", "HELLO"),
+        queue_id=_u64(m, "queue", "HELLO") if "queue" in m else None,
     )
 
 
@@ -470,6 +480,7 @@ def _decode_hello_ack(m: dict[Any, Any]) -> HelloAck:
         compression=_text(m, "compression", "HELLO_ACK", 32),
         signature=_bool(m, "signature", "HELLO_ACK"),
         durable_seq=_u64(m, "durable", "HELLO_ACK"),
+        requeue=_bool(m, "requeue", "HELLO_ACK") if "requeue" in m else False,
     )
 
 

@@ -238,6 +238,12 @@ class CbqSource:
     def request_verify(self) -> None:
         self._verify_requested = True
 
+    def require_full_resync(self, reason: str) -> None:
+        with self._lock:
+            if not self._full_marker.exists():
+                log.warning("%s: %s; it gets a whole-volume checksum resync", self.name, reason)
+                self._full_marker.touch()
+
     def _all_chunks(self) -> tuple[int, ...]:
         return tuple(range(self.cbq.geo.chunks))
 
@@ -372,7 +378,8 @@ class LinkService:
             unit_id=self.unit_id, volume_size=self.volume.size,
             block_size=self.volume.block_size,
             resume_seq=self.cbq.consumers[peer.spec.name].acked_seq,
-            compression=self.compression, signature=self.signature)
+            compression=self.compression, signature=self.signature,
+            queue_id=self.cbq.geo.salt)
         client = LinkClient((peer.spec.host, peer.spec.port), self.identity, self.peers,
                             peer.spec.name, config, peer.source, bandwidth=self.bandwidth,
                             backoff=Backoff(maximum=self.backoff_max),

@@ -121,6 +121,11 @@ class ResyncSource(Protocol):
         """The remote confirmed the resync (or verify) of `plan`."""
         ...
 
+    def require_full_resync(self, reason: str) -> None:
+        """The remote cannot follow this queue's seqs: the next plan covers the whole
+        volume, whatever the queue says."""
+        ...
+
 
 class ResyncSink(Protocol):
     """A `WriteSink` that can take part in a checksum resync (the remote unit store)."""
@@ -363,6 +368,8 @@ class SenderConfig:
     #: Codecs offered, best first; "none" is always acceptable.
     compression: tuple[str, ...] = field(default_factory=available_codecs)
     signature: bool = False
+    #: The source queue's identity, sent in HELLO (see `Hello.queue_id`).
+    queue_id: int | None = None
     #: Uncompressed record bytes sent but not yet acknowledged.
     window_bytes: int = 4 * 1024 * 1024
     batch_bytes: int = 1024 * 1024
@@ -470,6 +477,7 @@ class SenderSession(_Session):
                 resume_seq=c.resume_seq,
                 compression=c.compression,
                 signature=c.signature,
+                queue_id=c.queue_id,
             )
         )
         self.state = SessionState.HELLO_SENT
@@ -603,6 +611,13 @@ class SenderSession(_Session):
         self.acked_seq = durable
         self.last_sent_seq = durable
         src = self._resync_source()
+        if ack.requeue:
+            if src is None:
+                text = "remote holds another queue's seqs and this source cannot resync"
+                self._fail_with(ERR_RESYNC, text)
+                return [Refused(code=ERR_RESYNC, text=text)]
+            src.require_full_resync(
+                f"the remote holds seqs of another queue than {c.queue_id}")
         plan = src.resync_plan(durable) if src is not None else None
         if plan is not None:
             self.state = SessionState.STREAMING
@@ -744,6 +759,8 @@ class ReceiverSession(_Session):
         #: (resync id, verify, chunks written) while a resync or verify runs.
         self._resync: tuple[int, bool] | None = None
         self._chunks_written = 0
+        #: The sink holds another queue's seqs: nothing but a full resync until done.
+        self.requeue = False
 
     def _handle(self, frame: Frame) -> list[SessionEvent]:
         if isinstance(frame, Hello):
@@ -814,6 +831,7 @@ class ReceiverSession(_Session):
             raise LinkProtocolError(
                 f"resync ends at seq {frame.seq}, before seq {self._applied} already here")
         sink.resync_complete(frame.seq)
+        self.requeue = False
         self._applied = self._high = self._acked = frame.seq
         self._send(ResyncDone(frame.resync_id, frame.seq, self._chunks_written))
         return [ResyncFinished(frame.resync_id, False, frame.seq, 0, (), 0)]
@@ -853,7 +871,11 @@ class ReceiverSession(_Session):
             (c for c in hello.compression if c in self.config.compression), CODEC_NONE
         )
         self.signature = hello.signature and self.config.allow_signature
-        durable = sink.last_durable_seq()
+        check = getattr(sink, "check_queue", None)
+        self.requeue = bool(check(hello.queue_id)) if check is not None else False
+        # While re-queued the sink's seqs mean nothing to this queue: the resync
+        # starts from scratch, and it will accept the resync's seq whatever it is.
+        durable = 0 if self.requeue else sink.last_durable_seq()
         self._applied = self._high = durable
         self._acked = durable
         self.state = SessionState.STREAMING
@@ -864,6 +886,7 @@ class ReceiverSession(_Session):
                 compression=self.compression,
                 signature=self.signature,
                 durable_seq=durable,
+                requeue=self.requeue,
             )
         )
         return [Established(hello.unit_id, version, self.compression, self.signature, durable)]
@@ -926,6 +949,8 @@ class ReceiverSession(_Session):
     def _on_writes(self, writes: Writes) -> list[SessionEvent]:
         if self._resync is not None:
             raise LinkProtocolError("WRITES while a resync runs")
+        if self.requeue:
+            raise LinkProtocolError("WRITES before the full resync a new queue needs")
         fresh = self._check_batch(writes)
         self._last_batch_id = writes.batch_id
         if fresh:

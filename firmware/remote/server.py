@@ -44,6 +44,9 @@ class UnitSink:
     def __init__(self, unit: UnitStore) -> None:
         self.unit = unit
         self._arrivals = Path(unit.directory) / ARRIVALS_NAME
+        #: The queue id of a connected local whose queue is not the one the unit
+        #: follows; until its full resync completes, nothing is applied.
+        self._requeue: int | None = None
         self._reconcile_arrivals()
 
     def _reconcile_arrivals(self) -> None:
@@ -55,7 +58,7 @@ class UnitSink:
                 if len(parts) >= 2 and parts[1].isdigit():
                     last = int(parts[1])
                     break
-        durable = self.unit.last_durable_seq()
+        durable = self.unit.last_durable_seq() - self.unit.seq_offset
         if durable > last:
             # The process died after the store made these durable and before the
             # line was written: they did arrive (once; the journal is contiguous).
@@ -65,9 +68,38 @@ class UnitSink:
         with open(self._arrivals, "a") as f:
             f.write(f"{first} {last}{(' ' + note) if note else ''}\n")
 
+    def check_queue(self, queue_id: int | None) -> bool:
+        """Called at HELLO: True if the local's queue is not the one this unit
+        follows, so only a full resync may follow."""
+        self._requeue = None
+        known = self.unit.queue_id
+        if queue_id is None or queue_id == known:
+            return False
+        if known is None and self.unit.last_durable_seq() == 0:
+            self._guard(lambda: self.unit.set_queue_id(queue_id))
+            return False
+        # A unit that never recorded a queue id but holds seqs cannot tell a
+        # continuation from a restart: the resync costs digests, a wrong guess data.
+        self._requeue = queue_id
+        log.warning("unit %s: the local's queue %08x is not queue %s this unit follows "
+                    "(up to seq %d); a full resync must come first", self.unit.unit_id,
+                    queue_id, "unknown" if known is None else f"{known:08x}",
+                    self.unit.last_durable_seq() - self.unit.seq_offset)
+        return True
+
+    def _to_unit(self, r: WriteRecord) -> WriteRecord:
+        off = self.unit.seq_offset
+        return dataclasses.replace(r, seq=r.seq + off,
+                                   skip_last=r.skip_last + off if r.is_skip else 0)
+
     def apply(self, records: Sequence[WriteRecord]) -> int:
+        if self._requeue is not None:
+            raise LinkProtocolError(f"unit {self.unit.unit_id}: writes of a new queue "
+                                    "before its full resync")
+        off = self.unit.seq_offset
         try:
-            durable = self.unit.apply(records)
+            durable = self.unit.apply([self._to_unit(r) for r in records] if off
+                                      else records) - off
         except RemoteError as exc:
             raise LinkProtocolError(f"unit {self.unit.unit_id}: {exc}") from None
         # One line per run of writes, and one per skip, so the log shows the skips.
@@ -84,7 +116,9 @@ class UnitSink:
         return durable
 
     def last_durable_seq(self) -> int:
-        return self.unit.last_durable_seq()
+        if self._requeue is not None:
+            return 0
+        return self.unit.last_durable_seq() - self.unit.seq_offset
 
     @property
     def chunk_size(self) -> int:
@@ -104,7 +138,13 @@ class UnitSink:
         return self._guard(lambda: self.unit.write_chunk(chunk, data))
 
     def resync_complete(self, seq: int) -> None:
-        self._guard(lambda: self.unit.resync_complete(seq))
+        queue = self._requeue
+        if queue is not None:
+            self._guard(lambda: self.unit.complete_requeue(seq, queue))
+            self._requeue = None
+            self._log(seq, seq, "requeue")
+            return
+        self._guard(lambda: self.unit.resync_complete(seq + self.unit.seq_offset))
         self._log(seq, seq, "resync")
 
     def _guard(self, fn: Any) -> Any:

@@ -158,6 +158,8 @@ class UnitStatus:
     #: Seqs the local discarded and this unit skipped, and the latest such ranges.
     skipped_seqs: int = 0
     skipped_ranges: list[list[int]] = field(default_factory=list)
+    queue_id: int | None = None
+    seq_offset: int = 0
 
 
 @dataclass
@@ -198,6 +200,12 @@ class _State:
     #: Recent seq ranges the local discarded and told this unit to skip (newest last).
     skipped: list[list[int]] = field(default_factory=list)
     skipped_total: int = 0
+    #: Identity of the local queue whose seqs this unit follows (None: not known).
+    queue_id: int | None = None
+    #: This unit's seq = the local queue's seq + seq_offset.  Nonzero once a
+    #: re-created local queue restarted its seqs: the unit's own seqs never go back,
+    #: so history, journals and points in time stay in one order.
+    seq_offset: int = 0
 
     def encode(self) -> bytes:
         body = cbor2.dumps(dataclasses.asdict(self))
@@ -1058,6 +1066,39 @@ class UnitStore:
             self._hist_bytes += entry.length
             return True
 
+    @property
+    def queue_id(self) -> int | None:
+        return self._st.queue_id
+
+    @property
+    def seq_offset(self) -> int:
+        return self._st.seq_offset
+
+    def set_queue_id(self, queue_id: int) -> None:
+        """Record the local queue this unit follows (first contact)."""
+        with self._lock:
+            self._check_open()
+            self._st.queue_id = queue_id
+            self._save_state()
+
+    def complete_requeue(self, local_seq: int, queue_id: int) -> int:
+        """A full resync from a re-created local queue is complete: the mirror equals
+        that queue's volume right after its seq `local_seq`.  From now on the unit
+        follows `queue_id`, its seqs offset so they stay above every seq it holds
+        (the image before the resync stays restorable).  Returns the unit's seq
+        for `local_seq`."""
+        with self._lock:
+            self._check_open()
+            offset = max(0, self._durable + 1 - local_seq)
+            seq = local_seq + offset
+            self._st.queue_id, self._st.seq_offset = queue_id, offset
+            self._event("requeue", queue_id=queue_id, local_seq=local_seq, seq=seq,
+                        seq_offset=offset)
+            log.warning("unit %s: now follows local queue %08x; its seq %d is seq %d here",
+                        self.unit_id, queue_id, local_seq, seq)
+            self.resync_complete(seq)
+            return seq
+
     def resync_complete(self, seq: int) -> None:
         """The mirror now equals the local volume right after `seq`: that becomes the
         last applied and durable seq; pending writes up to it are discarded."""
@@ -1127,6 +1168,8 @@ class UnitStore:
                 events=[dict(e) for e in st.events],
                 skipped_seqs=st.skipped_total,
                 skipped_ranges=[list(r) for r in st.skipped[-8:]],
+                queue_id=st.queue_id,
+                seq_offset=st.seq_offset,
             )
 
     def _check_open(self) -> None:
