@@ -1,0 +1,201 @@
+"""USB disk throughput and latency: our gadget against the kernel's f_mass_storage.
+
+`run(workdir)` (called by `make bench`) boots one QEMU guest (tests/vm harness)
+and, in rounds, serves a tmpfs-backed disk three ways over the same dummy_hcd
+link to the guest's own usb-storage:
+
+* ``kernel``: f_mass_storage over a plain file;
+* ``file``: our gadget (FunctionFS + BOT + SCSI target) over a plain file;
+* ``unit``: `mirrorunit local --frontend usb`, the whole local unit (write-back
+  cache, mirror file and CBQ, every write journaled).
+
+Each round measures sequential 1 MiB O_DIRECT write and read with dd, and the
+latency of 4 KiB O_DIRECT|O_DSYNC writes at queue depth 1.  The three run back
+to back in each round, so the per-round ratios compare like with like on a
+shared, noisy machine; the report gives their median.  Under TCG the absolute
+numbers measure the emulator as much as the code: read the ratios.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = ("kernel", "file", "unit")
+DISK_MIB = 64
+TRANSFER_MIB = 32
+LATENCY_WRITES = 200
+
+_HELPERS = r"""
+set -u
+wait_disk() {
+    i=0
+    while :; do
+        for b in /sys/block/sd*; do
+            [ -e "$b/device/vendor" ] || continue
+            [ "$(tr -d ' ' < "$b/device/vendor")" = "$1" ] || continue
+            [ "$(cat "$b/size")" -gt 0 ] 2>/dev/null && { echo "/dev/${b##*/}"; return 0; }
+        done
+        i=$((i+1)); [ $i -gt 600 ] && return 1
+        sleep 0.1
+    done
+}
+gone() {
+    i=0
+    while [ -n "$(ls /sys/class/scsi_disk 2>/dev/null)" ] && [ $i -lt 100 ]; do
+        i=$((i+1)); sleep 0.1
+    done
+}
+measure() {
+    echo "write $(dd if=/dev/zero of=$1 bs=1M count=@MIB@ oflag=direct 2>&1 | tail -1)"
+    echo "read $(dd if=$1 of=/dev/null bs=1M count=@MIB@ iflag=direct 2>&1 | tail -1)"
+    echo "lat4k $(dd if=/dev/zero of=$1 bs=4k count=@LAT@ oflag=direct,dsync 2>&1 | tail -1)"
+}
+""".replace("@MIB@", str(TRANSFER_MIB)).replace("@LAT@", str(LATENCY_WRITES))
+
+_SCRIPTS = {
+    "kernel": """
+truncate -s {size} /tmp/kb.img
+G=/sys/kernel/config/usb_gadget/kbench; mkdir $G; cd $G
+echo 0x1d6b > idVendor; echo 0x0104 > idProduct
+mkdir functions/mass_storage.0 configs/c.1
+echo /tmp/kb.img > functions/mass_storage.0/lun.0/file
+ln -s functions/mass_storage.0 configs/c.1/
+echo dummy_udc.0 > UDC
+DEV=$(wait_disk Linux) || exit 1
+measure $DEV
+echo "" > UDC; rm configs/c.1/mass_storage.0; rmdir configs/c.1 functions/mass_storage.0
+cd /; rmdir $G; rm /tmp/kb.img; gone
+""",
+    "file": """
+cd {repo}
+{python} tests/vm/guest_gadget.py /tmp/fb.img {size} --udc dummy_udc.0 > /tmp/fb.log 2>&1 &
+pid=$!
+DEV=$(wait_disk MirrorUn) || {{ cat /tmp/fb.log; exit 1; }}
+measure $DEV
+kill -TERM $pid; wait $pid; rm /tmp/fb.img; gone
+""",
+    "unit": """
+mkdir -p /tmp/ub; cd {repo}
+{python} -m firmware local --disk /tmp/ub/disk.img --size {size} --buffer /tmp/ub/cbq.img \
+    --buffer-size 96M --control /tmp/ub/control.sock --nbd '' --frontend usb \
+    --usb-udc dummy_udc.0 > /tmp/ub/unit.log 2>&1 &
+pid=$!
+DEV=$(wait_disk MirrorUn) || {{ cat /tmp/ub/unit.log; exit 1; }}
+measure $DEV
+kill -TERM $pid; wait $pid; rm -rf /tmp/ub; gone
+""",
+}
+
+
+def parse_round(output: str) -> dict[str, float]:
+    """MB/s of 'write'/'read' and microseconds per 4 KiB write from one measure()."""
+    out: dict[str, float] = {}
+    for line in output.splitlines():
+        m = re.match(r"(write|read|lat4k) (\d+) bytes .* copied, ([0-9.]+) s", line)
+        if not m:
+            continue
+        kind, nbytes, secs = m.group(1), int(m.group(2)), float(m.group(3))
+        if kind == "lat4k":
+            out["lat4k_us"] = secs / (nbytes // 4096) * 1e6
+        else:
+            out[kind] = nbytes / secs / 1e6
+    return out
+
+
+def summarise(rounds: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Medians per configuration, and medians of the per-round ratios to the kernel."""
+    report: dict[str, Any] = {"rounds": rounds}
+    for config in CONFIGS:
+        report[config] = {
+            key: statistics.median(r[config][key] for r in rounds if key in r.get(config, {}))
+            for key in ("write", "read", "lat4k_us")
+            if any(key in r.get(config, {}) for r in rounds)
+        }
+    ratios: dict[str, dict[str, float]] = {}
+    for config in ("file", "unit"):
+        ratios[config] = {}
+        for key in ("write", "read"):
+            per_round = [r[config][key] / r["kernel"][key] for r in rounds
+                         if key in r.get(config, {}) and r.get("kernel", {}).get(key)]
+            if per_round:
+                ratios[config][key] = statistics.median(per_round)
+        lat = [r[config]["lat4k_us"] / r["kernel"]["lat4k_us"] for r in rounds
+               if "lat4k_us" in r.get(config, {}) and r.get("kernel", {}).get("lat4k_us")]
+        if lat:
+            ratios[config]["lat4k"] = statistics.median(lat)
+    report["ratios"] = ratios
+    return report
+
+
+def measure(workdir: Path, rounds: int = 3) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO))
+    from tests.vm.harness import GuestVM, VMConfig
+
+    size = DISK_MIB << 20
+    results: list[dict[str, dict[str, float]]] = []
+    with GuestVM(workdir, VMConfig()) as vm:
+        boot = vm.boot_seconds
+        for _ in range(rounds):
+            row: dict[str, dict[str, float]] = {}
+            for config in CONFIGS:
+                script = _HELPERS + _SCRIPTS[config].format(
+                    size=size, repo=REPO, python=sys.executable)
+                row[config] = parse_round(vm.run(script, timeout=300).check().output)
+            results.append(row)
+    report = summarise(results)
+    report["boot_seconds"] = boot
+    return report
+
+
+def format_report(report: dict[str, Any]) -> list[str]:
+    lines = [f"USB disk, {TRANSFER_MIB} MiB dd O_DIRECT, {len(report['rounds'])} rounds "
+             f"(guest boot {report['boot_seconds']:.1f} s); medians:",
+             f"  {'':8} {'write MB/s':>10} {'read MB/s':>10} {'4k dsync us':>12}"]
+    for config in CONFIGS:
+        c = report[config]
+        lines.append(f"  {config:8} {c.get('write', 0):10.1f} {c.get('read', 0):10.1f} "
+                     f"{c.get('lat4k_us', 0):12.0f}")
+    for config in ("file", "unit"):
+        r = report["ratios"].get(config, {})
+        lines.append(f"  {config}/kernel: write {r.get('write', 0):.2f}, read "
+                     f"{r.get('read', 0):.2f}, 4k latency x{r.get('lat4k', 0):.2f} "
+                     "(throughput goal >= 0.9)")
+    return lines
+
+
+def run(workdir: Path) -> dict[str, Any]:
+    """`make bench` entry point: prints its lines, returns the report."""
+    sys.path.insert(0, str(REPO))
+    from tests.vm.harness import missing_requirements
+
+    reason = missing_requirements()
+    if reason is not None:
+        print(f"usb: skipped, no VM: {reason}")
+        return {"skipped": reason}
+    print("usb: booting a QEMU guest (kernel f_mass_storage vs our gadget)")
+    report = measure(workdir / "vm")
+    for line in format_report(report):
+        print(line)
+    return report
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    a = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mu-usb-bench-") as tmp:
+        rep = measure(Path(tmp), a.rounds)
+    for text in format_report(rep):
+        print(text)
+    if a.json:
+        print(json.dumps(rep, indent=2))
