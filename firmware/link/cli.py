@@ -5,7 +5,9 @@
   certificate is pinned under.
 - `mirrorunit pair show|add|fetch|list|remove` manages this unit's identity and
   the certificates it pins (see docs/replication.md, "Pairing").
-- `mirrorunit link status|pause|resume|verify` talks to a running local unit.
+- `mirrorunit link status|pause|resume|verify|seal-config` talks to a running local unit.
+- `mirrorunit config recover --from-peer HOST:PORT ...` fetches this unit's sealed
+  config backup from a peer and restores it after the admin password is entered.
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ def extend_local(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--link-signature", action="store_true",
                    help="digest handshake per batch: the remote holds each batch until "
                         "this unit confirms its digest (COMMIT) or rejects it (ABORT)")
+    g.add_argument("--config", type=Path, metavar="PATH",
+                   help="the unit's config partition (sealed for the peers by "
+                        "`mirrorunit link seal-config`)")
 
 
 def _link_factory(unit: Any) -> Any:
@@ -118,7 +123,8 @@ def _link_factory(unit: Any) -> Any:
     return LinkService(cbq=cbq, volume=unit.volume, identity=identity, peers=peers,
                        unit_id=unit_id, remotes=specs, state_dir=state_dir,
                        bandwidth=args.link_bandwidth, compression=args.compression,
-                       signature=bool(getattr(args, "link_signature", False)))
+                       signature=bool(getattr(args, "link_signature", False)),
+                       config_path=getattr(args, "config", None))
 
 
 def _register_factory() -> None:
@@ -214,6 +220,137 @@ def _pair(args: argparse.Namespace) -> int:
         return 1
 
 
+def _read_password(use_stdin: bool, prompt: str = "Admin password: ") -> str:
+    if use_stdin or not sys.stdin.isatty():
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError("no password on standard input")
+        return line.rstrip("\n")
+    import getpass
+
+    return getpass.getpass(prompt)
+
+
+def _seal_config(args: argparse.Namespace) -> int:
+    """Seal the config for the peers: through a running local unit (its --config),
+    or, with --state-dir and --config, straight into a state dir (a remote unit's:
+    it hands the blob to each local that connects)."""
+    from firmware.config.errors import ConfigStoreError, SealError
+    from firmware.control import ControlError, call
+
+    try:
+        password = _read_password(args.password_stdin)
+    except EOFError as exc:
+        print(f"mirrorunit link seal-config: {exc}", file=sys.stderr)
+        return 1
+    if args.state_dir is None:
+        try:
+            result = call(args.control, "link.seal_config", password=password)
+        except ControlError as exc:
+            print(f"mirrorunit link seal-config: {exc}", file=sys.stderr)
+            return 1
+        print(f"config sealed ({result['bytes']} bytes) for {', '.join(result['peers'])}")
+        return 0
+    from firmware.config.peer_backup import OWN_BACKUP_NAME, seal_config, write_blob
+    from firmware.config.store import ConfigStore, StoreSettings
+
+    if args.config is None:
+        print("mirrorunit link seal-config: --state-dir needs --config", file=sys.stderr)
+        return 2
+    try:
+        blob = seal_config(ConfigStore(StoreSettings(str(args.config))), password)
+        write_blob(Path(args.state_dir) / OWN_BACKUP_NAME, blob)
+    except (ConfigStoreError, SealError, OSError) as exc:
+        print(f"mirrorunit link seal-config: refused: {exc}", file=sys.stderr)
+        return 1
+    print(f"config sealed ({len(blob)} bytes) into {args.state_dir}")
+    return 0
+
+
+def _recover(args: argparse.Namespace) -> int:
+    from firmware.config.cli import open_store
+    from firmware.config.errors import ConfigError, ConfigStoreError, SealError, WrongPassword
+    from firmware.config.peer_backup import restore_config
+    from firmware.link.shell import fetch_config_backup
+
+    state_dir = Path(args.state_dir)
+    try:
+        identity, unit_id = unit_identity(state_dir)
+        peers = PeerStore.in_dir(state_dir)
+        if peers.get(args.name) is None:
+            raise PeerNotPinned(f"peer {args.name!r} is not pinned in {state_dir}")
+        host, _, port = args.from_peer.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--from-peer {args.from_peer!r}: expected HOST:PORT")
+        blob = fetch_config_backup((host.strip("[]"), int(port)), identity, peers,
+                                   args.name, unit_id)
+    except (LinkError, OSError, ValueError) as exc:
+        print(f"mirrorunit config recover: cannot get the backup: {exc}", file=sys.stderr)
+        return 1
+    if blob is None:
+        print(f"mirrorunit config recover: {args.name} keeps no config backup of unit "
+              f"{unit_id}", file=sys.stderr)
+        return 1
+    print(f"got unit {unit_id}'s sealed config from {args.name} ({len(blob)} bytes)")
+    try:
+        password = _read_password(args.password_stdin)
+        generation = restore_config(open_store(args.config), blob, password, force=args.force)
+    except WrongPassword:
+        print("mirrorunit config recover: wrong admin password; nothing was written",
+              file=sys.stderr)
+        return 1
+    except (ConfigError, ConfigStoreError, SealError, EOFError) as exc:
+        print(f"mirrorunit config recover: refused, nothing was written: {exc}",
+              file=sys.stderr)
+        return 1
+    print(f"configuration restored from {args.name} (generation {generation})")
+    return 0
+
+
+def _add_recover(config_commands: Any) -> None:
+    rc = config_commands.add_parser(
+        "recover", help="fetch this unit's sealed config from a peer and restore it")
+    rc.add_argument("--from-peer", required=True, metavar="HOST:PORT",
+                    help="the peer's journey-link address")
+    rc.add_argument("--name", required=True, help="the peer's pinned name")
+    rc.add_argument("--state-dir", required=True, type=Path,
+                    help="this unit's link state directory (its identity and pinned peers)")
+    rc.add_argument("--config", default=None, metavar="PATH",
+                    help="config partition to restore into")
+    rc.add_argument("--force", action="store_true", help="even over a valid config")
+    rc.add_argument("--password-stdin", action="store_true",
+                    help="read the admin password from standard input")
+    rc.set_defaults(func=_recover)
+
+
+def _attach_to_config_command(sub: Any) -> None:
+    """`mirrorunit config` is registered by firmware.config.cli, after this module:
+    `recover` joins its sub-commands when they are created."""
+    config = sub.choices.get("config")
+    if config is not None:
+        action = next(a for a in config._actions
+                      if isinstance(a, argparse._SubParsersAction))
+        _add_recover(action)
+        return
+    add_parser = sub.add_parser
+
+    def add_parser_hook(name: str, **kwargs: Any) -> Any:
+        parser = add_parser(name, **kwargs)
+        if name == "config":
+            sub.add_parser = add_parser
+            add_subparsers = parser.add_subparsers
+
+            def add_subparsers_hook(**kw: Any) -> Any:
+                action = add_subparsers(**kw)
+                _add_recover(action)
+                return action
+
+            parser.add_subparsers = add_subparsers_hook
+        return parser
+
+    sub.add_parser = add_parser_hook
+
+
 def _link(args: argparse.Namespace) -> int:
     from firmware.control import ControlError, call
 
@@ -264,3 +401,14 @@ def register(sub: Any) -> None:
         sp.add_argument("name", help="the remote's name")
         sp.add_argument("--control", type=Path, default=Path(DEFAULT_CONTROL))
     li.set_defaults(func=_link)
+    sc = ls.add_parser("seal-config", help="seal the unit's config under the admin "
+                                           "password for its peers to keep")
+    sc.add_argument("--control", type=Path, default=Path(DEFAULT_CONTROL))
+    sc.add_argument("--state-dir", type=Path,
+                    help="write into this link state dir instead (a remote unit's)")
+    sc.add_argument("--config", type=Path, metavar="PATH", help="config partition (with "
+                                                                "--state-dir)")
+    sc.add_argument("--password-stdin", action="store_true",
+                    help="read the admin password from standard input")
+    sc.set_defaults(func=_seal_config)
+    _attach_to_config_command(sub)

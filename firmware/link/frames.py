@@ -242,10 +242,38 @@ class ResyncDone:
     chunks_written: int
 
 
+@dataclass(frozen=True)
+class ConfigPut:
+    """Keep this sealed config backup of unit `unit_id` (the sender's own: a unit
+    only ever stores its own backup with a peer)."""
+
+    unit_id: str
+    blob: bytes
+
+
+@dataclass(frozen=True)
+class ConfigGet:
+    """Send back the sealed config backup of unit `unit_id` (the asker's own)."""
+
+    unit_id: str
+
+
+@dataclass(frozen=True)
+class ConfigBlob:
+    """The answer to CONFIG_GET: the backup, or None when this peer holds none."""
+
+    unit_id: str
+    blob: bytes | None
+
+
 Frame = (
     Hello | HelloAck | Writes | Ack | Digest | Commit | Abort | Ping | Pong | Error | Bye
     | ResyncStart | DigestRequest | ChunkDigests | ChunkData | ResyncEnd | ResyncDone
+    | ConfigPut | ConfigGet | ConfigBlob
 )
+
+#: Largest sealed config accepted: a config slot is 64 KiB, sealing adds ~100 bytes.
+MAX_CONFIG_BLOB = 256 * 1024
 
 #: Chunks named in one DIGEST_REQ / CHUNK_DIGESTS frame.
 MAX_DIGEST_CHUNKS = 1024
@@ -388,6 +416,16 @@ def _frame_map(frame: Frame) -> dict[str, Any]:
     if isinstance(frame, ResyncDone):
         return {"type": "RESYNC_DONE", "rid": frame.resync_id, "seq": frame.seq,
                 "written": frame.chunks_written}
+    if isinstance(frame, ConfigPut | ConfigBlob) and frame.blob is not None \
+            and len(frame.blob) > MAX_CONFIG_BLOB:
+        raise LinkProtocolError(
+            f"config backup of {len(frame.blob)} bytes, limit {MAX_CONFIG_BLOB}")
+    if isinstance(frame, ConfigPut):
+        return {"type": "CONFIG_PUT", "unit": frame.unit_id, "blob": frame.blob}
+    if isinstance(frame, ConfigGet):
+        return {"type": "CONFIG_GET", "unit": frame.unit_id}
+    if isinstance(frame, ConfigBlob):
+        return {"type": "CONFIG_BLOB", "unit": frame.unit_id, "blob": frame.blob}
     raise TypeError(f"not a frame: {frame!r}")
 
 
@@ -579,6 +617,28 @@ def _decode_chunk(m: dict[Any, Any]) -> ChunkData:
     )
 
 
+def _config_unit(m: dict[Any, Any], ftype: str) -> str:
+    unit = _text(m, "unit", ftype, 128)
+    if not unit:
+        raise LinkProtocolError(f"{ftype} field 'unit' must not be empty")
+    return unit
+
+
+def _config_blob(m: dict[Any, Any], ftype: str) -> bytes:
+    blob = _bytes(m, "blob", ftype)
+    if not 0 < len(blob) <= MAX_CONFIG_BLOB:
+        raise LinkProtocolError(
+            f"{ftype} blob of {len(blob)} bytes outside 1..{MAX_CONFIG_BLOB}")
+    return blob
+
+
+def _decode_config_blob(m: dict[Any, Any]) -> ConfigBlob:
+    unit = _config_unit(m, "CONFIG_BLOB")
+    if _field(m, "blob", "CONFIG_BLOB") is None:
+        return ConfigBlob(unit, None)
+    return ConfigBlob(unit, _config_blob(m, "CONFIG_BLOB"))
+
+
 _DECODERS: dict[str, Callable[[dict[Any, Any]], Frame]] = {
     "HELLO": _decode_hello,
     "HELLO_ACK": _decode_hello_ack,
@@ -602,6 +662,10 @@ _DECODERS: dict[str, Callable[[dict[Any, Any]], Frame]] = {
     "RESYNC_END": lambda m: ResyncEnd(
         resync_id=_u64(m, "rid", "RESYNC_END"), seq=_u64(m, "seq", "RESYNC_END")
     ),
+    "CONFIG_PUT": lambda m: ConfigPut(_config_unit(m, "CONFIG_PUT"),
+                                      _config_blob(m, "CONFIG_PUT")),
+    "CONFIG_GET": lambda m: ConfigGet(_config_unit(m, "CONFIG_GET")),
+    "CONFIG_BLOB": _decode_config_blob,
     "RESYNC_DONE": lambda m: ResyncDone(
         resync_id=_u64(m, "rid", "RESYNC_DONE"), seq=_u64(m, "seq", "RESYNC_DONE"),
         chunks_written=_u64(m, "written", "RESYNC_DONE"),

@@ -26,6 +26,7 @@ from firmware.link.errors import LinkError, SourceGap
 from firmware.link.frames import WriteRecord, available_codecs, skip_record
 from firmware.link.session import (
     BatchAborted,
+    ConfigReceived,
     ResyncFinished,
     ResyncPlan,
     SenderConfig,
@@ -346,7 +347,8 @@ class LinkService:
                  peers: PeerStore, unit_id: str, remotes: list[RemoteSpec], state_dir: Path,
                  bandwidth: float | None = None, compression: str = "zstd",
                  keepalive: float = 5.0, dead_after: float = 20.0,
-                 backoff_max: float = 10.0, signature: bool = False) -> None:
+                 backoff_max: float = 10.0, signature: bool = False,
+                 config_path: Path | None = None) -> None:
         self.cbq = cbq
         self.volume = volume
         self.identity = identity
@@ -362,6 +364,9 @@ class LinkService:
         self.backoff_max = backoff_max
         #: Ask every remote for the digest handshake (DIGEST / COMMIT / ABORT).
         self.signature = signature
+        #: The unit's config partition, sealed for the peers by `seal_config`.
+        self.config_path = config_path
+        self._backup_cache: tuple[float, bytes | None] = (-1.0, None)
         self._peers: dict[str, _Peer] = {}
         for spec in remotes:
             if spec.name not in cbq.consumers:
@@ -395,9 +400,51 @@ class LinkService:
                                     "finished_ns": time.time_ns()}
             elif isinstance(event, BatchAborted):
                 peer.aborted += 1
+            elif isinstance(event, ConfigReceived):
+                self._keep_peer_backup(peer.spec.name, event.blob)
 
         client.listeners.append(on_event)
+        client.config_backup = self.own_backup
         return client
+
+    # ---------------------------------------------------------------- config backups
+
+    @property
+    def own_backup_path(self) -> Path:
+        from firmware.config.peer_backup import OWN_BACKUP_NAME
+
+        return self.state_dir / OWN_BACKUP_NAME
+
+    def own_backup(self) -> bytes | None:
+        """This unit's sealed config as last written (re-read when the file changes)."""
+        try:
+            mtime = self.own_backup_path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        if mtime != self._backup_cache[0]:
+            self._backup_cache = (mtime, self.own_backup_path.read_bytes() or None)
+        return self._backup_cache[1]
+
+    def _keep_peer_backup(self, name: str, blob: bytes) -> None:
+        from firmware.config.peer_backup import peer_backup_name, read_blob, write_blob
+
+        path = self.state_dir / peer_backup_name(name)
+        if read_blob(path) != blob:
+            write_blob(path, blob)
+            log.info("kept remote %s's sealed config backup (%d bytes)", name, len(blob))
+
+    def seal_config(self, password: str) -> dict[str, Any]:
+        """Seal the unit's config under the admin password (checked) for the peers;
+        each connected peer gets it at once, the others when they connect."""
+        from firmware.config.peer_backup import seal_config, write_blob
+        from firmware.config.store import ConfigStore, StoreSettings
+
+        if self.config_path is None:
+            raise ValueError("this unit was started without --config: no config to seal")
+        blob = seal_config(ConfigStore(StoreSettings(str(self.config_path))), password)
+        write_blob(self.own_backup_path, blob)
+        log.warning("config sealed for the peers (%d bytes)", len(blob))
+        return {"bytes": len(blob), "peers": sorted(self._peers)}
 
     # ---------------------------------------------------------------- Service
 
@@ -490,4 +537,5 @@ class LinkService:
             "link.pause": self.pause,
             "link.resume": self.resume,
             "link.verify": self.verify,
+            "link.seal_config": self.seal_config,
         }

@@ -36,6 +36,9 @@ from firmware.link.frames import (
     ChunkData,
     ChunkDigests,
     Commit,
+    ConfigBlob,
+    ConfigGet,
+    ConfigPut,
     Digest,
     DigestRequest,
     Error,
@@ -145,6 +148,14 @@ class ResyncSink(Protocol):
     def resync_complete(self, seq: int) -> None: ...
 
 
+class ConfigBackups(Protocol):
+    """Where a peer keeps the sealed config backups units hand it (one per unit)."""
+
+    def put(self, unit_id: str, blob: bytes) -> None: ...
+
+    def get(self, unit_id: str) -> bytes | None: ...
+
+
 #: Chunks per DIGEST_REQ, and requests the sender keeps outstanding: enough to keep
 #: a long link busy, few enough that the chunks one answer triggers stay small.
 DIGEST_PIECE = 128
@@ -230,9 +241,25 @@ class ResyncFinished:
     bytes_sent: int
 
 
+@dataclass(frozen=True)
+class ConfigReceived:
+    """The peer handed over its sealed config backup (CONFIG_PUT) to keep."""
+
+    unit_id: str
+    blob: bytes
+
+
+@dataclass(frozen=True)
+class ConfigServed:
+    """A CONFIG_GET was answered (blob None: none held)."""
+
+    unit_id: str
+    found: bool
+
+
 SessionEvent = (
     Established | Acknowledged | BatchApplied | BatchAborted | Refused | PeerError | PeerClosed
-    | PongReceived | ResyncStarted | ResyncFinished
+    | PongReceived | ResyncStarted | ResyncFinished | ConfigReceived | ConfigServed
 )
 
 
@@ -254,12 +281,13 @@ class Role(enum.Enum):
 _ALLOWED: dict[tuple[Role, SessionState], tuple[type, ...]] = {
     (Role.SENDER, SessionState.HELLO_SENT): (HelloAck, Error, Ping, Pong, Bye),
     (Role.SENDER, SessionState.STREAMING): (
-        Ack, Digest, ChunkDigests, ResyncDone, Error, Ping, Pong, Bye,
+        Ack, Digest, ChunkDigests, ResyncDone, ConfigPut, Error, Ping, Pong, Bye,
     ),
-    (Role.RECEIVER, SessionState.AWAIT_HELLO): (Hello, Error, Ping, Bye),
+    # CONFIG_GET before HELLO: a unit recovering its config has no volume to announce.
+    (Role.RECEIVER, SessionState.AWAIT_HELLO): (Hello, ConfigGet, Error, Ping, Bye),
     (Role.RECEIVER, SessionState.STREAMING): (
         Writes, Commit, Abort, ResyncStart, DigestRequest, ChunkData, ResyncEnd,
-        Error, Ping, Pong, Bye,
+        ConfigPut, ConfigGet, Error, Ping, Pong, Bye,
     ),
 }
 
@@ -455,6 +483,12 @@ class SenderSession(_Session):
             self._send(ResyncEnd(resync_id=r.resync_id, seq=r.plan.seq))
             r.end_sent = True
 
+    def put_config(self, blob: bytes) -> None:
+        """Hand the remote this unit's sealed config backup to keep."""
+        if self.state is not SessionState.STREAMING:
+            raise LinkError("a config backup goes out only on an established session")
+        self._send(ConfigPut(unit_id=self.config.unit_id, blob=blob))
+
     def take_events(self) -> list[SessionEvent]:
         """Events that arose in `pump()` rather than from received bytes."""
         out, self._pending_events = self._pending_events, []
@@ -547,6 +581,8 @@ class SenderSession(_Session):
             return self._on_chunk_digests(frame)
         if isinstance(frame, ResyncDone):
             return self._on_resync_done(frame)
+        if isinstance(frame, ConfigPut):
+            return [ConfigReceived(frame.unit_id, frame.blob)]
         raise AssertionError(frame)  # _ALLOWED keeps other frames out
 
     def _on_chunk_digests(self, frame: ChunkDigests) -> list[SessionEvent]:
@@ -739,6 +775,9 @@ class ReceiverSession(_Session):
         config: ReceiverConfig,
         open_sink: Callable[[Hello], WriteSink],
         authenticated_unit: str | None = None,
+        *,
+        backups: ConfigBackups | None = None,
+        own_backup: tuple[str, bytes] | None = None,
     ) -> None:
         """`open_sink` resolves the unit's sink (and may claim it); it raises
         `LinkRefused` to turn the peer away.  `authenticated_unit` is the unit id the
@@ -746,6 +785,10 @@ class ReceiverSession(_Session):
         super().__init__(SessionState.AWAIT_HELLO)
         self.config = config
         self._open_sink = open_sink
+        #: Keeps the peers' config backups; None: this side keeps none.
+        self.backups = backups
+        #: (unit id, sealed blob) of this side's own config, handed to the peer.
+        self.own_backup = own_backup
         self.authenticated_unit = authenticated_unit
         self.sink: WriteSink | None = None
         self.hello: Hello | None = None
@@ -775,7 +818,28 @@ class ReceiverSession(_Session):
             return self._on_resync_start(frame)
         if isinstance(frame, DigestRequest | ChunkData | ResyncEnd):
             return self._on_resync_frame(frame)
+        if isinstance(frame, ConfigPut | ConfigGet):
+            return self._on_config(frame)
         raise AssertionError(frame)
+
+    def _on_config(self, frame: ConfigPut | ConfigGet) -> list[SessionEvent]:
+        # A unit stores and fetches only its own backup: the one TLS vouches for.
+        own = self.authenticated_unit or (self.hello.unit_id if self.hello else None)
+        if own is None:
+            if frame.unit_id not in self.config.known_units:
+                return self._refuse(ERR_UNKNOWN_UNIT, f"unit {frame.unit_id!r} is not known here")
+            own = frame.unit_id
+        if frame.unit_id != own:
+            return self._refuse(ERR_IDENTITY, f"unit {own!r} asked for the config backup "
+                                              f"of unit {frame.unit_id!r}")
+        if self.backups is None:
+            raise LinkProtocolError(f"{type(frame).__name__}: this peer keeps no config backups")
+        if isinstance(frame, ConfigPut):
+            self.backups.put(frame.unit_id, frame.blob)
+            return [ConfigReceived(frame.unit_id, frame.blob)]
+        blob = self.backups.get(frame.unit_id)
+        self._send(ConfigBlob(frame.unit_id, blob))
+        return [ConfigServed(frame.unit_id, blob is not None)]
 
     def _resync_sink(self) -> ResyncSink:
         sink = self.sink
@@ -889,6 +953,8 @@ class ReceiverSession(_Session):
                 requeue=self.requeue,
             )
         )
+        if self.own_backup is not None:
+            self._send(ConfigPut(unit_id=self.own_backup[0], blob=self.own_backup[1]))
         return [Established(hello.unit_id, version, self.compression, self.signature, durable)]
 
     def _check_batch(self, writes: Writes) -> tuple[WriteRecord, ...]:

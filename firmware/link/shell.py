@@ -18,10 +18,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from firmware.link.errors import LinkError, LinkProtocolError, LinkRefused, PeerNotPinned
-from firmware.link.frames import Hello
+from firmware.link.frames import (
+    ConfigBlob,
+    ConfigGet,
+    Error,
+    FrameDecoder,
+    Hello,
+    encode_frame,
+)
 from firmware.link.session import (
     Acknowledged,
     BatchAborted,
+    ConfigBackups,
+    ConfigReceived,
+    ConfigServed,
     Established,
     PeerClosed,
     PeerError,
@@ -212,6 +222,9 @@ class LinkClient:
         self.connected = False
         #: Called with every session event (from the link thread).
         self.listeners: list[Callable[[SessionEvent], None]] = []
+        #: This unit's sealed config backup (None: none), handed to the remote on
+        #: every session and again whenever it changes.
+        self.config_backup: Callable[[], bytes | None] | None = None
 
     # -- control
 
@@ -305,10 +318,16 @@ class LinkClient:
         self.session = session
         session.start()
         last_rx = time.monotonic()
+        backup_sent: bytes | None = None
         try:
             while True:
                 if self._stop.is_set():
                     session.close()
+                if self.config_backup is not None and session.state is SessionState.STREAMING:
+                    blob = self.config_backup()
+                    if blob is not None and blob != backup_sent:
+                        session.put_config(blob)
+                        backup_sent = blob
                 session.pump()
                 for event in session.take_events():
                     self._on_event(event)
@@ -420,6 +439,8 @@ class LinkServer:
         handshake_timeout: float = 10.0,
         dead_after: float = 20.0,
         durable_poll: float = 0.1,
+        backups: ConfigBackups | None = None,
+        own_backup: Callable[[], tuple[str, bytes] | None] | None = None,
     ) -> None:
         self.address = address
         self.identity = identity
@@ -429,6 +450,8 @@ class LinkServer:
         self.handshake_timeout = handshake_timeout
         self.dead_after = dead_after
         self.durable_poll = durable_poll
+        self.backups = backups
+        self.own_backup = own_backup
         self.stats = ServerStats()
         self._listener: socket.socket | None = None
         self._ctx: ssl.SSLContext | None = None
@@ -535,7 +558,9 @@ class LinkServer:
                     claimed.append(hello.unit_id)
                 return self.open_sink(hello)
 
-            session = ReceiverSession(self.config, claim_and_open, authenticated_unit=unit)
+            session = ReceiverSession(
+                self.config, claim_and_open, authenticated_unit=unit, backups=self.backups,
+                own_backup=self.own_backup() if self.own_backup is not None else None)
             self._receive(sock, session, peer)
         except (OSError, LinkError) as exc:
             log.info("connection from %s ended: %s", peer, exc)
@@ -596,5 +621,43 @@ class LinkServer:
                     log.warning("unit at %s: %s %d finished at seq %d", peer,
                                 "verify" if event.verify else "checksum resync",
                                 event.resync_id, event.seq)
+                elif isinstance(event, ConfigReceived):
+                    log.info("unit %s from %s: kept its sealed config backup (%d bytes)",
+                             event.unit_id, peer, len(event.blob))
+                elif isinstance(event, ConfigServed):
+                    log.warning("unit %s from %s: asked for its config backup; %s",
+                                event.unit_id, peer,
+                                "sent" if event.found else "none is kept here")
             if session.is_finished:
                 return
+
+
+def fetch_config_backup(address: tuple[str, int], identity: Identity, peers: PeerStore,
+                        remote_name: str, unit_id: str, timeout: float = 15.0) -> bytes | None:
+    """Ask the pinned peer `remote_name` at `address` for unit `unit_id`'s sealed
+    config backup (CONFIG_GET before any HELLO).  None if it keeps none; raises
+    `LinkError` (or `OSError`) if it cannot be reached or refuses."""
+    peers.refresh()
+    ctx = client_context(identity, peers, remote_name)
+    with socket.create_connection(address, timeout=timeout) as raw:
+        try:
+            sock = ctx.wrap_socket(raw)
+        except ssl.SSLError as exc:
+            raise LinkClosed(f"TLS handshake: {describe_handshake_failure(exc)}") from None
+        with sock:
+            peer_identity(sock, peers, expected=remote_name)
+            sock.settimeout(timeout)
+            sock.sendall(encode_frame(ConfigGet(unit_id)))
+            decoder = FrameDecoder()
+            while True:
+                try:
+                    data = sock.recv(RECV_SIZE)
+                except ssl.SSLError as exc:
+                    raise LinkClosed(describe_handshake_failure(exc)) from None
+                if not data:
+                    raise LinkClosed("the peer closed the connection without an answer")
+                for frame in decoder.receive_data(data):
+                    if isinstance(frame, Error):
+                        raise LinkRefused(frame.code, frame.text)
+                    if isinstance(frame, ConfigBlob) and frame.unit_id == unit_id:
+                        return frame.blob

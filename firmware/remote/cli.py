@@ -241,7 +241,7 @@ def _serve(args: argparse.Namespace) -> int:
         retention = Retention(max_bytes=args.retention_bytes, max_age_s=args.retention_age)
     server = RemoteServer(store_dir=args.store, listen=args.listen, identity=identity,
                           peers=PeerStore.in_dir(state_dir), commit_delay_s=args.commit_delay,
-                          retention=retention)
+                          retention=retention, state_dir=state_dir)
     host, port = server.start()
     control = ControlServer(args.control, server.handlers())
     control.start()

@@ -25,7 +25,7 @@ from firmware.link.shell import LinkServer
 from firmware.link.tls import Identity, PeerStore
 from firmware.remote.errors import GeometryMismatch, RemoteError, UnitBusy
 from firmware.remote.store import RemoteStore
-from firmware.remote.unit import Retention, UnitStore
+from firmware.remote.unit import Retention, UnitStore, validate_unit_id
 
 log = logging.getLogger("mirrorunit.remote")
 
@@ -154,6 +154,35 @@ class UnitSink:
             raise LinkProtocolError(f"unit {self.unit.unit_id}: {exc}") from None
 
 
+#: A unit's sealed config backup in its directory (see firmware.config.peer_backup).
+CONFIG_BACKUP_NAME = "config.sealed"
+
+
+class UnitConfigBackups:
+    """The sealed config backups local units hand this remote, one per unit, in
+    the unit's directory of the store.  Never opened here: only the unit's admin
+    password opens them."""
+
+    def __init__(self, store_dir: Path) -> None:
+        self.store_dir = Path(store_dir)
+
+    def _path(self, unit_id: str) -> Path:
+        validate_unit_id(unit_id)
+        return self.store_dir / unit_id / CONFIG_BACKUP_NAME
+
+    def put(self, unit_id: str, blob: bytes) -> None:
+        from firmware.config.peer_backup import write_blob
+
+        path = self._path(unit_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_blob(path, blob)
+
+    def get(self, unit_id: str) -> bytes | None:
+        from firmware.config.peer_backup import read_blob
+
+        return read_blob(self._path(unit_id))
+
+
 class _PinnedUnits:
     """`known_units` for the receiver: every pinned peer is a unit it accepts."""
 
@@ -174,7 +203,7 @@ class RemoteServer:
     def __init__(self, *, store_dir: Path, listen: tuple[str, int], identity: Identity,
                  peers: PeerStore, commit_delay_s: float | None = None,
                  retention: Retention | None = None, tick: float = 0.2,
-                 dead_after: float = 20.0) -> None:
+                 dead_after: float = 20.0, state_dir: Path | None = None) -> None:
         self.store = RemoteStore(store_dir)
         self.identity = identity
         self.peers = peers
@@ -186,10 +215,23 @@ class RemoteServer:
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
         self.nbd_exports: dict[str, Any] = {}
+        self.state_dir = state_dir if state_dir is not None else default_remote_state_dir(
+            Path(store_dir))
+        self.backups = UnitConfigBackups(Path(store_dir))
         self.link = LinkServer(
             listen, identity, peers,
             ReceiverConfig(known_units=_PinnedUnits(peers)),  # type: ignore[arg-type]
-            self._open_sink, dead_after=dead_after)
+            self._open_sink, dead_after=dead_after, backups=self.backups,
+            own_backup=self._own_backup)
+
+    def _own_backup(self) -> tuple[str, bytes] | None:
+        """This remote's own sealed config (`mirrorunit link seal-config`), handed to
+        every local that connects."""
+        from firmware.config.peer_backup import OWN_BACKUP_NAME, read_blob
+        from firmware.link.cli import certificate_name
+
+        blob = read_blob(self.state_dir / OWN_BACKUP_NAME)
+        return None if blob is None else (certificate_name(self.identity.cert_der), blob)
 
     # ---------------------------------------------------------------- units
 
