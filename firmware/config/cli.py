@@ -96,6 +96,11 @@ def register(sub: Any) -> None:
     rs.add_argument("--stdin", action="store_true", help="read the password from stdin")
     rs.set_defaults(func=cmd_restore)
 
+    # Recovery from a peer goes over the journey link, which owns that command.
+    from firmware.link.cli import add_config_recover
+
+    add_config_recover(cs)
+
 
 def _err(msg: str) -> int:
     print(f"mirrorunit config: {msg}", file=sys.stderr)

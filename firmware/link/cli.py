@@ -307,7 +307,8 @@ def _recover(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_recover(config_commands: Any) -> None:
+def add_config_recover(config_commands: Any) -> None:
+    """`mirrorunit config recover`: called by firmware.config.cli with its sub-commands."""
     rc = config_commands.add_parser(
         "recover", help="fetch this unit's sealed config from a peer and restore it")
     rc.add_argument("--from-peer", required=True, metavar="HOST:PORT",
@@ -321,34 +322,6 @@ def _add_recover(config_commands: Any) -> None:
     rc.add_argument("--password-stdin", action="store_true",
                     help="read the admin password from standard input")
     rc.set_defaults(func=_recover)
-
-
-def _attach_to_config_command(sub: Any) -> None:
-    """`mirrorunit config` is registered by firmware.config.cli, after this module:
-    `recover` joins its sub-commands when they are created."""
-    config = sub.choices.get("config")
-    if config is not None:
-        action = next(a for a in config._actions
-                      if isinstance(a, argparse._SubParsersAction))
-        _add_recover(action)
-        return
-    add_parser = sub.add_parser
-
-    def add_parser_hook(name: str, **kwargs: Any) -> Any:
-        parser = add_parser(name, **kwargs)
-        if name == "config":
-            sub.add_parser = add_parser
-            add_subparsers = parser.add_subparsers
-
-            def add_subparsers_hook(**kw: Any) -> Any:
-                action = add_subparsers(**kw)
-                _add_recover(action)
-                return action
-
-            parser.add_subparsers = add_subparsers_hook
-        return parser
-
-    sub.add_parser = add_parser_hook
 
 
 def _link(args: argparse.Namespace) -> int:
@@ -411,4 +384,3 @@ def register(sub: Any) -> None:
     sc.add_argument("--password-stdin", action="store_true",
                     help="read the admin password from standard input")
     sc.set_defaults(func=_seal_config)
-    _attach_to_config_command(sub)
