@@ -42,7 +42,6 @@ ENABLED_UNITS = [
     "mirrorunit-gadget.service", "mirrorunit-local.service", "mirrorunit-remote.service",
     "mirrorunit-ups.service", "mirrorunit-notify.service", "mirrorunit-boot-report.service",
     "systemd-networkd.service", "systemd-timesyncd.service", "ssh.service",
-    "wpa_supplicant@wlan0.service",
 ]
 #: never at boot: they write to the root, prompt on the console, or are replaced by ours
 DISABLED_UNITS = ["apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer",
