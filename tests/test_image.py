@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tomllib
@@ -193,6 +194,33 @@ def test_package_and_pinned_dependencies_import_on_aarch64(rootfs: Path) -> None
     r = subprocess.run(["chroot", str(rootfs), "/usr/bin/mirrorunit", "--version"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.split()[-1] == got["firmware"]
+
+
+@needs_qemu_user
+def test_role_units_pass_options_the_firmware_accepts(rootfs: Path) -> None:
+    """Each unit's `mirrorunit ...` command line parses with the image's own parser (units
+    whose role code is absent from the build are skipped by their condition at boot)."""
+    units = rootfs / "usr/lib/systemd/system"
+    argvs = {}
+    for unit in sorted(units.glob("mirrorunit-*.service")):
+        text = unit.read_text()
+        module = re.search(r"^ConditionPathExists=(/\S+/firmware/\S+\.py)$", text, re.M)
+        if module and not (rootfs / module.group(1).lstrip("/")).exists():
+            continue
+        for cmd in re.findall(r"^Exec(?:Start|Stop)=(/usr/bin/mirrorunit .*)$", text, re.M):
+            cmd = cmd.replace("${MIRRORUNIT_DATA}", "/dev/null").replace(
+                "${MIRRORUNIT_BUFFER}", "/dev/null")
+            argvs[f"{unit.name}: {cmd}"] = shlex.split(cmd)[1:]
+    assert any("mirrorunit-local.service" in k for k in argvs)
+    code = ("import json, sys, firmware.cli as c\nbad = {}\n"
+            "for name, argv in json.loads(sys.stdin.read()).items():\n"
+            "    try:\n        c.build_parser().parse_args(argv)\n"
+            "    except SystemExit as e:\n        bad[name] = e.code\n"
+            "print(json.dumps(bad))")
+    r = subprocess.run(["chroot", str(rootfs), "/usr/bin/python3", "-c", code],
+                       input=json.dumps(argvs), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1]) == {}, r.stderr
 
 
 def _wanted_by(unit_file: Path) -> list[str]:
