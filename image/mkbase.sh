@@ -11,7 +11,7 @@ include="$(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$here/packages.txt" | tr -s 
 # SOURCE_DATE_EPOCH keeps timestamps fixed so two builds of one package set compare equal.
 export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-1735689600}"
 exec mmdebstrap \
-    --mode=auto --variant=minbase --architectures=arm64 \
+    --mode=auto --format=tar --variant=minbase --architectures=arm64 \
     --components=main,non-free-firmware \
     --include="$include" \
     --dpkgopt='path-exclude=/usr/share/doc/*' \

@@ -1,9 +1,16 @@
 #!/bin/sh
-# mmdebstrap customize hook: keep raspi-firmware's files for the boot partition without
-# installing the package (its kernel hooks want a mounted /boot/firmware), drop what must be
-# unique per unit (SSH host keys, machine-id) and the apt caches.
+# mmdebstrap customize hook: build the initramfs once (see essential.sh); keep
+# raspi-firmware's files for the boot partition without installing the package (its kernel
+# hooks want a mounted /boot/firmware); drop what must be unique per unit (SSH host keys,
+# machine-id) and the apt caches.
 set -eu
 root="$1"
+rm -f "$root/usr/sbin/update-initramfs"
+chroot "$root" dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs
+# update-initramfs -k all only knows kernels it built for before; name them instead.
+for kdir in "$root"/lib/modules/*; do
+    chroot "$root" update-initramfs -c -k "$(basename "$kdir")"
+done
 chroot "$root" sh -c 'cd /tmp && apt-get download -q raspi-firmware'
 mkdir -p "$root/usr/share/mirrorunit/debs"
 mv "$root"/tmp/raspi-firmware_*.deb "$root/usr/share/mirrorunit/debs/"

@@ -14,5 +14,11 @@ HOOK
 chmod 0755 "$root/etc/initramfs-tools/hooks/mirrorunit"
 # zstd: smaller than gzip and fast to unpack on a Cortex-A53.
 printf 'COMPRESS=zstd\nMODULES=most\n' > "$root/etc/initramfs-tools/conf.d/mirrorunit"
+# Each package that touches the initramfs would rebuild it (under emulation, ~10 min each):
+# divert update-initramfs to a no-op while packages install; customize.sh runs it once.
+chroot "$root" dpkg-divert --quiet --local --no-rename \
+    --divert /usr/sbin/update-initramfs.mirrorunit --add /usr/sbin/update-initramfs
+mkdir -p "$root/usr/sbin"
+ln -sf /bin/true "$root/usr/sbin/update-initramfs"
 # No generic hostname baked in: it is set from the board's serial at every boot.
 echo mirrorunit > "$root/etc/hostname"
