@@ -11,7 +11,11 @@ chroot "$root" dpkg-divert --quiet --local --rename --remove /usr/sbin/update-in
 for kdir in "$root"/lib/modules/*; do
     chroot "$root" update-initramfs -c -k "$(basename "$kdir")"
 done
+# apt inside the chroot needs a resolver: its resolv.conf points into /run (resolved).
+resolv_link="$(readlink "$root/etc/resolv.conf" || true)"
+cp --remove-destination /etc/resolv.conf "$root/etc/resolv.conf"
 chroot "$root" sh -c 'cd /tmp && apt-get download -q raspi-firmware'
+[ -z "$resolv_link" ] || ln -sf "$resolv_link" "$root/etc/resolv.conf"
 mkdir -p "$root/usr/share/mirrorunit/debs"
 mv "$root"/tmp/raspi-firmware_*.deb "$root/usr/share/mirrorunit/debs/"
 rm -f "$root"/etc/ssh/ssh_host_*
