@@ -3,14 +3,13 @@
 Three threads share one `BulkOnlyTransport` under a lock:
 
 * the bulk loop (the thread that calls `run`, normally the main thread) performs
-  the actions the machine returns: it reads CBWs and data-out, reads the medium,
-  and hands data-in, CSWs and bulk-in stalls to
-* the bulk-in writer, which writes them in order.  The machine is told a
-  data-in piece or CSW is complete once it is queued (its payload is
-  immutable), so the bulk loop reads the next piece from the medium while the
-  previous one is on the wire, and has the next CBW read posted before the CSW
-  has reached the host: the per-command turnaround the host sees no longer
-  includes Python's;
+  the actions the machine returns: it reads CBWs and data-out, reads the medium
+  and writes data-in itself (from a READ's CBW to its data on the wire there is
+  no thread handoff), and hands CSWs and bulk-in stalls to
+* the bulk-in writer, which writes them in order.  The machine is told a CSW
+  is complete once it is queued (its payload is immutable), so the next CBW
+  read is posted before the CSW has reached the host and the host's
+  CSW-to-next-CBW turnaround does not wait for Python;
 * the ep0 thread reads FunctionFS events and answers class requests.
 
 When ep0 changes the course of the bulk side (Bulk-Only Mass Storage Reset,
@@ -31,6 +30,7 @@ import collections
 import errno
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
@@ -81,6 +81,7 @@ _REQUEST_TYPE_CLASS = 0x20
 #: Bulk-in items queued ahead of the writer: two data pieces and a CSW keep the wire
 #: busy while bounding the memory held.
 IN_QUEUE_DEPTH = 3
+GIL_SWITCH_INTERVAL = 0.0002
 #: Errors of a bulk transfer that a disconnect, reset or disable causes.
 _LINK_ERRORS = {errno.ESHUTDOWN, errno.ECONNRESET, errno.ENODEV, errno.EPIPE, errno.EINTR}
 
@@ -204,6 +205,11 @@ class UsbFrontEnd:
             log.warning("USB bulk loop not on the main thread: resets cannot cancel transfers")
         ep0_thread = threading.Thread(target=self._ep0_loop, name="usb-ep0", daemon=True)
         writer = threading.Thread(target=self._in_loop, name="usb-bulk-in", daemon=True)
+        # A thread woken by a completed transfer must get the GIL within a bus frame,
+        # not after the default 5 ms switch interval: every command's turnaround
+        # includes a handoff between the bulk loop and the writer.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         try:
             writer.start()
             ep0_thread.start()
@@ -222,6 +228,7 @@ class UsbFrontEnd:
                 on_stopping()
             writer.join(timeout=5)
             ep0_thread.join(timeout=5)
+            sys.setswitchinterval(switch_interval)
             if previous is not None:
                 signal.signal(INTERRUPT_SIGNAL, previous)
 
@@ -310,8 +317,10 @@ class UsbFrontEnd:
     def _bulk_loop(self) -> None:
         while not self._stopping:
             with self._cond:
-                self._seen_generation = self._generation
-                self._cond.notify_all()
+                if self._seen_generation != self._generation:
+                    # only ep0's _supersede waits for this
+                    self._seen_generation = self._generation
+                    self._cond.notify_all()
                 if not self._pending:
                     self._blocked_for = self._generation
                     try:
@@ -374,7 +383,13 @@ class UsbFrontEnd:
             n = self._bulk_out.read_into(view)
             self._counts["bytes_out"] += n
             return bytes(view[:n]) if n <= _COPY_LIMIT else view[:n]
-        if isinstance(action, SendData | SendCSW | StallIn):
+        if isinstance(action, SendData):
+            # Written here, not by the writer: the time from a READ's CBW to its data
+            # on the wire is the one turnaround no handoff should lengthen.
+            self._bulk_in.write_all(action.data)
+            self._counts["bytes_in"] += len(action.data)
+            return None
+        if isinstance(action, SendCSW | StallIn):
             self._queue_in(action, generation)
             return None
         if isinstance(action, StallOut):
