@@ -103,12 +103,9 @@ def _report(text: str) -> str:
 
 
 def _units(report: str) -> dict[str, dict[str, str]]:
-    out = {}
-    for line in report.splitlines():
-        if line.startswith("unit "):
-            _, name, *kvs = line.split()
-            out[name] = dict(kv.split("=", 1) for kv in kvs)
-    return out
+    rx = r"unit (\S+) active=(\S*) result=(\S*) restarts=(\S*) condition=(\S*)$"
+    return {m[1]: {"active": m[2], "result": m[3], "restarts": m[4], "condition": m[5]}
+            for m in re.finditer(rx, report, re.M)}
 
 
 def _mounts(report: str) -> dict[str, tuple[str, str, set[str]]]:
