@@ -79,6 +79,8 @@ class GuestVM:
         self.console_log = self.workdir / "console.log"
         #: wall time from starting QEMU to the agent's first line
         self.boot_seconds = 0.0
+        #: time.monotonic() when QEMU was started
+        self.started_at = 0.0
         #: the guest kernel's own uptime at that moment
         self.guest_uptime_at_ready = 0.0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -121,7 +123,7 @@ class GuestVM:
             "-fsdev", f"local,id=xchg,path={self.xchg},security_model=none,multidevs=remap",
             "-device", "virtio-9p-pci,fsdev=xchg,mount_tag=xchg",
         ]
-        started = time.monotonic()
+        started = self.started_at = time.monotonic()
         self._proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
