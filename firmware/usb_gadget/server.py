@@ -38,7 +38,9 @@ from typing import Protocol
 
 from firmware.scsi import ScsiTarget
 from firmware.usb_gadget.bot import (
+    BULK_ONLY_MASS_STORAGE_RESET,
     Action,
+    BotState,
     BulkOnlyTransport,
     CancelTransfers,
     ControlReply,
@@ -501,6 +503,17 @@ class UsbFrontEnd:
                 setup.bRequestType, setup.bRequest, setup.wValue, setup.wIndex, setup.wLength
             )
             bulk = [a for a in actions if not isinstance(a, ControlReply | ControlStall)]
+            if (
+                not bulk
+                and setup.bRequest == BULK_ONLY_MASS_STORAGE_RESET
+                and isinstance(actions[0], ControlReply)
+                and self.bot.state is BotState.EXPECT_CBW
+                and (self._in_queue or self._in_busy is not None)
+            ):
+                # The machine counts a queued CSW as sent and so has nothing to
+                # cancel, but the host reset before taking it: it must not arrive
+                # after the reset.  A fresh CBW read replaces the posted one.
+                bulk = [ReceiveCBW()]
             if bulk:
                 self._supersede(bulk, f"class request 0x{setup.bRequest:02x}")
         for action in actions:

@@ -224,3 +224,79 @@ def test_overlong_cbw_transfer_stalls_until_reset(tmp_path: Path) -> None:
         assert read_csw(inp, 3) == 0
 
     serve(tmp_path, scenario)
+
+
+class FdPipe(SocketPipe):
+    """Bulk-in as a plain pipe, whose capacity can be set to the byte."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.halts = 0
+        self.overflow_next = False
+
+    def write_all(
+        self, data: bytes | memoryview, cancelled: Callable[[], bool] | None = None
+    ) -> None:
+        write_fd(self.fd, data, cancelled)
+
+
+@pytest.mark.timeout(60)
+def test_reset_drops_a_csw_the_host_never_took(tmp_path: Path) -> None:
+    """A READ's data goes out, its CSW is queued but stuck (the host stopped reading);
+    after a Bulk-Only Mass Storage Reset that CSW must never reach the host."""
+    import fcntl
+
+    device = FileBlockDevice(tmp_path / "disk.img", size=SIZE, create=True)
+    target = ScsiTarget([LogicalUnit(device, serial="FRONT2")])
+    front = UsbFrontEnd(target, GadgetSettings(), chunk_size=64 * 1024)
+    ep0 = FakeEp0()
+    host_out, dev_out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    in_read, in_write = os.pipe()
+    fcntl.fcntl(in_write, fcntl.F_SETPIPE_SZ, 4096)
+    assert fcntl.fcntl(in_write, fcntl.F_GETPIPE_SZ) == 4096
+    errors: list[BaseException] = []
+
+    def read_exact(n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = os.read(in_read, n - len(out))
+            assert chunk
+            out += chunk
+        return out
+
+    def host() -> None:
+        try:
+            ep0.events.put(Ep0Event(EventType.ENABLE))
+            host_out.send(make_cbw(1, 0, False, TUR))
+            assert CSW.unpack(read_exact(CSW.size))[1] == 1
+            # READ(10) of 8 blocks: exactly the pipe's 4096 bytes, so the data write
+            # completes and the CSW write blocks
+            read10 = struct.pack(">BBIBHB", 0x28, 0, 0, 0, 8, 0)
+            host_out.send(make_cbw(2, 4096, True, read10))
+            deadline = time.monotonic() + 10
+            while front._in_busy is None and time.monotonic() < deadline:
+                time.sleep(0.01)  # the writer's blocked CSW is the only observable
+            assert front._in_busy is not None
+            assert ep0.setup(0x21, 0xFF, 0) == ("reply", b"")
+            assert len(read_exact(4096)) == 4096  # the data that was already sent
+            host_out.send(make_cbw(3, 0, False, TUR))
+            _, tag, _, status = CSW.unpack(read_exact(CSW.size))
+            assert tag == 3, "the stale CSW of the reset command reached the host"
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            front.stop()
+
+    thread = threading.Thread(target=host)
+    front.serve_endpoints(
+        ep0, FdPipe(in_write), SocketPipe(dev_out),
+        on_started=thread.start,
+        on_stopping=lambda: ep0.events.put(Ep0Event(EventType.UNBIND)),
+    )
+    thread.join(timeout=10)
+    for s in (host_out, dev_out):
+        s.close()
+    os.close(in_read)
+    os.close(in_write)
+    if errors:
+        raise errors[0]
