@@ -73,6 +73,7 @@ mu gadget down; echo "down=$?"
 mu gadget down; echo "down-again=$?"
 [ -e /sys/kernel/config/usb_gadget/mirrorunit ] && echo "gadget-left"
 grep -q functionfs /proc/mounts && echo "ffs-left"
+true
 """,
     )
     assert "up=0" in out and "up-again=0" in out, out
