@@ -35,7 +35,9 @@ mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t configfs configfs /newroot/sys/kernel/config
-mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
+# /tmp stays on the overlay (writable through its tmpfs upper): a tmpfs mounted over it
+# would hide a checkout of the project that lives under the host's /tmp.
+chmod 1777 /newroot/tmp
 mount -t tmpfs -o mode=755 tmpfs /newroot/run
 if [ -n "$xchg" ]; then
     mkdir -p "/newroot$xchg"
