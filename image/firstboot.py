@@ -20,6 +20,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,14 +119,21 @@ def disk_size(disk: str, paths: Paths = SYSTEM) -> int:
 
 
 def plan_storage(board: dict[str, Any], boot_disk: str, runner: Runner,
-                 paths: Paths = SYSTEM) -> tuple[str, dict[str, str], str | None]:
+                 paths: Paths = SYSTEM, sleep: Callable[[float], None] = time.sleep,
+                 ) -> tuple[str, dict[str, str], str | None]:
     """(sfdisk target, storage.env contents, sfdisk script or None when nothing to do)."""
     st = board["storage"]
     sizes = dict(buffer_fraction=float(st["buffer_fraction"]),
                  buffer_min=_size(st["buffer_min"]), buffer_max=_size(st["buffer_max"]),
                  max_volume=_size(st["max_volume"]))
     if st["layout"] == "external":
+        # USB and NVMe disks can enumerate seconds after this runs; falling back to the
+        # card too early would be permanent.
+        deadline = time.monotonic() + float(st.get("external_wait_s", 0))
         ext = find_external(st["external_bus"], boot_disk, runner, paths)
+        while ext is None and time.monotonic() < deadline:
+            sleep(1)
+            ext = find_external(st["external_bus"], boot_disk, runner, paths)
         if ext is not None:
             parts = layout.external_layout(disk_size(ext, paths), **sizes)
             env = {"MIRRORUNIT_BUFFER": "/dev/disk/by-partlabel/mirrorunit-buffer",

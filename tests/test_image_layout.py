@@ -205,5 +205,26 @@ def test_firstboot_uses_only_a_blank_external_disk(tmp_path: Path) -> None:
     # no blank USB disk at all: the profile's fallback puts everything on the card
     runner = _runner({"/dev/vda": _card_json(8 << 30)},
                      {"/dev/sda": "PTTYPE=gpt\n", "/dev/sdb": "TYPE=ext4\n"})
+    board["storage"]["external_wait_s"] = 0
     target, env, _ = firstboot.plan_storage(board, "/dev/vda", runner, paths)
     assert target == "/dev/vda" and env["MIRRORUNIT_STORAGE"] == "sd:/dev/vda"
+
+
+def test_firstboot_waits_for_a_late_external_disk(tmp_path: Path) -> None:
+    paths = _fake_system(tmp_path, {"vda": (8 << 30, "platform/virtio")})
+    board = profile.load("cm4").to_json()
+    assert board["storage"]["external_wait_s"] > 0
+    polls = []
+
+    def sleep(_: float) -> None:  # the NVMe disk enumerates during the second poll
+        polls.append(1)
+        if len(polls) == 2:
+            d = tmp_path / "sys/devices/platform/pcie/block/nvme0n1"
+            d.mkdir(parents=True)
+            (d / "size").write_text(str((256 << 30) // 512))
+            (paths.sys_block / "nvme0n1").symlink_to(d)
+
+    runner = _runner({"/dev/vda": _card_json(8 << 30)}, {})
+    target, env, script = firstboot.plan_storage(board, "/dev/vda", runner, paths, sleep)
+    assert len(polls) == 2 and target == "/dev/nvme0n1"
+    assert env["MIRRORUNIT_STORAGE"] == "external:/dev/nvme0n1" and "label: gpt" in (script or "")
