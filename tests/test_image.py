@@ -169,8 +169,8 @@ def test_version_stamp(bootfs: Path, rootfs: Path) -> None:
 
 
 needs_qemu_user = pytest.mark.skipif(
-    not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists(),
-    reason="qemu-user-static binfmt for aarch64 not registered (image/setup.sh)")
+    not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists() or os.geteuid() != 0,
+    reason="needs root (chroot) and qemu-user-static's aarch64 binfmt (image/setup.sh)")
 
 
 @needs_qemu_user
