@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -19,18 +18,19 @@ from typing import Any
 
 import pytest
 
-from firmware.control import ControlError, call
 from firmware.demo import pair_both_ways
 from firmware.nbd.client import NbdClient, NbdClientError
 from firmware.remote.server import ARRIVALS_NAME
 from tests.faultproxy import ConnectionFaults, FaultProxy
-from tests.unitproc import LocalProc, free_port
+from tests.unitproc import LocalProc, UnitProc, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class RemoteProc:
+class RemoteProc(UnitProc):
     """A `mirrorunit remote` subprocess serving a store under `workdir`."""
+
+    role = "remote"
 
     def __init__(self, workdir: Path, *, extra: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
@@ -42,35 +42,7 @@ class RemoteProc:
         self.args = [sys.executable, "-m", "firmware", "remote", "--listen",
                      f"127.0.0.1:{self.port}", "--store", str(self.store), "--control",
                      str(self.control), *extra]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 30.0) -> RemoteProc:
-        logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"remote exited with {self.proc.returncode}:\n"
-                                     + self.log.read_text())
-            try:
-                self.call("status")
-                return self
-            except ControlError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)  # polling for readiness
-
-    def call(self, op: str, **args: Any) -> Any:
-        return call(self.control, op, **args)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout=60)
-        if sig == signal.SIGKILL and self.control.exists():
-            self.control.unlink()
-        return rc
+        self.proc = None
 
     def unit(self, unit_id: str) -> dict[str, Any]:
         units: dict[str, Any] = self.call("status")["units"]

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 
@@ -30,35 +30,26 @@ def need(binary: str) -> str:
     return path
 
 
-class LocalProc:
-    """A `mirrorunit local` subprocess on files under `workdir`."""
+ROOT = Path(__file__).resolve().parent.parent
 
-    def __init__(self, workdir: Path, *, size: str = "64M", buffer_size: str = "16M",
-                 extra: tuple[str, ...] = ()) -> None:
-        self.workdir = workdir
-        self.disk = workdir / "disk.img"
-        self.buffer = workdir / "cbq.img"
-        self.control = workdir / "local.sock"
-        self.port = free_port()
-        self.log = workdir / "local.log"
-        self.args = [sys.executable, "-m", "firmware", "local", "--disk", str(self.disk),
-                     "--size", size, "--buffer", str(self.buffer), "--buffer-size",
-                     buffer_size, "--nbd", f"127.0.0.1:{self.port}", "--control",
-                     str(self.control), *extra]
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    @property
-    def url(self) -> str:
-        return f"nbd://127.0.0.1:{self.port}/mirrorunit"
+class UnitProc:
+    """A `mirrorunit` subprocess with a control socket; subclasses set `args`,
+    `control`, `log` and `role`."""
 
-    def start(self, timeout: float = 30.0) -> LocalProc:
+    role = "unit"
+    args: list[str]
+    control: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> Self:
         logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT,
-                                     cwd=Path(__file__).resolve().parent.parent)
+        self.proc = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise AssertionError(f"unit exited with {self.proc.returncode}:\n"
+                raise AssertionError(f"{self.role} exited with {self.proc.returncode}:\n"
                                      + self.log.read_text())
             try:
                 self.call("status")
@@ -80,9 +71,31 @@ class LocalProc:
             os.unlink(self.control)
         return rc
 
-    def __enter__(self) -> LocalProc:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.stop()
+
+
+class LocalProc(UnitProc):
+    """A `mirrorunit local` subprocess on files under `workdir`."""
+
+    def __init__(self, workdir: Path, *, size: str = "64M", buffer_size: str = "16M",
+                 extra: tuple[str, ...] = ()) -> None:
+        self.workdir = workdir
+        self.disk = workdir / "disk.img"
+        self.buffer = workdir / "cbq.img"
+        self.control = workdir / "local.sock"
+        self.port = free_port()
+        self.log = workdir / "local.log"
+        self.args = [sys.executable, "-m", "firmware", "local", "--disk", str(self.disk),
+                     "--size", size, "--buffer", str(self.buffer), "--buffer-size",
+                     buffer_size, "--nbd", f"127.0.0.1:{self.port}", "--control",
+                     str(self.control), *extra]
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}/mirrorunit"
