@@ -193,7 +193,7 @@ def _inspect(path: Path, as_json: bool) -> int:
         return 2
     try:
         q = CircularBufferQueue(storage, read_only=True)
-        report: dict[str, Any] = {"path": str(path), "superblock_generation": q._gen,
+        report: dict[str, Any] = {"path": str(path), "superblock_generation": q.generation,
                                   "geometry": q.geo.to_cbor(), **q.stats(), **q.verify()}
     except CbqError as e:
         print(f"mirrorunit cbq inspect: {path}: {e}", file=sys.stderr)

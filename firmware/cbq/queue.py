@@ -270,7 +270,9 @@ class CircularBufferQueue:
                  checkpoint_bytes: int | None = None, read_only: bool = False) -> None:
         self.storage = storage
         self.read_only = read_only
-        self._read_current = current_reader
+        #: Reads the volume's current contents (copy-on-overwrite, compact records);
+        #: the volume that owns the mirror sets it.
+        self.current_reader = current_reader
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._committing = False
@@ -662,8 +664,8 @@ class CircularBufferQueue:
                        if fill_after >= self.high_water else "no room for a data record")
                 self._transition(Mode.COMPACT, why)
             for (s_lbn, s_n, ref) in sides:
-                assert self._read_current is not None
-                before = self._read_current(s_lbn, s_n)
+                assert self.current_reader is not None
+                before = self.current_reader(s_lbn, s_n)
                 self._append(RecordKind.SIDE, s_lbn, s_n, before, ref_seq=ref)
             if kind is RecordKind.DATA:
                 return Enqueued(self._append(RecordKind.DATA, lbn, nblocks, data), True)
@@ -683,7 +685,7 @@ class CircularBufferQueue:
                 runs[-1] = (s_lbn, s_n + 1, ref)
             else:
                 runs.append((b, 1, ref))
-        if runs and self._read_current is None:
+        if runs and self.current_reader is None:
             raise CbqUsageError("copy-on-overwrite needs a current_reader")
         return runs
 
@@ -812,6 +814,11 @@ class CircularBufferQueue:
         if self._since_checkpoint >= self.checkpoint_bytes:
             self._checkpoint_locked()
         return self._durable_seq
+
+    @property
+    def generation(self) -> int:
+        """Generation of the newest superblock checkpoint."""
+        return self._gen
 
     @property
     def durable_seq(self) -> int:
@@ -967,8 +974,8 @@ class CircularBufferQueue:
     def _compact_data(self, h: RecordHeader) -> bytes:
         """The data a COMPACT record stands for: its SIDE copies, else the current contents."""
         bs = self.geo.block_size
-        assert self._read_current is not None, "compact records need a current_reader"
-        buf = bytearray(self._read_current(h.lbn, h.nblocks))
+        assert self.current_reader is not None, "compact records need a current_reader"
+        buf = bytearray(self.current_reader(h.lbn, h.nblocks))
         for s_lbn, s_n, s_lin in self._side.get(h.seq, []):
             raw = self._read_lin(s_lin, HDR)
             sh = decode_header(raw)

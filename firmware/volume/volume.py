@@ -97,7 +97,7 @@ class Volume:
         self._stop = threading.Event()
         self.counters = {"reads": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0,
                          "flushes": 0, "commits": 0}
-        cbq._read_current = self._read_current
+        cbq.current_reader = self._read_current
         self.redone_records = self._redo()
 
     # ---------------------------------------------------------------- BlockDevice
