@@ -105,7 +105,6 @@ def bench_nbd(workdir: Path, total: int = 256 * MiB) -> dict[str, Any]:
     subprocess.run([*args, str(src), str(raw)], check=True)
     raw_s = time.perf_counter() - t0
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     port = _free_port()
     ctl = workdir / "ctl.sock"
     proc = subprocess.Popen(
@@ -114,17 +113,9 @@ def bench_nbd(workdir: Path, total: int = 256 * MiB) -> dict[str, Any]:
          str(total + 128 * MiB), "--nbd", f"127.0.0.1:{port}", "--control", str(ctl)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        from .control import ControlError, call
+        from .control import call, wait_ready
 
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                call(ctl, "status")
-                break
-            except ControlError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.05)
+        wait_ready(ctl, proc)
         t0 = time.perf_counter()
         subprocess.run([*args, str(src), f"nbd://127.0.0.1:{port}/mirrorunit"], check=True)
         ours_s = time.perf_counter() - t0

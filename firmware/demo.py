@@ -11,10 +11,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from .control import ControlError, call
+from .control import ControlError, wait_ready
 
 VAR = Path(os.environ.get("MIRRORUNIT_VAR", "var"))
 NBD = os.environ.get("MIRRORUNIT_NBD", "127.0.0.1:10809")
@@ -22,18 +21,11 @@ LINK = os.environ.get("MIRRORUNIT_LINK", "127.0.0.1:10900")
 REMOTE_NAME = "remote"
 
 
-def _wait_ready(control: Path, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"a unit exited with status {proc.returncode}")
-        try:
-            call(control, "status")
-            return
-        except ControlError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+def _wait_ready(control: Path, proc: subprocess.Popen[bytes]) -> None:
+    try:
+        wait_ready(control, proc, interval=0.1)
+    except ControlError as e:
+        raise SystemExit(f"a unit did not come up: {e}") from e
 
 
 def pair_both_ways(local_state: Path, remote_state: Path) -> tuple[str, str]:

@@ -8,13 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Self
 
 import pytest
 
-from firmware.control import ControlError, call
+from firmware.control import ControlError, call, wait_ready
 
 
 def free_port() -> int:
@@ -46,18 +45,14 @@ class UnitProc:
     def start(self, timeout: float = 30.0) -> Self:
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + timeout
-        while True:
+        try:
+            wait_ready(self.control, self.proc, timeout)
+        except ControlError as e:
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.role} exited with {self.proc.returncode}:\n"
-                                     + self.log.read_text())
-            try:
-                self.call("status")
-                return self
-            except ControlError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)  # polling for readiness, not hiding a race
+                                     + self.log.read_text()) from e
+            raise
+        return self
 
     def call(self, op: str, **args: Any) -> Any:
         return call(self.control, op, **args)

@@ -159,6 +159,28 @@ class ControlServer:
                 pass
 
 
+def wait_ready(path: str | os.PathLike[str], proc: Any = None, timeout: float = 30.0,
+               interval: float = 0.05) -> None:
+    """Poll until the unit behind `path` answers `status`.
+
+    `proc` (a Popen) is the process expected to serve it: if it exits first, this
+    raises ControlError at once instead of waiting out the timeout.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise ControlError(f"the unit exited with status {proc.returncode}")
+        try:
+            call(path, "status")
+            return
+        except ControlError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(interval)
+
+
 def call(path: str | os.PathLike[str], op: str, timeout: float = 30.0, **args: Any) -> Any:
     """Send one request; return its result or raise ControlError with the unit's message."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
