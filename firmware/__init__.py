@@ -1,3 +1,24 @@
 """MirrorUnit firmware: a remote data-mirroring appliance."""
 
-__version__ = "0.1.0"
+from pathlib import Path
+
+#: The version of this source tree (pyproject.toml says the same).
+PACKAGE_VERSION = "0.1.0"
+
+#: The card image stamps its own version here (the package version plus the commit it was
+#: built from); a unit running from an image reports that, so the console, `status` and
+#: `--version` name exactly what was flashed.
+IMAGE_VERSION_FILE = Path("/usr/share/mirrorunit/version")
+
+
+def _running_version(stamp: Path = IMAGE_VERSION_FILE) -> str:
+    try:
+        text = stamp.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return PACKAGE_VERSION
+    # A stamp from another package version (a root updated by hand) would mislead: ignore it.
+    ok = text == PACKAGE_VERSION or text.startswith(PACKAGE_VERSION + "+")
+    return text if ok and len(text) <= 64 and text.isprintable() else PACKAGE_VERSION
+
+
+__version__ = _running_version()
