@@ -502,3 +502,29 @@ def test_chunking_does_not_change_results(script: list[tuple[bytes, bytes]]) -> 
             assert all(piece <= chunk for piece in ex.data_in_pieces + ex.out_requests)
         outcomes.append((seen, bytes(dev.data[: 80 * BS])))
     assert outcomes[0] == outcomes[1] == outcomes[2]
+
+
+@pytest.mark.parametrize(
+    ("host_length", "blocks", "chunk"),
+    [
+        (8 * BS, 8, 4 * BS),  # case 12, two full pieces
+        (9 * BS, 9, 4 * BS),  # last piece shorter than a chunk
+        (12 * BS, 5, 4 * BS),  # case 11: the command's data, then the surplus drained
+        (2 * BS, 8, 4 * BS),  # case 13: not executed, host data drained
+        (3 * BS, 3, 1 << 20),  # one piece
+    ],
+)
+def test_data_out_plan_predicts_every_read(host_length: int, blocks: int, chunk: int) -> None:
+    """A pipelining shell posts the plan ahead: it must match, read for read, what
+    the machine asks for when every read arrives in full."""
+    m, _ = make_bot(chunk_size=chunk)
+    assert m.data_out_plan() == []
+    actions = m.bulk_out_received(cbw(1, host_length, False, write10(0, blocks)))
+    plan = m.data_out_plan()
+    asked: list[int] = []
+    while isinstance(actions[-1], B.ReceiveData):
+        assert m.data_out_plan() == plan[len(asked):]
+        asked.append(actions[-1].length)
+        actions = m.bulk_out_received(bytes(actions[-1].length))
+    assert asked == plan and sum(plan) == host_length
+    assert isinstance(actions[-1], B.SendCSW) and m.data_out_plan() == []

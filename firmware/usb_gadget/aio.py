@@ -154,9 +154,9 @@ def _address(transfer: Transfer) -> int:
         view = memoryview(buf).cast("B")
         pin = (ctypes.c_char * transfer.length).from_buffer(view)
     elif isinstance(buf, bytes):
-        pin = ctypes.c_char_p(buf)
-        transfer._pin = pin
-        return ctypes.cast(pin, ctypes.c_void_p).value or 0
+        ptr = ctypes.c_char_p(buf)
+        transfer._pin = ptr
+        return ctypes.cast(ptr, ctypes.c_void_p).value or 0
     else:
         pin = (ctypes.c_char * transfer.length).from_buffer_copy(buf)
     transfer._pin = pin

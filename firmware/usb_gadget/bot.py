@@ -377,6 +377,25 @@ class BulkOnlyTransport:
         tx.requested = min(self._chunk, remaining)
         return [ReceiveData(tx.requested)]
 
+    def data_out_plan(self) -> list[int]:
+        """In DATA_OUT: the lengths of the ReceiveData reads still to come if every
+        one arrives in full, starting with the one asked for last.  A shell that
+        pipelines may post these reads ahead; a short read ends the data phase,
+        and reads posted beyond it must then be cancelled (the host sends nothing
+        more before the CSW)."""
+        tx = self._tx
+        if self._state is not BotState.DATA_OUT or tx is None:
+            return []
+        lengths = [tx.requested]
+        moved = tx.moved + tx.requested
+        while moved < tx.host_length:
+            remaining = tx.host_length - moved
+            if moved < tx.to_transfer:
+                remaining = tx.to_transfer - moved
+            lengths.append(min(self._chunk, remaining))
+            moved += lengths[-1]
+        return lengths
+
     def _data_out_received(self, data: bytes | memoryview) -> list[Action]:
         tx = self._tx
         assert tx is not None
