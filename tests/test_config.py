@@ -147,6 +147,7 @@ BAD: list[tuple[str, str, str]] = [
     ("peers", "{not json", "expected a JSON list of objects"),
     ("peers", '"text"', "expected a list"),
     ("admin.password_hash", "$scrypt$ln=1,r=1,p=1$AAAA$AAAA", "cannot be set directly"),
+    ("admin.seal_key", "$sealkey$v1$ln=15,r=8,p=1$AAAA$AAAA$AAAA", "cannot be set directly"),
     ("volume.size", "64X", "not a size"),
     ("volume.size", "1000", "below the minimum"),
     ("volume.size", "1048577", "not a multiple of 4096"),
@@ -187,7 +188,7 @@ BAD: list[tuple[str, str, str]] = [
 
 def test_every_field_is_in_both_tables() -> None:
     keys = {f.key for f in FIELDS}
-    assert {k for k, _, _ in GOOD} >= keys - {"admin.password_hash"}
+    assert {k for k, _, _ in GOOD} >= keys - {"admin.password_hash", "admin.seal_key"}
     assert {k for k, _, _ in BAD} == keys
 
 
@@ -419,7 +420,8 @@ def test_export_import(tmp_path: Path) -> None:
         other.import_(data, fmt)  # type: ignore[arg-type]
         got = other.load().config
         assert got is not None
-        assert got.replace({"admin.password_hash": cfg["admin.password_hash"]}) == cfg
+        assert got.replace({"admin.password_hash": cfg["admin.password_hash"],
+                            "admin.seal_key": cfg["admin.seal_key"]}) == cfg
         assert check_admin_password(got, "another password 1")
     full = export_config(cfg, "json", include_secrets=True)
     assert json.loads(full)["admin.password_hash"] == cfg["admin.password_hash"]

@@ -27,6 +27,7 @@ REREAD_BY = {
     "ups.on_battery_grace_s": "the ups process uses it from its next poll",
     "ups.low_battery_percent": "the ups process uses it from its next poll",
     "admin.password_hash": "in effect at once",
+    "admin.seal_key": "the link re-seals the peer backup with it at once",
     "unit.name": "used in notifications from the next poll; host name at next boot",
 }
 

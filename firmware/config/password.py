@@ -106,8 +106,12 @@ def verify_password(stored: str, clear: str) -> bool:
 
 
 def set_admin_password(cfg: Config, clear: str) -> Config:
-    """A new Config whose admin password is `clear` (stored only as a salted hash)."""
-    return cfg.replace({KEY: hash_password(clear)})
+    """A new Config whose admin password is `clear` (stored only as a salted hash),
+    with the seal key derived from it so peer backups are re-sealed unattended."""
+    from .seal import SEAL_KEY_FIELD, make_seal_key
+
+    hashed = hash_password(clear)
+    return cfg.replace({KEY: hashed, SEAL_KEY_FIELD: make_seal_key(clear).encode()})
 
 
 def check_admin_password(cfg: Config, clear: str) -> bool:

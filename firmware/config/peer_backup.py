@@ -4,17 +4,34 @@ config, keeping blobs on disk, and restoring one into the config store.
 The link moves opaque sealed blobs (CONFIG_PUT / CONFIG_GET / CONFIG_BLOB); only
 this module opens them, and only with the admin password typed by a person.  A
 wrong password, a damaged blob or a refused config writes nothing.
+
+Sealing needs no person: `AutoSealer` watches the config partition and seals
+every new generation with the key material the password left in the config
+(`admin.seal_key`).  A config whose password predates that field has no key;
+it is then sealed only by `link seal-config`, which stores the key as well.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ConfigStoreError, WrongPassword
+from .errors import ConfigError, ConfigStoreError, WrongPassword
 from .password import check_admin_password
-from .seal import seal, unseal
+from .schema import Config
+from .seal import (
+    SEAL_KEY_FIELD,
+    SealedIdentity,
+    SealKey,
+    make_seal_key,
+    parse_seal_key,
+    seal_key_matches,
+    seal_with_key,
+    unseal,
+)
 from .store import ConfigStore, StoreState
 
 log = logging.getLogger("mirrorunit.config")
@@ -29,15 +46,32 @@ def peer_backup_name(peer: str) -> str:
     return peer + PEER_BACKUP_SUFFIX
 
 
-def seal_config(store: ConfigStore, admin_password: str) -> bytes:
+def stored_seal_key(cfg: Config) -> SealKey | None:
+    text = cfg[SEAL_KEY_FIELD]
+    return parse_seal_key(SEAL_KEY_FIELD, text) if text else None
+
+
+def seal_config(store: ConfigStore, admin_password: str,
+                identity: SealedIdentity | None = None) -> bytes:
     """The unit's current config sealed under its admin password.  Refused (nothing
-    sealed) unless the config loads and the password is the admin password."""
+    sealed) unless the config loads and the password is the admin password.
+
+    A config without seal key material (its password was set before units sealed
+    on their own), or with material from another password, gets it stored now,
+    so every later generation is sealed unattended."""
     loaded = store.load()
     if loaded.state is not StoreState.OK or loaded.config is None:
         raise ConfigStoreError(f"no config to back up: {loaded.describe()}")
-    if not check_admin_password(loaded.config, admin_password):
+    cfg = loaded.config
+    if not check_admin_password(cfg, admin_password):
         raise WrongPassword("that is not the admin password of this unit")
-    return seal(loaded.config, admin_password)
+    sk = stored_seal_key(cfg)
+    if sk is None or not seal_key_matches(sk, admin_password):
+        sk = make_seal_key(admin_password)
+        cfg = store.update({SEAL_KEY_FIELD: sk.encode()}).config
+        log.warning("config: seal key stored; new generations are sealed for the peers "
+                    "without the password from now on")
+    return seal_with_key(cfg, sk, identity)
 
 
 def write_blob(path: str | os.PathLike[str], blob: bytes) -> None:
@@ -66,6 +100,119 @@ def read_blob(path: str | os.PathLike[str]) -> bytes | None:
         return None
 
 
+class AutoSealer:
+    """Seals each new config generation for the peers, unattended.
+
+    `poll()` is cheap when nothing changed (one stat of the partition); a new
+    generation is sealed with the stored key (fresh nonce, the key's salt), the
+    blob written atomically to `out`, and `on_sealed` told.  Problems are logged
+    once each, not every poll."""
+
+    def __init__(self, store: ConfigStore, out: Path,
+                 identity: Callable[[], SealedIdentity | None] = lambda: None, *,
+                 on_sealed: Callable[[bytes], None] | None = None,
+                 interval: float = 0.5) -> None:
+        self.store = store
+        self.out = Path(out)
+        self.identity = identity
+        self.on_sealed = on_sealed
+        self.interval = interval
+        self.sealed_generation: int | None = None
+        self._stamp: tuple[int, int, int] | None = None
+        self._said: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.store.settings.path)
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_ino, st.st_size
+
+    def _once(self, why: str, level: int = logging.WARNING) -> None:
+        if self._said != why:
+            self._said = why
+            log.log(level, "config backup: %s", why)
+
+    def poll(self, force: bool = False) -> bytes | None:
+        """Seal if the config has a generation not sealed yet; the new blob or None."""
+        stamp = self._file_stamp()
+        if stamp == self._stamp and not force:
+            return None
+        self._stamp = stamp
+        try:
+            loaded = self.store.load()
+        except ConfigStoreError as e:
+            self._once(f"cannot read the config partition: {e}")
+            return None
+        if loaded.state is not StoreState.OK or loaded.config is None:
+            self._once(f"nothing to seal: {loaded.describe()}")
+            return None
+        if loaded.generation == self.sealed_generation and not force:
+            return None
+        cfg = loaded.config
+        try:
+            sk = stored_seal_key(cfg)
+        except ConfigError as e:
+            self._once(f"the stored seal key is unusable ({e.message}); no automatic backup")
+            return None
+        if sk is None:
+            if cfg["admin.password_hash"]:
+                self._once("the admin password was set before automatic sealing and no "
+                           "seal key is stored: no automatic backup for the peers until "
+                           "`mirrorunit link seal-config` is run or the password is set "
+                           "again")
+            else:
+                self._once("no admin password is set: no backup for the peers")
+            return None
+        blob = seal_with_key(cfg, sk, self.identity())
+        write_blob(self.out, blob)
+        self.sealed_generation = loaded.generation
+        self._said = None
+        log.info("config backup: generation %d sealed for the peers (%d bytes)",
+                 loaded.generation, len(blob))
+        if self.on_sealed is not None:
+            self.on_sealed(blob)
+        return blob
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.poll()
+            except OSError as e:
+                self._once(f"cannot write {self.out}: {e}", logging.ERROR)
+
+    def start(self) -> None:
+        try:
+            self.poll()
+        except OSError as e:
+            self._once(f"cannot write {self.out}: {e}", logging.ERROR)
+        self._thread = threading.Thread(target=self._run, name="config-sealer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def check_restorable(store: ConfigStore, *, force: bool = False) -> None:
+    """Refuse (before anything is fetched or written) to replace a working config."""
+    loaded = store.load()
+    if loaded.state is StoreState.OK and not force:
+        raise ConfigStoreError("this unit has a valid config (generation "
+                               f"{loaded.generation}); restoring would replace it")
+
+
+def write_restored(store: ConfigStore, cfg: Config, *, force: bool = False) -> int:
+    """Write an already unsealed config as the store's new generation."""
+    check_restorable(store, force=force)
+    generation = store.save(cfg)
+    log.warning("config: restored from a peer's backup as generation %d", generation)
+    return generation
+
+
 def restore_config(store: ConfigStore, blob: bytes, admin_password: str, *,
                    force: bool = False) -> int:
     """Open `blob` with the admin password and write it as the store's new
@@ -75,11 +222,5 @@ def restore_config(store: ConfigStore, blob: bytes, admin_password: str, *,
     not be replaced by a peer's older copy by mistake.  WrongPassword, SealTampered
     or SealFormatError (and ConfigError for contents this board refuses) are raised
     before anything is written."""
-    loaded = store.load()
-    if loaded.state is StoreState.OK and not force:
-        raise ConfigStoreError("this unit has a valid config (generation "
-                               f"{loaded.generation}); restoring would replace it")
-    cfg = unseal(blob, admin_password, store.limits)
-    generation = store.save(cfg)
-    log.warning("config: restored from a peer's backup as generation %d", generation)
-    return generation
+    check_restorable(store, force=force)
+    return write_restored(store, unseal(blob, admin_password, store.limits), force=force)

@@ -463,6 +463,25 @@ class PasswordHash(FieldType):
         return "set" if value else "not set"
 
 
+class SealKeyText(FieldType):
+    """The admin password's derived seal key (see seal.py): set with the password,
+    never typed, shown only as set / not set."""
+
+    def parse(self, key: str, text: str) -> str:
+        raise ConfigError(key, "cannot be set directly; it follows the admin password")
+
+    def check(self, key: str, value: Any) -> str:
+        from .seal import parse_seal_key
+
+        s = _need_str(key, value)
+        if s:
+            parse_seal_key(key, s)
+        return s
+
+    def display(self, value: Any) -> str:
+        return "set" if value else "not set"
+
+
 class SecretText(Text):
     """A secret typed as text (SNMPv3 keys); shown only as set / not set."""
 
@@ -512,6 +531,9 @@ FIELDS: tuple[Field, ...] = (
     Field("peers", ListOf(_PEER, max_items=8), [],
           "remote units: name, host:port, SHA-256 certificate fingerprint", live=True),
     Field("admin.password_hash", PasswordHash(), "", "administrator password (hashed)",
+          live=True, secret=True),
+    Field("admin.seal_key", SealKeyText(), "",
+          "key sealing the peer backup, derived from the admin password",
           live=True, secret=True),
     Field("volume.size", Size(minimum=1 << 20, multiple=4096, zero_means="auto"), 0,
           "size of the USB volume in bytes (auto: the whole data partition)", live=False),

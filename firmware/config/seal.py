@@ -4,18 +4,31 @@ A unit hands its sealed config to its peers so a replacement unit can be
 restored from them; the peers never see anything in clear.
 
 Blob: SEAL_HEADER (magic, version, scrypt parameters, salt, nonce, key check)
-followed by AES-256-GCM(CBOR document) with the header as associated data, so
-any change to header or ciphertext fails authentication.  scrypt yields 64 bytes:
+followed by AES-256-GCM(CBOR body) with the header as associated data, so any
+change to header or ciphertext fails authentication.  scrypt yields 64 bytes:
 the first 32 are the AES key, a hash of the last 32 is the key check that tells
 a wrong password apart from a damaged blob.
+
+Version 1 bodies are the config document alone.  Version 2 bodies are a map
+``{"config": document, "identity": {"key", "cert", "peers"}}`` so a replaced
+unit comes back with the TLS identity its peers pinned.
+
+The derived key, its salt and check can be kept in the config itself
+(``admin.seal_key``, a secret field): the unit then re-seals every new config
+generation without anyone typing the password, and the blob still opens with
+`unseal(blob, password)` because the salt is the same.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
+import re
 import secrets
 import struct
+from dataclasses import dataclass
+from typing import Any
 
 import cbor2
 from cryptography.exceptions import InvalidTag
@@ -26,56 +39,185 @@ from .password import ScryptParams
 from .schema import BoardLimits, Config, from_document
 
 SEAL_MAGIC = b"MUSEALED"
-SEAL_VERSION = 1
+SEAL_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 #: magic, version, log2(N), r, p, reserved, salt, nonce, key check
 SEAL_HEADER = struct.Struct("<8sHBBB3x16s12s32s")
 assert SEAL_HEADER.size == 76
+SALT_BYTES = 16
+NONCE_BYTES = 12
 #: 2**15: a blob sits on other units for years, so it gets a higher cost than a login.
 SEAL_PARAMS = ScryptParams(log2_n=15, r=8, p=1)
 _CHECK_LABEL = b"mirrorunit seal key check v1"
+SEAL_KEY_FIELD = "admin.seal_key"
+_SEAL_KEY_FORMAT = re.compile(
+    r"^\$sealkey\$v1\$ln=(\d{1,2}),r=(\d{1,2}),p=(\d{1,2})"
+    r"\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$")
 
 
-def _keys(password: str, salt: bytes, params: ScryptParams) -> tuple[bytes, bytes]:
+@dataclass(frozen=True)
+class SealHeader:
+    version: int
+    params: ScryptParams
+    salt: bytes
+    nonce: bytes
+    check: bytes
+
+
+@dataclass(frozen=True)
+class SealKey:
+    """What sealing needs besides the config: derived once from the password."""
+
+    params: ScryptParams
+    salt: bytes
+    key: bytes
+    check: bytes
+
+    def encode(self) -> str:
+        b64 = base64.b64encode
+        p = self.params
+        return (f"$sealkey$v1$ln={p.log2_n},r={p.r},p={p.p}${b64(self.salt).decode()}"
+                f"${b64(self.key).decode()}${b64(self.check).decode()}")
+
+    def __repr__(self) -> str:
+        # Keeps the key out of tracebacks and logs.
+        return f"SealKey(params={self.params!r}, salt=..., key=..., check=...)"
+
+
+@dataclass(frozen=True)
+class SealedIdentity:
+    """A unit's link identity as carried in a version 2 blob (PEM bytes)."""
+
+    key_pem: bytes
+    cert_pem: bytes
+    #: The pinned-peers file, when the unit had one.
+    peers: bytes | None = None
+
+    def __repr__(self) -> str:
+        return "SealedIdentity(key_pem=..., cert_pem=..., peers=...)"
+
+
+@dataclass(frozen=True)
+class Unsealed:
+    config: Config
+    identity: SealedIdentity | None
+    version: int
+
+
+def _material(password: str, salt: bytes, params: ScryptParams) -> tuple[bytes, bytes]:
     material = params.derive(password.encode("utf-8"), salt, 64)
     return material[:32], hashlib.sha256(_CHECK_LABEL + material[32:]).digest()
 
 
-def seal(cfg: Config, admin_password: str, *, params: ScryptParams = SEAL_PARAMS) -> bytes:
-    if not admin_password:
+def key_check(password: str, salt: bytes, params: ScryptParams) -> bytes:
+    """The key check a blob sealed under `password` with this salt carries."""
+    params.check("seal")
+    return _material(password, salt, params)[1]
+
+
+def make_seal_key(password: str, params: ScryptParams = SEAL_PARAMS,
+                  salt: bytes | None = None) -> SealKey:
+    if not password:
         raise ConfigError("admin.password_hash", "an admin password is needed to seal a backup")
-    salt = secrets.token_bytes(16)
-    nonce = secrets.token_bytes(12)
-    key, check = _keys(admin_password, salt, params)
-    header = SEAL_HEADER.pack(SEAL_MAGIC, SEAL_VERSION, params.log2_n, params.r, params.p,
-                              salt, nonce, check)
-    body = cbor2.dumps(cfg.to_document(include_secrets=True), canonical=True)
-    return header + AESGCM(key).encrypt(nonce, body, header)
+    salt = salt if salt is not None else secrets.token_bytes(SALT_BYTES)
+    key, check = _material(password, salt, params)
+    return SealKey(params, salt, key, check)
 
 
-def unseal(blob: bytes, admin_password: str, limits: BoardLimits | None = None) -> Config:
-    """The Config inside `blob`; WrongPassword, SealTampered or SealFormatError otherwise."""
+def parse_seal_key(field: str, stored: str) -> SealKey:
+    m = _SEAL_KEY_FORMAT.match(stored)
+    if not m:
+        raise ConfigError(field, "not a recognised seal key")
+    params = ScryptParams(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    params.check(field)
+    try:
+        salt, key, check = (base64.b64decode(m.group(i), validate=True) for i in (4, 5, 6))
+    except ValueError:
+        raise ConfigError(field, "seal key is not valid base64") from None
+    if len(salt) != SALT_BYTES or len(key) != 32 or len(check) != 32:
+        raise ConfigError(field, "seal key has a bad salt, key or check length")
+    return SealKey(params, salt, key, check)
+
+
+def seal_key_matches(sk: SealKey, password: str) -> bool:
+    return hmac.compare_digest(_material(password, sk.salt, sk.params)[1], sk.check)
+
+
+def _body(cfg: Config, identity: SealedIdentity | None) -> bytes:
+    doc: dict[str, Any] = {"config": cfg.to_document(include_secrets=True)}
+    if identity is not None:
+        doc["identity"] = {"key": identity.key_pem, "cert": identity.cert_pem,
+                           **({} if identity.peers is None else {"peers": identity.peers})}
+    return cbor2.dumps(doc, canonical=True)
+
+
+def seal_with_key(cfg: Config, sk: SealKey, identity: SealedIdentity | None = None) -> bytes:
+    """Seal with stored key material: a fresh nonce every time, the key's salt."""
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    p = sk.params
+    header = SEAL_HEADER.pack(SEAL_MAGIC, SEAL_VERSION, p.log2_n, p.r, p.p, sk.salt, nonce,
+                              sk.check)
+    return header + AESGCM(sk.key).encrypt(nonce, _body(cfg, identity), header)
+
+
+def seal(cfg: Config, admin_password: str, *, params: ScryptParams = SEAL_PARAMS,
+         identity: SealedIdentity | None = None) -> bytes:
+    return seal_with_key(cfg, make_seal_key(admin_password, params), identity)
+
+
+def read_header(blob: bytes) -> SealHeader:
+    """The header of a sealed blob, checked for shape (not for authenticity: only
+    the password does that)."""
     if len(blob) < SEAL_HEADER.size + 16:
         raise SealFormatError(f"blob of {len(blob)} bytes is too short")
     magic, version, log2_n, r, p, salt, nonce, check = SEAL_HEADER.unpack_from(blob)
     if magic != SEAL_MAGIC:
         raise SealFormatError("not a sealed MirrorUnit config (bad magic)")
-    if version != SEAL_VERSION:
+    if version not in SUPPORTED_VERSIONS:
         raise SealFormatError(f"sealed config version {version} is not supported")
     params = ScryptParams(log2_n, r, p)
     try:
         params.check("seal")
     except ConfigError as e:
         raise SealFormatError(f"unacceptable key derivation parameters: {e.message}") from None
-    key, expected = _keys(admin_password, salt, params)
-    if not hmac.compare_digest(expected, check):
+    return SealHeader(version, params, salt, nonce, check)
+
+
+def _identity(doc: Any) -> SealedIdentity | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("key"), bytes) \
+            or not isinstance(doc.get("cert"), bytes) \
+            or not isinstance(doc.get("peers", b""), bytes):
+        raise SealFormatError("sealed identity is malformed")
+    return SealedIdentity(doc["key"], doc["cert"], doc.get("peers"))
+
+
+def unseal_bundle(blob: bytes, admin_password: str,
+                  limits: BoardLimits | None = None) -> Unsealed:
+    """The config (and, from version 2, the link identity) inside `blob`;
+    WrongPassword, SealTampered or SealFormatError otherwise."""
+    h = read_header(blob)
+    key, expected = _material(admin_password, h.salt, h.params)
+    if not hmac.compare_digest(expected, h.check):
         raise WrongPassword("the admin password does not open this backup")
     header = blob[:SEAL_HEADER.size]
     try:
-        body = AESGCM(key).decrypt(nonce, blob[SEAL_HEADER.size:], header)
+        body = AESGCM(key).decrypt(h.nonce, blob[SEAL_HEADER.size:], header)
     except InvalidTag:
         raise SealTampered("the backup was altered or damaged after sealing") from None
     try:
         doc = cbor2.loads(body)
     except (cbor2.CBORDecodeError, ValueError, TypeError) as e:
         raise SealFormatError(f"sealed body is not CBOR: {e}") from None
-    return from_document(doc, limits)
+    if h.version == 1:
+        return Unsealed(from_document(doc, limits), None, 1)
+    if not isinstance(doc, dict) or "config" not in doc:
+        raise SealFormatError("sealed body has no config")
+    return Unsealed(from_document(doc["config"], limits), _identity(doc.get("identity")),
+                    h.version)
+
+
+def unseal(blob: bytes, admin_password: str, limits: BoardLimits | None = None) -> Config:
+    """The Config inside `blob`; WrongPassword, SealTampered or SealFormatError otherwise."""
+    return unseal_bundle(blob, admin_password, limits).config
