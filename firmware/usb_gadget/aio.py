@@ -262,8 +262,14 @@ class AioContext:
         return True
 
     def wake(self) -> None:
-        """Make a wait() in another thread return (thread-safe)."""
-        os.eventfd_write(self.eventfd, 1)
+        """Make a wait() in another thread return (thread-safe; no-op once closed)."""
+        fd = self.eventfd
+        if fd >= 0:
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError as exc:
+                if exc.errno != errno.EBADF:  # closed meanwhile
+                    raise
 
     def cancel(self, transfer: Transfer) -> bool:
         """Ask the driver to dequeue `transfer`; its event still comes through reap().

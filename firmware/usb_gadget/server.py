@@ -29,14 +29,18 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import FrameType
-from typing import Protocol
+from typing import Protocol, cast
 
 from firmware.scsi import ScsiTarget
+from firmware.usb_gadget.aio import AioContext, AioUnavailable, Transfer
 from firmware.usb_gadget.bot import (
     BULK_ONLY_MASS_STORAGE_RESET,
     Action,
@@ -84,6 +88,13 @@ _REQUEST_TYPE_CLASS = 0x20
 #: busy while bounding the memory held.
 IN_QUEUE_DEPTH = 3
 GIL_SWITCH_INTERVAL = 0.0002
+#: AIO: data-out reads kept posted ahead, so the medium write of one piece
+#: overlaps the transfer of the next ones (each holds a CHUNK_SIZE buffer).
+AIO_OUT_DEPTH = 2
+#: AIO: data-in writes queued at once (f_fs holds a kernel copy of each).
+AIO_IN_DEPTH = 4
+#: How long a reset waits for cancelled transfers to report back.
+AIO_CANCEL_TIMEOUT = 2.0
 #: Errors of a bulk transfer that a disconnect, reset or disable causes.
 _LINK_ERRORS = {errno.ESHUTDOWN, errno.ECONNRESET, errno.ENODEV, errno.EPIPE, errno.EINTR}
 
@@ -114,14 +125,31 @@ class _Interrupted(Exception):
     """Raised by the signal handler to abandon a superseded blocking transfer."""
 
 
+@dataclass(frozen=True)
+class AioEndpoints:
+    """The bulk endpoint files driven through native AIO (see aio.py)."""
+
+    context: AioContext
+    in_fd: int
+    out_fd: int
+
+
+#: _aio_perform: the bulk-side course changed while it waited
+_SUPERSEDED = object()
+
+
 class UsbFrontEnd:
     """One gadget serving `target`; `run()` blocks until `stop()`."""
 
     def __init__(
-        self, target: ScsiTarget, settings: GadgetSettings, *, chunk_size: int = CHUNK_SIZE
+        self, target: ScsiTarget, settings: GadgetSettings, *, chunk_size: int = CHUNK_SIZE,
+        use_aio: bool = True,
     ) -> None:
         self.target = target
         self.settings = settings
+        #: run() drives the bulk endpoints with native AIO when the kernel allows
+        self.use_aio = use_aio
+        self._chunk = chunk_size
         self.bot = BulkOnlyTransport(target, chunk_size=chunk_size)
         self._cond = threading.Condition()
         self._pending: collections.deque[Action] = collections.deque()
@@ -148,6 +176,19 @@ class UsbFrontEnd:
         #: generation of the item the writer is transferring (None: idle)
         self._in_busy: int | None = None
         self._writer_thread: int | None = None
+        # -- AIO bulk side (only the bulk loop touches these) --
+        self._aio: AioEndpoints | None = None
+        #: the posted CBW read (done or not) not yet handed to the machine
+        self._cbw_read: Transfer | None = None
+        #: data-out reads posted ahead, in wire order
+        self._data_reads: collections.deque[Transfer] = collections.deque()
+        #: lengths of the data-out reads still to post
+        self._read_plan: collections.deque[int] = collections.deque()
+        #: transfers of an abandoned course still in the kernel after their cancel
+        self._orphans: set[Transfer] = set()
+        self._buffers: list[bytearray] = []
+        #: data-in and CSW writes in the kernel (read by ep0 for a reset's decision)
+        self._in_flight_in = 0
 
     def counters(self) -> dict[str, int]:
         """Commands and data-phase bytes seen since start; resets of any kind."""
@@ -158,6 +199,8 @@ class UsbFrontEnd:
         """Bring the gadget up, serve until stop(), and always take it down."""
         s = self.settings
         endpoints: list[Ep0 | BulkEndpoint] = []
+        aio: AioEndpoints | None = None
+        context: AioContext | None = None
         try:
             self.gadget = gadget_up(s)
             mount_functionfs(s.function_name, s.ffs_mount)
@@ -171,14 +214,28 @@ class UsbFrontEnd:
             bulk_out = BulkEndpoint(s.ffs_mount, "ep2", is_in=False)
             endpoints.append(bulk_out)
             gadget = self.gadget
+            if self.use_aio:
+                try:
+                    aio = AioEndpoints(AioContext(), bulk_in.fd, bulk_out.fd)
+                except AioUnavailable as exc:
+                    log.warning("bulk endpoints without AIO (%s): synchronous transfers", exc)
+                else:
+                    # f_fs would block io_submit on a disabled endpoint until the next
+                    # ENABLE; non-blocking files fail it at once instead (EAGAIN).
+                    os.set_blocking(bulk_in.fd, False)
+                    os.set_blocking(bulk_out.fd, False)
+                    context = aio.context
 
             def bind() -> None:
                 log.info("gadget %s bound to %s", s.gadget_name, gadget.bind())
 
             # Unbinding makes f_fs send UNBIND, which lets the ep0 thread end.
-            self.serve_endpoints(ep0, bulk_in, bulk_out, on_started=bind, on_stopping=gadget.unbind)
+            self.serve_endpoints(ep0, bulk_in, bulk_out, on_started=bind,
+                                 on_stopping=gadget.unbind, aio=aio)
         finally:
             self._stopping = True
+            if context is not None:
+                context.close()
             if self.gadget is not None:
                 self.gadget.unbind()
             for ep in reversed(endpoints):
@@ -195,9 +252,12 @@ class UsbFrontEnd:
         *,
         on_started: Callable[[], None] | None = None,
         on_stopping: Callable[[], None] | None = None,
+        aio: AioEndpoints | None = None,
     ) -> None:
-        """Serve on open endpoints until stop(): ep0 in a thread, bulk in this one."""
+        """Serve on open endpoints until stop(): ep0 in a thread, bulk in this one
+        (through `aio` when given: no writer thread then)."""
         self._ep0, self._bulk_in, self._bulk_out = ep0, bulk_in, bulk_out
+        self._aio = aio
         self._bulk_thread = threading.get_ident()
         previous = None
         if threading.current_thread() is threading.main_thread():
@@ -213,12 +273,16 @@ class UsbFrontEnd:
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         try:
-            writer.start()
+            if aio is None:
+                writer.start()
             ep0_thread.start()
             if on_started is not None:
                 on_started()
             self.ready.set()
-            self._bulk_loop()
+            if aio is None:
+                self._bulk_loop()
+            else:
+                self._aio_bulk_loop()
         finally:
             self._bulk_done.set()
             self._stopping = True
@@ -228,7 +292,8 @@ class UsbFrontEnd:
             self._interrupt_writer()
             if on_stopping is not None:
                 on_stopping()
-            writer.join(timeout=5)
+            if writer.is_alive():
+                writer.join(timeout=5)
             ep0_thread.join(timeout=5)
             sys.setswitchinterval(switch_interval)
             if previous is not None:
@@ -260,6 +325,10 @@ class UsbFrontEnd:
             raise _Interrupted
 
     def _interrupt_bulk_loop(self) -> None:
+        if self._aio is not None:
+            # The AIO loop only ever waits on the completion eventfd.
+            self._aio.context.wake()
+            return
         if self._can_interrupt and self._bulk_thread is not None:
             signal.pthread_kill(self._bulk_thread, INTERRUPT_SIGNAL)
 
@@ -411,6 +480,267 @@ class UsbFrontEnd:
                 self._in_queue.append((generation, action))
                 self._in_cond.notify_all()
 
+    # -- bulk side through AIO ---------------------------------------------------
+    # One thread, no signals: it posts transfers without waiting for them, and
+    # blocks only on the completion eventfd, which ep0's wake-ups also signal.
+    # Every transfer carries the generation it was posted for; a superseded
+    # course is cancelled (io_cancel -> usb_ep_dequeue) and reaped before the new
+    # one starts, so nothing stale completes into a new command.
+
+    def _aio_bulk_loop(self) -> None:
+        try:
+            while not self._stopping:
+                action: Action | None = None
+                with self._cond:
+                    generation = self._generation
+                    superseded = self._seen_generation != generation
+                    if not superseded and self._pending:
+                        action = self._pending.popleft()
+                if superseded:
+                    self._aio_abandon(AIO_CANCEL_TIMEOUT)
+                    with self._cond:
+                        self._seen_generation = generation
+                        self._cond.notify_all()
+                    continue
+                if action is None:
+                    self._aio_wait()
+                    continue
+                try:
+                    outcome = self._aio_perform(action, generation)
+                except OSError as exc:
+                    if exc.errno not in _LINK_ERRORS | {errno.EOVERFLOW, errno.EAGAIN}:
+                        raise
+                    log.info("bulk transfer ended (%s) during %s", exc.strerror,
+                             _describe(action))
+                    with self._cond:
+                        if generation == self._generation:
+                            # ep0 will report DISABLE/ENABLE or a reset; wait for its course.
+                            self._pending.clear()
+                    continue
+                if outcome is _SUPERSEDED:
+                    continue
+                with self._cond:
+                    if generation != self._generation:
+                        pass
+                    elif isinstance(outcome, Transfer | bytes):
+                        data = outcome.data() if isinstance(outcome, Transfer) else outcome
+                        self._pending.extend(self.bot.bulk_out_received(data))
+                    elif isinstance(action, SendData | SendCSW):
+                        self._pending.extend(self.bot.bulk_in_complete())
+                if isinstance(outcome, Transfer):
+                    self._release(outcome)
+        finally:
+            self._aio_abandon(1.0)
+
+    def _aio_perform(self, action: Action, generation: int) -> object:
+        """Post what `action` needs; a read returns its completed Transfer (or the
+        bytes to hand over), _SUPERSEDED when the course changed meanwhile."""
+        assert self._aio is not None and self._bulk_in is not None
+        assert self._bulk_out is not None
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("bulk %s", _describe(action))
+        if isinstance(action, ReceiveCBW):
+            return self._aio_receive_cbw(generation)
+        if isinstance(action, ReceiveData):
+            return self._aio_receive_data(action.length, generation)
+        if isinstance(action, SendData):
+            if not action.data:
+                return None
+            # Each queued write holds a kernel copy: bound them.
+            if not self._aio_until(lambda: self._in_flight_in < AIO_IN_DEPTH, generation):
+                return _SUPERSEDED
+            self._aio_submit([self._write(action.data, "data-in", generation)])
+            self._counts["bytes_in"] += len(action.data)
+            return None
+        if isinstance(action, SendCSW):
+            if not self._aio_drop_data_reads(generation):
+                return _SUPERSEDED
+            # The CSW and the next CBW read go down together: the host's next CBW
+            # finds a request waiting, whenever the CSW reaches it.
+            batch = [self._write(action.data, "csw", generation)]
+            if self._cbw_read is None:
+                batch.append(self._cbw_transfer(generation))
+            self._aio_submit(batch)
+            return None
+        if isinstance(action, StallIn):
+            # A UDC refuses to halt an IN endpoint with requests queued: let the
+            # host take the data-in first.
+            if not self._aio_until(lambda: self._in_flight_in == 0, generation):
+                return _SUPERSEDED
+            self._bulk_in.halt()
+            return None
+        if isinstance(action, StallOut):
+            if not self._aio_drop_data_reads(generation):
+                return _SUPERSEDED
+            self._bulk_out.halt()
+            return None
+        if not isinstance(action, CancelTransfers):
+            log.warning("bulk loop got an ep0 action %s; ignored", action)
+        return None
+
+    def _aio_receive_cbw(self, generation: int) -> object:
+        if self._cbw_read is None:
+            self._aio_submit([self._cbw_transfer(generation)])
+        t = self._cbw_read
+        assert t is not None
+        if not self._aio_until(lambda: t.done, generation):
+            return _SUPERSEDED
+        self._cbw_read = None
+        self._counts["commands"] += 1
+        assert t.result is not None
+        if t.result == -errno.EOVERFLOW:
+            # The host sent more than any CBW can be: hand the machine an
+            # over-long one so it stalls and waits for reset recovery.
+            log.warning("bulk-out overflow where a CBW was expected")
+            return bytes(CBW_BUFFER + 1)
+        if t.result < 0:
+            raise OSError(-t.result, os.strerror(-t.result))
+        return bytes(t.data())
+
+    def _aio_receive_data(self, length: int, generation: int) -> object:
+        if not self._data_reads:
+            with self._cond:
+                plan = self.bot.data_out_plan()
+            if not plan or plan[0] != length:
+                plan = [length]
+            self._read_plan = collections.deque(plan)
+            self._aio_post_reads(generation)
+        t = self._data_reads[0]
+        if t.length != length:
+            raise RuntimeError(f"data-out read of {t.length} posted, machine asks {length}")
+        if not self._aio_until(lambda: t.done, generation):
+            return _SUPERSEDED
+        self._data_reads.popleft()
+        assert t.result is not None
+        if t.result < 0:
+            self._release(t)
+            raise OSError(-t.result, os.strerror(-t.result))
+        # Post the next piece before this one goes to the medium.
+        self._aio_post_reads(generation)
+        self._counts["bytes_out"] += t.result
+        if t.result <= _COPY_LIMIT:
+            data = bytes(t.data())
+            self._release(t)
+            return data
+        return t
+
+    def _aio_post_reads(self, generation: int) -> None:
+        assert self._aio is not None
+        batch: list[Transfer] = []
+        while self._read_plan and len(self._data_reads) + len(batch) < AIO_OUT_DEPTH:
+            length = self._read_plan.popleft()
+            buffer = self._buffers.pop() if self._buffers else bytearray(self._chunk)
+            batch.append(Transfer(self._aio.out_fd, True, memoryview(buffer)[:length],
+                                  length, ("data-out", generation)))
+        self._aio_submit(batch)
+
+    def _aio_drop_data_reads(self, generation: int) -> bool:
+        """Cancel data-out reads posted beyond a short transfer (the host sends
+        nothing more before the CSW) and wait until they are back."""
+        if not self._data_reads:
+            return True
+        assert self._aio is not None
+        for t in self._data_reads:
+            self._aio.context.cancel(t)
+        reads = list(self._data_reads)
+        if not self._aio_until(lambda: all(t.done for t in reads), generation):
+            return False
+        for t in reads:
+            if t.result is not None and t.result > 0:
+                log.warning("data-out beyond a short transfer dropped (%d bytes)", t.result)
+            self._release(t)
+        self._data_reads.clear()
+        self._read_plan.clear()
+        return True
+
+    def _cbw_transfer(self, generation: int) -> Transfer:
+        assert self._aio is not None
+        t = Transfer(self._aio.out_fd, True, bytearray(CBW_BUFFER), CBW_BUFFER,
+                     ("cbw", generation))
+        self._cbw_read = t
+        return t
+
+    def _write(self, data: bytes | memoryview, kind: str, generation: int) -> Transfer:
+        assert self._aio is not None
+        return Transfer(self._aio.in_fd, False, data, len(data), (kind, generation))
+
+    def _aio_submit(self, batch: list[Transfer]) -> None:
+        assert self._aio is not None
+        if not batch:
+            return
+        try:
+            queued = self._aio.context.submit(batch)
+        except OSError:
+            queued = 0
+            raise
+        finally:
+            for t in batch[queued:]:
+                if t is self._cbw_read:
+                    self._cbw_read = None
+                elif t.is_read:
+                    self._release(t)
+            for t in batch[:queued]:
+                if not t.is_read:
+                    self._in_flight_in += 1
+                elif t is not self._cbw_read:
+                    self._data_reads.append(t)
+        if queued < len(batch):
+            raise OSError(errno.ESHUTDOWN, "endpoint refused a queued transfer")
+
+    def _aio_wait(self, timeout: float | None = None) -> bool:
+        assert self._aio is not None
+        woke = self._aio.context.wait(timeout)
+        for t in self._aio.context.reap():
+            if not t.is_read:
+                self._in_flight_in -= 1
+                assert t.result is not None
+                kind, generation = cast(tuple[str, int], t.tag)
+                if t.result < 0 and generation == self._generation:
+                    log.info("bulk-in %s ended: %s", kind, os.strerror(-t.result))
+            elif t in self._orphans:
+                self._orphans.discard(t)
+                self._release(t)
+        return woke
+
+    def _aio_until(self, ready: Callable[[], bool], generation: int) -> bool:
+        """Wait for completions until ready(); False if the course changed first."""
+        while not ready():
+            if self._stopping or generation != self._generation:
+                return False
+            self._aio_wait()
+        return True
+
+    def _aio_abandon(self, timeout: float) -> None:
+        """Cancel everything in flight and wait (up to `timeout`) for it to report."""
+        if self._aio is None:
+            return
+        context = self._aio.context
+        for t in context.transfers():
+            context.cancel(t)
+        deadline = time.monotonic() + timeout
+        while context.in_flight:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("%d bulk transfers did not report back after cancel",
+                            context.in_flight)
+                break
+            self._aio_wait(left)
+        for t in [*self._data_reads, *([self._cbw_read] if self._cbw_read else [])]:
+            if t.done:
+                self._release(t)
+            else:
+                self._orphans.add(t)
+        self._data_reads.clear()
+        self._read_plan.clear()
+        self._cbw_read = None
+
+    def _release(self, t: Transfer) -> None:
+        """Return a data-out buffer to the pool once the kernel and the machine are done."""
+        buffer = t.buffer.obj if isinstance(t.buffer, memoryview) else None
+        if isinstance(buffer, bytearray) and len(buffer) == self._chunk and t.done:
+            if all(b is not buffer for b in self._buffers):
+                self._buffers.append(buffer)
+
     # -- bulk-in writer ------------------------------------------------------------------
     def _in_loop(self) -> None:
         self._writer_thread = threading.get_ident()
@@ -508,7 +838,7 @@ class UsbFrontEnd:
                 and setup.bRequest == BULK_ONLY_MASS_STORAGE_RESET
                 and isinstance(actions[0], ControlReply)
                 and self.bot.state is BotState.EXPECT_CBW
-                and (self._in_queue or self._in_busy is not None)
+                and (self._in_queue or self._in_busy is not None or self._in_flight_in)
             ):
                 # The machine counts a queued CSW as sent and so has nothing to
                 # cancel, but the host reset before taking it: it must not arrive
