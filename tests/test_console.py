@@ -139,6 +139,10 @@ def with_password(path: Path) -> ConfigStore:
 
 def test_first_boot_forces_the_admin_password(env: dict[str, Any]) -> None:
     t = env["start"]()
+    # A blank partition may be a replaced card: recovery is offered first.
+    t.wait("recovery", "This unit has no configuration", "2  Set up as a new unit")
+    assert not env["cfg"].exists()
+    t.send("2")
     t.wait("set admin password", "First start: choose the admin password")
     t.send(ESC)  # cannot be skipped
     t.wait("An admin password is needed before anything else")

@@ -57,6 +57,11 @@ class ConsoleSettings:
     poweroff: list[str] = field(default_factory=lambda: ["systemctl", "poweroff"])
     log_lines: Callable[[], list[str]] = lambda: []
     backup_source: BackupSource | None = None
+    #: Recovery over the journey link (firmware.link.restore.PeerRecovery): used
+    #: when no `backup_source` is given.
+    peer_recovery: Any = None
+    #: Applies the network settings typed for recovery before the peer is asked.
+    apply_network: Callable[[Config], None] | None = None
     own_fingerprint: str | None = None
     refresh_s: float = 2.0
 
@@ -176,6 +181,8 @@ class Console:
         self.unlocked_at: float | None = None
         self.last_key = time.monotonic()
         self.h, self.w = scr.getmaxyx()
+        #: The operator chose to set a blank unit up afresh instead of recovering it.
+        self.new_unit = False
 
     # ---------------------------------------------------------------- drawing
 
@@ -326,8 +333,9 @@ class Console:
     def first_boot(self) -> None:
         while True:
             loaded = self.s.store.load()
-            if loaded.state is StoreState.CORRUPT:
-                self.recovery_screen(loaded.describe())
+            if loaded.state is StoreState.CORRUPT or (
+                    loaded.state is StoreState.BLANK and not self.new_unit):
+                self.recovery_screen(loaded.describe(), blank=loaded.state is StoreState.BLANK)
                 continue
             cfg = loaded.config
             if cfg is not None and cfg["admin.password_hash"]:
@@ -362,45 +370,66 @@ class Console:
             self.say("Admin password saved.")
             return True
 
-    def recovery_screen(self, why: str) -> None:
-        self.frame("recovery", "1: recover from a peer   2: start a new configuration")
-        self.put(2, 2, "The configuration partition cannot be read:")
-        self.put(3, 4, why[:self.w - 6])
+    def recovery_screen(self, why: str, blank: bool = False) -> None:
+        second = "Set up as a new unit" if blank else \
+            "Start with a new configuration (erases what is left)"
+        self.frame("recovery", f"1: recover from a peer   2: {second.split(' (')[0].lower()}")
+        if blank:
+            self.put(2, 2, "This unit has no configuration (new, or its card was replaced).")
+        else:
+            self.put(2, 2, "The configuration partition cannot be read:")
+            self.put(3, 4, why[:self.w - 6])
         self.put(5, 2, "1  Recover it from a peer (network settings first, then the")
         self.put(6, 5, "admin password of this unit)")
-        self.put(7, 2, "2  Start with a new configuration (erases what is left)")
+        self.put(7, 2, f"2  {second}")
         self.scr.refresh()
         k = self.key()
         if k == ord("2"):
-            if self.confirm("Erase and start with a new configuration?"):
+            if blank:
+                self.new_unit = True
+            elif self.confirm("Erase and start with a new configuration?"):
                 self.s.store.reset()
                 self.say("New configuration written.")
         elif k == ord("1"):
             self.recover_from_peer()
 
-    def recover_from_peer(self) -> None:
-        source = self.s.backup_source or _backup_source
-        if source is None:
-            self.say("No way to reach a peer is installed on this unit.")
-            return
+    def _recovery_form(self, with_unit: bool) -> tuple[Config, dict[str, str]] | None:
+        """Network settings and the peer, typed and checked; None when left."""
         draft = Config.defaults()
         peer_fields = [FormField("peer.address", "Peer address host:port"),
                        FormField("peer.fingerprint", "Peer fingerprint")]
+        if with_unit:
+            peer_fields.append(FormField("peer.unit", "Unit id (if asked)",
+                                         help="only when the peer keeps several units'"))
         initial = {**{f.key: draft[f.key] for f in NETWORK_FIELDS},
-                   "peer.address": "", "peer.fingerprint": ""}
+                   **{f.key: "" for f in peer_fields}}
         changes = self.edit_form("recovery: network", NETWORK_FIELDS + peer_fields, initial,
-                                 save_label="fetch", raw_keys={"peer.address",
-                                                               "peer.fingerprint"})
+                                 save_label="fetch", raw_keys={f.key for f in peer_fields})
         if changes is None:
-            return
+            return None
         values = {**initial, **changes}
+        peer = {f.key.split(".")[1]: values.pop(f.key) for f in peer_fields}
         try:
-            peers = [{"name": "recovery", "address": values.pop("peer.address"),
-                      "fingerprint": values.pop("peer.fingerprint")}]
+            peers = [{"name": "recovery", "address": peer["address"],
+                      "fingerprint": peer["fingerprint"]}]
             draft = draft.replace({**values, "peers": peers})
         except ConfigError as e:
             self.say(f"Refused: {e}")
+            return None
+        return draft, peer
+
+    def recover_from_peer(self) -> None:
+        source = self.s.backup_source or _backup_source
+        if source is None and self.s.peer_recovery is not None:
+            self._recover_over_link()
             return
+        if source is None:
+            self.say("No way to reach a peer is installed on this unit.")
+            return
+        form = self._recovery_form(with_unit=False)
+        if form is None:
+            return
+        draft, _ = form
         try:
             blob = source(draft)
         except (OSError, ConnectionError, ControlError) as e:
@@ -416,6 +445,62 @@ class Console:
             return
         self.unlocked_at = time.monotonic()
         self.say("Configuration recovered from the peer.")
+
+    def _recover_over_link(self) -> None:
+        """The peer is asked first (reachable? the fingerprint typed? a backup?), then
+        the password, which may be retyped until the peer's attempts run out."""
+        from ..config.schema import split_host_port
+        from ..link.cli import describe_recovery_failure
+        from ..link.errors import LinkError, LinkRefused
+        from ..link.recovery import ERR_WRONG_PASSWORD
+
+        form = self._recovery_form(with_unit=True)
+        if form is None:
+            return
+        draft, peer = form
+        address = split_host_port("peers[0].address", draft["peers"][0]["address"])
+        fp = draft["peers"][0]["fingerprint"]
+        unit = peer["unit"] or None
+        where = draft["peers"][0]["address"]
+        failures = (LinkError, OSError, ValueError, SealError, ConfigError, ConfigStoreError)
+        if self.s.apply_network is not None:
+            try:
+                self.s.apply_network(draft)
+            except (OSError, ValueError) as e:
+                self.say(f"Cannot apply the network settings: {e}")
+                return
+        self.say(f"Asking the peer at {where}...")
+        self.frame("recovery", "")
+        self.scr.refresh()
+        try:
+            offered = self.s.peer_recovery.probe(address, fp, unit)
+        except failures as e:
+            self.say(describe_recovery_failure(e, where))
+            return
+        self.say(f"The peer keeps a backup of unit {offered}.")
+        while True:
+            pw = self.ask_password("recovery", "Admin password of this unit:")
+            if pw is None:
+                self.say("Cancelled: nothing was written.")
+                return
+            self.say("Checking the password with the peer...")
+            self.show_message()
+            self.scr.refresh()
+            try:
+                result = self.s.peer_recovery.recover(address, fp, pw, offered)
+            except LinkRefused as e:
+                self.say(describe_recovery_failure(e, where))
+                if e.code == ERR_WRONG_PASSWORD:
+                    continue
+                return
+            except failures as e:
+                self.say(describe_recovery_failure(e, where))
+                return
+            break
+        self.unlocked_at = time.monotonic()
+        self.say(f"Recovered unit {result.unit_id} from the peer (generation "
+                 f"{result.generation}"
+                 + (", link identity restored" if result.fingerprint else "") + ").")
 
     # ---- status
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import shlex
+from pathlib import Path
 from typing import Any
 
 DEFAULT_CONTROL = "/run/mirrorunit/local.sock"
@@ -25,6 +26,9 @@ def register(sub: Any) -> None:
     logs.add_argument("--log-file", default=None, help="show this file instead")
     p.add_argument("--backup-file", default=None, metavar="PATH",
                    help="recovery reads the sealed config from this file instead of a peer")
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="this unit's link state directory, where recovery restores its "
+                        "identity (default: 'link' beside the config partition)")
     p.add_argument("--cert", default=None, metavar="PEM",
                    help="this unit's certificate, to show its fingerprint")
     p.set_defaults(func=cmd_console)
@@ -49,8 +53,17 @@ def cmd_console(args: argparse.Namespace) -> int:
     from ..config.cli import open_store
     from .app import ConsoleSettings, command_log, file_log, run_console
 
+    store = open_store(args.config)
+    state_dir = Path(args.state_dir) if args.state_dir else \
+        Path(store.settings.path).resolve().parent / "link"
+    try:
+        from ..link.restore import PeerRecovery
+
+        recovery: Any = PeerRecovery(store, state_dir)
+    except ImportError:  # a build without the journey link
+        recovery = None
     settings = ConsoleSettings(
-        store=open_store(args.config), control=args.control, ups_control=args.ups_control,
+        store=store, control=args.control, ups_control=args.ups_control, peer_recovery=recovery,
         reboot=shlex.split(args.reboot_command), poweroff=shlex.split(args.poweroff_command),
         log_lines=file_log(args.log_file) if args.log_file else command_log(args.log_command),
         backup_source=file_source(args.backup_file) if args.backup_file else None,

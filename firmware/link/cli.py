@@ -268,6 +268,12 @@ def _seal_config(args: argparse.Namespace) -> int:
 
 
 def _recover(args: argparse.Namespace) -> int:
+    if args.fingerprint is not None:
+        return _recover_unpinned(args)
+    if args.name is None:
+        print("mirrorunit config recover: give --fingerprint (a replaced unit) or --name "
+              "(a unit whose identity is intact and pins the peer)", file=sys.stderr)
+        return 2
     from firmware.config.cli import open_store
     from firmware.config.errors import ConfigError, ConfigStoreError, SealError, WrongPassword
     from firmware.config.peer_backup import restore_config
@@ -307,13 +313,94 @@ def _recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe_recovery_failure(exc: BaseException, address: str) -> str:
+    """One sentence an operator can act on, for each way a recovery fails."""
+    from firmware.config.errors import (
+        ConfigError,
+        ConfigStoreError,
+        SealFormatError,
+        SealTampered,
+        WrongPassword,
+    )
+    from firmware.link.errors import LinkRefused, TlsIdentityError
+    from firmware.link.recovery import (
+        ERR_DAMAGED,
+        ERR_NAME_UNIT,
+        ERR_NO_BACKUP,
+        ERR_RATE_LIMITED,
+        ERR_WRONG_PASSWORD,
+    )
+
+    if isinstance(exc, LinkRefused):
+        if exc.code == ERR_WRONG_PASSWORD:
+            return f"Wrong admin password: {exc.text}. Nothing was written."
+        if exc.code == ERR_NO_BACKUP:
+            return f"The peer at {address} keeps no config backup for this unit ({exc.text})."
+        if exc.code == ERR_RATE_LIMITED:
+            return f"The peer refuses more attempts for now: {exc.text}."
+        if exc.code == ERR_DAMAGED:
+            return f"The peer's copy is damaged: {exc.text}."
+        if exc.code == ERR_NAME_UNIT:
+            return f"The peer keeps several units' backups: give this unit's id ({exc.text})."
+        return f"The peer at {address} refused: {exc.code}: {exc.text}."
+    if isinstance(exc, PeerNotPinned):
+        return f"Wrong peer fingerprint, nothing fetched: {exc}."
+    if isinstance(exc, WrongPassword):
+        return "Wrong admin password: the backup does not open. Nothing was written."
+    if isinstance(exc, SealTampered | SealFormatError):
+        return f"The peer's copy of the backup is damaged ({exc}); nothing was written."
+    if isinstance(exc, ConfigStoreError | ConfigError | TlsIdentityError):
+        return f"Refused, nothing was written: {exc}."
+    if isinstance(exc, OSError):
+        why = exc.strerror or str(exc) or type(exc).__name__
+        return f"Cannot reach the peer at {address}: {why}."
+    return f"Recovery failed: {exc}."
+
+
+def _recover_unpinned(args: argparse.Namespace) -> int:
+    from firmware.config.cli import open_store
+    from firmware.config.errors import ConfigError, ConfigStoreError, SealError
+    from firmware.link.restore import PeerRecovery
+
+    host, _, port = args.from_peer.rpartition(":")
+    if not host or not port.isdigit():
+        print(f"mirrorunit config recover: --from-peer {args.from_peer!r}: expected "
+              "HOST:PORT", file=sys.stderr)
+        return 2
+    address = (host.strip("[]"), int(port))
+    recovery = PeerRecovery(open_store(args.config), Path(args.state_dir))
+    try:
+        unit = recovery.probe(address, args.fingerprint, args.unit, force=args.force)
+        print(f"the peer keeps a sealed config backup of unit {unit}")
+        password = _read_password(args.password_stdin)
+        result = recovery.recover(address, args.fingerprint, password, args.unit,
+                                  force=args.force)
+    except (LinkError, OSError, ValueError, ConfigError, ConfigStoreError, SealError,
+            EOFError) as exc:
+        print(f"mirrorunit config recover: {describe_recovery_failure(exc, args.from_peer)}",
+              file=sys.stderr)
+        return 1
+    print(f"configuration of unit {result.unit_id} restored (generation {result.generation})"
+          + (f", link identity {result.fingerprint}" if result.fingerprint else "")
+          + f"; peer pinned as {result.peer_name}")
+    return 0
+
+
 def add_config_recover(config_commands: Any) -> None:
     """`mirrorunit config recover`: called by firmware.config.cli with its sub-commands."""
     rc = config_commands.add_parser(
         "recover", help="fetch this unit's sealed config from a peer and restore it")
     rc.add_argument("--from-peer", required=True, metavar="HOST:PORT",
                     help="the peer's journey-link address")
-    rc.add_argument("--name", required=True, help="the peer's pinned name")
+    rc.add_argument("--fingerprint", metavar="SHA256",
+                    help="the peer's certificate fingerprint: recover a replaced unit "
+                         "(no identity the peer knows) and restore its identity too")
+    rc.add_argument("--unit", default=None,
+                    help="with --fingerprint: the unit id to recover, if the peer keeps "
+                         "several units' backups")
+    rc.add_argument("--name", default=None,
+                    help="without --fingerprint: the peer's pinned name (this unit's "
+                         "identity is intact)")
     rc.add_argument("--state-dir", required=True, type=Path,
                     help="this unit's link state directory (its identity and pinned peers)")
     rc.add_argument("--config", default=None, metavar="PATH",

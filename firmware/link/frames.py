@@ -266,11 +266,44 @@ class ConfigBlob:
     blob: bytes | None
 
 
+@dataclass(frozen=True)
+class RecoverHello:
+    """An unauthenticated client (no certificate) asks to recover a unit's config
+    backup; `unit_id` None: the only backup this peer keeps."""
+
+    unit_id: str | None
+
+
+@dataclass(frozen=True)
+class RecoverChallenge:
+    """The sealed backup's key derivation inputs (its header's, never its key
+    check) and a fresh nonce the proof must cover."""
+
+    unit_id: str
+    log2_n: int
+    r: int
+    p: int
+    salt: bytes
+    nonce: bytes
+
+
+@dataclass(frozen=True)
+class RecoverProof:
+    """HMAC over the challenge keyed by the backup's key check (see recovery.py)."""
+
+    proof: bytes
+
+
 Frame = (
     Hello | HelloAck | Writes | Ack | Digest | Commit | Abort | Ping | Pong | Error | Bye
     | ResyncStart | DigestRequest | ChunkDigests | ChunkData | ResyncEnd | ResyncDone
-    | ConfigPut | ConfigGet | ConfigBlob
+    | ConfigPut | ConfigGet | ConfigBlob | RecoverHello | RecoverChallenge | RecoverProof
 )
+
+#: Sizes in the recovery exchange.
+RECOVER_SALT_BYTES = 16
+RECOVER_NONCE_BYTES = 32
+RECOVER_PROOF_BYTES = 32
 
 #: Largest sealed config accepted: a config slot is 64 KiB, sealing adds ~100 bytes.
 MAX_CONFIG_BLOB = 256 * 1024
@@ -426,6 +459,13 @@ def _frame_map(frame: Frame) -> dict[str, Any]:
         return {"type": "CONFIG_GET", "unit": frame.unit_id}
     if isinstance(frame, ConfigBlob):
         return {"type": "CONFIG_BLOB", "unit": frame.unit_id, "blob": frame.blob}
+    if isinstance(frame, RecoverHello):
+        return {"type": "RECOVER_HELLO", "unit": frame.unit_id}
+    if isinstance(frame, RecoverChallenge):
+        return {"type": "RECOVER_CHALLENGE", "unit": frame.unit_id, "ln": frame.log2_n,
+                "r": frame.r, "p": frame.p, "salt": frame.salt, "nonce": frame.nonce}
+    if isinstance(frame, RecoverProof):
+        return {"type": "RECOVER_PROOF", "proof": frame.proof}
     raise TypeError(f"not a frame: {frame!r}")
 
 
@@ -639,6 +679,34 @@ def _decode_config_blob(m: dict[Any, Any]) -> ConfigBlob:
     return ConfigBlob(unit, _config_blob(m, "CONFIG_BLOB"))
 
 
+def _sized_bytes(m: dict[Any, Any], key: str, ftype: str, size: int) -> bytes:
+    value = _bytes(m, key, ftype)
+    if len(value) != size:
+        raise LinkProtocolError(f"{ftype} field {key!r} must be {size} bytes")
+    return value
+
+
+def _small(m: dict[Any, Any], key: str, ftype: str, hi: int) -> int:
+    value = _u64(m, key, ftype)
+    if not 1 <= value <= hi:
+        raise LinkProtocolError(f"{ftype} field {key!r} outside 1..{hi}")
+    return value
+
+
+def _decode_recover_hello(m: dict[Any, Any]) -> RecoverHello:
+    if _field(m, "unit", "RECOVER_HELLO") is None:
+        return RecoverHello(None)
+    return RecoverHello(_config_unit(m, "RECOVER_HELLO"))
+
+
+def _decode_recover_challenge(m: dict[Any, Any]) -> RecoverChallenge:
+    f = "RECOVER_CHALLENGE"
+    return RecoverChallenge(
+        unit_id=_config_unit(m, f), log2_n=_small(m, "ln", f, 24), r=_small(m, "r", f, 64),
+        p=_small(m, "p", f, 16), salt=_sized_bytes(m, "salt", f, RECOVER_SALT_BYTES),
+        nonce=_sized_bytes(m, "nonce", f, RECOVER_NONCE_BYTES))
+
+
 _DECODERS: dict[str, Callable[[dict[Any, Any]], Frame]] = {
     "HELLO": _decode_hello,
     "HELLO_ACK": _decode_hello_ack,
@@ -666,6 +734,10 @@ _DECODERS: dict[str, Callable[[dict[Any, Any]], Frame]] = {
                                       _config_blob(m, "CONFIG_PUT")),
     "CONFIG_GET": lambda m: ConfigGet(_config_unit(m, "CONFIG_GET")),
     "CONFIG_BLOB": _decode_config_blob,
+    "RECOVER_HELLO": _decode_recover_hello,
+    "RECOVER_CHALLENGE": _decode_recover_challenge,
+    "RECOVER_PROOF": lambda m: RecoverProof(
+        _sized_bytes(m, "proof", "RECOVER_PROOF", RECOVER_PROOF_BYTES)),
     "RESYNC_DONE": lambda m: ResyncDone(
         resync_id=_u64(m, "rid", "RESYNC_DONE"), seq=_u64(m, "seq", "RESYNC_DONE"),
         chunks_written=_u64(m, "written", "RESYNC_DONE"),

@@ -366,7 +366,15 @@ class LinkService:
         self.signature = signature
         #: The unit's config partition, sealed for the peers by `seal_config`.
         self.config_path = config_path
-        self._backup_cache: tuple[float, bytes | None] = (-1.0, None)
+        self._backup_cache: tuple[tuple[int, int] | None, bytes | None] = (None, None)
+        #: Seals each new config generation for the peers, unattended.
+        self.sealer: Any = None
+        if config_path is not None:
+            from firmware.config.cli import open_store
+            from firmware.config.peer_backup import AutoSealer
+
+            self.sealer = AutoSealer(open_store(config_path), self.own_backup_path,
+                                     self._sealed_identity, on_sealed=self._backup_sealed)
         self._peers: dict[str, _Peer] = {}
         for spec in remotes:
             if spec.name not in cbq.consumers:
@@ -418,12 +426,26 @@ class LinkService:
     def own_backup(self) -> bytes | None:
         """This unit's sealed config as last written (re-read when the file changes)."""
         try:
-            mtime = self.own_backup_path.stat().st_mtime
+            st = self.own_backup_path.stat()
         except FileNotFoundError:
             return None
-        if mtime != self._backup_cache[0]:
-            self._backup_cache = (mtime, self.own_backup_path.read_bytes() or None)
+        # Blobs are replaced by rename: a new inode even within one mtime tick.
+        stamp = (st.st_mtime_ns, st.st_ino)
+        if stamp != self._backup_cache[0]:
+            self._backup_cache = (stamp, self.own_backup_path.read_bytes() or None)
         return self._backup_cache[1]
+
+    def _sealed_identity(self) -> Any:
+        from firmware.config.seal import SealedIdentity
+        from firmware.link.tls import export_identity
+
+        return SealedIdentity(*export_identity(self.identity, self.peers.path))
+
+    def _backup_sealed(self, blob: bytes) -> None:
+        # The clients compare the blob with what they sent; wake them to do it now.
+        for peer in self._peers.values():
+            if peer.client is not None:
+                peer.client.wakeup()
 
     def _keep_peer_backup(self, name: str, blob: bytes) -> None:
         from firmware.config.peer_backup import peer_backup_name, read_blob, write_blob
@@ -435,26 +457,34 @@ class LinkService:
 
     def seal_config(self, password: str) -> dict[str, Any]:
         """Seal the unit's config under the admin password (checked) for the peers;
-        each connected peer gets it at once, the others when they connect."""
+        each connected peer gets it at once, the others when they connect.  A config
+        without seal key material gets it stored, so later changes seal unattended."""
+        from firmware.config.cli import open_store
         from firmware.config.peer_backup import seal_config, write_blob
-        from firmware.config.store import ConfigStore, StoreSettings
 
         if self.config_path is None:
             raise ValueError("this unit was started without --config: no config to seal")
-        blob = seal_config(ConfigStore(StoreSettings(str(self.config_path))), password)
+        blob = seal_config(open_store(self.config_path), password, self._sealed_identity())
         write_blob(self.own_backup_path, blob)
+        if self.sealer is not None:
+            self.sealer.poll()  # takes note of the generation that stored the key
+        self._backup_sealed(blob)
         log.warning("config sealed for the peers (%d bytes)", len(blob))
         return {"bytes": len(blob), "peers": sorted(self._peers)}
 
     # ---------------------------------------------------------------- Service
 
     def start(self) -> None:
+        if self.sealer is not None:
+            self.sealer.start()
         for peer in self._peers.values():
             if not peer.paused:
                 peer.client = self._make_client(peer)
                 peer.client.start()
 
     def stop(self) -> None:
+        if self.sealer is not None:
+            self.sealer.stop()
         for peer in self._peers.values():
             if peer.client is not None:
                 peer.client.stop()
@@ -529,6 +559,8 @@ class LinkService:
 
     def status(self) -> dict[str, Any]:
         return {"unit_id": self.unit_id, "fingerprint": self.identity.fingerprint,
+                "config_backup": {"sealed_generation": self.sealer.sealed_generation
+                                  if self.sealer is not None else None},
                 "peers": {name: self.peer_status(name) for name in self._peers}}
 
     def handlers(self) -> dict[str, Any]:

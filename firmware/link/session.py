@@ -841,6 +841,13 @@ class ReceiverSession(_Session):
         self._send(ConfigBlob(frame.unit_id, blob))
         return [ConfigServed(frame.unit_id, blob is not None)]
 
+    def put_own_backup(self, unit_id: str, blob: bytes) -> None:
+        """Hand the peer this side's (re-sealed) config backup again."""
+        if self.state is not SessionState.STREAMING:
+            raise LinkError("a config backup goes out only on an established session")
+        self.own_backup = (unit_id, blob)
+        self._send(ConfigPut(unit_id=unit_id, blob=blob))
+
     def _resync_sink(self) -> ResyncSink:
         sink = self.sink
         if sink is None or not hasattr(sink, "write_chunk"):

@@ -19,12 +19,23 @@ from dataclasses import dataclass
 
 from firmware.link.errors import LinkError, LinkProtocolError, LinkRefused, PeerNotPinned
 from firmware.link.frames import (
+    Bye,
     ConfigBlob,
     ConfigGet,
     Error,
     FrameDecoder,
     Hello,
+    RecoverChallenge,
+    RecoverHello,
+    RecoverProof,
     encode_frame,
+)
+from firmware.link.recovery import (
+    RecoveryChallenged,
+    RecoveryDenied,
+    RecoveryGranted,
+    RecoveryLimiter,
+    RecoveryServerSession,
 )
 from firmware.link.session import (
     Acknowledged,
@@ -50,6 +61,8 @@ from firmware.link.session import (
 from firmware.link.tls import (
     Identity,
     PeerStore,
+    anonymous_client_context,
+    check_fingerprint,
     client_context,
     describe_handshake_failure,
     peer_identity,
@@ -441,7 +454,10 @@ class LinkServer:
         durable_poll: float = 0.1,
         backups: ConfigBackups | None = None,
         own_backup: Callable[[], tuple[str, bytes] | None] | None = None,
+        recovery: RecoveryLimiter | None = None,
     ) -> None:
+        """With `recovery` (and `backups` that can list their units), a client
+        without a certificate is let in for the recovery exchange only."""
         self.address = address
         self.identity = identity
         self.peers = peers
@@ -452,6 +468,8 @@ class LinkServer:
         self.durable_poll = durable_poll
         self.backups = backups
         self.own_backup = own_backup
+        self.recovery = recovery if backups is not None and hasattr(backups, "units") \
+            else None
         self.stats = ServerStats()
         self._listener: socket.socket | None = None
         self._ctx: ssl.SSLContext | None = None
@@ -499,7 +517,8 @@ class LinkServer:
         with self._lock:
             if self._ctx is None or self._ctx_generation != self.peers.generation:
                 self._ctx_generation = self.peers.generation
-                self._ctx = server_context(self.identity, self.peers)
+                self._ctx = server_context(self.identity, self.peers,
+                                           allow_anonymous=self.recovery is not None)
             return self._ctx
 
     def _accept_loop(self) -> None:
@@ -535,6 +554,9 @@ class LinkServer:
                     self._conns.discard(raw)
                     self._conns.add(sock)
                 current = sock
+                if not sock.getpeercert(binary_form=True) and self.recovery is not None:
+                    self._recover(sock, addr[0], peer)
+                    return
                 unit = peer_identity(sock, self.peers)
             except (ssl.SSLError, PeerNotPinned) as exc:
                 self.stats.handshake_failures += 1
@@ -573,8 +595,46 @@ class LinkServer:
             current.close()
             raw.close()
 
+    def _recover(self, sock: ssl.SSLSocket, source: str, peer: str) -> None:
+        """A client without a certificate: the recovery exchange and nothing else."""
+        assert self.recovery is not None
+        log.warning("recovery: client without a certificate from %s; only the recovery "
+                    "exchange is allowed", peer)
+        session = RecoveryServerSession(self.backups, self.identity.fingerprint,  # type: ignore[arg-type]
+                                        source, self.recovery)
+        sock.settimeout(self.handshake_timeout)
+        while not self._stop.is_set() and not session.is_finished:
+            data = sock.recv(RECV_SIZE)
+            if not data:
+                log.info("recovery: %s closed the connection", peer)
+                return
+            try:
+                events = session.receive_data(data)
+            except LinkProtocolError as exc:
+                self.stats.protocol_errors += 1
+                log.warning("recovery: closing connection from %s: protocol error: %s", peer,
+                            exc.reason)
+                sock.sendall(session.data_to_send())
+                return
+            out = session.data_to_send()
+            if out:
+                sock.sendall(out)
+            for event in events:
+                if isinstance(event, RecoveryChallenged):
+                    log.warning("recovery: %s asks for unit %s's config backup; challenge "
+                                "sent", peer, event.unit_id)
+                elif isinstance(event, RecoveryGranted):
+                    log.warning("recovery: %s proved the admin password of unit %s; its "
+                                "sealed config backup (%d bytes) was handed over", peer,
+                                event.unit_id, event.size)
+                elif isinstance(event, RecoveryDenied):
+                    self.stats.refusals += 1
+                    log.warning("recovery: refused %s (unit %s): %s: %s", peer,
+                                event.unit_id or "-", event.code, event.text)
+
     def _receive(self, sock: ssl.SSLSocket, session: ReceiverSession, peer: str) -> None:
         last_rx = time.monotonic()
+        sent_backup = session.own_backup
         while not self._stop.is_set():
             try:
                 readable = sock.pending() > 0 or bool(
@@ -599,6 +659,12 @@ class LinkServer:
                 log.warning("closing connection from %s: protocol error: %s", peer, exc.reason)
                 sock.sendall(session.data_to_send())
                 return
+            if self.own_backup is not None and session.state is SessionState.STREAMING:
+                # A config change sealed since this session began reaches the peer now.
+                own = self.own_backup()
+                if own is not None and own != sent_backup:
+                    session.put_own_backup(*own)
+                    sent_backup = own
             out = session.data_to_send()
             if out:
                 sock.sendall(out)
@@ -661,3 +727,63 @@ def fetch_config_backup(address: tuple[str, int], identity: Identity, peers: Pee
                         raise LinkRefused(frame.code, frame.text)
                     if isinstance(frame, ConfigBlob) and frame.unit_id == unit_id:
                         return frame.blob
+
+
+@dataclass(frozen=True)
+class RecoveryOutcome:
+    """What a recovery exchange brought back."""
+
+    unit_id: str
+    #: The peer's certificate (DER), whose fingerprint was the one expected.
+    peer_cert: bytes
+    #: The sealed backup; None when only the challenge was asked for.
+    blob: bytes | None
+
+
+def recovery_exchange(address: tuple[str, int], peer_fingerprint: str,
+                      unit_id: str | None,
+                      prove: Callable[[RecoverChallenge], bytes] | None,
+                      timeout: float = 15.0) -> RecoveryOutcome:
+    """Recover a sealed config backup from the peer at `address` without a
+    certificate of our own.  The peer's certificate must have `peer_fingerprint`
+    (checked before anything is sent).  `prove` turns the challenge into the proof
+    (see recovery.py); without it the exchange stops after the challenge, which
+    tells that the peer is reachable, genuine, and keeps a backup.
+
+    Raises `PeerNotPinned` for another fingerprint, `LinkRefused` when the peer
+    refuses (code `no-backup`, `wrong-password`, `rate-limited`, ...), `LinkError`
+    or `OSError` when it cannot be reached."""
+    ctx = anonymous_client_context()
+    with socket.create_connection(address, timeout=timeout) as raw:
+        try:
+            sock = ctx.wrap_socket(raw)
+        except ssl.SSLError as exc:
+            raise LinkClosed(f"TLS handshake: {describe_handshake_failure(exc)}") from None
+        with sock:
+            der = check_fingerprint(sock, peer_fingerprint)
+            sock.settimeout(timeout)
+            sock.sendall(encode_frame(RecoverHello(unit_id)))
+            decoder = FrameDecoder()
+            challenge: RecoverChallenge | None = None
+            while True:
+                try:
+                    data = sock.recv(RECV_SIZE)
+                except ssl.SSLError as exc:
+                    raise LinkClosed(describe_handshake_failure(exc)) from None
+                if not data:
+                    raise LinkClosed("the peer closed the connection without an answer")
+                for frame in decoder.receive_data(data):
+                    if isinstance(frame, Error):
+                        raise LinkRefused(frame.code, frame.text)
+                    if isinstance(frame, RecoverChallenge) and challenge is None:
+                        challenge = frame
+                        if prove is None:
+                            sock.sendall(encode_frame(Bye()))
+                            return RecoveryOutcome(frame.unit_id, der, None)
+                        sock.sendall(encode_frame(RecoverProof(prove(frame))))
+                    elif isinstance(frame, ConfigBlob) and challenge is not None \
+                            and frame.unit_id == challenge.unit_id and frame.blob:
+                        return RecoveryOutcome(frame.unit_id, der, frame.blob)
+                    else:
+                        raise LinkProtocolError(
+                            f"unexpected {type(frame).__name__} in the recovery exchange")

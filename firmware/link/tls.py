@@ -293,9 +293,87 @@ def _base_context(purpose: int, identity: Identity, cadata: str) -> ssl.SSLConte
     return ctx
 
 
-def server_context(identity: Identity, peers: PeerStore) -> ssl.SSLContext:
-    """Context for the remote: every pinned unit is an acceptable client."""
-    return _base_context(ssl.PROTOCOL_TLS_SERVER, identity, peers.cadata())
+def server_context(identity: Identity, peers: PeerStore, *,
+                   allow_anonymous: bool = False) -> ssl.SSLContext:
+    """Context for the remote: every pinned unit is an acceptable client.
+
+    With `allow_anonymous` a client may also present no certificate at all (a
+    replaced unit recovering its config); the shell then allows it nothing but
+    the recovery exchange.  A certificate that is presented must still be pinned:
+    OpenSSL refuses any other inside the handshake, as before."""
+    ctx = _base_context(ssl.PROTOCOL_TLS_SERVER, identity, peers.cadata())
+    if allow_anonymous:
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
+def anonymous_client_context() -> ssl.SSLContext:
+    """Context for a unit with no identity its peer knows (recovery).  It presents
+    no certificate and checks the peer's by fingerprint after the handshake,
+    before a byte of application data is sent (`check_fingerprint`)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # no anchors here: the typed fingerprint is the pin
+    return ctx
+
+
+def check_fingerprint(sock: ssl.SSLSocket, expected: str) -> bytes:
+    """The peer's DER certificate if its fingerprint is `expected`; else
+    `PeerNotPinned` naming both fingerprints."""
+    der = sock.getpeercert(binary_form=True)
+    if not der:
+        raise PeerNotPinned("peer presented no certificate")
+    want = normalize_fingerprint(expected)
+    got = fingerprint(der)
+    if got != want:
+        raise PeerNotPinned(f"the peer presents fingerprint {got}, not the expected {want}")
+    return der
+
+
+def export_identity(identity: Identity, peers_path: Path | None = None
+                    ) -> tuple[bytes, bytes, bytes | None]:
+    """Key, certificate (PEM) and pinned-peers file, for a sealed config backup."""
+    peers = None
+    if peers_path is not None:
+        try:
+            peers = peers_path.read_bytes()
+        except FileNotFoundError:
+            peers = None
+    return identity.key_path.read_bytes(), identity.cert_path.read_bytes(), peers
+
+
+def install_identity(state_dir: Path, key_pem: bytes, cert_pem: bytes,
+                     peers: bytes | None = None) -> Identity:
+    """Put a unit's identity (from its sealed backup) back into `state_dir`,
+    replacing whatever identity is there.  The key must match the certificate,
+    and the peers file must parse, before anything is written."""
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError as exc:
+        raise TlsIdentityError(f"the identity to install is malformed: {exc}") from None
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    enc = serialization.Encoding.DER
+    if key.public_key().public_bytes(enc, pub) != cert.public_key().public_bytes(enc, pub):
+        raise TlsIdentityError("the identity to install has a key that does not match "
+                               "its certificate")
+    if peers is not None:
+        try:
+            doc = json.loads(peers)
+        except ValueError as exc:
+            raise TlsIdentityError(f"the pinned peers to install are malformed: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("version") != PEERS_FORMAT_VERSION:
+            raise TlsIdentityError("the pinned peers to install are of an unknown format")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    _write_private(state_dir / KEY_FILE, key_pem, 0o600)
+    _write_private(state_dir / CERT_FILE, cert_pem, 0o644)
+    if peers is not None:
+        _write_private(state_dir / PEERS_FILE, peers, 0o644)
+    log.warning("installed link identity %s from a sealed backup",
+                fingerprint(cert.public_bytes(serialization.Encoding.DER)))
+    return load_or_create_identity(state_dir, "unused")
 
 
 def client_context(identity: Identity, peers: PeerStore, remote_name: str) -> ssl.SSLContext:

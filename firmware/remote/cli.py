@@ -79,6 +79,14 @@ def register(sub: Any) -> None:
     rp.add_argument("--retention-age", type=float, metavar="S",
                     help="keep point-in-time history for S seconds")
     rp.add_argument("--control", type=Path, default=Path(DEFAULT_REMOTE_CONTROL))
+    rp.add_argument("--config", type=Path, metavar="PATH",
+                    help="this remote's config partition: each new generation is sealed "
+                         "for the locals to keep")
+    rp.add_argument("--recovery-max-failures", type=int, default=5, metavar="N",
+                    help="wrong admin-password proofs allowed per source address and "
+                         "window in the recovery exchange")
+    rp.add_argument("--recovery-window", type=float, default=600.0, metavar="S",
+                    help="length of that window in seconds")
     rs = rp.add_subparsers(dest="remote_command")
 
     def op(name: str, helptext: str) -> argparse.ArgumentParser:
@@ -239,9 +247,13 @@ def _serve(args: argparse.Namespace) -> int:
     retention = None
     if args.retention_bytes is not None or args.retention_age is not None:
         retention = Retention(max_bytes=args.retention_bytes, max_age_s=args.retention_age)
+    from firmware.link.recovery import RecoveryLimiter
+
     server = RemoteServer(store_dir=args.store, listen=args.listen, identity=identity,
                           peers=PeerStore.in_dir(state_dir), commit_delay_s=args.commit_delay,
-                          retention=retention, state_dir=state_dir)
+                          retention=retention, state_dir=state_dir, config_path=args.config,
+                          recovery=RecoveryLimiter(max_failures=args.recovery_max_failures,
+                                                   window_s=args.recovery_window))
     host, port = server.start()
     control = ControlServer(args.control, server.handlers())
     control.start()

@@ -20,6 +20,7 @@ from typing import Any
 
 from firmware.link.errors import LinkProtocolError, LinkRefused
 from firmware.link.frames import Hello, WriteRecord
+from firmware.link.recovery import RecoveryLimiter
 from firmware.link.session import ReceiverConfig
 from firmware.link.shell import LinkServer
 from firmware.link.tls import Identity, PeerStore
@@ -182,6 +183,13 @@ class UnitConfigBackups:
 
         return read_blob(self._path(unit_id))
 
+    def units(self) -> list[str]:
+        """The units whose backup is kept here."""
+        if not self.store_dir.is_dir():
+            return []
+        return sorted(d.name for d in self.store_dir.iterdir()
+                      if not d.name.startswith(".") and (d / CONFIG_BACKUP_NAME).is_file())
+
 
 class _PinnedUnits:
     """`known_units` for the receiver: every pinned peer is a unit it accepts."""
@@ -203,7 +211,9 @@ class RemoteServer:
     def __init__(self, *, store_dir: Path, listen: tuple[str, int], identity: Identity,
                  peers: PeerStore, commit_delay_s: float | None = None,
                  retention: Retention | None = None, tick: float = 0.2,
-                 dead_after: float = 20.0, state_dir: Path | None = None) -> None:
+                 dead_after: float = 20.0, state_dir: Path | None = None,
+                 config_path: Path | None = None,
+                 recovery: RecoveryLimiter | None = None) -> None:
         self.store = RemoteStore(store_dir)
         self.identity = identity
         self.peers = peers
@@ -218,19 +228,45 @@ class RemoteServer:
         self.state_dir = state_dir if state_dir is not None else default_remote_state_dir(
             Path(store_dir))
         self.backups = UnitConfigBackups(Path(store_dir))
+        self._own_cache: tuple[tuple[int, int] | None, bytes | None] = (None, None)
         self.link = LinkServer(
             listen, identity, peers,
             ReceiverConfig(known_units=_PinnedUnits(peers)),  # type: ignore[arg-type]
             self._open_sink, dead_after=dead_after, backups=self.backups,
-            own_backup=self._own_backup)
+            own_backup=self._own_backup,
+            recovery=recovery if recovery is not None else RecoveryLimiter())
+        #: Seals this remote's own config (its --config) whenever it changes.
+        self.sealer: Any = None
+        if config_path is not None:
+            from firmware.config.cli import open_store
+            from firmware.config.peer_backup import OWN_BACKUP_NAME, AutoSealer
+            from firmware.config.seal import SealedIdentity
+            from firmware.link.tls import PEERS_FILE, export_identity
+
+            def identity_now() -> SealedIdentity:
+                return SealedIdentity(*export_identity(identity, self.state_dir / PEERS_FILE))
+
+            self.sealer = AutoSealer(open_store(config_path), self.state_dir / OWN_BACKUP_NAME,
+                                     identity_now)
 
     def _own_backup(self) -> tuple[str, bytes] | None:
-        """This remote's own sealed config (`mirrorunit link seal-config`), handed to
-        every local that connects."""
+        """This remote's own sealed config (sealed on each change of its --config, or
+        by `mirrorunit link seal-config`), handed to every local that connects and
+        again to connected ones when it changes."""
         from firmware.config.peer_backup import OWN_BACKUP_NAME, read_blob
         from firmware.link.cli import certificate_name
 
-        blob = read_blob(self.state_dir / OWN_BACKUP_NAME)
+        path = self.state_dir / OWN_BACKUP_NAME
+        try:
+            st = path.stat()
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        if stamp is None:
+            return None
+        if stamp != self._own_cache[0]:
+            self._own_cache = (stamp, read_blob(path))
+        blob = self._own_cache[1]
         return None if blob is None else (certificate_name(self.identity.cert_der), blob)
 
     # ---------------------------------------------------------------- units
@@ -294,6 +330,8 @@ class RemoteServer:
                 self.unit(unit_id)
             except RemoteError as exc:
                 log.error("unit %s cannot be opened: %s", unit_id, exc)
+        if self.sealer is not None:
+            self.sealer.start()
         address = self.link.start()
         self._timer = threading.Thread(target=self._run_timer, name="apply-due", daemon=True)
         self._timer.start()
@@ -317,6 +355,8 @@ class RemoteServer:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.sealer is not None:
+            self.sealer.stop()
         self.link.stop()
         if self._timer is not None:
             self._timer.join()

@@ -1,0 +1,264 @@
+"""Recovery of a replaced unit's config from a peer (sans-IO).
+
+A unit whose config partition and identity are gone has a certificate no peer
+pinned, so it cannot open a journey-link session.  It connects *without* a
+client certificate instead; the peer then runs only this exchange on the
+connection, and hands out nothing but the sealed backup, and only to a client
+that proves it knows the admin password::
+
+    client                                  peer (holds the sealed blob)
+    RECOVER_HELLO {unit or null}    ->
+                                    <-      RECOVER_CHALLENGE {unit, ln, r, p, salt, nonce}
+    (scrypt(password, salt) -> key check: what the blob's header holds)
+    RECOVER_PROOF {HMAC(check, nonce, peer fingerprint, unit)}  ->
+                                    <-      CONFIG_BLOB {unit, blob}  or  ERROR
+
+The key check never crosses the wire, so an eavesdropper (there is none inside
+TLS) or a client without the password learns nothing it could test passwords
+against offline; each wrong proof costs the client an online attempt, limited
+per source address by `RecoveryLimiter`.  The proof covers the peer's
+certificate fingerprint, so it cannot be replayed to another peer, and a fresh
+nonce, so it cannot be replayed at all.  Any other frame ends the connection.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from firmware.config.errors import SealFormatError
+from firmware.config.seal import read_header
+from firmware.link.errors import LinkProtocolError
+from firmware.link.frames import (
+    RECOVER_NONCE_BYTES,
+    Bye,
+    ConfigBlob,
+    Error,
+    Frame,
+    FrameDecoder,
+    RecoverChallenge,
+    RecoverHello,
+    RecoverProof,
+    encode_frame,
+)
+
+PROOF_LABEL = b"mirrorunit recovery proof v1"
+
+ERR_PROTOCOL = "protocol"
+ERR_NO_BACKUP = "no-backup"
+ERR_NAME_UNIT = "name-the-unit"
+ERR_RATE_LIMITED = "rate-limited"
+ERR_WRONG_PASSWORD = "wrong-password"
+ERR_DAMAGED = "backup-damaged"
+
+
+def _lp(data: bytes) -> bytes:
+    return len(data).to_bytes(2, "big") + data
+
+
+def recovery_proof(check: bytes, nonce: bytes, peer_fingerprint: str, unit_id: str) -> bytes:
+    """What the client sends: keyed by the blob's key check, bound to this
+    challenge, this peer and this unit."""
+    fp = bytes.fromhex(peer_fingerprint.replace(":", ""))
+    msg = PROOF_LABEL + _lp(nonce) + _lp(fp) + _lp(unit_id.encode())
+    return hmac.new(check, msg, hashlib.sha256).digest()
+
+
+class RecoveryBackups(Protocol):
+    def get(self, unit_id: str) -> bytes | None: ...
+
+    def units(self) -> list[str]: ...
+
+
+@dataclass
+class _Window:
+    started: float
+    attempts: int = 0
+    failures: int = 0
+
+
+@dataclass
+class RecoveryLimiter:
+    """Per source address: at most `max_failures` wrong proofs and `max_attempts`
+    challenges per `window_s`; the window starts at the first attempt."""
+
+    max_failures: int = 5
+    max_attempts: int = 30
+    window_s: float = 600.0
+    clock: Callable[[], float] = time.monotonic
+    _windows: dict[str, _Window] = field(default_factory=dict)
+
+    def _window(self, source: str) -> _Window:
+        now = self.clock()
+        w = self._windows.get(source)
+        if w is None or now - w.started >= self.window_s:
+            w = self._windows[source] = _Window(now)
+        # Forget other sources whose windows ended, so the table stays small.
+        for k in [k for k, v in self._windows.items() if now - v.started >= self.window_s]:
+            del self._windows[k]
+        self._windows[source] = w
+        return w
+
+    def admit(self, source: str) -> str | None:
+        """None and the attempt counted, or why `source` must wait."""
+        w = self._window(source)
+        if w.failures >= self.max_failures or w.attempts >= self.max_attempts:
+            wait = max(0.0, self.window_s - (self.clock() - w.started))
+            return (f"too many recovery attempts from {source}; try again in "
+                    f"{wait:.0f} s")
+        w.attempts += 1
+        return None
+
+    def failed(self, source: str) -> int:
+        """Count a wrong proof; the attempts `source` has left in this window."""
+        w = self._window(source)
+        w.failures += 1
+        return max(0, self.max_failures - w.failures)
+
+
+@dataclass(frozen=True)
+class RecoveryChallenged:
+    unit_id: str
+
+
+@dataclass(frozen=True)
+class RecoveryGranted:
+    unit_id: str
+    size: int
+
+
+@dataclass(frozen=True)
+class RecoveryDenied:
+    unit_id: str | None
+    code: str
+    text: str
+
+
+RecoveryEvent = RecoveryChallenged | RecoveryGranted | RecoveryDenied
+
+
+class RecoveryState(enum.Enum):
+    AWAIT_HELLO = "await-hello"
+    CHALLENGED = "challenged"
+    DONE = "done"
+    FAILED = "failed"
+
+
+_ALLOWED: dict[RecoveryState, tuple[type, ...]] = {
+    RecoveryState.AWAIT_HELLO: (RecoverHello, Bye),
+    RecoveryState.CHALLENGED: (RecoverProof, Bye),
+}
+
+
+class RecoveryServerSession:
+    """The peer's side of one unauthenticated connection."""
+
+    def __init__(self, backups: RecoveryBackups, peer_fingerprint: str, source: str,
+                 limiter: RecoveryLimiter,
+                 nonce: Callable[[int], bytes] = secrets.token_bytes) -> None:
+        self.backups = backups
+        self.peer_fingerprint = peer_fingerprint
+        self.source = source
+        self.limiter = limiter
+        self._nonce = nonce
+        self.state = RecoveryState.AWAIT_HELLO
+        self._decoder = FrameDecoder()
+        self._out = bytearray()
+        self._challenge: tuple[str, bytes, bytes, bytes] | None = None  # unit, nonce, check, blob
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state in (RecoveryState.DONE, RecoveryState.FAILED)
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def _send(self, frame: Frame) -> None:
+        self._out += encode_frame(frame)
+
+    def _deny(self, unit: str | None, code: str, text: str) -> list[RecoveryEvent]:
+        self._send(Error(code=code, text=text))
+        self.state = RecoveryState.FAILED
+        self._challenge = None
+        return [RecoveryDenied(unit, code, text)]
+
+    def receive_data(self, data: bytes) -> list[RecoveryEvent]:
+        """Feed bytes; raises `LinkProtocolError` (ERROR queued) on anything but
+        the recovery exchange."""
+        if self.is_finished:
+            return []
+        events: list[RecoveryEvent] = []
+        try:
+            for frame in self._decoder.receive_data(data):
+                allowed = _ALLOWED.get(self.state, ())
+                if not isinstance(frame, allowed):
+                    raise LinkProtocolError(
+                        f"{type(frame).__name__} frame not allowed from a client without a "
+                        "certificate (only the recovery exchange is)")
+                if isinstance(frame, Bye):
+                    self.state = RecoveryState.DONE
+                elif isinstance(frame, RecoverHello):
+                    events += self._on_hello(frame)
+                elif isinstance(frame, RecoverProof):
+                    events += self._on_proof(frame)
+                if self.is_finished:
+                    break
+        except LinkProtocolError as exc:
+            if self.state is not RecoveryState.FAILED:
+                self._send(Error(code=ERR_PROTOCOL, text=exc.reason))
+                self.state = RecoveryState.FAILED
+            self._challenge = None
+            raise
+        return events
+
+    def _on_hello(self, hello: RecoverHello) -> list[RecoveryEvent]:
+        wait = self.limiter.admit(self.source)
+        if wait is not None:
+            return self._deny(hello.unit_id, ERR_RATE_LIMITED, wait)
+        unit = hello.unit_id
+        if unit is None:
+            units = self.backups.units()
+            if len(units) > 1:
+                return self._deny(None, ERR_NAME_UNIT, "this peer keeps the backups of "
+                                  "several units: name the unit to recover")
+            unit = units[0] if units else None
+        try:
+            blob = self.backups.get(unit) if unit is not None else None
+        except ValueError:  # not a valid unit id: nothing kept under it
+            blob = None
+        if unit is None or blob is None:
+            return self._deny(hello.unit_id, ERR_NO_BACKUP,
+                              "this peer keeps no config backup "
+                              + (f"of unit {hello.unit_id!r}" if hello.unit_id else "at all"))
+        try:
+            h = read_header(blob)
+        except SealFormatError as exc:
+            return self._deny(unit, ERR_DAMAGED, f"the backup kept here is damaged: {exc}")
+        nonce = self._nonce(RECOVER_NONCE_BYTES)
+        self._challenge = (unit, nonce, h.check, blob)
+        self._send(RecoverChallenge(unit, h.params.log2_n, h.params.r, h.params.p, h.salt,
+                                    nonce))
+        self.state = RecoveryState.CHALLENGED
+        return [RecoveryChallenged(unit)]
+
+    def _on_proof(self, frame: RecoverProof) -> list[RecoveryEvent]:
+        assert self._challenge is not None
+        unit, nonce, check, blob = self._challenge
+        expected = recovery_proof(check, nonce, self.peer_fingerprint, unit)
+        if not hmac.compare_digest(expected, frame.proof):
+            left = self.limiter.failed(self.source)
+            return self._deny(unit, ERR_WRONG_PASSWORD,
+                              f"that is not the admin password of unit {unit!r} "
+                              f"({left} attempts left)")
+        self._send(ConfigBlob(unit, blob))
+        self.state = RecoveryState.DONE
+        self._challenge = None
+        return [RecoveryGranted(unit, len(blob))]

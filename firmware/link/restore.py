@@ -1,0 +1,101 @@
+"""Restoring a replaced unit from a peer: the recovery exchange, then config and
+link identity written back, and the peer pinned.
+
+Nothing is written until the blob has been fetched and opened: a wrong password,
+another peer's certificate, a damaged blob or a config this board refuses leave
+the unit as it was.  The identity goes in before the config, so a power cut in
+between leaves a unit that still boots into recovery and can simply retry.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from firmware.config.password import ScryptParams
+from firmware.config.peer_backup import check_restorable, write_restored
+from firmware.config.seal import key_check, unseal_bundle
+from firmware.config.store import ConfigStore
+from firmware.link.errors import TlsIdentityError
+from firmware.link.frames import RecoverChallenge
+from firmware.link.recovery import recovery_proof
+from firmware.link.shell import recovery_exchange
+from firmware.link.tls import PeerStore, fingerprint, install_identity, normalize_fingerprint
+
+log = logging.getLogger("mirrorunit.link")
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    unit_id: str
+    generation: int
+    #: This unit's certificate fingerprint after the restore (None: the backup
+    #: carried no identity; the unit keeps the one it has).
+    fingerprint: str | None
+    #: Name the peer was pinned under.
+    peer_name: str
+
+
+class PeerRecovery:
+    """Recovery of this unit (config store + link state dir) from one peer."""
+
+    def __init__(self, store: ConfigStore, state_dir: Path, timeout: float = 15.0) -> None:
+        self.store = store
+        self.state_dir = Path(state_dir)
+        self.timeout = timeout
+
+    def probe(self, address: tuple[str, int], peer_fingerprint: str,
+              unit_id: str | None = None, *, force: bool = False) -> str:
+        """Check that the peer is reachable, is the one expected, and keeps a backup
+        (and that this unit may be restored); the unit id the peer offers."""
+        check_restorable(self.store, force=force)
+        return recovery_exchange(address, peer_fingerprint, unit_id, None,
+                                 self.timeout).unit_id
+
+    def recover(self, address: tuple[str, int], peer_fingerprint: str, password: str,
+                unit_id: str | None = None, *, force: bool = False) -> RestoreResult:
+        check_restorable(self.store, force=force)
+        fp = normalize_fingerprint(peer_fingerprint)
+        checks: dict[tuple[bytes, ScryptParams], bytes] = {}
+
+        def prove(ch: RecoverChallenge) -> bytes:
+            params = ScryptParams(ch.log2_n, ch.r, ch.p)
+            check = checks.get((ch.salt, params))
+            if check is None:
+                check = checks[(ch.salt, params)] = key_check(password, ch.salt, params)
+            return recovery_proof(check, ch.nonce, fp, ch.unit_id)
+
+        outcome = recovery_exchange(address, fp, unit_id, prove, self.timeout)
+        assert outcome.blob is not None
+        bundle = unseal_bundle(outcome.blob, password, self.store.limits)
+        own_fp = None
+        if bundle.identity is not None:
+            ident = install_identity(self.state_dir, bundle.identity.key_pem,
+                                     bundle.identity.cert_pem, bundle.identity.peers)
+            own_fp = ident.fingerprint
+        peer_name = self._pin(outcome.peer_cert, bundle.config["peers"])
+        generation = write_restored(self.store, bundle.config, force=force)
+        log.warning("recovered unit %s's config (generation %d) and %s from the peer %s",
+                    outcome.unit_id, generation,
+                    "its link identity" if own_fp else "no identity", peer_name)
+        return RestoreResult(outcome.unit_id, generation, own_fp, peer_name)
+
+    def _pin(self, peer_der: bytes, config_peers: list[dict[str, str]]) -> str:
+        """Pin the peer just fetched from, under the name the restored config gives
+        it (else under its certificate's unit id)."""
+        from firmware.link.cli import certificate_name
+
+        fp = fingerprint(peer_der)
+        plain = fp.replace(":", "")
+        name = next((p["name"] for p in config_peers if p["fingerprint"] == plain), None)
+        store = PeerStore.in_dir(self.state_dir)
+        already = store.by_fingerprint(fp)
+        if already is not None:
+            return already.name
+        name = name or certificate_name(peer_der)
+        try:
+            store.pin(name, peer_der, expected_fingerprint=fp)
+        except TlsIdentityError as exc:
+            log.error("could not pin the peer %s: %s", name, exc)
+        return name
