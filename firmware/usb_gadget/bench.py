@@ -6,6 +6,8 @@ link to the guest's own usb-storage:
 
 * ``kernel``: f_mass_storage over a plain file;
 * ``file``: our gadget (FunctionFS + BOT + SCSI target) over a plain file;
+* ``sync`` (only with ``--with-sync``): the same with synchronous endpoint I/O
+  instead of native AIO, to see what AIO changes in the same run;
 * ``unit``: `mirrorunit local --frontend usb`, the whole local unit (write-back
   cache, mirror file and CBQ, every write journaled).
 
@@ -26,6 +28,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = ("kernel", "file", "unit")
+OPTIONAL_CONFIGS = ("sync",)
 #: host settings measured: usb-storage's default, and 1 MiB commands
 VARIANTS = {"default": "", "large": "2048"}
 DISK_MIB = 64
@@ -84,6 +87,14 @@ DEV=$(wait_disk MirrorUn) || {{ cat /tmp/fb.log; exit 1; }}
 measure $DEV
 kill -TERM $pid; wait $pid; rm /tmp/fb.img; gone
 """,
+    "sync": """
+cd {repo}
+{python} tests/vm/guest_gadget.py /tmp/fb.img {size} --udc dummy_udc.0 --sync > /tmp/fb.log 2>&1 &
+pid=$!
+DEV=$(wait_disk MirrorUn) || {{ cat /tmp/fb.log; exit 1; }}
+measure $DEV
+kill -TERM $pid; wait $pid; rm /tmp/fb.img; gone
+""",
     "unit": """
 mkdir -p /tmp/ub; cd {repo}
 {python} -m firmware local --disk /tmp/ub/disk.img --size {size} --buffer /tmp/ub/cbq.img \
@@ -112,33 +123,42 @@ def parse_round(output: str) -> dict[str, float]:
     return out
 
 
+def _configs(rounds: list[dict[str, dict[str, float]]]) -> list[str]:
+    return [c for c in (*CONFIGS, *OPTIONAL_CONFIGS) if any(c in r for r in rounds)]
+
+
 def summarise(rounds: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
-    """Medians per configuration, and medians of the per-round ratios to the kernel."""
+    """Medians per configuration, medians of the per-round ratios to the kernel, and
+    their spread (min, max)."""
     report: dict[str, Any] = {"rounds": rounds}
-    for config in CONFIGS:
+    for config in _configs(rounds):
         report[config] = {
             key: statistics.median(r[config][key] for r in rounds if key in r.get(config, {}))
             for key in ("write", "read", "lat4k_us")
             if any(key in r.get(config, {}) for r in rounds)
         }
     ratios: dict[str, dict[str, float]] = {}
-    for config in ("file", "unit"):
+    spread: dict[str, dict[str, list[float]]] = {}
+    for config in _configs(rounds):
+        if config == "kernel":
+            continue
         ratios[config] = {}
-        for key in ("write", "read"):
+        spread[config] = {}
+        for key, name in (("write", "write"), ("read", "read"), ("lat4k_us", "lat4k")):
             per_round = [r[config][key] / r["kernel"][key] for r in rounds
                          if key in r.get(config, {}) and r.get("kernel", {}).get(key)]
             if per_round:
-                ratios[config][key] = statistics.median(per_round)
-        lat = [r[config]["lat4k_us"] / r["kernel"]["lat4k_us"] for r in rounds
-               if "lat4k_us" in r.get(config, {}) and r.get("kernel", {}).get("lat4k_us")]
-        if lat:
-            ratios[config]["lat4k"] = statistics.median(lat)
+                ratios[config][name] = statistics.median(per_round)
+                spread[config][name] = [min(per_round), max(per_round)]
     report["ratios"] = ratios
+    report["spread"] = spread
     return report
 
 
-def measure(workdir: Path, rounds: int = 3) -> dict[str, Any]:
-    """{variant: summarise(...)} for each host variant, plus boot_seconds."""
+def measure(workdir: Path, rounds: int = 3, with_sync: bool = False) -> dict[str, Any]:
+    """{variant: summarise(...)} for each host variant, plus boot_seconds.  The
+    configurations run in a different order each round (alternating), so a load
+    that builds up or fades during a round does not favour one of them."""
     sys.path.insert(0, str(REPO))
     from tests.vm.harness import GuestVM, VMConfig
 
@@ -146,10 +166,12 @@ def measure(workdir: Path, rounds: int = 3) -> dict[str, Any]:
     results: dict[str, list[dict[str, dict[str, float]]]] = {v: [] for v in VARIANTS}
     with GuestVM(workdir, VMConfig()) as vm:
         boot = vm.boot_seconds
-        for _ in range(rounds):
+        configs = [*CONFIGS, *(OPTIONAL_CONFIGS if with_sync else ())]
+        for i in range(rounds):
+            order = configs if i % 2 == 0 else configs[::-1]
             for variant, max_sectors in VARIANTS.items():
                 row: dict[str, dict[str, float]] = {}
-                for config in CONFIGS:
+                for config in order:
                     script = f"MAXSEC={max_sectors}\n" + _HELPERS + _SCRIPTS[config].format(
                         size=size, repo=REPO, python=sys.executable)
                     row[config] = parse_round(vm.run(script, timeout=300).check().output)
@@ -172,15 +194,20 @@ def format_report(report: dict[str, Any]) -> list[str]:
 
 def _format_variant(report: dict[str, Any]) -> list[str]:
     lines = [f"  {'':8} {'write MB/s':>10} {'read MB/s':>10} {'4k dsync us':>12}"]
-    for config in CONFIGS:
+    for config in _configs(report["rounds"]):
         c = report[config]
         lines.append(f"  {config:8} {c.get('write', 0):10.1f} {c.get('read', 0):10.1f} "
                      f"{c.get('lat4k_us', 0):12.0f}")
-    for config in ("file", "unit"):
-        r = report["ratios"].get(config, {})
-        lines.append(f"  {config}/kernel: write {r.get('write', 0):.2f}, read "
-                     f"{r.get('read', 0):.2f}, 4k latency x{r.get('lat4k', 0):.2f} "
-                     "(throughput goal >= 0.9)")
+    for config, r in report["ratios"].items():
+        sp = report.get("spread", {}).get(config, {})
+
+        def span(key: str) -> str:
+            lo, hi = sp.get(key, (0.0, 0.0))
+            return f"[{lo:.2f}-{hi:.2f}]"
+
+        lines.append(f"  {config}/kernel: write {r.get('write', 0):.2f} {span('write')}, read "
+                     f"{r.get('read', 0):.2f} {span('read')}, 4k latency "
+                     f"x{r.get('lat4k', 0):.2f} {span('lat4k')}")
     return lines
 
 
@@ -208,9 +235,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--with-sync", action="store_true",
+                        help="also our gadget with synchronous endpoint I/O")
     a = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mu-usb-bench-") as tmp:
-        rep = measure(Path(tmp), a.rounds)
+        rep = measure(Path(tmp), a.rounds, a.with_sync)
     for text in format_report(rep):
         print(text)
     if a.json:

@@ -225,6 +225,7 @@ class UsbFrontEnd:
                     os.set_blocking(bulk_in.fd, False)
                     os.set_blocking(bulk_out.fd, False)
                     context = aio.context
+                    log.info("bulk endpoints through native AIO")
 
             def bind() -> None:
                 log.info("gadget %s bound to %s", s.gadget_name, gadget.bind())
@@ -715,8 +716,11 @@ class UsbFrontEnd:
         if self._aio is None:
             return
         context = self._aio.context
-        for t in context.transfers():
+        in_flight = context.transfers()
+        for t in in_flight:
             context.cancel(t)
+        if in_flight:
+            log.info("cancelling %d bulk transfers in flight", len(in_flight))
         deadline = time.monotonic() + timeout
         while context.in_flight:
             left = deadline - time.monotonic()
@@ -864,9 +868,13 @@ def _describe(action: Action) -> str:
     return repr(action)
 
 
-def serve_usb(target: ScsiTarget, settings: GadgetSettings) -> None:
-    """Serve `target` over USB until SIGTERM/SIGINT (or UsbFrontEnd.stop()); gadget down on exit."""
-    front = UsbFrontEnd(target, settings)
+def serve_usb(
+    target: ScsiTarget, settings: GadgetSettings, front: UsbFrontEnd | None = None
+) -> None:
+    """Serve `target` over USB until SIGTERM/SIGINT (or UsbFrontEnd.stop()); gadget down
+    on exit.  `front`: a front end made for `target` with non-default options."""
+    if front is None:
+        front = UsbFrontEnd(target, settings)
     restore: dict[signal.Signals, object] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from firmware.blockdev import DeviceState, FileBlockDevice  # noqa: E402
 from firmware.scsi import LogicalUnit, ScsiTarget  # noqa: E402
 from firmware.usb_gadget.configfs import GadgetSettings  # noqa: E402
-from firmware.usb_gadget.server import serve_usb  # noqa: E402
+from firmware.usb_gadget.server import UsbFrontEnd, serve_usb  # noqa: E402
 
 
 def watch_control(path: Path, device: FileBlockDevice) -> None:
@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--serial", default="MUVM0001")
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--profile", help="write cProfile stats of the bulk loop here")
+    parser.add_argument("--sync", action="store_true",
+                        help="synchronous endpoint I/O instead of native AIO")
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
@@ -63,16 +65,17 @@ def main() -> None:
     settings = GadgetSettings(
         udc=args.udc, ffs_mount=Path("/run/mirrorunit/ffs"), serial_number=args.serial
     )
+    front = UsbFrontEnd(target, settings, use_aio=not args.sync)
     if args.profile:
         import cProfile
 
         profiler = cProfile.Profile()
         try:
-            profiler.runcall(serve_usb, target, settings)
+            profiler.runcall(serve_usb, target, settings, front)
         finally:
             profiler.dump_stats(args.profile)
     else:
-        serve_usb(target, settings)
+        serve_usb(target, settings, front)
 
 
 if __name__ == "__main__":
