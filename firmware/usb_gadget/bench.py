@@ -201,7 +201,7 @@ def _format_variant(report: dict[str, Any]) -> list[str]:
     for config, r in report["ratios"].items():
         sp = report.get("spread", {}).get(config, {})
 
-        def span(key: str) -> str:
+        def span(key: str, sp: dict[str, list[float]] = sp) -> str:
             lo, hi = sp.get(key, (0.0, 0.0))
             return f"[{lo:.2f}-{hi:.2f}]"
 
