@@ -1,7 +1,9 @@
 """The built card image (`make image BOARD=...`): partitions, boot files, root contents.
 
-These inspect build/image/<board>/ and skip when no image was built there.  The root is
-taken out of the image's own squashfs partition, not from the build tree.
+These inspect build/image/<board>/.  `make test` builds the image first and sets
+MIRRORUNIT_IMAGE_REQUIRED=1, so a missing image fails them; run by hand without an image
+they skip.  The root is taken out of the image's own squashfs partition, not from the
+build tree.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ BOARD = os.environ.get("MIRRORUNIT_IMAGE_BOARD", "pi4")
 OUT = REPO / "build/image" / BOARD
 IMG = OUT / f"mirrorunit-{BOARD}.img"
 
+REQUIRED = os.environ.get("MIRRORUNIT_IMAGE_REQUIRED") == "1"
+
 pytestmark = [
-    pytest.mark.skipif(not IMG.exists(), reason=f"no image built: make image BOARD={BOARD}"),
-    pytest.mark.skipif(any(shutil.which(t) is None for t in ("sfdisk", "unsquashfs", "mcopy")),
-                       reason="image tools missing: image/setup.sh"),
+    pytest.mark.skipif(not IMG.exists() and not REQUIRED,
+                       reason=f"no image built: make image BOARD={BOARD}"),
+    pytest.mark.skipif(any(shutil.which(t) is None for t in ("sfdisk", "unsquashfs", "mcopy"))
+                       and not REQUIRED, reason="image tools missing: image/setup.sh"),
 ]
 PARTS = {p.name: p for p in layout.build_layout(build.ROOT_SLOT)}
 
@@ -65,6 +70,10 @@ def bootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "files").mkdir()
     subprocess.run(["mcopy", "-s", "-n", "-i", str(vfat), "::/*", str(d / "files")], check=True)
     return d / "files"
+
+
+def test_image_was_built() -> None:
+    assert IMG.exists(), f"no image at {IMG.relative_to(REPO)}: make image BOARD={BOARD}"
 
 
 def test_partition_table() -> None:
