@@ -128,6 +128,8 @@ class Transfer:
     length: int
     #: what the owner wants to remember (kind of stage, generation)
     tag: object = None
+    #: file offset (regular files; endpoint files ignore it)
+    offset: int = 0
     result: int | None = None
     iocb: Iocb = field(default_factory=Iocb, repr=False)
     #: keeps the ctypes view exporting `buffer` alive while the kernel may use it
@@ -214,6 +216,7 @@ class AioContext:
             cb.aio_fildes = t.fd
             cb.aio_buf = _address(t)
             cb.aio_nbytes = t.length
+            cb.aio_offset = t.offset
             cb.aio_flags = IOCB_FLAG_RESFD
             cb.aio_resfd = self.eventfd
             t.result = None
