@@ -197,6 +197,8 @@ def mirrorunit(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
 def test_recover_the_config_from_the_peer(tmp_path: Path) -> None:
     config = tmp_path / "config.slots"
     store = make_config(config)
+    # A password set before units sealed on their own: no key, no automatic backup.
+    store.update({"admin.seal_key": ""})
     p = Pair(tmp_path, size="8M", buffer_size="8M", local_extra=("--config", str(config)))
     try:
         local, remote = p.local, p.remote
@@ -207,11 +209,14 @@ def test_recover_the_config_from_the_peer(tmp_path: Path) -> None:
                        "--password-stdin", stdin="wrong password\n")
         assert r.returncode == 1 and "admin password" in r.stderr
         assert not (p.local_state / OWN_BACKUP_NAME).exists()
+        assert local.log.read_text().count("no seal key is stored") == 1
         r = mirrorunit("link", "seal-config", "--control", str(local.control),
                        "--password-stdin", stdin=PASSWORD + "\n")
         assert r.returncode == 0, r.stderr
-        blob = wait_for(lambda: read_blob(kept), 30, "the remote to keep the backup")
-        assert blob == (p.local_state / OWN_BACKUP_NAME).read_bytes()
+        assert store.load().config["admin.seal_key"]  # type: ignore[index]
+        wait_for(lambda: read_blob(kept) is not None and read_blob(kept)
+                 == read_blob(p.local_state / OWN_BACKUP_NAME), 30,
+                 "the remote to keep the backup")
 
         # The remote's own sealed config reaches the local on its next session.
         remote_config = tmp_path / "remote-config.slots"

@@ -257,10 +257,18 @@ def _seal_config(args: argparse.Namespace) -> int:
     if args.config is None:
         print("mirrorunit link seal-config: --state-dir needs --config", file=sys.stderr)
         return 2
+    from firmware.config.seal import SealedIdentity
+    from firmware.link.tls import PEERS_FILE, export_identity
+
+    state_dir = Path(args.state_dir)
     try:
-        blob = seal_config(ConfigStore(StoreSettings(str(args.config))), password)
-        write_blob(Path(args.state_dir) / OWN_BACKUP_NAME, blob)
-    except (ConfigStoreError, SealError, OSError) as exc:
+        identity = None
+        if (state_dir / CERT_FILE).exists():
+            ident, _ = unit_identity(state_dir)
+            identity = SealedIdentity(*export_identity(ident, state_dir / PEERS_FILE))
+        blob = seal_config(ConfigStore(StoreSettings(str(args.config))), password, identity)
+        write_blob(state_dir / OWN_BACKUP_NAME, blob)
+    except (ConfigStoreError, SealError, OSError, LinkError) as exc:
         print(f"mirrorunit link seal-config: refused: {exc}", file=sys.stderr)
         return 1
     print(f"config sealed ({len(blob)} bytes) into {args.state_dir}")
