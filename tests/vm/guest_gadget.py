@@ -3,7 +3,9 @@
     python -m tests.vm.guest_gadget IMAGE SIZE --control FIFO [--standby] [--udc NAME]
 
 Lines written to the control FIFO change the device state ("ready",
-"standby", "offline"), standing in for the control socket of a real unit.
+"standby", "offline"), standing in for the control socket of a real unit;
+"hang S" makes the next medium write take S seconds more, so the host times a
+WRITE out in the middle of its data phase and resets.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -23,13 +26,28 @@ from firmware.usb_gadget.configfs import GadgetSettings  # noqa: E402
 from firmware.usb_gadget.server import UsbFrontEnd, serve_usb  # noqa: E402
 
 
-def watch_control(path: Path, device: FileBlockDevice) -> None:
+class HangableDevice(FileBlockDevice):
+    """A file device whose next write can be told to hang (a stuck medium)."""
+
+    hang_next_write = 0.0
+
+    def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        delay, self.hang_next_write = self.hang_next_write, 0.0
+        if delay:
+            logging.getLogger("mirrorunit.vm").info("medium write hangs %.1f s", delay)
+            time.sleep(delay)
+        super().pwrite(offset, data, fua)
+
+
+def watch_control(path: Path, device: HangableDevice) -> None:
     while True:
         # Reopened each time: a writer closing the FIFO ends one read loop.
         with open(path) as fifo:
             for line in fifo:
                 word = line.strip()
-                if word:
+                if word.startswith("hang "):
+                    device.hang_next_write = float(word.split()[1])
+                elif word:
                     device.state = DeviceState(word)
                     logging.getLogger("mirrorunit.vm").info("device state -> %s", word)
 
@@ -52,7 +70,7 @@ def main() -> None:
         format="%(relativeCreated)8.0f %(name)s %(message)s",
         stream=sys.stderr,
     )
-    device = FileBlockDevice(args.image, size=args.size, create=True)
+    device = HangableDevice(args.image, size=args.size, create=True)
     if args.standby:
         device.state = DeviceState.STANDBY
     if args.control:
