@@ -344,3 +344,24 @@ def test_replaced_local_unit_recovers_from_its_remote(tmp_path: Path) -> None:
         assert ConfigStore(StoreSettings(str(lost))).load().state is StoreState.BLANK
     finally:
         p.close()
+
+
+def test_a_remote_seals_its_own_config_and_pushes_each_change(tmp_path: Path) -> None:
+    from firmware.config.peer_backup import peer_backup_name
+
+    rconfig = tmp_path / "remote-config.slots"
+    rstore = ConfigStore(StoreSettings(str(rconfig)))
+    rstore.set_admin_password(PASSWORD)
+    rstore.set_many({"role": "remote", "unit.name": "vault"})
+    p = Pair(tmp_path, size="4M", buffer_size="4M", remote_extra=("--config", str(rconfig)))
+    try:
+        theirs = p.local_state / peer_backup_name("remote")
+        first = wait_for(lambda: theirs.exists() and theirs.read_bytes(), 30, "remote backup")
+        sessions = p.local.call("link.status")["peers"]["remote"]["sessions"]
+        rstore.set("unit.name", "vault-2")
+        wait_for(lambda: theirs.read_bytes() != first, 30, "the re-sealed remote backup")
+        assert unseal(theirs.read_bytes(), PASSWORD)["unit.name"] == "vault-2"
+        # Pushed on the running session, not on a reconnect.
+        assert p.local.call("link.status")["peers"]["remote"]["sessions"] == sessions
+    finally:
+        p.close()

@@ -151,3 +151,20 @@ def test_writes_before_hello_are_refused(remote: RemoteProc, tmp_path: Path) -> 
     frames = FrameDecoder().receive_data(reply)
     assert isinstance(frames[-1], Error) and "not allowed" in frames[-1].text
     _nothing_stored(remote)
+
+
+def test_a_client_without_a_certificate_gets_nothing_but_the_recovery_exchange(
+        remote: RemoteProc, tmp_path: Path) -> None:
+    from firmware.link.frames import WriteRecord, encode_frame
+    from firmware.link.tls import anonymous_client_context
+
+    _peer(tmp_path, "site-a", remote, pin_at_remote=True)
+    raw = socket.create_connection(("127.0.0.1", remote.port), timeout=10)
+    with anonymous_client_context().wrap_socket(raw) as sock:
+        sock.sendall(encode_frame(Writes(1, "none", (WriteRecord(1, 0, b"\x01" * 512, 1),))))
+        reply = _read_until_closed(sock)
+    frames = FrameDecoder().receive_data(reply)
+    assert len(frames) == 1 and isinstance(frames[0], Error)
+    assert "only the recovery exchange" in frames[0].text
+    wait_for(lambda: "recovery: closing connection" in remote.log.read_text(), 10, "logged")
+    _nothing_stored(remote)
