@@ -39,8 +39,8 @@ from firmware.link.frames import (
     RecoverChallenge,
     RecoverHello,
     RecoverProof,
-    Writes,
     WriteRecord,
+    Writes,
     encode_frame,
 )
 from firmware.link.recovery import (
