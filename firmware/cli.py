@@ -25,6 +25,7 @@ EXTENSIONS = (
     "firmware.ups.cli",
     "firmware.console.cli",
     "firmware.notify.cli",
+    "firmware.appliance",
 )
 
 

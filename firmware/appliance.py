@@ -1,0 +1,344 @@
+"""Run a role from the unit's own configuration: what the card image's services start.
+
+The console writes one config (firmware/config); the services must not repeat it in
+their command lines.  `mirrorunit appliance local|remote` reads the config slots and the
+storage map first boot wrote (`storage.env`), prepares what the role needs, and runs
+`mirrorunit local` / `mirrorunit remote` with the matching options:
+
+* the link identity stays on the config partition (read-only); the unit gets a working
+  copy of its state directory in RAM (key and certificate linked, pinned peers copied),
+  because the link also keeps files there at run time (peers' sealed backups, which peers
+  send again on every session);
+* a configured peer whose certificate is not pinned yet is fetched from its address and
+  pinned only if its SHA-256 matches the fingerprint typed at the console; the pin is
+  saved on the config partition (remounted read-write just for that), so later boots do
+  not need the peer to be up;
+* the remote role keeps its per-unit mirrors and journals in a filesystem on the data
+  partition: a blank partition is formatted (ext4) on first start; one that holds
+  anything else is never formatted.
+
+`mirrorunit appliance role-is ROLE` is the services' ExecCondition: the role comes from
+the config (`role`), a unit never configured is a local unit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("mirrorunit.appliance")
+
+#: Where first boot records which devices hold the buffer and the data.
+DEFAULT_STORAGE_ENV = "/config/storage.env"
+DEFAULT_RUN_DIR = "/run/mirrorunit"
+#: The journey-link port a remote unit listens on (peers name it in their address).
+DEFAULT_LINK_PORT = 7310
+#: Only this much of a data partition is looked at to call it blank.
+BLANK_PROBE_BYTES = 1 << 20
+
+Runner = Callable[[Sequence[str]], None]
+
+
+class ApplianceError(Exception):
+    """A role cannot start from this configuration; the message says why."""
+
+
+@dataclass(frozen=True)
+class Storage:
+    buffer: str
+    data: str
+    where: str
+
+
+def read_storage_env(path: str | os.PathLike[str]) -> Storage:
+    """The `KEY=value` file first boot writes on the config partition."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ApplianceError(f"no storage map ({path}): {e.strerror}; has first boot run?") \
+            from None
+    env: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ApplianceError(f"{path} line {n}: not KEY=value")
+        env[key.strip()] = value.strip()
+    missing = [k for k in ("MIRRORUNIT_BUFFER", "MIRRORUNIT_DATA") if not env.get(k)]
+    if missing:
+        raise ApplianceError(f"{path}: {', '.join(missing)} not set")
+    return Storage(env["MIRRORUNIT_BUFFER"], env["MIRRORUNIT_DATA"],
+                   env.get("MIRRORUNIT_STORAGE", ""))
+
+
+def load_config(store_path: str) -> Any:
+    """The stored config, or the defaults when the slots are blank or unreadable (the unit
+    must keep serving its disk; the console shows the recovery screen meanwhile)."""
+    from .config.cli import open_store
+    from .config.schema import Config
+    from .config.store import StoreState
+
+    loaded = open_store(store_path).load()
+    if loaded.state is StoreState.OK and loaded.config is not None:
+        return loaded.config
+    log.warning("config: %s; running with the defaults until it is set at the console",
+                loaded.describe())
+    return Config.defaults()
+
+
+def role_of(store_path: str) -> str:
+    return str(load_config(store_path)["role"])
+
+
+# --------------------------------------------------------------------------- link state
+
+
+def link_dir_of(store_path: str) -> Path:
+    """The identity lives beside the config slots (what first boot and the console use)."""
+    return Path(store_path).resolve().parent / "link"
+
+
+def working_state_dir(persistent: Path, work: Path) -> Path:
+    """A writable copy of the link state directory: key and certificate linked (never
+    copied off the config partition), pinned peers copied."""
+    from .link.tls import CERT_FILE, KEY_FILE, PEERS_FILE
+
+    work.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name in (KEY_FILE, CERT_FILE):
+        src, dst = persistent / name, work / name
+        if not src.exists():
+            raise ApplianceError(f"no link identity in {persistent} ({name} missing); "
+                                 "first boot creates it")
+        if dst.is_symlink() or dst.exists():
+            dst.unlink()
+        dst.symlink_to(src)
+    peers = persistent / PEERS_FILE
+    if peers.exists():
+        shutil.copyfile(peers, work / PEERS_FILE)
+    return work
+
+
+def pin_configured_peers(cfg: Any, work: Path, persistent: Path, *,
+                         remount: Callable[[bool], None] | None = None,
+                         fetch: Callable[[str, int], bytes] | None = None) -> list[str]:
+    """Pin every configured peer whose certificate is not pinned under its fingerprint
+    yet, fetching it from the peer's address.  Returns the names of the peers that are
+    pinned now (the others are logged and left out of the link until the next start)."""
+    from .config.schema import split_host_port
+    from .link.cli import fetch_certificate
+    from .link.errors import LinkError
+    from .link.tls import PEERS_FILE, PeerStore, TlsIdentityError, fingerprint
+
+    fetch = fetch or (lambda host, port: fetch_certificate(host, port, timeout=10.0))
+    store = PeerStore.in_dir(work)
+    ready, added = [], False
+    def plain(fp: str) -> str:
+        return fp.replace(":", "").lower()
+
+    for peer in cfg["peers"]:
+        name, want = peer["name"], plain(peer["fingerprint"])
+        have = store.get(name)
+        if have is not None and plain(have.fingerprint) == want:
+            ready.append(name)
+            continue
+        host, port = split_host_port("peers.address", peer["address"])
+        try:
+            der = fetch(host, port)
+        except (OSError, LinkError) as e:
+            log.warning("peer %s: cannot fetch its certificate from %s (%s); "
+                        "its link starts once it is reachable and the unit restarts",
+                        name, peer["address"], e)
+            continue
+        if plain(fingerprint(der)) != want:
+            log.error("peer %s at %s presents fingerprint %s, not the configured %s: "
+                      "not pinned", name, peer["address"], plain(fingerprint(der)), want)
+            continue
+        try:
+            if have is not None:
+                store.unpin(name)
+            store.pin(name, der, fingerprint(der))
+        except TlsIdentityError as e:
+            log.error("peer %s: %s", name, e)
+            continue
+        ready.append(name)
+        added = True
+    if added:
+        _persist(work / PEERS_FILE, persistent / PEERS_FILE, remount)
+    return ready
+
+
+def _persist(src: Path, dst: Path, remount: Callable[[bool], None] | None) -> None:
+    if remount is not None:
+        remount(True)
+    try:
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+        fd = os.open(dst.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log.error("cannot save the pinned peers on the config partition: %s", e)
+    finally:
+        if remount is not None:
+            remount(False)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def local_argv(cfg: Any, storage: Storage, *, store_path: str, state_dir: Path,
+               control: str, peers: Sequence[str]) -> list[str]:
+    """`mirrorunit local` options for this config."""
+    argv = ["local", "--frontend", "usb", "--nbd", "",
+            "--disk", storage.data, "--buffer", storage.buffer,
+            "--control", control, "--state-dir", str(state_dir),
+            "--config", store_path,
+            "--cache-mode", str(cfg["cache.mode"]),
+            "--high-water", f"{float(cfg['buffer.high_water']):g}",
+            "--scsi-vendor", str(cfg["scsi.vendor"]),
+            "--scsi-product", str(cfg["scsi.product"])]
+    if cfg["unit.serial"]:
+        argv += ["--usb-serial", str(cfg["unit.serial"])]
+    if cfg["ups.model"] != "none":
+        argv += ["--ups-config", store_path]
+    by_name = {p["name"]: p for p in cfg["peers"]}
+    for name in peers:
+        argv += ["--remote", f"{name}={by_name[name]['address']}"]
+    return argv
+
+
+def remote_argv(cfg: Any, *, store_path: str, state_dir: Path, store_dir: Path,
+                listen_port: int = DEFAULT_LINK_PORT) -> list[str]:
+    return ["remote", "--listen", f"0.0.0.0:{listen_port}", "--store", str(store_dir),
+            "--state-dir", str(state_dir), "--config", store_path]
+
+
+# --------------------------------------------------------------------------- data partition
+
+
+def _run(argv: Sequence[str]) -> None:
+    r = subprocess.run(list(argv), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ApplianceError(f"{' '.join(argv)}: {r.stderr.strip() or r.returncode}")
+
+
+def _signature(device: str) -> str:
+    """The filesystem type blkid finds on `device`, '' for none."""
+    r = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device],
+                       capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else ""
+
+
+def is_blank(device: str) -> bool:
+    with open(device, "rb") as f:
+        head = f.read(BLANK_PROBE_BYTES)
+    return not head.strip(b"\0")
+
+
+def mount_store(device: str, mount_point: Path, *, runner: Runner = _run) -> Path:
+    """Mount the remote's store filesystem, formatting the partition only when blank."""
+    fstype = _signature(device)
+    if not fstype:
+        if not is_blank(device):
+            raise ApplianceError(
+                f"{device} holds data but no filesystem (a local unit's mirror?); it is "
+                "not formatted for the remote role: wipe it at the console first")
+        log.warning("formatting the blank data partition %s for the remote role", device)
+        runner(["mkfs.ext4", "-q", "-L", "mirrorunit-store", device])
+        fstype = "ext4"
+    if fstype != "ext4":
+        raise ApplianceError(f"{device} holds a {fstype} filesystem, not the remote's ext4")
+    mount_point.mkdir(parents=True, exist_ok=True)
+    if not os.path.ismount(mount_point):
+        runner(["mount", "-t", "ext4", "-o", "noatime", device, str(mount_point)])
+    return mount_point
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _prepare(args: argparse.Namespace, role: str) -> list[str]:
+    from .config.cli import default_config_path
+    from .config.mount import RemountHook
+
+    args.config = args.config or default_config_path()
+    cfg = load_config(args.config)
+    if cfg["role"] != role:
+        raise ApplianceError(f"this unit's role is {cfg['role']!r}, not {role!r}")
+    persistent = link_dir_of(args.config)
+    work = working_state_dir(persistent, Path(args.run_dir) / f"{role}-link")
+    if role == "local":
+        storage = read_storage_env(args.storage_env)
+        peers = pin_configured_peers(cfg, work, persistent, remount=RemountHook(args.config))
+        return local_argv(cfg, storage, store_path=args.config, state_dir=work,
+                          control=str(Path(args.run_dir) / "local.sock"), peers=peers)
+    storage = read_storage_env(args.storage_env)
+    store_dir = mount_store(storage.data, Path(args.run_dir) / "store")
+    return remote_argv(cfg, store_path=args.config, state_dir=work, store_dir=store_dir,
+                       listen_port=args.link_port)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        argv = _prepare(args, args.role)
+    except ApplianceError as e:
+        print(f"mirrorunit appliance {args.role}: {e}", file=sys.stderr)
+        return 2
+    log.info("starting: mirrorunit %s", shlex.join(argv))
+    if args.dry_run:
+        print(shlex.join(argv))
+        return 0
+    from .cli import main
+
+    return main(argv)
+
+
+def _cmd_role_is(args: argparse.Namespace) -> int:
+    from .config.cli import default_config_path
+
+    role = role_of(args.config or default_config_path())
+    if role == args.role:
+        return 0
+    # ExecCondition: 1..254 skips the unit without failing it
+    print(f"mirrorunit: this unit's role is {role!r}, not {args.role!r}; skipping",
+          file=sys.stderr)
+    return 1
+
+
+def register(sub: Any) -> None:
+    from .config.cli import add_config_option
+
+    p = sub.add_parser("appliance", help="run a role from the unit's own configuration "
+                                         "(what the card image's services start)")
+    asub = p.add_subparsers(dest="appliance_command", required=True)
+    for role in ("local", "remote"):
+        r = asub.add_parser(role, help=f"run the {role} unit as configured")
+        add_config_option(r)
+        r.add_argument("--storage-env", default=DEFAULT_STORAGE_ENV, metavar="PATH",
+                       help="the storage map first boot wrote")
+        r.add_argument("--run-dir", default=DEFAULT_RUN_DIR, metavar="DIR")
+        r.add_argument("--link-port", type=int, default=DEFAULT_LINK_PORT, metavar="PORT",
+                       help="(remote) journey-link port to listen on")
+        r.add_argument("--dry-run", action="store_true",
+                       help="print the command it would run and stop")
+        r.set_defaults(func=_cmd_run, role=role)
+    ri = asub.add_parser("role-is", help="exit 0 if this unit's configured role is ROLE")
+    add_config_option(ri)
+    ri.add_argument("role", choices=("local", "remote"))
+    ri.set_defaults(func=_cmd_role_is)
