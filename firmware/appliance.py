@@ -204,7 +204,9 @@ def _persist(src: Path, dst: Path, remount: Callable[[bool], None] | None) -> No
 
 def local_argv(cfg: Any, storage: Storage, *, store_path: str, state_dir: Path,
                control: str, peers: Sequence[str]) -> list[str]:
-    """`mirrorunit local` options for this config."""
+    """`mirrorunit local` options for this config.  The UPS monitor is a service of its
+    own (`mirrorunit ups`, talking to this unit's control socket), so it is not started
+    inside the unit as well."""
     argv = ["local", "--frontend", "usb", "--nbd", "",
             "--disk", storage.data, "--buffer", storage.buffer,
             "--control", control, "--state-dir", str(state_dir),
@@ -215,8 +217,6 @@ def local_argv(cfg: Any, storage: Storage, *, store_path: str, state_dir: Path,
             "--scsi-product", str(cfg["scsi.product"])]
     if cfg["unit.serial"]:
         argv += ["--usb-serial", str(cfg["unit.serial"])]
-    if cfg["ups.model"] != "none":
-        argv += ["--ups-config", store_path]
     by_name = {p["name"]: p for p in cfg["peers"]}
     for name in peers:
         argv += ["--remote", f"{name}={by_name[name]['address']}"]

@@ -67,6 +67,18 @@ def board_serial(paths: Paths = SYSTEM) -> str:
     return secrets.token_hex(8)
 
 
+def stored_serial(config_dir: Path) -> str | None:
+    """The serial first boot named this card's unit after (`firstboot.done`).  It wins over
+    the board's: the identity on the card was made from it, and a board without a SoC
+    serial (QEMU) would otherwise get a new transient machine id, and name, every boot."""
+    try:
+        text = (config_dir / "firstboot.done").read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError):
+        return None
+    m = re.search(r"^serial ([0-9a-f]{8,})$", text, re.M)
+    return m[1] if m else None
+
+
 def hostname_for(serial: str) -> str:
     return f"mirrorunit-{serial[-8:]}"
 
@@ -211,10 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     fb = sub.add_parser("firstboot")
     fb.add_argument("--board", type=Path, required=True)
     fb.add_argument("--config-dir", type=Path, required=True)
-    sub.add_parser("hostname")
+    hn = sub.add_parser("hostname")
+    hn.add_argument("--config-dir", type=Path, default=None)
     args = p.parse_args(argv)
     if args.cmd == "hostname":
-        name = hostname_for(board_serial())
+        serial = stored_serial(args.config_dir) if args.config_dir else None
+        name = hostname_for(serial or board_serial())
         socket.sethostname(name)
         print(f"hostname {name}")
         return 0

@@ -116,7 +116,7 @@ def test_local_options_follow_the_config(unit: dict[str, Any]) -> None:
     assert _opt(argv, "--high-water") == ["0.7"]
     assert _opt(argv, "--scsi-vendor") == ["ACME"] and _opt(argv, "--scsi-product") == ["Vault 9"]
     assert _opt(argv, "--usb-serial") == ["SN42"]
-    assert _opt(argv, "--ups-config") == [str(unit["slots"])]
+    assert "--ups-config" not in argv  # the UPS monitor is its own service: not twice
     assert _opt(argv, "--config") == [str(unit["slots"])]
     # the identity stays on the config partition; the unit works in a writable copy
     work = Path(_opt(argv, "--state-dir")[0])

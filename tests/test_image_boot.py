@@ -75,15 +75,6 @@ class Guest:
         raise AssertionError(f"{pattern!r} not on the console; last output:\n"
                              + self.text()[-4000:])
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
 
 def _boot_files(tmp: Path) -> tuple[Path, Path, str]:
     boot = next(p for p in layout.build_layout(build.ROOT_SLOT) if p.name == "boot")
@@ -125,28 +116,26 @@ RAM_TYPES = {"tmpfs", "proc", "sysfs", "devtmpfs", "devpts", "cgroup2", "securit
              "fusectl", "binfmt_misc", "autofs", "efivarfs", "ramfs"}
 
 
-def test_boot_to_console(tmp_path: Path) -> None:
-    assert not MISSING, MISSING
-    disk = tmp_path / "card.img"
-    subprocess.run(["cp", "--sparse=always", str(IMG), str(disk)], check=True)
-    with disk.open("r+b") as f:
-        f.truncate(3 << 30)
-    kernel, initrd, cmdline = _boot_files(tmp_path)
-    version = (tmp_path / "mirrorunit-version.txt").read_text().strip()
-    guest = Guest(disk, kernel, initrd, cmdline, tmp_path / "console.log")
+def _boot(disk: Path, tmp: Path, name: str) -> tuple[str, float]:
+    """Boot `disk` until the boot report is out; returns the console text and the seconds to
+    the console.  The guest is then killed, not shut down: a power cut."""
+    kernel, initrd, cmdline = _boot_files(tmp)
+    guest = Guest(disk, kernel, initrd, cmdline, tmp / f"{name}.log")
     try:
         # the setup utility's title bar, or the launcher's banner where a build has none
         t_console = guest.wait_for(r"MirrorUnit setup - |^MirrorUnit \S+ on mirrorunit-\S+ "
                                    r"\(ttyAMA0\)", BOOT_TIMEOUT)
         guest.wait_for(r"^MIRRORUNIT-REPORT-END", BOOT_TIMEOUT)
         time.sleep(5)  # let a crash-looping unit show itself, were there one
-        text = guest.text()
+        return guest.text(), t_console
     finally:
-        guest.stop()
-    (OUT / "boot-test-console.log").write_text(text)
-    print(f"boot to console: {t_console:.0f} s (TCG)")
-    (OUT / "boot-test.json").write_text(f'{{"boot_to_console_s": {t_console:.1f}}}\n')
+        if guest.proc.poll() is None:
+            guest.proc.kill()
+            guest.proc.wait()
 
+
+def _check_boot(text: str, version: str) -> dict[str, dict[str, str]]:
+    """What every boot must show; returns the unit states."""
     assert not re.search(r"^\S*login: ", text, re.M), "a login prompt appeared"
     if "MirrorUnit setup - " not in text:
         assert f"MirrorUnit {version} on " in text
@@ -168,12 +157,57 @@ def test_boot_to_console(tmp_path: Path) -> None:
         assert u["active"] != "failed", f"{name}: {u}"
         assert u["restarts"] in ("", "0"), f"{name} restarted: {u}"
     assert units["var.mount"]["active"] == "active"
-    assert units["mirrorunit-firstboot"]["result"] == "success"
     assert units["serial-getty@ttyAMA0"]["active"] == "active"
-    # first boot grew the card: buffer and data partitions now exist
-    parts = report.split("--- partitions\n", 1)[1].split("--- ", 1)[0]
-    assert re.search(r"\bvda6$", parts, re.M) and re.search(r"\bvda7$", parts, re.M)
-    assert "firstboot.done" in report and "storage.env" in report
-    assert re.search(r"^hostname mirrorunit-[0-9a-f]{8}$", report, re.M)
     procs = [ln for ln in report.splitlines() if ln.startswith("proc ")]
     assert not any("agetty" in p or "/bin/login" in p for p in procs), procs
+    return units
+
+
+def _section(report: str, name: str) -> str:
+    return report.split(f"--- {name}\n", 1)[1].split("--- ", 1)[0]
+
+
+def test_boot_to_console(tmp_path: Path) -> None:
+    """First boot, a power cut, and a second boot of the same card."""
+    assert not MISSING, MISSING
+    disk = tmp_path / "card.img"
+    subprocess.run(["cp", "--sparse=always", str(IMG), str(disk)], check=True)
+    with disk.open("r+b") as f:
+        f.truncate(3 << 30)
+    _boot_files(tmp_path)
+    version = (tmp_path / "mirrorunit-version.txt").read_text().strip()
+
+    text, t_console = _boot(disk, tmp_path, "first")
+    (OUT / "boot-test-console.log").write_text(text)
+    print(f"boot to console: {t_console:.0f} s (TCG)")
+    units = _check_boot(text, version)
+    report = _report(text)
+    assert units["mirrorunit-firstboot"]["result"] == "success"
+    # first boot grew the card: buffer and data partitions now exist
+    parts = _section(report, "partitions")
+    assert re.search(r"\bvda6$", parts, re.M) and re.search(r"\bvda7$", parts, re.M)
+    assert "firstboot.done" in report and "storage.env" in report
+    host = re.search(r"^hostname (mirrorunit-[0-9a-f]{8})$", report, re.M)
+    assert host
+    # the local role's service starts from the config and the storage map first boot wrote
+    local = _section(report, "local role")
+    assert re.search(r"^local --frontend usb .*--disk /dev/disk/by-partuuid/\S+-07 "
+                     r"--buffer /dev/disk/by-partuuid/\S+-06 .*--state-dir "
+                     r"/run/mirrorunit/local-link ", local, re.M), local
+    cert = re.search(r"^([0-9a-f]{64})  /config/link/link-cert.pem$",
+                     _section(report, "identity"), re.M)
+    assert cert, "first boot made no link identity"
+
+    # Power cut (the guest was killed), then the same card again: first boot is not redone,
+    # the identity and the partitions it made are kept, and the root came back untouched.
+    text2, t_console2 = _boot(disk, tmp_path, "second")
+    (OUT / "boot-test-console-2.log").write_text(text2)
+    print(f"second boot to console: {t_console2:.0f} s (TCG)")
+    units2 = _check_boot(text2, version)
+    report2 = _report(text2)
+    assert units2["mirrorunit-firstboot"]["condition"] == "no", units2["mirrorunit-firstboot"]
+    assert f"hostname {host[1]}\n" in report2
+    assert f"{cert[1]}  /config/link/link-cert.pem" in _section(report2, "identity")
+    assert _section(report2, "partitions") == parts
+    (OUT / "boot-test.json").write_text(
+        f'{{"boot_to_console_s": {t_console:.1f}, "second_boot_to_console_s": {t_console2:.1f}}}\n')

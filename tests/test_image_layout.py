@@ -228,3 +228,16 @@ def test_firstboot_waits_for_a_late_external_disk(tmp_path: Path) -> None:
     target, env, script = firstboot.plan_storage(board, "/dev/vda", runner, paths, sleep)
     assert len(polls) == 2 and target == "/dev/nvme0n1"
     assert env["MIRRORUNIT_STORAGE"] == "external:/dev/nvme0n1" and "label: gpt" in (script or "")
+
+
+def test_hostname_keeps_the_serial_first_boot_used(tmp_path: Path) -> None:
+    """A board without a SoC serial gets a transient machine id each boot; the name (and the
+    identity made from it) must not change with it."""
+    cfg = tmp_path / "config"
+    cfg.mkdir()
+    assert firstboot.stored_serial(cfg) is None
+    (cfg / "firstboot.done").write_text("serial 0123456789abcdef\n")
+    assert firstboot.stored_serial(cfg) == "0123456789abcdef"
+    assert firstboot.hostname_for(firstboot.stored_serial(cfg) or "") == "mirrorunit-89abcdef"
+    (cfg / "firstboot.done").write_text("serial not-hex\n")
+    assert firstboot.stored_serial(cfg) is None

@@ -18,8 +18,8 @@ LIB = REPO / "image/rootfs/usr/lib/mirrorunit"
 #: unit -> the `mirrorunit` command it runs
 ROLE_UNITS = {
     "mirrorunit-gadget.service": "mirrorunit gadget up",
-    "mirrorunit-local.service": "mirrorunit local --frontend usb",
-    "mirrorunit-remote.service": "mirrorunit remote",
+    "mirrorunit-local.service": "mirrorunit appliance local",
+    "mirrorunit-remote.service": "mirrorunit appliance remote",
     "mirrorunit-ups.service": "mirrorunit ups",
     "mirrorunit-notify.service": "mirrorunit notify",
 }
