@@ -295,8 +295,10 @@ def test_diff_live() -> None:
                        "network.mode": "static", "network.address": "10.0.0.2",
                        "network.netmask": "8", "scsi.lun": 1})
     diff = diff_live(old, new)
-    assert diff.live == ("unit.name", "cache.mode")
-    assert diff.restart == ("network.mode", "network.address", "network.netmask", "scsi.lun")
+    # Network settings go to systemd-networkd when saved, no unit process restarts.
+    assert diff.live == ("unit.name", "network.mode", "network.address", "network.netmask",
+                         "cache.mode")
+    assert diff.restart == ("scsi.lun",)
     assert diff.needs_restart
     assert not diff_live(new, new).changed
     assert diff_live(old, old.replace({"ups.on_battery_grace_s": 5})).restart == ()

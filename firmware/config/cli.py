@@ -1,8 +1,11 @@
-"""`mirrorunit config ...`: show, set, export, import, passwd, backup, restore.
+"""`mirrorunit config ...`: show, set, export, import, passwd, backup, restore,
+apply-network.
 
 The config partition's path comes from --config, else $MIRRORUNIT_CONFIG, else
 DEFAULT_CONFIG_PATH.  With --control, live-applicable changes are pushed to the
-running local unit and the command says which changes need a restart.
+running local unit and the command says which changes need a restart.  Network
+settings are applied to this machine (systemd-networkd) when they change, on the
+card image by default (see firmware/config/network.py).
 """
 
 from __future__ import annotations
@@ -11,17 +14,27 @@ import argparse
 import getpass
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 from .backup import backup_blob, restore_blob
-from .errors import ConfigError, ConfigStoreError, SealError
+from .errors import ConfigError, ConfigStoreError, NetworkApplyError, SealError
 from .live import apply_live
 from .mount import RemountHook
+from .network import (
+    DEFAULT_NETWORK_FILE,
+    DEFAULT_SYS_CLASS_NET,
+    ENV_APPLY,
+    NetworkHook,
+    NetworkSettings,
+    apply_by_default,
+    apply_network,
+)
 from .password import check_admin_password
-from .schema import format_show
-from .store import ConfigStore, ExportFormat, SetResult, StoreSettings
+from .schema import Config, format_show
+from .store import ConfigStore, ExportFormat, SetResult, StoreSettings, StoreState
 
 ENV_CONFIG = "MIRRORUNIT_CONFIG"
 DEFAULT_CONFIG_PATH = "/etc/mirrorunit/config.slots"
@@ -47,6 +60,34 @@ def _add_control(p: argparse.ArgumentParser) -> None:
                    help="local unit control socket: push live changes to it")
 
 
+def add_network_options(p: argparse.ArgumentParser, *, with_switch: bool = True) -> None:
+    """Where network settings are written and how networkd is told (tests fake both)."""
+    g = p.add_argument_group("network settings")
+    if with_switch:
+        g.add_argument("--apply-network", action=argparse.BooleanOptionalAction,
+                       default=None,
+                       help="apply changed network settings to this machine (default: on "
+                            f"the card image, or when ${ENV_APPLY}=1)")
+    g.add_argument("--network-file", default=DEFAULT_NETWORK_FILE, metavar="PATH",
+                   help="the systemd-networkd file to write")
+    g.add_argument("--networkctl", default="networkctl", metavar="COMMAND",
+                   help="networkctl command (split like a shell would)")
+    g.add_argument("--sys-class-net", default=DEFAULT_SYS_CLASS_NET, metavar="DIR",
+                   help="where the interfaces to reconfigure are listed")
+
+
+def network_settings(args: argparse.Namespace) -> NetworkSettings:
+    return NetworkSettings(path=args.network_file,
+                           networkctl=tuple(shlex.split(args.networkctl)),
+                           sys_class_net=args.sys_class_net)
+
+
+def network_hook(args: argparse.Namespace) -> NetworkHook | None:
+    """The hook `add_network_options` describes, None when it is switched off."""
+    on = args.apply_network if args.apply_network is not None else apply_by_default()
+    return NetworkHook(network_settings(args)) if on else None
+
+
 def register(sub: Any) -> None:
     cfg = sub.add_parser("config", help="show and change the unit's configuration")
     cs = cfg.add_subparsers(dest="config_command", required=True)
@@ -59,6 +100,7 @@ def register(sub: Any) -> None:
     st = cs.add_parser("set", help="change one field")
     add_config_option(st)
     _add_control(st)
+    add_network_options(st)
     st.add_argument("key")
     st.add_argument("value")
     st.set_defaults(func=cmd_set)
@@ -75,7 +117,17 @@ def register(sub: Any) -> None:
     im.add_argument("file", type=Path, help="document ('-' for standard input)")
     im.add_argument("--format", choices=("json", "cbor"), default=None,
                     help="default: from the file name, else JSON")
+    add_network_options(im)
     im.set_defaults(func=cmd_import)
+
+    an = cs.add_parser("apply-network",
+                       help="write the network settings for systemd-networkd (at boot) and "
+                            "have it apply them")
+    add_config_option(an)
+    add_network_options(an, with_switch=False)
+    an.add_argument("--write-only", action="store_true",
+                    help="only write the file (before systemd-networkd starts)")
+    an.set_defaults(func=cmd_apply_network)
 
     pw = cs.add_parser("passwd", help="set or change the admin password")
     add_config_option(pw)
@@ -107,13 +159,16 @@ def _err(msg: str) -> int:
     return 1
 
 
-def _report(result: SetResult, control: str | None) -> None:
+def _report(result: SetResult, args: argparse.Namespace) -> int:
+    """Exit status 1 when a change is saved but could not be applied (reported)."""
     if not result.diff.changed:
         print("no change")
-        return
+        return 0
     print(f"saved generation {result.generation}")
-    for line in apply_live(result.diff, result.config, control).lines():
+    report = apply_live(result.diff, result.config, args.control, network=network_hook(args))
+    for line in report.lines():
         print(line)
+    return 1 if report.errors else 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -137,8 +192,7 @@ def cmd_set(args: argparse.Namespace) -> int:
         result = open_store(args.config).set(args.key, args.value)
     except (ConfigError, ConfigStoreError) as e:
         return _err(str(e))
-    _report(result, args.control)
-    return 0
+    return _report(result, args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -164,7 +218,24 @@ def cmd_import(args: argparse.Namespace) -> int:
         result = open_store(args.config).import_(data, fmt)
     except (ConfigError, ConfigStoreError) as e:
         return _err(f"import refused, nothing written: {e}")
-    _report(result, args.control)
+    return _report(result, args)
+
+
+def cmd_apply_network(args: argparse.Namespace) -> int:
+    """At boot: a blank or unreadable config gets DHCP, so the unit is reachable for
+    recovery from a peer."""
+    loaded = open_store(args.config).load()
+    if loaded.state is StoreState.OK and loaded.config is not None:
+        cfg = loaded.config
+    else:
+        print(f"mirrorunit config: {loaded.describe()}; using DHCP", file=sys.stderr)
+        cfg = Config.defaults()
+    try:
+        done = apply_network(cfg, network_settings(args), reload=not args.write_only,
+                             force=True)
+    except (NetworkApplyError, ValueError) as e:
+        return _err(str(e))
+    print(f"network: {cfg['network.mode']}; {done.describe()}")
     return 0
 
 

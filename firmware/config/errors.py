@@ -30,3 +30,8 @@ class WrongPassword(SealError):
 
 class SealTampered(SealError):
     """The blob was altered after sealing (authentication tag mismatch)."""
+
+
+class NetworkApplyError(Exception):
+    """Saved network settings could not be handed to the system (the file could not
+    be written, or networkctl failed); the message names the step."""

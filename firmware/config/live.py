@@ -15,11 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..control import ControlError, call
+from .errors import NetworkApplyError
+from .network import NETWORK_KEYS
 from .schema import Config, ConfigDiff
 
 log = logging.getLogger("mirrorunit.config")
 
 Caller = Callable[..., Any]
+#: Applies the network settings of a saved config; returns what it did.
+NetworkApplier = Callable[[Config], str]
 
 #: live keys taken up by a process that polls the config partition
 REREAD_BY = {
@@ -49,13 +53,35 @@ def _unknown_op(e: ControlError) -> bool:
     return "unknown operation" in str(e)
 
 
+def _apply_network(keys: list[str], cfg: Config, network: NetworkApplier | None,
+                   report: LiveReport) -> None:
+    if not keys:
+        return
+    if network is None:
+        for key in keys:
+            report.restart.append((key, "stored; applied to the system at the next boot"))
+        return
+    try:
+        how = network(cfg)
+    except NetworkApplyError as e:
+        report.errors += [(key, str(e)) for key in keys]
+        return
+    report.applied += [(key, how) for key in keys]
+
+
 def apply_live(diff: ConfigDiff, cfg: Config, control: str | os.PathLike[str] | None,
-               caller: Caller = call) -> LiveReport:
+               caller: Caller = call, network: NetworkApplier | None = None) -> LiveReport:
+    """Push each changed key to whatever takes it up.  `network` (see
+    firmware.config.network.NetworkHook) applies network.* to this machine; without
+    it they are reported as waiting for the next boot."""
     report = LiveReport()
     unit_reachable = control is not None
     for key in diff.restart:
         report.restart.append((key, "read at start; restart the unit's services"))
+    _apply_network([k for k in diff.live if k in NETWORK_KEYS], cfg, network, report)
     for key in diff.live:
+        if key in NETWORK_KEYS:
+            continue
         how = next((v for k, v in REREAD_BY.items() if key == k or
                     (k.endswith(".") and key.startswith(k))), None)
         if how is not None:
