@@ -390,3 +390,106 @@ def test_recovery_from_a_peer_backup(env: dict[str, Any]) -> None:
     t.wait("main menu", "Configuration recovered from the peer")
     restored = store(env["cfg"]).load().config
     assert restored == cfg
+
+
+@pytest.fixture()
+def netfake(tmp_path: Path) -> dict[str, Path]:
+    """Where the console writes the networkd file, and a networkctl that logs its
+    arguments (and fails while FAIL exists)."""
+    net = tmp_path / "sys-class-net"
+    for name in ("lo", "eth0", "wlan0"):
+        (net / name).mkdir(parents=True)
+    log = tmp_path / "networkctl.log"
+    script = tmp_path / "networkctl"
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n"
+                      f"if [ -e {tmp_path / 'FAIL'} ]; then\n"
+                      "  echo 'Failed to reload network settings: Connection timed out' >&2\n"
+                      "  exit 1\nfi\n")
+    script.chmod(0o755)
+    return {"file": tmp_path / "run/10-mirrorunit.network", "log": log, "script": script,
+            "net": net, "fail": tmp_path / "FAIL"}
+
+
+def net_args(n: dict[str, Path]) -> list[str]:
+    return ["--apply-network", "--network-file", str(n["file"]), "--networkctl",
+            str(n["script"]), "--sys-class-net", str(n["net"])]
+
+
+def test_network_screen_applies_the_saved_settings(env: dict[str, Any],
+                                                   netfake: dict[str, Path]) -> None:
+    with_password(env["cfg"])
+    t = env["start"](*net_args(netfake))
+    t.wait("main menu")
+    t.send("2")
+    t.wait("network", "Address mode")
+    t.send(ENTER + "\x15")
+    t.line("static")
+    t.send(DOWN + ENTER)
+    t.line("192.0.2.5")
+    t.send(DOWN + ENTER)
+    t.line("24")
+    t.send(DOWN + ENTER)
+    t.line("192.0.2.1")
+    t.send("s")
+    t.wait("Admin password:")
+    t.line(PASSWORD)
+    t.wait("Applied now: network.mode, network.address, network.netmask, network.gateway")
+    assert netfake["log"].read_text().splitlines() == ["reload", "reconfigure eth0"]
+    text = netfake["file"].read_text()
+    assert "Address=192.0.2.5/24" in text and "Gateway=192.0.2.1" in text
+    # networkctl fails: the change is saved all the same and the failure is on screen.
+    netfake["fail"].write_text("")
+    t.send("2")
+    t.wait("network", "Address mode")
+    for _ in range(4):
+        t.send(DOWN)
+    t.send(ENTER)
+    t.line("192.0.2.53")
+    t.send("s")
+    t.wait("FAILED network.dns:", "Connection timed out")
+    cfg = store(env["cfg"]).load().config
+    assert cfg is not None and cfg["network.dns"] == ["192.0.2.53"]
+    assert "DNS=192.0.2.53" in netfake["file"].read_text()
+
+
+def test_recovery_applies_the_typed_network_before_asking_the_peer(
+        env: dict[str, Any], netfake: dict[str, Path]) -> None:
+    original = with_password(env["tmp"] / "original.slots")
+    cfg = original.load().config
+    assert cfg is not None
+    blob = env["tmp"] / "peer-copy.sealed"
+    blob.write_bytes(seal(cfg, PASSWORD))
+    t = env["start"]("--backup-file", str(blob), *net_args(netfake))
+    t.wait("recovery", "This unit has no configuration")
+    t.send("1")
+    t.wait("recovery: network", "Peer address host:port")
+    t.send(ENTER + "\x15")
+    t.line("static")
+    t.send(DOWN + ENTER)
+    t.line("198.51.100.20")
+    t.send(DOWN + ENTER)
+    t.line("255.255.255.0")
+    t.send(DOWN + DOWN + DOWN + ENTER)
+    t.line("198.51.100.1:7310")
+    t.send(DOWN + ENTER)
+    t.line("cd" * 32)
+    t.send("s")
+    # The peer is only asked (here: the file stands in for it) once the network is up.
+    t.wait("Admin password of this unit:")
+    assert "Address=198.51.100.20/24" in netfake["file"].read_text()
+    assert netfake["log"].read_text().splitlines() == ["reload", "reconfigure eth0"]
+    assert store(env["cfg"]).load().config is None  # nothing saved before the recovery
+    t.send(ESC)
+    # A failing networkctl stops the recovery before the peer is contacted.
+    netfake["fail"].write_text("")
+    t.send("1")
+    t.wait("recovery: network")
+    for _ in range(5):
+        t.send(DOWN)
+    t.send(ENTER)
+    t.line("198.51.100.1:7310")
+    t.send(DOWN + ENTER)
+    t.line("cd" * 32)
+    t.send("s")
+    t.wait("Cannot apply the network settings:", "Connection timed out")
+    assert "Admin password of this unit" not in t.text

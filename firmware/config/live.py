@@ -64,7 +64,8 @@ def _apply_network(keys: list[str], cfg: Config, network: NetworkApplier | None,
     try:
         how = network(cfg)
     except NetworkApplyError as e:
-        report.errors += [(key, str(e)) for key in keys]
+        why = f"{e}; saved, in effect from the next boot"
+        report.errors += [(key, why) for key in keys]
         return
     report.applied += [(key, how) for key in keys]
 

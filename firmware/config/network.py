@@ -180,9 +180,8 @@ def apply_network(cfg: Mapping[str, Any], settings: NetworkSettings | None = Non
         if r.returncode != 0:
             why = r.output.splitlines()[-1] if r.output else f"exit status {r.returncode}"
             log.error("network: %s failed (%d): %s", " ".join(argv), r.returncode, r.output)
-            raise NetworkApplyError(
-                f"`{' '.join(argv)}` failed: {why}; the settings are saved and "
-                "take effect at the next boot")
+            shown = " ".join([os.path.basename(argv[0]), *argv[1:]])
+            raise NetworkApplyError(f"`{shown}` failed: {why}")
     log.info("network: %s", result.describe())
     return result
 

@@ -22,7 +22,7 @@ from typing import Any
 from .. import __version__
 from ..config import Config, ConfigError, ConfigStore, ConfigStoreError, StoreState
 from ..config.backup import BackupSource, restore_blob
-from ..config.errors import SealError
+from ..config.errors import NetworkApplyError, SealError
 from ..config.live import apply_live
 from ..config.password import check_admin_password
 from ..config.schema import SCHEMA, format_size
@@ -60,8 +60,11 @@ class ConsoleSettings:
     #: Recovery over the journey link (firmware.link.restore.PeerRecovery): used
     #: when no `backup_source` is given.
     peer_recovery: Any = None
-    #: Applies the network settings typed for recovery before the peer is asked.
-    apply_network: Callable[[Config], None] | None = None
+    #: Applies a config's network settings to this unit (firmware.config.network.
+    #: NetworkHook): on saving the network screen, and with the settings typed for
+    #: recovery before the peer is asked.  Returns what it did; raises
+    #: NetworkApplyError.  None: settings are only stored (read at the next boot).
+    apply_network: Callable[[Config], str] | None = None
     own_fingerprint: str | None = None
     refresh_s: float = 2.0
 
@@ -418,6 +421,21 @@ class Console:
             return None
         return draft, peer
 
+    def _apply_recovery_network(self, draft: Config) -> bool:
+        """The network typed on the recovery form, in effect before the peer is asked
+        (the config holding it is not saved until the recovery succeeds)."""
+        if self.s.apply_network is None:
+            return True
+        self.say("Applying the network settings...")
+        self.frame("recovery", "")
+        self.scr.refresh()
+        try:
+            self.s.apply_network(draft)
+        except (NetworkApplyError, OSError, ValueError) as e:
+            self.say(f"Cannot apply the network settings: {e}")
+            return False
+        return True
+
     def recover_from_peer(self) -> None:
         source = self.s.backup_source or _backup_source
         if source is None and self.s.peer_recovery is not None:
@@ -430,6 +448,8 @@ class Console:
         if form is None:
             return
         draft, _ = form
+        if not self._apply_recovery_network(draft):
+            return
         try:
             blob = source(draft)
         except (OSError, ConnectionError, ControlError) as e:
@@ -463,12 +483,8 @@ class Console:
         unit = peer["unit"] or None
         where = draft["peers"][0]["address"]
         failures = (LinkError, OSError, ValueError, SealError, ConfigError, ConfigStoreError)
-        if self.s.apply_network is not None:
-            try:
-                self.s.apply_network(draft)
-            except (OSError, ValueError) as e:
-                self.say(f"Cannot apply the network settings: {e}")
-                return
+        if not self._apply_recovery_network(draft):
+            return
         self.say(f"Asking the peer at {where}...")
         self.frame("recovery", "")
         self.scr.refresh()
@@ -629,13 +645,18 @@ class Console:
         except (ConfigError, ConfigStoreError) as e:
             self.say(f"Refused, nothing saved: {e}")
             return False
-        report = apply_live(result.diff, result.config, self.s.control)
+        report = apply_live(result.diff, result.config, self.s.control,
+                            network=self.s.apply_network)
         live = [k for k, _ in report.applied]
         restart = [k for k, _ in report.restart]
+        # One failure (networkctl) often covers several keys: say it once.
+        failed: dict[str, list[str]] = {}
+        for k, m in report.errors:
+            failed.setdefault(m, []).append(k)
         self.say(f"Saved (generation {result.generation}). "
                  + (f"Applied now: {', '.join(live)}. " if live else "")
                  + (f"Needs restart: {', '.join(restart)}." if restart else "")
-                 + ("".join(f" FAILED {k}: {m}" for k, m in report.errors)))
+                 + "".join(f" FAILED {', '.join(ks)}: {m}" for m, ks in failed.items()))
         return True
 
     def config_form(self, title: str, fields: list[FormField],

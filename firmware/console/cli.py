@@ -31,6 +31,9 @@ def register(sub: Any) -> None:
                         "identity (default: 'link' beside the config partition)")
     p.add_argument("--cert", default=None, metavar="PEM",
                    help="this unit's certificate, to show its fingerprint")
+    from ..config.cli import add_network_options
+
+    add_network_options(p)
     p.set_defaults(func=cmd_console)
 
 
@@ -50,7 +53,7 @@ def _fingerprint(path: str | None) -> str | None:
 
 def cmd_console(args: argparse.Namespace) -> int:
     from ..config.backup import file_source
-    from ..config.cli import open_store
+    from ..config.cli import network_hook, open_store
     from .app import ConsoleSettings, command_log, file_log, run_console
 
     store = open_store(args.config)
@@ -67,7 +70,7 @@ def cmd_console(args: argparse.Namespace) -> int:
         reboot=shlex.split(args.reboot_command), poweroff=shlex.split(args.poweroff_command),
         log_lines=file_log(args.log_file) if args.log_file else command_log(args.log_command),
         backup_source=file_source(args.backup_file) if args.backup_file else None,
-        own_fingerprint=_fingerprint(args.cert))
+        own_fingerprint=_fingerprint(args.cert), apply_network=network_hook(args))
     try:
         run_console(settings)
     except KeyboardInterrupt:
