@@ -294,10 +294,28 @@ class RecoverProof:
     proof: bytes
 
 
+@dataclass(frozen=True)
+class PairOffer:
+    """An unauthenticated client (a local the remote has not pinned) offers its
+    certificate; the remote pins it only if the remote's own config lists its
+    SHA-256 (see pairing.py)."""
+
+    unit_id: str
+    cert_der: bytes
+
+
+@dataclass(frozen=True)
+class Paired:
+    """The answer to PAIR_OFFER: the certificate is pinned here as `unit_id`."""
+
+    unit_id: str
+
+
 Frame = (
     Hello | HelloAck | Writes | Ack | Digest | Commit | Abort | Ping | Pong | Error | Bye
     | ResyncStart | DigestRequest | ChunkDigests | ChunkData | ResyncEnd | ResyncDone
     | ConfigPut | ConfigGet | ConfigBlob | RecoverHello | RecoverChallenge | RecoverProof
+    | PairOffer | Paired
 )
 
 #: Sizes in the recovery exchange.
@@ -307,6 +325,12 @@ RECOVER_PROOF_BYTES = 32
 
 #: Largest sealed config accepted: a config slot is 64 KiB, sealing adds ~100 bytes.
 MAX_CONFIG_BLOB = 256 * 1024
+
+#: Largest certificate a PAIR_OFFER may carry (a unit's P-256 one is ~400 bytes).
+MAX_PAIR_CERT = 8 * 1024
+#: Largest frame body a client without a certificate may send: its exchanges
+#: (recovery, pairing) are all small, so anything bigger is refused at its length.
+MAX_ANONYMOUS_BODY = 16 * 1024
 
 #: Chunks named in one DIGEST_REQ / CHUNK_DIGESTS frame.
 MAX_DIGEST_CHUNKS = 1024
@@ -466,6 +490,10 @@ def _frame_map(frame: Frame) -> dict[str, Any]:
                 "r": frame.r, "p": frame.p, "salt": frame.salt, "nonce": frame.nonce}
     if isinstance(frame, RecoverProof):
         return {"type": "RECOVER_PROOF", "proof": frame.proof}
+    if isinstance(frame, PairOffer):
+        return {"type": "PAIR_OFFER", "unit": frame.unit_id, "cert": frame.cert_der}
+    if isinstance(frame, Paired):
+        return {"type": "PAIRED", "unit": frame.unit_id}
     raise TypeError(f"not a frame: {frame!r}")
 
 
@@ -707,6 +735,14 @@ def _decode_recover_challenge(m: dict[Any, Any]) -> RecoverChallenge:
         nonce=_sized_bytes(m, "nonce", f, RECOVER_NONCE_BYTES))
 
 
+def _decode_pair_offer(m: dict[Any, Any]) -> PairOffer:
+    cert = _bytes(m, "cert", "PAIR_OFFER")
+    if not 0 < len(cert) <= MAX_PAIR_CERT:
+        raise LinkProtocolError(
+            f"PAIR_OFFER certificate of {len(cert)} bytes outside 1..{MAX_PAIR_CERT}")
+    return PairOffer(_config_unit(m, "PAIR_OFFER"), cert)
+
+
 _DECODERS: dict[str, Callable[[dict[Any, Any]], Frame]] = {
     "HELLO": _decode_hello,
     "HELLO_ACK": _decode_hello_ack,
@@ -738,6 +774,8 @@ _DECODERS: dict[str, Callable[[dict[Any, Any]], Frame]] = {
     "RECOVER_CHALLENGE": _decode_recover_challenge,
     "RECOVER_PROOF": lambda m: RecoverProof(
         _sized_bytes(m, "proof", "RECOVER_PROOF", RECOVER_PROOF_BYTES)),
+    "PAIR_OFFER": _decode_pair_offer,
+    "PAIRED": lambda m: Paired(_config_unit(m, "PAIRED")),
     "RESYNC_DONE": lambda m: ResyncDone(
         resync_id=_u64(m, "rid", "RESYNC_DONE"), seq=_u64(m, "seq", "RESYNC_DONE"),
         chunks_written=_u64(m, "written", "RESYNC_DONE"),

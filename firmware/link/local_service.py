@@ -539,6 +539,8 @@ class LinkService:
             "last_error": client.stats.last_error if client is not None else None,
             "connects": client.stats.connects if client is not None else 0,
             "sessions": client.stats.sessions if client is not None else 0,
+            "pair_offers": client.stats.pair_offers if client is not None else 0,
+            "pairings": client.stats.pairings if client is not None else 0,
             "wire_bytes_sent": client.stats.bytes_sent if client is not None else 0,
             "signature": session.signature if session is not None else self.signature,
             "batches_aborted": peer.aborted,

@@ -92,6 +92,8 @@ class RecoveryLimiter:
     max_attempts: int = 30
     window_s: float = 600.0
     clock: Callable[[], float] = time.monotonic
+    #: The exchange it limits, for the refusal text.
+    what: str = "recovery"
     _windows: dict[str, _Window] = field(default_factory=dict)
 
     def _window(self, source: str) -> _Window:
@@ -110,7 +112,7 @@ class RecoveryLimiter:
         w = self._window(source)
         if w.failures >= self.max_failures or w.attempts >= self.max_attempts:
             wait = max(0.0, self.window_s - (self.clock() - w.started))
-            return (f"too many recovery attempts from {source}; try again in "
+            return (f"too many {self.what} attempts from {source}; try again in "
                     f"{wait:.0f} s")
         w.attempts += 1
         return None
@@ -195,29 +197,45 @@ class RecoveryServerSession:
         the recovery exchange."""
         if self.is_finished:
             return []
-        events: list[RecoveryEvent] = []
         try:
-            for frame in self._decoder.receive_data(data):
-                allowed = _ALLOWED.get(self.state, ())
-                if not isinstance(frame, allowed):
-                    raise LinkProtocolError(
-                        f"{type(frame).__name__} frame not allowed from a client without a "
-                        "certificate (only the recovery exchange is)")
-                if isinstance(frame, Bye):
-                    self.state = RecoveryState.DONE
-                elif isinstance(frame, RecoverHello):
-                    events += self._on_hello(frame)
-                elif isinstance(frame, RecoverProof):
-                    events += self._on_proof(frame)
-                if self.is_finished:
-                    break
+            frames = self._decoder.receive_data(data)
         except LinkProtocolError as exc:
-            if self.state is not RecoveryState.FAILED:
-                self._send(Error(code=ERR_PROTOCOL, text=exc.reason))
-                self.state = RecoveryState.FAILED
-            self._challenge = None
+            self._fail(exc)
             raise
+        events: list[RecoveryEvent] = []
+        for frame in frames:
+            events += self.receive_frame(frame)
+            if self.is_finished:
+                break
         return events
+
+    def _fail(self, exc: LinkProtocolError) -> None:
+        if self.state is not RecoveryState.FAILED:
+            self._send(Error(code=ERR_PROTOCOL, text=exc.reason))
+            self.state = RecoveryState.FAILED
+        self._challenge = None
+
+    def receive_frame(self, frame: Frame) -> list[RecoveryEvent]:
+        """One decoded frame (pairing.AnonymousServerSession decodes for both
+        exchanges); same errors as `receive_data`."""
+        if self.is_finished:
+            return []
+        try:
+            allowed = _ALLOWED.get(self.state, ())
+            if not isinstance(frame, allowed):
+                raise LinkProtocolError(
+                    f"{type(frame).__name__} frame not allowed from a client without a "
+                    "certificate (only the recovery exchange is)")
+            if isinstance(frame, Bye):
+                self.state = RecoveryState.DONE
+            elif isinstance(frame, RecoverHello):
+                return self._on_hello(frame)
+            elif isinstance(frame, RecoverProof):
+                return self._on_proof(frame)
+        except LinkProtocolError as exc:
+            self._fail(exc)
+            raise
+        return []
 
     def _on_hello(self, hello: RecoverHello) -> list[RecoveryEvent]:
         wait = self.limiter.admit(self.source)

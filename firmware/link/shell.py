@@ -25,10 +25,19 @@ from firmware.link.frames import (
     Error,
     FrameDecoder,
     Hello,
+    Paired,
+    PairOffer,
     RecoverChallenge,
     RecoverHello,
     RecoverProof,
     encode_frame,
+)
+from firmware.link.pairing import (
+    AnonymousServerSession,
+    PairDenied,
+    PairGranted,
+    PairingPolicy,
+    PairingServerSession,
 )
 from firmware.link.recovery import (
     RecoveryChallenged,
@@ -75,6 +84,7 @@ RECV_SIZE = 256 * 1024
 #: Sends are cut into chunks this big so a bandwidth cap paces them smoothly.
 SEND_CHUNK = 16 * 1024
 ERR_BUSY = "busy"
+REMOTE_CLOSED = "remote closed the connection"
 
 
 class TokenBucket:
@@ -180,6 +190,13 @@ class LinkClosed(LinkError):
     """The connection ended (EOF, reset, timeout) without a protocol reason."""
 
 
+class ClosedBeforeSession(LinkClosed):
+    """The remote ended the connection after the TLS handshake and before the
+    session was up, as a remote that has not pinned our certificate does (TLS 1.3
+    lets it refuse the certificate only after our side of the handshake is done,
+    so the refusal arrives as an alert, or as a reset when we were sending)."""
+
+
 @dataclass
 class ClientStats:
     connects: int = 0
@@ -188,6 +205,9 @@ class ClientStats:
     refusals: int = 0
     bytes_sent: int = 0
     last_error: str | None = None
+    #: PAIR_OFFERs sent after a refusal, and those the remote answered PAIRED.
+    pair_offers: int = 0
+    pairings: int = 0
 
 
 class LinkClient:
@@ -208,7 +228,14 @@ class LinkClient:
         dead_after: float = 20.0,
         connect_timeout: float = 10.0,
         idle_poll: float = 0.05,
+        offer_pairing: bool = True,
+        pair_retry: float = 30.0,
+        pair_retry_refused: float = 120.0,
     ) -> None:
+        """With `offer_pairing`, a connection the remote ends before the session is
+        up makes the client offer its certificate (PAIR_OFFER, see pairing.py), at
+        most every `pair_retry` seconds (`pair_retry_refused` after the remote
+        refused an offer), and reconnect at once when the remote pinned it."""
         self.address = address
         self.identity = identity
         self.peers = peers
@@ -222,6 +249,11 @@ class LinkClient:
         self.connect_timeout = connect_timeout
         #: How often an idle sender looks at its source (besides `wakeup()`).
         self.idle_poll = idle_poll
+        self.offer_pairing = offer_pairing
+        self.pair_retry = pair_retry
+        self.pair_retry_refused = pair_retry_refused
+        self._next_offer = 0.0
+        self._session_up = False
         self.stats = ClientStats()
         self.acked_seq = config.resume_seq
         self._acked_cond = threading.Condition()
@@ -273,6 +305,12 @@ class LinkClient:
         while not self._stop.is_set():
             try:
                 self.run_once()
+            except ClosedBeforeSession as exc:
+                self.stats.last_error = str(exc)
+                log.warning("link to %s:%d closed before the session: %s", *self.address,
+                            exc)
+                if not self._stop.is_set() and self.offer_pairing and self.offer_pair():
+                    continue  # pinned now: the normal session, at once
             except (OSError, LinkError) as exc:
                 self.stats.last_error = str(exc)
                 log.warning("link to %s:%d lost: %s", *self.address, exc)
@@ -281,6 +319,34 @@ class LinkClient:
             delay = self.backoff.next_delay()
             log.info("link to %s:%d: reconnecting in %.2fs", *self.address, delay)
             self._stop.wait(delay)
+
+    def offer_pair(self) -> bool:
+        """Offer our certificate to the remote (if the last offer is long enough
+        ago); True when the remote pinned it."""
+        pinned = self.peers.get(self.remote_name)
+        now = time.monotonic()
+        if pinned is None or now < self._next_offer:
+            return False
+        self.stats.pair_offers += 1
+        try:
+            name = pair_offer_exchange(self.address, pinned.fingerprint, self.config.unit_id,
+                                       self.identity.cert_der, timeout=self.connect_timeout)
+        except LinkRefused as exc:
+            self._next_offer = time.monotonic() + self.pair_retry_refused
+            self.stats.last_error = f"pairing offer refused: {exc.code}: {exc.text}"
+            log.error("remote %s:%d refused this unit's pairing offer: %s: %s", *self.address,
+                      exc.code, exc.text)
+            return False
+        except (OSError, LinkError) as exc:
+            self._next_offer = time.monotonic() + self.pair_retry
+            log.warning("remote %s:%d: pairing offer failed: %s", *self.address, exc)
+            return False
+        self._next_offer = time.monotonic() + self.pair_retry
+        self.stats.pairings += 1
+        self.backoff.reset()
+        log.warning("remote %s:%d pinned this unit's certificate as unit %s (its config "
+                    "lists our fingerprint); reconnecting", *self.address, name)
+        return True
 
     def run_once(self) -> None:
         """One connection: handshake, stream until it ends.  Raises why it ended."""
@@ -300,6 +366,7 @@ class LinkClient:
                 log.warning("refusing remote %s:%d: %s", *self.address, why)
                 raise LinkClosed(f"TLS handshake: {why}") from None
             sock.settimeout(self.dead_after)
+            self._session_up = False
             try:
                 self._stream(sock)
             except ssl.SSLError as exc:
@@ -307,9 +374,19 @@ class LinkClient:
                 # handshake is done, so its refusal shows up on the first read or write.
                 why = describe_handshake_failure(exc)
                 log.warning("link to %s:%d closed: %s", *self.address, why)
+                if not self._session_up:
+                    raise ClosedBeforeSession(why) from None
                 raise LinkClosed(why) from None
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                if not self._session_up:
+                    raise ClosedBeforeSession(f"connection reset: {exc}") from None
+                raise LinkClosed(f"connection lost: {exc}") from None
             except OSError as exc:
                 raise LinkClosed(f"connection lost: {exc}") from None
+            except LinkClosed as exc:
+                if not self._session_up and str(exc) == REMOTE_CLOSED:
+                    raise ClosedBeforeSession(str(exc)) from None
+                raise
         finally:
             if self._sock is not None:
                 self._sock.close()
@@ -357,7 +434,7 @@ class LinkClient:
                 if _readable(sock, self._wake, timeout):
                     data = sock.recv(RECV_SIZE)
                     if not data:
-                        raise LinkClosed("remote closed the connection")
+                        raise LinkClosed(REMOTE_CLOSED)
                     last_rx = time.monotonic()
                     for event in session.receive_data(data):
                         self._on_event(event)
@@ -393,6 +470,7 @@ class LinkClient:
                 self._set_acked(event.seq)
         elif isinstance(event, Established):
             self.connected = True
+            self._session_up = True
             self.stats.sessions += 1
             self.backoff.reset()
             log.info(
@@ -455,9 +533,11 @@ class LinkServer:
         backups: ConfigBackups | None = None,
         own_backup: Callable[[], tuple[str, bytes] | None] | None = None,
         recovery: RecoveryLimiter | None = None,
+        pairing: PairingPolicy | None = None,
     ) -> None:
         """With `recovery` (and `backups` that can list their units), a client
-        without a certificate is let in for the recovery exchange only."""
+        without a certificate is let in for the recovery exchange only; with
+        `pairing`, also for a PAIR_OFFER (pairing.py)."""
         self.address = address
         self.identity = identity
         self.peers = peers
@@ -470,6 +550,7 @@ class LinkServer:
         self.own_backup = own_backup
         self.recovery = recovery if backups is not None and hasattr(backups, "units") \
             else None
+        self.pairing = pairing
         self.stats = ServerStats()
         self._listener: socket.socket | None = None
         self._ctx: ssl.SSLContext | None = None
@@ -517,8 +598,9 @@ class LinkServer:
         with self._lock:
             if self._ctx is None or self._ctx_generation != self.peers.generation:
                 self._ctx_generation = self.peers.generation
-                self._ctx = server_context(self.identity, self.peers,
-                                           allow_anonymous=self.recovery is not None)
+                self._ctx = server_context(
+                    self.identity, self.peers,
+                    allow_anonymous=self.recovery is not None or self.pairing is not None)
             return self._ctx
 
     def _accept_loop(self) -> None:
@@ -554,8 +636,9 @@ class LinkServer:
                     self._conns.discard(raw)
                     self._conns.add(sock)
                 current = sock
-                if not sock.getpeercert(binary_form=True) and self.recovery is not None:
-                    self._recover(sock, addr[0], peer)
+                if not sock.getpeercert(binary_form=True) and (
+                        self.recovery is not None or self.pairing is not None):
+                    self._anonymous(sock, addr[0], peer)
                     return
                 unit = peer_identity(sock, self.peers)
             except (ssl.SSLError, PeerNotPinned) as exc:
@@ -595,32 +678,49 @@ class LinkServer:
             current.close()
             raw.close()
 
-    def _recover(self, sock: ssl.SSLSocket, source: str, peer: str) -> None:
-        """A client without a certificate: the recovery exchange and nothing else."""
-        assert self.recovery is not None
-        log.warning("recovery: client without a certificate from %s; only the recovery "
-                    "exchange is allowed", peer)
-        session = RecoveryServerSession(self.backups, self.identity.fingerprint,  # type: ignore[arg-type]
-                                        source, self.recovery)
+    def _anonymous(self, sock: ssl.SSLSocket, source: str, peer: str) -> None:
+        """A client without a certificate: the recovery exchange or a pairing offer,
+        and nothing else."""
+        log.warning("client without a certificate from %s; only the recovery exchange%s "
+                    "is allowed", peer, " or a pairing offer" if self.pairing else "")
+        recovery = None
+        if self.recovery is not None:
+            recovery = RecoveryServerSession(
+                self.backups, self.identity.fingerprint, source,  # type: ignore[arg-type]
+                self.recovery)
+        pairing = None
+        if self.pairing is not None:
+            pairing = PairingServerSession(self.pairing, self.peers, source)
+        session = AnonymousServerSession(source, recovery=recovery, pairing=pairing)
         sock.settimeout(self.handshake_timeout)
         while not self._stop.is_set() and not session.is_finished:
             data = sock.recv(RECV_SIZE)
             if not data:
-                log.info("recovery: %s closed the connection", peer)
+                log.info("%s: %s closed the connection", session.exchange, peer)
                 return
             try:
                 events = session.receive_data(data)
             except LinkProtocolError as exc:
                 self.stats.protocol_errors += 1
-                log.warning("recovery: closing connection from %s: protocol error: %s", peer,
-                            exc.reason)
+                log.warning("%s: closing connection from %s: protocol error: %s",
+                            session.exchange, peer, exc.reason)
                 sock.sendall(session.data_to_send())
                 return
             out = session.data_to_send()
             if out:
                 sock.sendall(out)
             for event in events:
-                if isinstance(event, RecoveryChallenged):
+                if isinstance(event, PairGranted):
+                    log.warning("pairing: %s offered the certificate of unit %s (%s), "
+                                "listed in this unit's config: %s", peer, event.unit_id,
+                                event.fingerprint,
+                                "pinned" if event.new else "already pinned")
+                elif isinstance(event, PairDenied):
+                    self.stats.refusals += 1
+                    log.warning("pairing: refused %s (offer for unit %s, fingerprint %s): "
+                                "%s: %s", peer, event.unit_id, event.fingerprint, event.code,
+                                event.text)
+                elif isinstance(event, RecoveryChallenged):
                     log.warning("recovery: %s asks for unit %s's config backup; challenge "
                                 "sent", peer, event.unit_id)
                 elif isinstance(event, RecoveryGranted):
@@ -787,3 +887,38 @@ def recovery_exchange(address: tuple[str, int], peer_fingerprint: str,
                     else:
                         raise LinkProtocolError(
                             f"unexpected {type(frame).__name__} in the recovery exchange")
+
+
+def pair_offer_exchange(address: tuple[str, int], peer_fingerprint: str, unit_id: str,
+                        cert_der: bytes, timeout: float = 15.0) -> str:
+    """Offer our certificate to the peer at `address` (whose certificate must have
+    `peer_fingerprint`, checked before anything is sent) on a connection without a
+    client certificate; the name it pinned us under.  Raises `LinkRefused` when it
+    refuses (`unknown-fingerprint`, `unit-mismatch`, `pinned-otherwise`,
+    `rate-limited`, ...), `PeerNotPinned` for another peer, `LinkError` or
+    `OSError` when it cannot be reached."""
+    ctx = anonymous_client_context()
+    with socket.create_connection(address, timeout=timeout) as raw:
+        try:
+            sock = ctx.wrap_socket(raw)
+        except ssl.SSLError as exc:
+            raise LinkClosed(f"TLS handshake: {describe_handshake_failure(exc)}") from None
+        with sock:
+            check_fingerprint(sock, peer_fingerprint)
+            sock.settimeout(timeout)
+            sock.sendall(encode_frame(PairOffer(unit_id, cert_der)))
+            decoder = FrameDecoder()
+            while True:
+                try:
+                    data = sock.recv(RECV_SIZE)
+                except ssl.SSLError as exc:
+                    raise LinkClosed(describe_handshake_failure(exc)) from None
+                if not data:
+                    raise LinkClosed("the peer closed the connection without an answer")
+                for frame in decoder.receive_data(data):
+                    if isinstance(frame, Error):
+                        raise LinkRefused(frame.code, frame.text)
+                    if isinstance(frame, Paired):
+                        return frame.unit_id
+                    raise LinkProtocolError(
+                        f"unexpected {type(frame).__name__} in answer to PAIR_OFFER")

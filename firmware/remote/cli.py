@@ -81,11 +81,17 @@ def register(sub: Any) -> None:
     rp.add_argument("--control", type=Path, default=Path(DEFAULT_REMOTE_CONTROL))
     rp.add_argument("--config", type=Path, metavar="PATH",
                     help="this remote's config partition: each new generation is sealed "
-                         "for the locals to keep")
+                         "for the locals to keep, and the locals its peers list are "
+                         "pinned when they offer their certificate")
     rp.add_argument("--recovery-max-failures", type=int, default=5, metavar="N",
                     help="wrong admin-password proofs allowed per source address and "
                          "window in the recovery exchange")
     rp.add_argument("--recovery-window", type=float, default=600.0, metavar="S",
+                    help="length of that window in seconds")
+    rp.add_argument("--pairing-max-failures", type=int, default=5, metavar="N",
+                    help="pairing offers of certificates the config does not list, "
+                         "allowed per source address and window")
+    rp.add_argument("--pairing-window", type=float, default=600.0, metavar="S",
                     help="length of that window in seconds")
     rs = rp.add_subparsers(dest="remote_command")
 
@@ -253,7 +259,10 @@ def _serve(args: argparse.Namespace) -> int:
                           peers=PeerStore.in_dir(state_dir), commit_delay_s=args.commit_delay,
                           retention=retention, state_dir=state_dir, config_path=args.config,
                           recovery=RecoveryLimiter(max_failures=args.recovery_max_failures,
-                                                   window_s=args.recovery_window))
+                                                   window_s=args.recovery_window),
+                          pairing_limiter=RecoveryLimiter(
+                              max_failures=args.pairing_max_failures,
+                              window_s=args.pairing_window, what="pairing"))
     host, port = server.start()
     control = ControlServer(args.control, server.handlers())
     control.start()

@@ -20,6 +20,7 @@ from typing import Any
 
 from firmware.link.errors import LinkProtocolError, LinkRefused
 from firmware.link.frames import Hello, WriteRecord
+from firmware.link.pairing import ConfiguredPeer, PairingPolicy
 from firmware.link.recovery import RecoveryLimiter
 from firmware.link.session import ReceiverConfig
 from firmware.link.shell import LinkServer
@@ -213,7 +214,11 @@ class RemoteServer:
                  retention: Retention | None = None, tick: float = 0.2,
                  dead_after: float = 20.0, state_dir: Path | None = None,
                  config_path: Path | None = None,
-                 recovery: RecoveryLimiter | None = None) -> None:
+                 recovery: RecoveryLimiter | None = None,
+                 pairing_limiter: RecoveryLimiter | None = None) -> None:
+        """With `config_path` (this remote's own config), a local whose certificate's
+        fingerprint the config lists under `peers` is pinned when it offers it
+        (PAIR_OFFER, firmware/link/pairing.py)."""
         self.store = RemoteStore(store_dir)
         self.identity = identity
         self.peers = peers
@@ -229,12 +234,20 @@ class RemoteServer:
             Path(store_dir))
         self.backups = UnitConfigBackups(Path(store_dir))
         self._own_cache: tuple[tuple[int, int] | None, bytes | None] = (None, None)
+        self.config_path = config_path
+        pairing = None
+        if config_path is not None:
+            pairing = PairingPolicy(
+                self._configured_peers,
+                pairing_limiter if pairing_limiter is not None
+                else RecoveryLimiter(what="pairing"))
         self.link = LinkServer(
             listen, identity, peers,
             ReceiverConfig(known_units=_PinnedUnits(peers)),  # type: ignore[arg-type]
             self._open_sink, dead_after=dead_after, backups=self.backups,
             own_backup=self._own_backup,
-            recovery=recovery if recovery is not None else RecoveryLimiter())
+            recovery=recovery if recovery is not None else RecoveryLimiter(),
+            pairing=pairing)
         #: Seals this remote's own config (its --config) whenever it changes.
         self.sealer: Any = None
         if config_path is not None:
@@ -248,6 +261,21 @@ class RemoteServer:
 
             self.sealer = AutoSealer(open_store(config_path), self.state_dir / OWN_BACKUP_NAME,
                                      identity_now)
+
+    def _configured_peers(self) -> list[ConfiguredPeer]:
+        """The locals this remote's config lists, read afresh for every offer (a
+        config changed at the console needs no restart).  An unreadable config
+        lists nobody."""
+        from firmware.config.cli import open_store
+        from firmware.config.store import StoreState
+
+        assert self.config_path is not None
+        loaded = open_store(self.config_path).load()
+        if loaded.state is not StoreState.OK or loaded.config is None:
+            log.warning("pairing: this unit's config is not readable (%s); no peer is "
+                        "paired from it", loaded.describe())
+            return []
+        return [ConfiguredPeer(p["name"], p["fingerprint"]) for p in loaded.config["peers"]]
 
     def _own_backup(self) -> tuple[str, bytes] | None:
         """This remote's own sealed config (sealed on each change of its --config, or
