@@ -125,11 +125,30 @@ class _Interrupted(Exception):
     """Raised by the signal handler to abandon a superseded blocking transfer."""
 
 
+class AsyncTransfers(Protocol):
+    """What the AIO bulk loop needs of aio.AioContext (a fake in tests)."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def transfers(self) -> list[Transfer]: ...
+
+    def submit(self, transfers: list[Transfer]) -> int: ...
+
+    def reap(self) -> list[Transfer]: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+    def wake(self) -> None: ...
+
+    def cancel(self, transfer: Transfer) -> bool: ...
+
+
 @dataclass(frozen=True)
 class AioEndpoints:
     """The bulk endpoint files driven through native AIO (see aio.py)."""
 
-    context: AioContext
+    context: AsyncTransfers
     in_fd: int
     out_fd: int
 
@@ -216,15 +235,15 @@ class UsbFrontEnd:
             gadget = self.gadget
             if self.use_aio:
                 try:
-                    aio = AioEndpoints(AioContext(), bulk_in.fd, bulk_out.fd)
+                    context = AioContext()
                 except AioUnavailable as exc:
                     log.warning("bulk endpoints without AIO (%s): synchronous transfers", exc)
                 else:
+                    aio = AioEndpoints(context, bulk_in.fd, bulk_out.fd)
                     # f_fs would block io_submit on a disabled endpoint until the next
                     # ENABLE; non-blocking files fail it at once instead (EAGAIN).
                     os.set_blocking(bulk_in.fd, False)
                     os.set_blocking(bulk_out.fd, False)
-                    context = aio.context
                     log.info("bulk endpoints through native AIO")
 
             def bind() -> None:

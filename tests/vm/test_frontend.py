@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import queue
+import select
 import socket
 import struct
 import threading
@@ -25,10 +26,11 @@ import pytest
 
 from firmware.blockdev import FileBlockDevice
 from firmware.scsi import LogicalUnit, ScsiTarget
+from firmware.usb_gadget.aio import Transfer
 from firmware.usb_gadget.bot import CSW, CSW_SIGNATURE, make_cbw
 from firmware.usb_gadget.configfs import GadgetSettings
 from firmware.usb_gadget.functionfs import Ep0Event, EventType, SetupRequest, write_fd
-from firmware.usb_gadget.server import UsbFrontEnd
+from firmware.usb_gadget.server import AioEndpoints, UsbFrontEnd
 
 TUR = bytes(6)
 SIZE = 4 << 20
@@ -300,3 +302,274 @@ def test_reset_drops_a_csw_the_host_never_took(tmp_path: Path) -> None:
     os.close(in_write)
     if errors:
         raise errors[0]
+
+
+# -- the AIO bulk loop over a fake AIO context ------------------------------------------
+
+
+class FakeAio:
+    """aio.AioContext's interface over sockets: one worker per file runs that file's
+    transfers in submission order (like a UDC endpoint queue); cancel ends a queued
+    or blocked transfer with -ECONNRESET, and every transfer reports exactly once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flight: dict[int, Transfer] = {}
+        self._done: list[Transfer] = []
+        self._cancelled: set[int] = set()
+        self._queues: dict[int, queue.Queue[Transfer | None]] = {}
+        self._workers: list[threading.Thread] = []
+        self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.overflow_next = False
+        self.cancels = 0
+        self.max_out_posted = 0
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._flight)
+
+    def transfers(self) -> list[Transfer]:
+        with self._lock:
+            return list(self._flight.values())
+
+    def submit(self, transfers: list[Transfer]) -> int:
+        for t in transfers:
+            t.result = None
+            if not t.is_read:
+                t.buffer = bytes(t.buffer)  # f_fs copies write data at submit
+            with self._lock:
+                self._flight[id(t)] = t
+                posted = sum(1 for x in self._flight.values() if x.is_read)
+                self.max_out_posted = max(self.max_out_posted, posted)
+                q = self._queues.get(t.fd)
+                if q is None:
+                    q = self._queues[t.fd] = queue.Queue()
+                    worker = threading.Thread(target=self._run, args=(q,), daemon=True)
+                    self._workers.append(worker)
+                    worker.start()
+            q.put(t)
+        return len(transfers)
+
+    def _run(self, q: queue.Queue[Transfer | None]) -> None:
+        while (t := q.get()) is not None:
+            self._complete(t, self._perform(t))
+
+    def _perform(self, t: Transfer) -> int:
+        view = memoryview(t.buffer).cast("B")[: t.length]
+        poller = select.poll()
+        poller.register(t.fd, select.POLLIN if t.is_read else select.POLLOUT)
+        while True:
+            with self._lock:
+                if id(t) in self._cancelled:
+                    return -errno.ECONNRESET
+            if not poller.poll(10):
+                continue
+            if t.is_read:
+                n = os.readv(t.fd, [view])
+                if self.overflow_next:
+                    self.overflow_next = False
+                    return -errno.EOVERFLOW
+                return n
+            try:
+                sent = os.write(t.fd, view[: 4096])
+            except BlockingIOError:
+                continue
+            view = view[sent:]
+            if not view:
+                return t.length
+
+    def _complete(self, t: Transfer, result: int) -> None:
+        with self._lock:
+            t.result = result
+            self._cancelled.discard(id(t))
+            self._done.append(t)
+        os.eventfd_write(self.eventfd, 1)
+
+    def reap(self) -> list[Transfer]:
+        with self._lock:
+            done, self._done = self._done, []
+            for t in done:
+                del self._flight[id(t)]
+            return done
+
+    def wait(self, timeout: float | None = None) -> bool:
+        ready, _, _ = select.select([self.eventfd], [], [], timeout)
+        if ready:
+            try:
+                os.eventfd_read(self.eventfd)
+            except BlockingIOError:
+                pass
+        return bool(ready)
+
+    def wake(self) -> None:
+        os.eventfd_write(self.eventfd, 1)
+
+    def cancel(self, transfer: Transfer) -> bool:
+        with self._lock:
+            if id(transfer) not in self._flight or transfer.result is not None:
+                return False
+            self._cancelled.add(id(transfer))
+            self.cancels += 1
+            return True
+
+    def close(self) -> None:
+        for q in self._queues.values():
+            q.put(None)
+        for worker in self._workers:
+            worker.join(timeout=5)
+        os.close(self.eventfd)
+
+
+@dataclass
+class AioHost:
+    front: UsbFrontEnd
+    ep0: FakeEp0
+    out: socket.socket
+    inp: socket.socket
+    aio: FakeAio
+    device: FileBlockDevice
+
+
+def serve_aio(tmp_path: Path, scenario: Callable[[AioHost], None],
+              chunk_size: int = 64 * 1024) -> FakeAio:
+    device = FileBlockDevice(tmp_path / "disk.img", size=SIZE, create=True)
+    target = ScsiTarget([LogicalUnit(device, serial="FRONT3")])
+    front = UsbFrontEnd(target, GadgetSettings(), chunk_size=chunk_size)
+    ep0 = FakeEp0()
+    host_out, dev_out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    host_in, dev_in = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (host_in, dev_in):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    dev_in.setblocking(False)
+    aio = FakeAio()
+    errors: list[BaseException] = []
+    player = AioHost(front, ep0, host_out, host_in, aio, device)
+
+    def host() -> None:
+        try:
+            scenario(player)
+        except BaseException as exc:  # reported in the main thread below
+            errors.append(exc)
+        finally:
+            front.stop()
+
+    thread = threading.Thread(target=host)
+    front.serve_endpoints(
+        ep0, SocketPipe(dev_in), SocketPipe(dev_out),
+        on_started=thread.start,
+        on_stopping=lambda: ep0.events.put(Ep0Event(EventType.UNBIND)),
+        aio=AioEndpoints(aio, dev_in.fileno(), dev_out.fileno()),
+    )
+    thread.join(timeout=10)
+    aio.close()
+    for s in (host_out, dev_out, host_in, dev_in):
+        s.close()
+    if errors:
+        raise errors[0]
+    assert aio.in_flight == 0, "transfers left in flight after stop"
+    return aio
+
+
+def write10(lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBIBHB", 0x2A, 0, lba, 0, blocks, 0)
+
+
+def read10(lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0)
+
+
+@pytest.mark.timeout(60)
+def test_aio_pipelined_write_and_read_back(tmp_path: Path) -> None:
+    """1 MiB WRITE in 64 KiB pieces with reads posted ahead, then READ it back."""
+    payload = os.urandom(1 << 20)
+
+    def scenario(h: AioHost) -> None:
+        h.ep0.events.put(Ep0Event(EventType.ENABLE))
+        h.out.send(make_cbw(1, 0, False, TUR))
+        assert read_csw(h.inp, 1) == 1  # unit attention after the enable
+        h.out.send(make_cbw(2, len(payload), False, write10(8, len(payload) // 512)))
+        # one SEQPACKET message is one transfer: sent in the device's 64 KiB pieces
+        for off in range(0, len(payload), 64 * 1024):
+            h.out.send(payload[off:off + 64 * 1024])
+        assert read_csw(h.inp, 2) == 0
+        h.out.send(make_cbw(3, len(payload), True, read10(8, len(payload) // 512)))
+        assert recv_exact(h.inp, len(payload)) == payload
+        assert read_csw(h.inp, 3) == 0
+
+    aio = serve_aio(tmp_path, scenario)
+    # the next pieces were posted while one went to the medium (plus no CBW read)
+    assert aio.max_out_posted >= 2
+
+
+@pytest.mark.timeout(60)
+def test_aio_short_data_out_cancels_the_reads_posted_ahead(tmp_path: Path) -> None:
+    """The host ends a WRITE's data early with a short transfer: the reads posted
+    beyond it are cancelled, a phase error follows, and the next CBW is read as one."""
+
+    def scenario(h: AioHost) -> None:
+        h.ep0.events.put(Ep0Event(EventType.ENABLE))
+        h.out.send(make_cbw(1, 0, False, TUR))
+        read_csw(h.inp, 1)
+        h.out.send(make_cbw(2, 512 * 1024, False, write10(0, 1024)))
+        h.out.send(b"\xaa" * (64 * 1024))
+        h.out.send(b"\xbb" * 1000)  # short: ends the data phase
+        assert read_csw(h.inp, 2) == 2
+        h.out.send(make_cbw(3, 0, False, TUR))
+        assert read_csw(h.inp, 3) == 0
+
+    aio = serve_aio(tmp_path, scenario)
+    assert aio.cancels >= 1
+
+
+@pytest.mark.timeout(60)
+def test_aio_reset_cancels_a_stuck_data_in_and_its_csw(tmp_path: Path) -> None:
+    """A READ's data and CSW are queued at once; the host takes 4 KiB and resets.
+    Nothing of that READ (data or CSW) may reach the host after the reset."""
+
+    def scenario(h: AioHost) -> None:
+        h.ep0.events.put(Ep0Event(EventType.ENABLE))
+        h.out.send(make_cbw(1, 0, False, TUR))
+        read_csw(h.inp, 1)
+        h.out.send(make_cbw(2, 2 << 20, True, read10(0, 4096)))
+        recv_exact(h.inp, 4096)
+        deadline = time.monotonic() + 10
+        while h.front._in_flight_in == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the queued data-in is the only observable
+        assert h.front._in_flight_in
+        assert h.ep0.setup(0x21, 0xFF, 0) == ("reply", b"")
+        assert h.aio.cancels >= 1
+        h.inp.setblocking(False)
+        try:
+            while h.inp.recv(65536):
+                pass
+        except BlockingIOError:
+            pass
+        h.inp.setblocking(True)
+        h.out.send(make_cbw(3, 0, False, TUR))
+        assert read_csw(h.inp, 3) == 0  # a CSW of the new command, not leftovers
+
+    serve_aio(tmp_path, scenario)
+
+
+@pytest.mark.timeout(60)
+def test_aio_overlong_cbw_stalls_until_reset_and_stop_ends_the_wait(tmp_path: Path) -> None:
+    def scenario(h: AioHost) -> None:
+        h.ep0.events.put(Ep0Event(EventType.ENABLE))
+        h.out.send(make_cbw(1, 0, False, TUR))
+        read_csw(h.inp, 1)
+        h.aio.overflow_next = True
+        h.out.send(make_cbw(2, 0, False, TUR))
+        deadline = time.monotonic() + 10
+        while h.front.bot.state.value != "needs-reset" and time.monotonic() < deadline:
+            time.sleep(0.01)  # the stall is the only observable
+        assert h.front.bot.state.value == "needs-reset"
+        assert h.ep0.setup(0x21, 0xFF, 0) == ("reply", b"")
+        h.out.send(make_cbw(3, 0, False, TUR))
+        assert read_csw(h.inp, 3) == 0
+        # the loop now waits for the next CBW; stop() (in serve_aio) must end it
+
+    started = time.monotonic()
+    serve_aio(tmp_path, scenario)
+    assert time.monotonic() - started < 10
