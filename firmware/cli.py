@@ -26,6 +26,7 @@ EXTENSIONS = (
     "firmware.console.cli",
     "firmware.notify.cli",
     "firmware.appliance",
+    "firmware.ssh_access",
 )
 
 

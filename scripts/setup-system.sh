@@ -11,6 +11,8 @@ packages=(
     e2fsprogs           # mkfs.ext4, e2fsck
     kmod                # modinfo, to order module dependencies
     snmptrapd           # SNMP trap receiver the notification tests send to
+    openssh-server      # sshd: the SSH access test logs in with a key it enabled
+    openssh-client      # ssh, ssh-keygen: the client side of that test
 )
 missing=()
 for p in "${packages[@]}"; do

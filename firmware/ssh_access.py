@@ -1,0 +1,246 @@
+"""SSH access to the appliance: off unless turned on at the console, keys only.
+
+The card image ships no host keys and no passwords (docs/image.md).  The ssh service
+runs only when the config partition holds `ssh/enabled` and a host key; sshd reads the
+host key and the administrators' public keys from there.  This module writes those
+files: a fresh Ed25519 host key per unit, the authorized keys checked line by line,
+then the flag, each file written atomically, with the partition read-write only while
+it writes.  `mirrorunit ssh status|enable|disable` and the console's action use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("mirrorunit.ssh")
+
+DEFAULT_CONFIG_DIR = "/config"
+HOST_KEY = "ssh_host_ed25519_key"
+AUTHORIZED_KEYS = "authorized_keys"
+ENABLED = "enabled"
+MAX_KEYS = 16
+#: Key types sshd accepts here; DSA is gone from OpenSSH and short RSA keys are refused.
+KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+             "ecdsa-sha2-nistp521", "ssh-rsa", "sk-ssh-ed25519@openssh.com")
+MIN_RSA_BITS = 2048
+
+Runner = Callable[[Sequence[str]], None]
+Remount = Callable[[bool], None]
+
+
+class SshSetupError(Exception):
+    """Refused input or a failed write; the message says which."""
+
+
+@dataclass(frozen=True)
+class SshState:
+    enabled: bool
+    host_key_fingerprint: str | None
+    authorized_keys: int
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "SSH off"
+        return (f"SSH on, {self.authorized_keys} authorized key(s), host key "
+                f"{self.host_key_fingerprint or 'missing'}")
+
+
+def parse_authorized_keys(text: str) -> list[str]:
+    """Plain `type base64 [comment]` lines, each a public key sshd can use.  Options
+    (`from=`, `command=`) are refused rather than half understood."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    keys: list[str] = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if parts[0] not in KEY_TYPES:
+            raise SshSetupError(f"line {n}: {parts[0][:40]!r} is not a supported public key "
+                                f"type (options before the key are not accepted)")
+        if len(parts) < 2:
+            raise SshSetupError(f"line {n}: the key data is missing")
+        if parts[0].startswith("sk-"):
+            keys.append(" ".join(parts[:3]))
+            continue
+        try:
+            key = load_ssh_public_key(f"{parts[0]} {parts[1]}".encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            raise SshSetupError(f"line {n}: the {parts[0]} key data is damaged") from None
+        if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+            raise SshSetupError(f"line {n}: RSA key of {key.key_size} bits; at least "
+                                f"{MIN_RSA_BITS} are needed")
+        comment = " ".join(parts[2:3])
+        keys.append(f"{parts[0]} {parts[1]}" + (f" {comment}" if comment else ""))
+    if not keys:
+        raise SshSetupError("no public key given: SSH allows keys only, no passwords")
+    if len(keys) > MAX_KEYS:
+        raise SshSetupError(f"{len(keys)} keys; at most {MAX_KEYS}")
+    return keys
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _host_key() -> tuple[bytes, bytes]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH)
+    return private, public + b" mirrorunit host key\n"
+
+
+def host_key_fingerprint(config_dir: Path) -> str | None:
+    """OpenSSH's `SHA256:...` form, what a client shows on first connection."""
+    import base64
+    import hashlib
+
+    try:
+        pub = (config_dir / "ssh" / (HOST_KEY + ".pub")).read_text(encoding="ascii").split()
+        blob = base64.b64decode(pub[1], validate=True)
+    except (OSError, IndexError, ValueError, UnicodeDecodeError):
+        return None
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def state(config_dir: Path) -> SshState:
+    ssh = config_dir / "ssh"
+    try:
+        keys = len(parse_authorized_keys((ssh / AUTHORIZED_KEYS).read_text(encoding="utf-8")))
+    except (OSError, SshSetupError, UnicodeDecodeError):
+        keys = 0
+    enabled = (ssh / ENABLED).exists() and (ssh / HOST_KEY).exists()
+    return SshState(enabled, host_key_fingerprint(config_dir), keys)
+
+
+def _systemctl(runner: Runner | None, verb: str) -> None:
+    if runner is None:
+        return
+    try:
+        runner(["systemctl", verb, "ssh.service"])
+    except (OSError, RuntimeError) as e:
+        log.warning("systemctl %s ssh.service: %s", verb, e)
+
+
+def enable(config_dir: Path, authorized_keys: str, *, remount: Remount | None = None,
+           runner: Runner | None = None) -> SshState:
+    """Turn SSH on with these public keys.  The input is checked before anything is
+    written; an existing host key is kept (clients already trust it)."""
+    keys = parse_authorized_keys(authorized_keys)
+    ssh = config_dir / "ssh"
+    if remount is not None:
+        remount(True)
+    try:
+        ssh.mkdir(mode=0o700, exist_ok=True)
+        if not (ssh / HOST_KEY).exists() or not (ssh / (HOST_KEY + ".pub")).exists():
+            private, public = _host_key()
+            _write_atomic(ssh / (HOST_KEY + ".pub"), public, 0o644)
+            _write_atomic(ssh / HOST_KEY, private, 0o600)
+        _write_atomic(ssh / AUTHORIZED_KEYS, ("\n".join(keys) + "\n").encode("ascii"), 0o600)
+        _write_atomic(ssh / ENABLED, b"", 0o644)
+        _sync_dir(ssh)
+    except OSError as e:
+        raise SshSetupError(f"cannot write {ssh}: {e.strerror or e}") from None
+    finally:
+        if remount is not None:
+            remount(False)
+    log.warning("SSH enabled with %d authorized key(s)", len(keys))
+    _systemctl(runner, "restart")
+    return state(config_dir)
+
+
+def disable(config_dir: Path, *, remount: Remount | None = None,
+            runner: Runner | None = None) -> SshState:
+    """Turn SSH off: the flag goes; keys stay so turning it on again keeps the host key."""
+    flag = config_dir / "ssh" / ENABLED
+    if flag.exists():
+        if remount is not None:
+            remount(True)
+        try:
+            flag.unlink()
+            _sync_dir(flag.parent)
+        except OSError as e:
+            raise SshSetupError(f"cannot remove {flag}: {e.strerror or e}") from None
+        finally:
+            if remount is not None:
+                remount(False)
+        log.warning("SSH disabled")
+    _systemctl(runner, "stop")
+    return state(config_dir)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _run(argv: Sequence[str]) -> None:
+    import subprocess
+
+    r = subprocess.run(list(argv), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr.strip() or f"exit {r.returncode}")
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    from .config.mount import RemountHook
+
+    config_dir = Path(args.config_dir)
+    remount = RemountHook(str(config_dir / "ssh"))
+    runner = None if args.no_service else _run
+    try:
+        if args.ssh_command == "enable":
+            text = sys.stdin.read() if args.keys == "-" else Path(args.keys).read_text()
+            st = enable(config_dir, text, remount=remount, runner=runner)
+        elif args.ssh_command == "disable":
+            st = disable(config_dir, remount=remount, runner=runner)
+        else:
+            st = state(config_dir)
+    except (SshSetupError, OSError, UnicodeDecodeError) as e:
+        print(f"mirrorunit ssh {args.ssh_command}: {e}", file=sys.stderr)
+        return 1
+    print(st.describe())
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("ssh", help="SSH access (off unless enabled; public keys only)")
+    p.add_argument("--config-dir", default=DEFAULT_CONFIG_DIR, metavar="DIR",
+                   help="the config partition's mount point")
+    p.add_argument("--no-service", action="store_true",
+                   help="write the files only; do not start or stop ssh.service")
+    s = p.add_subparsers(dest="ssh_command", required=True)
+    s.add_parser("status", help="on or off, host key fingerprint, number of keys")
+    e = s.add_parser("enable", help="turn SSH on for these public keys")
+    e.add_argument("--keys", required=True, metavar="FILE",
+                   help="authorized_keys text ('-' for stdin)")
+    s.add_parser("disable", help="turn SSH off (the host key is kept)")
+    p.set_defaults(func=_cmd)
