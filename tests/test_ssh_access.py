@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGE_SSHD = REPO / "image/rootfs/etc/ssh/sshd_config.d/mirrorunit.conf"
 needs_openssh = pytest.mark.skipif(
     any(shutil.which(t) is None for t in ("ssh-keygen", "ssh"))
-    or not Path("/usr/sbin/sshd").exists(), reason="OpenSSH missing: scripts/setup-system.sh installs it")
+    or not Path("/usr/sbin/sshd").exists(),
+    reason="OpenSSH missing: scripts/setup-system.sh installs it")
 
 
 def _client_key(tmp: Path, kind: str = "ed25519", bits: int | None = None) -> tuple[Path, str]:
