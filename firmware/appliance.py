@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .fsutil import write_atomic
+
 log = logging.getLogger("mirrorunit.appliance")
 
 #: Where first boot records which devices hold the buffer and the data.
@@ -182,16 +184,7 @@ def _persist(src: Path, dst: Path, remount: Callable[[bool], None] | None) -> No
     if remount is not None:
         remount(True)
     try:
-        tmp = dst.with_name(dst.name + ".tmp")
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-        fd = os.open(dst.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomic(dst, src.read_bytes(), 0o600)
     except OSError as e:
         log.error("cannot save the pinned peers on the config partition: %s", e)
     finally:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .fsutil import fsync_dir, write_atomic
 
 log = logging.getLogger("mirrorunit.ssh")
 
@@ -88,26 +89,6 @@ def parse_authorized_keys(text: str) -> list[str]:
     return keys
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _host_key() -> tuple[bytes, bytes]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -164,11 +145,10 @@ def enable(config_dir: Path, authorized_keys: str, *, remount: Remount | None = 
         ssh.mkdir(mode=0o700, exist_ok=True)
         if not (ssh / HOST_KEY).exists() or not (ssh / (HOST_KEY + ".pub")).exists():
             private, public = _host_key()
-            _write_atomic(ssh / (HOST_KEY + ".pub"), public, 0o644)
-            _write_atomic(ssh / HOST_KEY, private, 0o600)
-        _write_atomic(ssh / AUTHORIZED_KEYS, ("\n".join(keys) + "\n").encode("ascii"), 0o600)
-        _write_atomic(ssh / ENABLED, b"", 0o644)
-        _sync_dir(ssh)
+            write_atomic(ssh / (HOST_KEY + ".pub"), public, 0o644)
+            write_atomic(ssh / HOST_KEY, private, 0o600)
+        write_atomic(ssh / AUTHORIZED_KEYS, ("\n".join(keys) + "\n").encode("ascii"), 0o600)
+        write_atomic(ssh / ENABLED, b"", 0o644)
     except OSError as e:
         raise SshSetupError(f"cannot write {ssh}: {e.strerror or e}") from None
     finally:
@@ -188,7 +168,7 @@ def disable(config_dir: Path, *, remount: Remount | None = None,
             remount(True)
         try:
             flag.unlink()
-            _sync_dir(flag.parent)
+            fsync_dir(flag.parent)
         except OSError as e:
             raise SshSetupError(f"cannot remove {flag}: {e.strerror or e}") from None
         finally:
