@@ -41,6 +41,7 @@ ENABLED_UNITS = [
     "var.mount", "mirrorunit-firstboot.service", "mirrorunit-hostname.service",
     "mirrorunit-gadget.service", "mirrorunit-local.service", "mirrorunit-remote.service",
     "mirrorunit-ups.service", "mirrorunit-notify.service", "mirrorunit-boot-report.service",
+    "mirrorunit-network.service",
     "systemd-networkd.service", "systemd-resolved.service", "systemd-timesyncd.service",
     "ssh.service",
 ]

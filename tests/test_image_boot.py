@@ -189,6 +189,9 @@ def test_boot_to_console(tmp_path: Path) -> None:
     assert "firstboot.done" in report and "storage.env" in report
     host = re.search(r"^hostname (mirrorunit-[0-9a-f]{8})$", report, re.M)
     assert host
+    # the network settings reached systemd-networkd before it started (blank config: DHCP)
+    assert units["mirrorunit-network"]["result"] == "success"
+    assert re.search(r"^DHCP=yes$", _section(report, "network"), re.M)
     # the local role's service starts from the config and the storage map first boot wrote
     local = _section(report, "local role")
     assert re.search(r"^local --frontend usb .*--disk /dev/disk/by-partuuid/\S+-07 "
