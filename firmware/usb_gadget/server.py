@@ -88,9 +88,9 @@ _REQUEST_TYPE_CLASS = 0x20
 #: busy while bounding the memory held.
 IN_QUEUE_DEPTH = 3
 GIL_SWITCH_INTERVAL = 0.0002
-#: AIO: data-out reads kept posted ahead, so the medium write of one piece
+#: AIO: data-out reads kept posted ahead (a whole 1 MiB command), so the medium write of one piece
 #: overlaps the transfer of the next ones (each holds a CHUNK_SIZE buffer).
-AIO_OUT_DEPTH = 2
+AIO_OUT_DEPTH = 4
 #: AIO: data-in writes queued at once (f_fs holds a kernel copy of each).
 AIO_IN_DEPTH = 4
 #: How long a reset waits for cancelled transfers to report back.
