@@ -156,7 +156,7 @@ def test_first_boot_forces_the_admin_password(env: dict[str, Any]) -> None:
     t.wait("The two entries differ")
     t.line(PASSWORD)
     t.line(PASSWORD)
-    t.wait("main menu", "1  Status", "9  Log", "Admin password saved")
+    t.wait("main menu", "1  Status", " 0  Log", "Admin password saved")
     cfg = store(env["cfg"]).load().config
     assert cfg is not None and cfg["admin.password_hash"].startswith("$scrypt$")
 
@@ -341,7 +341,7 @@ def test_peers_pairing_and_log(env: dict[str, Any]) -> None:
                           "fingerprint": "12" * 32}]
         t.send(ESC)
         t.wait("main menu")
-        t.send("9")
+        t.send("0")
         t.wait("log line 99")
         assert "log line 50" not in t.text
         for _ in range(30):
@@ -493,3 +493,39 @@ def test_recovery_applies_the_typed_network_before_asking_the_peer(
     t.send("s")
     t.wait("Cannot apply the network settings:", "Connection timed out")
     assert "Admin password of this unit" not in t.text
+
+
+def test_ssh_is_off_until_enabled_with_a_key(env: dict[str, Any]) -> None:
+    import subprocess
+
+    with_password(env["cfg"])
+    key = env["tmp"] / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ops@desk", "-f",
+                    str(key)], check=True)
+    pub = key.with_name("id_ed25519.pub").read_text().strip()
+    ssh_dir = env["tmp"] / "part"
+    ssh_dir.mkdir()
+    t = env["start"]("--ssh-dir", str(ssh_dir), "--no-ssh-service")
+    t.wait("main menu", " 9  SSH access", " 0  Log")
+    t.send("9")
+    t.wait("SSH is OFF", "Host key  none yet")
+    t.send("e")
+    t.wait("Admin password:")
+    t.line(PASSWORD)
+    t.wait("Paste one public key")
+    t.line("ssh-ed25519 not-a-key")
+    t.wait("Refused: line 1: the ssh-ed25519 key data is damaged. Nothing changed.")
+    assert not (ssh_dir / "ssh").exists()
+    t.send("e")
+    t.wait("Paste one public key")
+    t.line(pub)
+    t.wait("SSH on. Host key SHA256:")
+    assert (ssh_dir / "ssh" / "enabled").exists()
+    assert (ssh_dir / "ssh" / "authorized_keys").read_text().split()[:2] == pub.split()[:2]
+    t.wait("SSH is ON, 1 authorized key(s)")
+    t.send("d")
+    t.wait("Really turn SSH off? [y/N]")
+    t.send("y")
+    t.wait("SSH off.", "SSH is OFF")
+    assert not (ssh_dir / "ssh" / "enabled").exists()
+

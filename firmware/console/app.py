@@ -14,7 +14,7 @@ import logging
 import shlex
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,11 @@ class ConsoleSettings:
     apply_network: Callable[[Config], str] | None = None
     own_fingerprint: str | None = None
     refresh_s: float = 2.0
+    #: The config partition's directory, where SSH access is kept (firmware.ssh_access);
+    #: None hides nothing but says SSH cannot be set here.
+    ssh_dir: Path | None = None
+    #: Start/stop ssh.service after a change (None: files only, e.g. in tests).
+    ssh_runner: Callable[[Sequence[str]], None] | None = None
 
 
 def _cursor(visibility: int) -> None:
@@ -312,12 +317,12 @@ class Console:
                  ("Buffer and volume", self.buffer_screen),
                  ("Cache mode", self.cache_screen), ("Notifications", self.notify_screen),
                  ("Admin password", self.password_screen), ("Actions", self.actions_screen),
-                 ("Log", self.log_screen)]
+                 ("SSH access", self.ssh_screen), ("Log", self.log_screen)]
         sel = 0
         while True:
-            self.frame("main menu", "1-9 or arrows + Enter: open")
+            self.frame("main menu", "1-9, 0 or arrows + Enter: open")
             for i, (label, _) in enumerate(items):
-                self.put(2 + i, 4, f"{i + 1}  {label}",
+                self.put(2 + i, 3, f"{(i + 1) % 10:>2}  {label}",
                          curses.A_REVERSE if i == sel else 0)
             self.scr.refresh()
             k = self.key()
@@ -325,8 +330,8 @@ class Console:
                 sel = (sel - 1) % len(items)
             elif k in DOWN_KEYS:
                 sel = (sel + 1) % len(items)
-            elif ord("1") <= k <= ord("9"):
-                sel = k - ord("1")
+            elif ord("0") <= k <= ord("9") and (k - ord("1")) % 10 < len(items):
+                sel = (k - ord("1")) % 10
                 self.say("")
                 items[sel][1]()
             elif k in ENTER_KEYS:
@@ -804,6 +809,49 @@ class Console:
                     self.say(act())
                 except ControlError as e:
                     self.say(f"{label} failed: {e}")
+
+    def ssh_screen(self) -> None:
+        from ..ssh_access import SshSetupError, disable, enable, state
+
+        while True:
+            self.frame("SSH access", "e: enable with a public key   d: disable   Esc: back")
+            if self.s.ssh_dir is None:
+                self.put(2, 2, "SSH cannot be set up here (no config partition given).")
+            else:
+                st = state(self.s.ssh_dir)
+                self.put(2, 2, "SSH is " + ("ON" if st.enabled else "OFF") +
+                         (f", {st.authorized_keys} authorized key(s)" if st.enabled else ""))
+                self.put(3, 2, f"Host key  {st.host_key_fingerprint or 'none yet'}")
+                self.put(5, 2, "Public keys only, no passwords. Log in as root with the key.")
+            self.scr.refresh()
+            k = self.key()
+            if k in (ESC, ord("q")):
+                return
+            if self.s.ssh_dir is None or k not in (ord("e"), ord("d")):
+                continue
+            if k == ord("d") and not self.confirm("Really turn SSH off?"):
+                self.say("Cancelled.")
+                continue
+            if not self.unlock():
+                continue
+            from ..config.mount import RemountHook
+
+            remount = RemountHook(str(self.s.ssh_dir / "ssh"))
+            try:
+                if k == ord("d"):
+                    st = disable(self.s.ssh_dir, remount=remount, runner=self.s.ssh_runner)
+                    self.say(st.describe() + ".")
+                    continue
+                self.frame("SSH access", "Enter: enable   Esc: cancel")
+                self.put(2, 2, "Paste one public key (ssh-ed25519 AAAA... comment):")
+                text = self.edit_line(4, 2, width=min(76, self.w - 3))
+                if text is None:
+                    self.say("Cancelled: nothing changed.")
+                    continue
+                st = enable(self.s.ssh_dir, text, remount=remount, runner=self.s.ssh_runner)
+                self.say(f"SSH on. Host key {st.host_key_fingerprint}")
+            except SshSetupError as e:
+                self.say(f"Refused: {e}. Nothing changed.")
 
     def run_command(self, argv: list[str]) -> str:
         try:

@@ -29,6 +29,11 @@ def register(sub: Any) -> None:
     p.add_argument("--state-dir", default=None, metavar="DIR",
                    help="this unit's link state directory, where recovery restores its "
                         "identity (default: 'link' beside the config partition)")
+    p.add_argument("--ssh-dir", default=None, metavar="DIR",
+                   help="where SSH access is kept (default: the config partition's "
+                        "directory)")
+    p.add_argument("--no-ssh-service", action="store_true",
+                   help="change the SSH files only; do not start or stop ssh.service")
     p.add_argument("--cert", default=None, metavar="PEM",
                    help="this unit's certificate, to show its fingerprint")
     from ..config.cli import add_network_options
@@ -51,6 +56,14 @@ def _fingerprint(path: str | None) -> str | None:
         return None
 
 
+def _ssh_service(argv: Any) -> None:
+    import subprocess
+
+    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr.strip() or f"exit {r.returncode}")
+
+
 def cmd_console(args: argparse.Namespace) -> int:
     from ..config.backup import file_source
     from ..config.cli import network_hook, open_store
@@ -70,7 +83,10 @@ def cmd_console(args: argparse.Namespace) -> int:
         reboot=shlex.split(args.reboot_command), poweroff=shlex.split(args.poweroff_command),
         log_lines=file_log(args.log_file) if args.log_file else command_log(args.log_command),
         backup_source=file_source(args.backup_file) if args.backup_file else None,
-        own_fingerprint=_fingerprint(args.cert), apply_network=network_hook(args))
+        own_fingerprint=_fingerprint(args.cert), apply_network=network_hook(args),
+        ssh_dir=Path(args.ssh_dir) if args.ssh_dir else
+        Path(store.settings.path).resolve().parent,
+        ssh_runner=None if args.no_ssh_service else _ssh_service)
     try:
         run_console(settings)
     except KeyboardInterrupt:
