@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from ..fsutil import write_atomic
 from .errors import ConfigError, ConfigStoreError, WrongPassword
 from .password import check_admin_password
 from .schema import Config
@@ -75,22 +76,9 @@ def seal_config(store: ConfigStore, admin_password: str,
 
 
 def write_blob(path: str | os.PathLike[str], blob: bytes) -> None:
-    """Replace the blob at `path` atomically (write, fsync, rename, fsync dir), so a
-    power cut leaves the old blob or the new one, never a torn one."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, blob)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, p)
-    dfd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Replace the blob at `path` atomically, so a power cut leaves the old blob or the
+    new one, never a torn one."""
+    write_atomic(path, blob, 0o600)
 
 
 def read_blob(path: str | os.PathLike[str]) -> bytes | None:

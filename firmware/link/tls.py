@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from firmware.fsutil import write_atomic
 from firmware.link.errors import PeerNotPinned, TlsIdentityError
 
 log = logging.getLogger(__name__)
@@ -60,28 +61,6 @@ def normalize_fingerprint(text: str) -> str:
     if len(hexdigits) != 64:
         raise ValueError(f"a SHA-256 fingerprint has 64 hex digits, got {len(hexdigits)}")
     return ":".join(hexdigits[i : i + 2] for i in range(0, 64, 2))
-
-
-def _write_private(path: Path, data: bytes, mode: int) -> None:
-    """Write atomically, with `mode` from the first byte on (no window where a key is
-    world-readable)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.unlink()
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 @dataclass(frozen=True)
@@ -130,8 +109,8 @@ def load_or_create_identity(state_dir: Path, common_name: str) -> Identity:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _write_private(key_path, key_pem, 0o600)
-        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(key_path, key_pem, 0o600)
+        write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         log.info("created link identity %s, fingerprint %s", common_name, fingerprint(
             cert.public_bytes(serialization.Encoding.DER)))
     mode = key_path.stat().st_mode & 0o777
@@ -226,7 +205,7 @@ class PeerStore:
             },
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _write_private(self.path, json.dumps(doc, indent=1, sort_keys=True).encode(), 0o644)
+        write_atomic(self.path, json.dumps(doc, indent=1, sort_keys=True).encode(), 0o644)
 
     def pin(
         self, name: str, cert_der: bytes, expected_fingerprint: str | None = None
@@ -367,10 +346,10 @@ def install_identity(state_dir: Path, key_pem: bytes, cert_pem: bytes,
         if not isinstance(doc, dict) or doc.get("version") != PEERS_FORMAT_VERSION:
             raise TlsIdentityError("the pinned peers to install are of an unknown format")
     state_dir.mkdir(parents=True, exist_ok=True)
-    _write_private(state_dir / KEY_FILE, key_pem, 0o600)
-    _write_private(state_dir / CERT_FILE, cert_pem, 0o644)
+    write_atomic(state_dir / KEY_FILE, key_pem, 0o600)
+    write_atomic(state_dir / CERT_FILE, cert_pem, 0o644)
     if peers is not None:
-        _write_private(state_dir / PEERS_FILE, peers, 0o644)
+        write_atomic(state_dir / PEERS_FILE, peers, 0o644)
     log.warning("installed link identity %s from a sealed backup",
                 fingerprint(cert.public_bytes(serialization.Encoding.DER)))
     return load_or_create_identity(state_dir, "unused")
