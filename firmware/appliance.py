@@ -30,6 +30,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,58 @@ def _persist(src: Path, dst: Path, remount: Callable[[bool], None] | None) -> No
             remount(False)
 
 
+class PinKeeper:
+    """Saves pins the running unit adds to its working state directory (a remote pins a
+    local whose fingerprint its config lists when the local offers its certificate) onto
+    the config partition, so they survive a reboot.  Polls: the unit writes the file
+    atomically, and a pin every few seconds at most is not worth inotify."""
+
+    def __init__(self, work: Path, persistent: Path,
+                 remount: Callable[[bool], None] | None, interval: float = 2.0) -> None:
+        from .link.tls import PEERS_FILE
+
+        self.src, self.dst = work / PEERS_FILE, persistent / PEERS_FILE
+        self.remount, self.interval = remount, interval
+        self._seen = self._stamp()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.src.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def poll(self) -> bool:
+        """Save the working pins if they changed since the last look; True if saved."""
+        stamp = self._stamp()
+        if stamp is None or stamp == self._seen:
+            return False
+        self._seen = stamp
+        try:
+            if self.dst.exists() and self.dst.read_bytes() == self.src.read_bytes():
+                return False
+        except OSError:
+            pass
+        _persist(self.src, self.dst, self.remount)
+        log.info("pinned peers saved to %s", self.dst.parent)
+        return True
+
+    def start(self) -> None:
+        def loop() -> None:
+            while not self._stop.wait(self.interval):
+                self.poll()
+        self._thread = threading.Thread(target=loop, name="pin-keeper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.poll()
+
+
 # --------------------------------------------------------------------------- arguments
 
 
@@ -298,8 +351,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(shlex.join(argv))
         return 0
     from .cli import main
+    from .config.mount import RemountHook
 
-    return main(argv)
+    keeper = PinKeeper(Path(args.run_dir) / f"{args.role}-link", link_dir_of(args.config),
+                       RemountHook(args.config))
+    keeper.start()
+    try:
+        return main(argv)
+    finally:
+        keeper.stop()
 
 
 def _cmd_role_is(args: argparse.Namespace) -> int:

@@ -238,3 +238,20 @@ def test_remote_options(unit: dict[str, Any], tmp_path: Path) -> None:
     build_parser().parse_args(argv)
     assert _opt(argv, "--listen") == [f"0.0.0.0:{appliance.DEFAULT_LINK_PORT}"]
     assert _opt(argv, "--store") == [str(tmp_path / "store")]
+
+
+def test_pins_the_running_unit_adds_are_saved_on_the_config_partition(
+        unit: dict[str, Any], tmp_path: Path) -> None:
+    persistent = unit["part"] / "link"
+    work = appliance.working_state_dir(persistent, unit["run"] / "remote-link")
+    remounts: list[bool] = []
+    keeper = appliance.PinKeeper(work, persistent, remounts.append)
+    assert not keeper.poll() and remounts == []
+    other, name = unit_identity(tmp_path / "a-local", "mirrorunit-00001111")
+    PeerStore.in_dir(work).pin(name, other.cert_der)  # what a PAIR_OFFER does at run time
+    assert keeper.poll()
+    assert remounts == [True, False]
+    saved = PeerStore.in_dir(persistent).get(name)
+    assert saved is not None and saved.cert_der == other.cert_der
+    assert not keeper.poll() and remounts == [True, False]  # unchanged: not written again
+
