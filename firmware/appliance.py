@@ -270,9 +270,9 @@ def local_argv(cfg: Any, storage: Storage, *, store_path: str, state_dir: Path,
 
 
 def remote_argv(cfg: Any, *, store_path: str, state_dir: Path, store_dir: Path,
-                listen_port: int = DEFAULT_LINK_PORT) -> list[str]:
+                control: str, listen_port: int = DEFAULT_LINK_PORT) -> list[str]:
     return ["remote", "--listen", f"0.0.0.0:{listen_port}", "--store", str(store_dir),
-            "--state-dir", str(state_dir), "--config", store_path]
+            "--state-dir", str(state_dir), "--config", store_path, "--control", control]
 
 
 # --------------------------------------------------------------------------- data partition
@@ -337,6 +337,7 @@ def _prepare(args: argparse.Namespace, role: str) -> list[str]:
     storage = read_storage_env(args.storage_env)
     store_dir = mount_store(storage.data, Path(args.run_dir) / "store")
     return remote_argv(cfg, store_path=args.config, state_dir=work, store_dir=store_dir,
+                       control=str(Path(args.run_dir) / "remote.sock"),
                        listen_port=args.link_port)
 
 

@@ -234,10 +234,11 @@ def test_remote_refuses_a_partition_holding_something_else(tmp_path: Path) -> No
 def test_remote_options(unit: dict[str, Any], tmp_path: Path) -> None:
     argv = appliance.remote_argv(appliance.load_config(str(unit["slots"])),
                                  store_path=str(unit["slots"]), state_dir=tmp_path / "w",
-                                 store_dir=tmp_path / "store")
+                                 store_dir=tmp_path / "store", control="/run/x/remote.sock")
     build_parser().parse_args(argv)
     assert _opt(argv, "--listen") == [f"0.0.0.0:{appliance.DEFAULT_LINK_PORT}"]
     assert _opt(argv, "--store") == [str(tmp_path / "store")]
+    assert _opt(argv, "--control") == ["/run/x/remote.sock"]
 
 
 def test_pins_the_running_unit_adds_are_saved_on_the_config_partition(
