@@ -346,9 +346,8 @@ class UsbFrontEnd:
 
     def _interrupt_bulk_loop(self) -> None:
         if self._aio is not None:
-            # The AIO loop only ever waits on the completion eventfd.
+            # The AIO loop waits on the completion eventfd, or in a blocking read.
             self._aio.context.wake()
-            return
         if self._can_interrupt and self._bulk_thread is not None:
             signal.pthread_kill(self._bulk_thread, INTERRUPT_SIGNAL)
 
@@ -575,12 +574,9 @@ class UsbFrontEnd:
         if isinstance(action, SendCSW):
             if not self._aio_drop_data_reads(generation):
                 return _SUPERSEDED
-            # The CSW and the next CBW read go down together: the host's next CBW
-            # finds a request waiting, whenever the CSW reaches it.
-            batch = [self._write(action.data, "csw", generation)]
-            if self._cbw_read is None:
-                batch.append(self._cbw_transfer(generation))
-            self._aio_submit(batch)
+            # Queued, not waited for: the machine turns to the next CBW at once, so
+            # its read is posted right behind the CSW.
+            self._aio_submit([self._write(action.data, "csw", generation)])
             return None
         if isinstance(action, StallIn):
             # A UDC refuses to halt an IN endpoint with requests queued: let the
@@ -599,23 +595,37 @@ class UsbFrontEnd:
         return None
 
     def _aio_receive_cbw(self, generation: int) -> object:
-        if self._cbw_read is None:
-            self._aio_submit([self._cbw_transfer(generation)])
-        t = self._cbw_read
-        assert t is not None
-        if not self._aio_until(lambda: t.done, generation):
-            return _SUPERSEDED
-        self._cbw_read = None
-        self._counts["commands"] += 1
-        assert t.result is not None
-        if t.result == -errno.EOVERFLOW:
+        # A read we wait for at once, alone on the endpoint, is a blocking read:
+        # f_fs completes an AIO read through a workqueue and then the eventfd, two
+        # wake-ups where a blocking read has one (measured: +10-25 % per command
+        # under TCG).  A reset interrupts it with the signal, as in the
+        # synchronous loop.
+        try:
+            n = self._blocking_read(self._cbw_buffer, generation)
+        except OSError as exc:
+            if exc.errno != errno.EOVERFLOW:
+                raise
             # The host sent more than any CBW can be: hand the machine an
             # over-long one so it stalls and waits for reset recovery.
             log.warning("bulk-out overflow where a CBW was expected")
             return bytes(CBW_BUFFER + 1)
-        if t.result < 0:
-            raise OSError(-t.result, os.strerror(-t.result))
-        return bytes(t.data())
+        if n is None:
+            return _SUPERSEDED
+        self._counts["commands"] += 1
+        return bytes(self._cbw_buffer[:n])
+
+    def _blocking_read(self, buffer: memoryview, generation: int) -> int | None:
+        """One bulk-out transfer in this thread; None when a new course interrupted it."""
+        assert self._bulk_out is not None
+        try:
+            self._blocked_for = generation
+            if self._stopping or generation != self._generation:
+                return None
+            return self._bulk_out.read_into(buffer)
+        except _Interrupted:
+            return None
+        finally:
+            self._blocked_for = None
 
     def _aio_receive_data(self, length: int, generation: int) -> object:
         if not self._data_reads:
@@ -623,6 +633,25 @@ class UsbFrontEnd:
                 plan = self.bot.data_out_plan()
             if not plan or plan[0] != length:
                 plan = [length]
+            if len(plan) == 1:
+                # Nothing to pipeline: a blocking read (see _aio_receive_cbw).
+                buffer = self._buffers.pop() if self._buffers else bytearray(self._chunk)
+                view = memoryview(buffer)[:length]
+                try:
+                    n = self._blocking_read(view, generation)
+                except OSError:
+                    self._buffers.append(buffer)
+                    raise
+                if n is None:
+                    self._buffers.append(buffer)
+                    return _SUPERSEDED
+                self._counts["bytes_out"] += n
+                t = Transfer(self._aio.out_fd if self._aio else -1, True, view, length,
+                             ("data-out", generation), result=n)
+                if n <= _COPY_LIMIT:
+                    self._release(t)
+                    return bytes(view[:n])
+                return t
             self._read_plan = collections.deque(plan)
             self._aio_post_reads(generation)
         t = self._data_reads[0]

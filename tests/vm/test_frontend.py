@@ -429,6 +429,7 @@ class AioHost:
     inp: socket.socket
     aio: FakeAio
     device: FileBlockDevice
+    bulk_out: SocketPipe
 
 
 def serve_aio(tmp_path: Path, scenario: Callable[[AioHost], None],
@@ -445,7 +446,8 @@ def serve_aio(tmp_path: Path, scenario: Callable[[AioHost], None],
     dev_in.setblocking(False)
     aio = FakeAio()
     errors: list[BaseException] = []
-    player = AioHost(front, ep0, host_out, host_in, aio, device)
+    bulk_out = SocketPipe(dev_out)
+    player = AioHost(front, ep0, host_out, host_in, aio, device, bulk_out)
 
     def host() -> None:
         try:
@@ -457,7 +459,7 @@ def serve_aio(tmp_path: Path, scenario: Callable[[AioHost], None],
 
     thread = threading.Thread(target=host)
     front.serve_endpoints(
-        ep0, SocketPipe(dev_in), SocketPipe(dev_out),
+        ep0, SocketPipe(dev_in), bulk_out,
         on_started=thread.start,
         on_stopping=lambda: ep0.events.put(Ep0Event(EventType.UNBIND)),
         aio=AioEndpoints(aio, dev_in.fileno(), dev_out.fileno()),
@@ -559,7 +561,7 @@ def test_aio_overlong_cbw_stalls_until_reset_and_stop_ends_the_wait(tmp_path: Pa
         h.ep0.events.put(Ep0Event(EventType.ENABLE))
         h.out.send(make_cbw(1, 0, False, TUR))
         read_csw(h.inp, 1)
-        h.aio.overflow_next = True
+        h.bulk_out.overflow_next = True  # CBWs are read with a blocking read
         h.out.send(make_cbw(2, 0, False, TUR))
         deadline = time.monotonic() + 10
         while h.front.bot.state.value != "needs-reset" and time.monotonic() < deadline:
