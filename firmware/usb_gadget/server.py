@@ -717,6 +717,7 @@ class UsbFrontEnd:
         assert self._aio is not None
         if not batch:
             return
+        self._aio_collect()
         try:
             queued = self._aio.context.submit(batch)
         except OSError:
@@ -739,6 +740,13 @@ class UsbFrontEnd:
     def _aio_wait(self, timeout: float | None = None) -> bool:
         assert self._aio is not None
         woke = self._aio.context.wait(timeout)
+        self._aio_collect()
+        return woke
+
+    def _aio_collect(self) -> None:
+        """Take the events that arrived (without waiting): they must not pile up,
+        the context's ring refuses new requests (EAGAIN) once full."""
+        assert self._aio is not None
         for t in self._aio.context.reap():
             if not t.is_read:
                 self._in_flight_in -= 1
@@ -749,7 +757,6 @@ class UsbFrontEnd:
             elif t in self._orphans:
                 self._orphans.discard(t)
                 self._release(t)
-        return woke
 
     def _aio_until(self, ready: Callable[[], bool], generation: int) -> bool:
         """Wait for completions until ready(); False if the course changed first."""

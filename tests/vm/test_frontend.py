@@ -333,7 +333,13 @@ class FakeAio:
         with self._lock:
             return list(self._flight.values())
 
+    #: like io_setup's nr_events: requests in flight plus events not reaped yet
+    max_events = 16
+
     def submit(self, transfers: list[Transfer]) -> int:
+        with self._lock:
+            if len(self._flight) + len(transfers) > self.max_events:
+                raise OSError(errno.EAGAIN, "AIO ring full: events not reaped")
         for t in transfers:
             t.result = None
             if not t.is_read:
@@ -499,6 +505,12 @@ def test_aio_pipelined_write_and_read_back(tmp_path: Path) -> None:
         h.out.send(make_cbw(3, len(payload), True, read10(8, len(payload) // 512)))
         assert recv_exact(h.inp, len(payload)) == payload
         assert read_csw(h.inp, 3) == 0
+        # more commands than the ring holds events: completions must be reaped
+        # even when nothing waits for them
+        for tag in range(4, 4 + 3 * FakeAio.max_events):
+            h.out.send(make_cbw(tag, 512, False, write10(0, 1)))
+            h.out.send(payload[:512])
+            assert read_csw(h.inp, tag) == 0
 
     aio = serve_aio(tmp_path, scenario)
     # the next pieces were posted while one went to the medium (plus no CBW read)
