@@ -197,8 +197,6 @@ class UsbFrontEnd:
         self._writer_thread: int | None = None
         # -- AIO bulk side (only the bulk loop touches these) --
         self._aio: AioEndpoints | None = None
-        #: the posted CBW read (done or not) not yet handed to the machine
-        self._cbw_read: Transfer | None = None
         #: data-out reads posted ahead, in wire order
         self._data_reads: collections.deque[Transfer] = collections.deque()
         #: lengths of the data-out reads still to post
@@ -702,13 +700,6 @@ class UsbFrontEnd:
         self._read_plan.clear()
         return True
 
-    def _cbw_transfer(self, generation: int) -> Transfer:
-        assert self._aio is not None
-        t = Transfer(self._aio.out_fd, True, bytearray(CBW_BUFFER), CBW_BUFFER,
-                     ("cbw", generation))
-        self._cbw_read = t
-        return t
-
     def _write(self, data: bytes | memoryview, kind: str, generation: int) -> Transfer:
         assert self._aio is not None
         return Transfer(self._aio.in_fd, False, data, len(data), (kind, generation))
@@ -725,15 +716,15 @@ class UsbFrontEnd:
             raise
         finally:
             for t in batch[queued:]:
-                if t is self._cbw_read:
-                    self._cbw_read = None
-                elif t.is_read:
-                    self._release(t)
+                # never reached the kernel: the buffer is free again
+                base = t.buffer.obj if isinstance(t.buffer, memoryview) else None
+                if t.is_read and isinstance(base, bytearray):
+                    self._buffers.append(base)
             for t in batch[:queued]:
-                if not t.is_read:
-                    self._in_flight_in += 1
-                elif t is not self._cbw_read:
+                if t.is_read:
                     self._data_reads.append(t)
+                else:
+                    self._in_flight_in += 1
         if queued < len(batch):
             raise OSError(errno.ESHUTDOWN, "endpoint refused a queued transfer")
 
@@ -784,14 +775,13 @@ class UsbFrontEnd:
                             context.in_flight)
                 break
             self._aio_wait(left)
-        for t in [*self._data_reads, *([self._cbw_read] if self._cbw_read else [])]:
+        for t in self._data_reads:
             if t.done:
                 self._release(t)
             else:
                 self._orphans.add(t)
         self._data_reads.clear()
         self._read_plan.clear()
-        self._cbw_read = None
 
     def _release(self, t: Transfer) -> None:
         """Return a data-out buffer to the pool once the kernel and the machine are done."""
