@@ -275,10 +275,15 @@ def test_reset_drops_a_csw_the_host_never_took(tmp_path: Path) -> None:
             # completes and the CSW write blocks
             read10 = struct.pack(">BBIBHB", 0x28, 0, 0, 0, 8, 0)
             host_out.send(make_cbw(2, 4096, True, read10))
+            def csw_stuck() -> bool:
+                # the data went out and the writer is busy: with the READ's CSW, not
+                # still finishing the TUR's (a loaded machine showed that window)
+                return front.counters()["bytes_in"] >= 4096 and front._in_busy is not None
+
             deadline = time.monotonic() + 10
-            while front._in_busy is None and time.monotonic() < deadline:
+            while not csw_stuck() and time.monotonic() < deadline:
                 time.sleep(0.01)  # the writer's blocked CSW is the only observable
-            assert front._in_busy is not None
+            assert csw_stuck()
             assert ep0.setup(0x21, 0xFF, 0) == ("reply", b"")
             assert len(read_exact(4096)) == 4096  # the data that was already sent
             host_out.send(make_cbw(3, 0, False, TUR))
