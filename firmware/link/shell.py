@@ -6,6 +6,7 @@ time (keepalive, dead peers, reconnect backoff, bandwidth cap) and log.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -14,7 +15,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from firmware.link.errors import LinkError, LinkProtocolError, LinkRefused, PeerNotPinned
@@ -23,6 +24,7 @@ from firmware.link.frames import (
     ConfigBlob,
     ConfigGet,
     Error,
+    Frame,
     FrameDecoder,
     Hello,
     Paired,
@@ -798,35 +800,50 @@ class LinkServer:
                 return
 
 
-def fetch_config_backup(address: tuple[str, int], identity: Identity, peers: PeerStore,
-                        remote_name: str, unit_id: str, timeout: float = 15.0) -> bytes | None:
-    """Ask the pinned peer `remote_name` at `address` for unit `unit_id`'s sealed
-    config backup (CONFIG_GET before any HELLO).  None if it keeps none; raises
-    `LinkError` (or `OSError`) if it cannot be reached or refuses."""
-    peers.refresh()
-    ctx = client_context(identity, peers, remote_name)
+@contextlib.contextmanager
+def _short_connection(address: tuple[str, int], ctx: ssl.SSLContext,
+                      timeout: float) -> Iterator[ssl.SSLSocket]:
+    """A TLS connection for one short exchange (backup fetch, recovery, pairing)."""
     with socket.create_connection(address, timeout=timeout) as raw:
         try:
             sock = ctx.wrap_socket(raw)
         except ssl.SSLError as exc:
             raise LinkClosed(f"TLS handshake: {describe_handshake_failure(exc)}") from None
         with sock:
-            peer_identity(sock, peers, expected=remote_name)
             sock.settimeout(timeout)
-            sock.sendall(encode_frame(ConfigGet(unit_id)))
-            decoder = FrameDecoder()
-            while True:
-                try:
-                    data = sock.recv(RECV_SIZE)
-                except ssl.SSLError as exc:
-                    raise LinkClosed(describe_handshake_failure(exc)) from None
-                if not data:
-                    raise LinkClosed("the peer closed the connection without an answer")
-                for frame in decoder.receive_data(data):
-                    if isinstance(frame, Error):
-                        raise LinkRefused(frame.code, frame.text)
-                    if isinstance(frame, ConfigBlob) and frame.unit_id == unit_id:
-                        return frame.blob
+            yield sock
+
+
+def _answers(sock: ssl.SSLSocket) -> Iterator[Frame]:
+    """The peer's frames until it closes; an ERROR frame is raised as LinkRefused."""
+    decoder = FrameDecoder()
+    while True:
+        try:
+            data = sock.recv(RECV_SIZE)
+        except ssl.SSLError as exc:
+            raise LinkClosed(describe_handshake_failure(exc)) from None
+        if not data:
+            raise LinkClosed("the peer closed the connection without an answer")
+        for frame in decoder.receive_data(data):
+            if isinstance(frame, Error):
+                raise LinkRefused(frame.code, frame.text)
+            yield frame
+
+
+def fetch_config_backup(address: tuple[str, int], identity: Identity, peers: PeerStore,
+                        remote_name: str, unit_id: str, timeout: float = 15.0) -> bytes | None:
+    """Ask the pinned peer `remote_name` at `address` for unit `unit_id`'s sealed
+    config backup (CONFIG_GET before any HELLO).  None if it keeps none; raises
+    `LinkError` (or `OSError`) if it cannot be reached or refuses."""
+    peers.refresh()
+    with _short_connection(address, client_context(identity, peers, remote_name),
+                           timeout) as sock:
+        peer_identity(sock, peers, expected=remote_name)
+        sock.sendall(encode_frame(ConfigGet(unit_id)))
+        for frame in _answers(sock):
+            if isinstance(frame, ConfigBlob) and frame.unit_id == unit_id:
+                return frame.blob
+    raise AssertionError("unreachable: _answers ends only by raising")
 
 
 @dataclass(frozen=True)
@@ -853,40 +870,24 @@ def recovery_exchange(address: tuple[str, int], peer_fingerprint: str,
     Raises `PeerNotPinned` for another fingerprint, `LinkRefused` when the peer
     refuses (code `no-backup`, `wrong-password`, `rate-limited`, ...), `LinkError`
     or `OSError` when it cannot be reached."""
-    ctx = anonymous_client_context()
-    with socket.create_connection(address, timeout=timeout) as raw:
-        try:
-            sock = ctx.wrap_socket(raw)
-        except ssl.SSLError as exc:
-            raise LinkClosed(f"TLS handshake: {describe_handshake_failure(exc)}") from None
-        with sock:
-            der = check_fingerprint(sock, peer_fingerprint)
-            sock.settimeout(timeout)
-            sock.sendall(encode_frame(RecoverHello(unit_id)))
-            decoder = FrameDecoder()
-            challenge: RecoverChallenge | None = None
-            while True:
-                try:
-                    data = sock.recv(RECV_SIZE)
-                except ssl.SSLError as exc:
-                    raise LinkClosed(describe_handshake_failure(exc)) from None
-                if not data:
-                    raise LinkClosed("the peer closed the connection without an answer")
-                for frame in decoder.receive_data(data):
-                    if isinstance(frame, Error):
-                        raise LinkRefused(frame.code, frame.text)
-                    if isinstance(frame, RecoverChallenge) and challenge is None:
-                        challenge = frame
-                        if prove is None:
-                            sock.sendall(encode_frame(Bye()))
-                            return RecoveryOutcome(frame.unit_id, der, None)
-                        sock.sendall(encode_frame(RecoverProof(prove(frame))))
-                    elif isinstance(frame, ConfigBlob) and challenge is not None \
-                            and frame.unit_id == challenge.unit_id and frame.blob:
-                        return RecoveryOutcome(frame.unit_id, der, frame.blob)
-                    else:
-                        raise LinkProtocolError(
-                            f"unexpected {type(frame).__name__} in the recovery exchange")
+    with _short_connection(address, anonymous_client_context(), timeout) as sock:
+        der = check_fingerprint(sock, peer_fingerprint)
+        sock.sendall(encode_frame(RecoverHello(unit_id)))
+        challenge: RecoverChallenge | None = None
+        for frame in _answers(sock):
+            if isinstance(frame, RecoverChallenge) and challenge is None:
+                challenge = frame
+                if prove is None:
+                    sock.sendall(encode_frame(Bye()))
+                    return RecoveryOutcome(frame.unit_id, der, None)
+                sock.sendall(encode_frame(RecoverProof(prove(frame))))
+            elif isinstance(frame, ConfigBlob) and challenge is not None \
+                    and frame.unit_id == challenge.unit_id and frame.blob:
+                return RecoveryOutcome(frame.unit_id, der, frame.blob)
+            else:
+                raise LinkProtocolError(
+                    f"unexpected {type(frame).__name__} in the recovery exchange")
+    raise AssertionError("unreachable: _answers ends only by raising")
 
 
 def pair_offer_exchange(address: tuple[str, int], peer_fingerprint: str, unit_id: str,
@@ -897,28 +898,12 @@ def pair_offer_exchange(address: tuple[str, int], peer_fingerprint: str, unit_id
     refuses (`unknown-fingerprint`, `unit-mismatch`, `pinned-otherwise`,
     `rate-limited`, ...), `PeerNotPinned` for another peer, `LinkError` or
     `OSError` when it cannot be reached."""
-    ctx = anonymous_client_context()
-    with socket.create_connection(address, timeout=timeout) as raw:
-        try:
-            sock = ctx.wrap_socket(raw)
-        except ssl.SSLError as exc:
-            raise LinkClosed(f"TLS handshake: {describe_handshake_failure(exc)}") from None
-        with sock:
-            check_fingerprint(sock, peer_fingerprint)
-            sock.settimeout(timeout)
-            sock.sendall(encode_frame(PairOffer(unit_id, cert_der)))
-            decoder = FrameDecoder()
-            while True:
-                try:
-                    data = sock.recv(RECV_SIZE)
-                except ssl.SSLError as exc:
-                    raise LinkClosed(describe_handshake_failure(exc)) from None
-                if not data:
-                    raise LinkClosed("the peer closed the connection without an answer")
-                for frame in decoder.receive_data(data):
-                    if isinstance(frame, Error):
-                        raise LinkRefused(frame.code, frame.text)
-                    if isinstance(frame, Paired):
-                        return frame.unit_id
-                    raise LinkProtocolError(
-                        f"unexpected {type(frame).__name__} in answer to PAIR_OFFER")
+    with _short_connection(address, anonymous_client_context(), timeout) as sock:
+        check_fingerprint(sock, peer_fingerprint)
+        sock.sendall(encode_frame(PairOffer(unit_id, cert_der)))
+        for frame in _answers(sock):
+            if isinstance(frame, Paired):
+                return frame.unit_id
+            raise LinkProtocolError(
+                f"unexpected {type(frame).__name__} in answer to PAIR_OFFER")
+    raise AssertionError("unreachable: _answers ends only by raising")
