@@ -16,18 +16,7 @@ packages=(
     qemu-system-arm     # qemu-system-aarch64: the boot test (virt machine, TCG)
     device-tree-compiler  # fdtput/fdtget: dwc2 peripheral mode patched into the board's DTB
 )
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -ne 0 ]; then
-    echo "image/setup: installing ${missing[*]}"
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    export DEBIAN_FRONTEND=noninteractive
-    $sudo apt-get update -q
-    $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+"$(dirname "$0")/../scripts/apt-ensure.sh" image/setup "${packages[@]}"
 # qemu-user-static registers its interpreters only where binfmt_misc is mounted.
 if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
     mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2>/dev/null || true

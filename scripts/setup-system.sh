@@ -14,14 +14,4 @@ packages=(
     openssh-server      # sshd: the SSH access test logs in with a key it enabled
     openssh-client      # ssh, ssh-keygen: the client side of that test
 )
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-[ ${#missing[@]} -eq 0 ] && exit 0
-echo "setup: installing ${missing[*]}"
-sudo=""
-[ "$(id -u)" -eq 0 ] || sudo="sudo"
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -q
-$sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+exec "$(dirname "$0")/apt-ensure.sh" setup "${packages[@]}"
