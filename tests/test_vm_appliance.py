@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from vm import GuestVM
 
+from tests.test_vm_local import PRELUDE  # mu, find_disk, sg_of
+
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,20 +32,7 @@ SIZE_MIB = 48
 
 
 def _script(body: str) -> str:
-    return rf"""
-set -u
-mu() {{ (cd {REPO} && {PYTHON} -m firmware "$@"); }}
-find_disk() {{
-    for b in /sys/block/sd*; do
-        [ -e "$b/device/vendor" ] || continue
-        [ "$(tr -d ' ' < "$b/device/vendor")" = "$1" ] || continue
-        [ "$(cat "$b/size")" -gt 0 ] 2>/dev/null || continue
-        echo "/dev/${{b##*/}}"; return 0
-    done
-    return 1
-}}
-{body}
-"""
+    return PRELUDE + body
 
 
 def test_configured_local_role_is_the_usb_disk_the_host_sees(guest_vm: GuestVM) -> None:
@@ -71,7 +60,7 @@ while ! find_disk ACMEDISK >/dev/null; do
     sleep 0.1
 done
 dev=$(find_disk ACMEDISK)
-sg=/dev/$(ls /sys/block/${{dev#/dev/}}/device/scsi_generic/)
+sg=$(sg_of "$dev")
 echo "product=$(cat /sys/block/${{dev#/dev/}}/device/model)"
 echo "sectors=$(cat /sys/block/${{dev#/dev/}}/size)"
 sg_vpd -p sn "$sg" | sed -n 's/.*Unit serial number: */serial=/p'
