@@ -445,41 +445,48 @@ class Port(Integer):
         super().__init__(1, 65535)
 
 
-class PasswordHash(FieldType):
-    """Only ever set through set_admin_password(); shown as set / not set."""
+class _PasswordDerived(FieldType):
+    """A value that follows the admin password: never typed, checked by `_validate`
+    when set, shown only as set / not set."""
+
+    refusal = ""
 
     def parse(self, key: str, text: str) -> str:
-        raise ConfigError(key, "cannot be set directly; use the admin password command")
+        raise ConfigError(key, self.refusal)
+
+    def _validate(self, key: str, value: str) -> None:
+        raise NotImplementedError
 
     def check(self, key: str, value: Any) -> str:
+        s = _need_str(key, value)
+        if s:
+            self._validate(key, s)
+        return s
+
+    def display(self, value: Any) -> str:
+        return "set" if value else "not set"
+
+
+class PasswordHash(_PasswordDerived):
+    """Only ever set through set_admin_password()."""
+
+    refusal = "cannot be set directly; use the admin password command"
+
+    def _validate(self, key: str, value: str) -> None:
         from .password import check_hash_format
 
-        s = _need_str(key, value)
-        if s:
-            check_hash_format(key, s)
-        return s
-
-    def display(self, value: Any) -> str:
-        return "set" if value else "not set"
+        check_hash_format(key, value)
 
 
-class SealKeyText(FieldType):
-    """The admin password's derived seal key (see seal.py): set with the password,
-    never typed, shown only as set / not set."""
+class SealKeyText(_PasswordDerived):
+    """The admin password's derived seal key (see seal.py): set with the password."""
 
-    def parse(self, key: str, text: str) -> str:
-        raise ConfigError(key, "cannot be set directly; it follows the admin password")
+    refusal = "cannot be set directly; it follows the admin password"
 
-    def check(self, key: str, value: Any) -> str:
+    def _validate(self, key: str, value: str) -> None:
         from .seal import parse_seal_key
 
-        s = _need_str(key, value)
-        if s:
-            parse_seal_key(key, s)
-        return s
-
-    def display(self, value: Any) -> str:
-        return "set" if value else "not set"
+        parse_seal_key(key, value)
 
 
 class SecretText(Text):
