@@ -319,7 +319,8 @@ def mount_store(device: str, mount_point: Path, *, runner: Runner = _run) -> Pat
 # --------------------------------------------------------------------------- command line
 
 
-def _prepare(args: argparse.Namespace, role: str) -> list[str]:
+def _prepare(args: argparse.Namespace, role: str) -> tuple[list[str], PinKeeper]:
+    """The role's command line, and the keeper of the pins it adds while it runs."""
     from .config.cli import default_config_path
     from .config.mount import RemountHook
 
@@ -327,23 +328,25 @@ def _prepare(args: argparse.Namespace, role: str) -> list[str]:
     cfg = load_config(args.config)
     if cfg["role"] != role:
         raise ApplianceError(f"this unit's role is {cfg['role']!r}, not {role!r}")
+    storage = read_storage_env(args.storage_env)
+    remount = RemountHook(args.config)
     persistent = link_dir_of(args.config)
     work = working_state_dir(persistent, Path(args.run_dir) / f"{role}-link")
     if role == "local":
-        storage = read_storage_env(args.storage_env)
-        peers = pin_configured_peers(cfg, work, persistent, remount=RemountHook(args.config))
-        return local_argv(cfg, storage, store_path=args.config, state_dir=work,
+        peers = pin_configured_peers(cfg, work, persistent, remount=remount)
+        argv = local_argv(cfg, storage, store_path=args.config, state_dir=work,
                           control=str(Path(args.run_dir) / "local.sock"), peers=peers)
-    storage = read_storage_env(args.storage_env)
-    store_dir = mount_store(storage.data, Path(args.run_dir) / "store")
-    return remote_argv(cfg, store_path=args.config, state_dir=work, store_dir=store_dir,
-                       control=str(Path(args.run_dir) / "remote.sock"),
-                       listen_port=args.link_port)
+    else:
+        store_dir = mount_store(storage.data, Path(args.run_dir) / "store")
+        argv = remote_argv(cfg, store_path=args.config, state_dir=work, store_dir=store_dir,
+                           control=str(Path(args.run_dir) / "remote.sock"),
+                           listen_port=args.link_port)
+    return argv, PinKeeper(work, persistent, remount)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     try:
-        argv = _prepare(args, args.role)
+        argv, keeper = _prepare(args, args.role)
     except ApplianceError as e:
         print(f"mirrorunit appliance {args.role}: {e}", file=sys.stderr)
         return 2
@@ -352,10 +355,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(shlex.join(argv))
         return 0
     from .cli import main
-    from .config.mount import RemountHook
 
-    keeper = PinKeeper(Path(args.run_dir) / f"{args.role}-link", link_dir_of(args.config),
-                       RemountHook(args.config))
     keeper.start()
     try:
         return main(argv)
