@@ -116,11 +116,11 @@ RAM_TYPES = {"tmpfs", "proc", "sysfs", "devtmpfs", "devpts", "cgroup2", "securit
              "fusectl", "binfmt_misc", "autofs", "efivarfs", "ramfs"}
 
 
-def _boot(disk: Path, tmp: Path, name: str) -> tuple[str, float]:
-    """Boot `disk` until the boot report is out; returns the console text and the seconds to
-    the console.  The guest is then killed, not shut down: a power cut."""
-    kernel, initrd, cmdline = _boot_files(tmp)
-    guest = Guest(disk, kernel, initrd, cmdline, tmp / f"{name}.log")
+def _boot(disk: Path, boot: tuple[Path, Path, str], log: Path) -> tuple[str, float]:
+    """Boot `disk` with (kernel, initrd, cmdline) until the boot report is out; returns the
+    console text and the seconds to the console.  The guest is then killed, not shut down:
+    a power cut."""
+    guest = Guest(disk, *boot, log)
     try:
         # the setup utility's title bar, or the launcher's banner where a build has none
         t_console = guest.wait_for(r"MirrorUnit setup - |^MirrorUnit \S+ on mirrorunit-\S+ "
@@ -174,10 +174,10 @@ def test_boot_to_console(tmp_path: Path) -> None:
     subprocess.run(["cp", "--sparse=always", str(IMG), str(disk)], check=True)
     with disk.open("r+b") as f:
         f.truncate(3 << 30)
-    _boot_files(tmp_path)
+    boot = _boot_files(tmp_path)
     version = (tmp_path / "mirrorunit-version.txt").read_text().strip()
 
-    text, t_console = _boot(disk, tmp_path, "first")
+    text, t_console = _boot(disk, boot, tmp_path / "first.log")
     (OUT / "boot-test-console.log").write_text(text)
     print(f"boot to console: {t_console:.0f} s (TCG)")
     units = _check_boot(text, version)
@@ -203,7 +203,7 @@ def test_boot_to_console(tmp_path: Path) -> None:
 
     # Power cut (the guest was killed), then the same card again: first boot is not redone,
     # the identity and the partitions it made are kept, and the root came back untouched.
-    text2, t_console2 = _boot(disk, tmp_path, "second")
+    text2, t_console2 = _boot(disk, boot, tmp_path / "second.log")
     (OUT / "boot-test-console-2.log").write_text(text2)
     print(f"second boot to console: {t_console2:.0f} s (TCG)")
     units2 = _check_boot(text2, version)
