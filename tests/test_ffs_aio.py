@@ -124,8 +124,8 @@ def test_errors_come_back_as_negative_results(ctx: AioContext, tmp_path: Path) -
 
 
 def test_write_buffers_of_every_kind(ctx: AioContext, fd: int) -> None:
-    """bytes go without a copy, writable views are passed in place, read-only
-    views (a slice of bytes) are copied; all reach the file intact."""
+    """bytes, writable views and read-only views (a slice of bytes) are all passed
+    in place, without a copy; all reach the file intact."""
     base = os.urandom(4096)
     sources: list[bytes | bytearray | memoryview] = [
         base[:1024], bytearray(base[1024:2048]), memoryview(bytearray(base))[2048:3072],
@@ -154,3 +154,22 @@ def test_close_is_idempotent_and_wake_after_close_is_harmless(fd: int) -> None:
     c.close()
     c.wake()
     assert c.in_flight == 0
+
+
+def test_read_only_views_are_passed_in_place_and_released() -> None:
+    """A read-only view (a READ's piece of a reused buffer, handed out read-only)
+    is exported through the buffer protocol, not copied, and the export ends with
+    the transfer's pin; a read into a read-only buffer is refused."""
+    from firmware.usb_gadget import aio
+
+    base = bytearray(os.urandom(8192))
+    view = memoryview(base).toreadonly()[1000:5000]
+    t = Transfer(-1, False, view, len(view))
+    address = aio._address(t)
+    assert address == ctypes.addressof(ctypes.c_char.from_buffer(base)) + 1000
+    assert ctypes.string_at(address, len(view)) == bytes(view)
+    t._pin = None
+    view.release()
+    base.extend(b"x")  # no export left: a held one would refuse the resize
+    with pytest.raises(TypeError):
+        aio._address(Transfer(-1, True, memoryview(bytes(16)), 16))

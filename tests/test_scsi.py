@@ -491,6 +491,60 @@ def test_real_file_device(tmp_path: Path) -> None:
     dev.close()
 
 
+def test_file_device_pread_into(tmp_path: Path) -> None:
+    dev = FileBlockDevice(tmp_path / "disk.img", size=1 << 20, create=True)
+    payload = bytes(range(256)) * 32
+    dev.pwrite(4096, payload)
+    buffer = bytearray(len(payload) + BS)
+    dev.pread_into(4096 - BS, memoryview(buffer))
+    assert bytes(buffer) == dev.pread(4096 - BS, len(buffer))
+    assert buffer[BS:] == payload
+    with pytest.raises(OutOfRange):
+        dev.pread_into((1 << 20) - BS, memoryview(buffer))
+    dev.state = DeviceState.STANDBY
+    with pytest.raises(NotReady):
+        dev.pread_into(0, memoryview(buffer))
+    dev.close()
+
+
+def test_reads_fill_one_reused_buffer(tmp_path: Path) -> None:
+    """A READ's pieces come from a buffer the unit keeps: no fresh memory per
+    command.  A small READ does not evict the large buffer, and two READs in
+    flight at once never share one."""
+    dev = FileBlockDevice(tmp_path / "disk.img", size=4 << 20, create=True)
+    unit = LogicalUnit(dev, serial="F2")
+    target = ScsiTarget([unit], power_on_unit_attention=False)
+    payload = bytes((i * 13) & 0xFF for i in range(2048 * BS))
+    good(target.execute(0, rw10(T.WRITE_10, 0, 2048), payload))
+
+    def pieces(lba: int, blocks: int, size: int) -> tuple[bytes, list[object]]:
+        command = target.start(0, rw10(T.READ_10, lba, blocks))
+        data, owners = b"", []
+        while piece := command.read(size):
+            assert isinstance(piece, memoryview)
+            owners.append(piece.obj)
+            data += bytes(piece)
+        assert command.finish().good
+        return data, owners
+
+    data, owners = pieces(0, 2048, 256 * 1024)
+    assert data == payload
+    assert len(set(map(id, owners))) == 1
+    small, _ = pieces(7, 1, 4096)
+    assert small == payload[7 * BS:8 * BS]
+    again, owners_again = pieces(1024, 1024, 256 * 1024)
+    assert again == payload[1024 * BS:]
+    assert owners_again[0] is owners[0]
+
+    first = target.start(0, rw10(T.READ_10, 0, 8))
+    second = target.start(0, rw10(T.READ_10, 8, 8))
+    a, b = first.read(4096), second.read(4096)
+    assert isinstance(a, memoryview) and isinstance(b, memoryview) and a.obj is not b.obj
+    assert bytes(a) == payload[:4096] and bytes(b) == payload[4096:8192]
+    first.finish(), second.finish()
+    dev.close()
+
+
 def test_streamed_pieces_match_whole_and_stay_block_aligned() -> None:
     dev = MemoryDevice()
     target = make_target(dev)

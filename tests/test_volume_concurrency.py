@@ -86,3 +86,31 @@ def test_concurrent_writers_with_background_commits_survive_a_cut() -> None:
             total_checked += checked
         assert q2.verify()["clean"]
     assert total_checked > 100, "too few promised blocks to mean anything"
+
+
+def test_pread_into_matches_pread_with_writes_still_in_the_cache(tmp_path) -> None:
+    """A READ fills its reused buffer through pread_into: the mirror's bytes with
+    the writes still in the RAM cache laid over them, as pread gives."""
+    from firmware.cbq import CircularBufferQueue, create
+    from firmware.storage import FileStorage
+    from firmware.volume import Volume
+
+    from .crashkit import Geometry
+
+    geo = Geometry()
+    for mirror in (FileStorage(tmp_path / "mirror.img", geo.volume_blocks * BS, create=True),
+                   CrashSimStorage(geo.volume_blocks * BS, rail=PowerRail())):
+        cbq_st = CrashSimStorage(geo.cbq_bytes, rail=PowerRail())
+        create(cbq_st, volume_blocks=geo.volume_blocks, block_size=BS, chunk_size=geo.chunk,
+               align=geo.align, consumers=("peer",))
+        mirror.pwrite(0, bytes(range(256)) * (geo.volume_blocks * BS // 256))
+        vol = Volume(mirror, CircularBufferQueue(cbq_st), cache_mode=CacheMode.WRITE_BACK,
+                     cache_limit=64 * BS)
+        vol.pwrite(3 * BS, b"\xaa" * (2 * BS))
+        vol.pwrite(9 * BS, b"\xbb" * BS)
+        buffer = bytearray(16 * BS)
+        vol.pread_into(0, memoryview(buffer))
+        assert bytes(buffer) == vol.pread(0, 16 * BS)
+        assert buffer[3 * BS:5 * BS] == b"\xaa" * (2 * BS)
+        assert buffer[9 * BS:10 * BS] == b"\xbb" * BS
+        assert buffer[:BS] == bytes(range(256)) * 2

@@ -272,7 +272,9 @@ class Command:
     def read(self, max_length: int) -> bytes | memoryview:
         """Next piece of data-in, at most `max_length` bytes; empty when all of
         `length` has been returned or the command failed part-way (e.g. a medium
-        error).  The transport treats a premature empty piece as a short transfer."""
+        error).  The transport treats a premature empty piece as a short transfer.
+        A piece may be a view of a buffer the command reuses: it is valid until the
+        next read() or finish(), so the transport sends (or copies) it before."""
         return b""
 
     def write(self, data: bytes | memoryview) -> None:
@@ -331,6 +333,9 @@ class _ReadBlocks(Command):
         self._offset = offset
         self._remaining = length
         self._leftover = memoryview(b"")
+        #: the device's pread_into (blockdev.ReadInto) and the unit's buffer it fills
+        self._read_into = getattr(unit.device, "pread_into", None)
+        self._buffer: bytearray | None = None
 
     def read(self, max_length: int) -> bytes | memoryview:
         if self._sense is not None or max_length <= 0:
@@ -341,7 +346,14 @@ class _ReadBlocks(Command):
             bs = self._unit.block_size
             n = min(self._remaining, max(max_length - max_length % bs, bs))
             try:
-                data = self._unit.device.pread(self._offset, n)
+                data: bytes | memoryview
+                if self._read_into is None:
+                    data = self._unit.device.pread(self._offset, n)
+                else:
+                    if self._buffer is None or len(self._buffer) < n:
+                        self._buffer = self._unit.take_buffer(n)
+                    data = memoryview(self._buffer)[:n]
+                    self._read_into(self._offset, data)
             except (BlockDeviceError, OSError) as e:
                 self._fail(self._unit.sense_for(e, reading=True))
                 return b""
@@ -356,6 +368,13 @@ class _ReadBlocks(Command):
         piece = self._leftover[:max_length]
         self._leftover = self._leftover[len(piece) :]
         return piece
+
+    def finish(self) -> CommandResult:
+        buffer, self._buffer = self._buffer, None
+        self._leftover = memoryview(b"")
+        if buffer is not None:
+            self._unit.give_buffer(buffer)
+        return super().finish()
 
 
 class _BlockAligner:
@@ -469,6 +488,12 @@ def _ascii_field(name: str, value: str, width: int) -> bytes:
     return raw.ljust(width, b" ")
 
 
+#: READ buffers a unit keeps for later commands, and their smallest size (a
+#: transport's usual data piece, so that one buffer serves every READ)
+_KEPT_BUFFERS = 2
+_READ_BUFFER = 256 * 1024
+
+
 class LogicalUnit:
     """One BlockDevice presented as a SCSI direct-access block device.
 
@@ -505,10 +530,28 @@ class LogicalUnit:
         self._pending_ua: list[CheckCondition] = []
         self._last_state = device.state
         self._last_size = device.size
+        #: READ buffers kept between commands (see take_buffer)
+        self._buffers: list[bytearray] = []
 
     @property
     def device(self) -> BlockDevice:
         return self._device
+
+    def take_buffer(self, size: int) -> bytearray:
+        """A buffer of at least `size` bytes for a READ's pieces, reused from an
+        earlier command when one is free: the data path then touches no fresh
+        memory.  Commands running at once get different buffers."""
+        for i, buffer in enumerate(self._buffers):
+            if len(buffer) >= size:
+                return self._buffers.pop(i)
+        return bytearray(max(size, _READ_BUFFER))
+
+    def give_buffer(self, buffer: bytearray) -> None:
+        """Return a buffer from take_buffer once nothing refers to its bytes; the
+        largest ones are kept, so a small READ does not crowd out a large one."""
+        self._buffers.append(buffer)
+        if len(self._buffers) > _KEPT_BUFFERS:
+            self._buffers.remove(min(self._buffers, key=len))
 
     @property
     def block_size(self) -> int:

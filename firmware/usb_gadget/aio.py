@@ -146,23 +146,68 @@ class Transfer:
 
 
 def _address(transfer: Transfer) -> int:
-    """Address of the transfer's bytes; a read needs a writable buffer, a write
-    passes bytes without copying and copies only a read-only view."""
+    """Address of the transfer's bytes, never a copy of them: a read needs a
+    writable buffer; a write takes bytes, or any buffer through the buffer
+    protocol (a read-only view of a mapped medium among them)."""
     buf = transfer.buffer
+    if transfer.length == 0:
+        return 0
     if transfer.is_read or not (isinstance(buf, bytes) or (
             isinstance(buf, memoryview) and buf.readonly)):
-        if transfer.length == 0:
-            return 0
-        view = memoryview(buf).cast("B")
-        pin = (ctypes.c_char * transfer.length).from_buffer(view)
-    elif isinstance(buf, bytes):
+        pin = (ctypes.c_char * transfer.length).from_buffer(memoryview(buf).cast("B"))
+        transfer._pin = pin
+        return ctypes.addressof(pin)
+    if isinstance(buf, bytes):
         ptr = ctypes.c_char_p(buf)
         transfer._pin = ptr
         return ctypes.cast(ptr, ctypes.c_void_p).value or 0
-    else:
-        pin = (ctypes.c_char * transfer.length).from_buffer_copy(buf)
-    transfer._pin = pin
-    return ctypes.addressof(pin)
+    export = _BufferExport(buf)
+    transfer._pin = export
+    return export.address
+
+
+class _PyBuffer(ctypes.Structure):
+    """Py_buffer (Include/pybuffer.h)."""
+
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_release_buffer.restype = None
+_PYBUF_SIMPLE = 0
+
+
+class _BufferExport:
+    """A read-only buffer held through the buffer protocol (ctypes' from_buffer
+    wants a writable one), released when the transfer drops it."""
+
+    def __init__(self, obj: memoryview) -> None:
+        self._view = _PyBuffer()
+        if _get_buffer(obj, ctypes.byref(self._view), _PYBUF_SIMPLE) != 0:
+            raise BufferError("buffer refused")  # pragma: no cover (raised by the call)
+        self._held = True
+        self.address = self._view.buf or 0
+
+    def __del__(self) -> None:
+        if self._held:
+            self._held = False
+            _release_buffer(ctypes.byref(self._view))
 
 
 class AioContext:

@@ -149,6 +149,26 @@ class Volume:
         self.counters["bytes_read"] += length
         return data
 
+    def pread_into(self, offset: int, buffer: memoryview) -> None:
+        """pread() into the caller's buffer (blockdev.ReadInto)."""
+        length = len(buffer)
+        self._check(offset, length)
+        fill = getattr(self.mirror, "preadinto", None)
+        if fill is None:
+            buffer[:] = self._read(offset, length)
+        else:
+            with self._cache_lock:
+                try:
+                    fill(offset, buffer)
+                except OSError as e:
+                    raise MediumError(f"mirror read failed: {e}", e.errno) from e
+                for w in self._cache:
+                    lo, hi = max(offset, w.offset), min(offset + length, w.offset + len(w.data))
+                    if lo < hi:
+                        buffer[lo - offset:hi - offset] = w.data[lo - w.offset:hi - w.offset]
+        self.counters["reads"] += 1
+        self.counters["bytes_read"] += length
+
     def _read(self, offset: int, length: int) -> bytes:
         with self._cache_lock:
             overlays = [w for w in self._cache
