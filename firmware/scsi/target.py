@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -532,6 +533,7 @@ class LogicalUnit:
         self._last_size = device.size
         #: READ buffers kept between commands (see take_buffer)
         self._buffers: list[bytearray] = []
+        self._buffers_lock = threading.Lock()
 
     @property
     def device(self) -> BlockDevice:
@@ -541,17 +543,19 @@ class LogicalUnit:
         """A buffer of at least `size` bytes for a READ's pieces, reused from an
         earlier command when one is free: the data path then touches no fresh
         memory.  Commands running at once get different buffers."""
-        for i, buffer in enumerate(self._buffers):
-            if len(buffer) >= size:
-                return self._buffers.pop(i)
+        with self._buffers_lock:
+            for i, buffer in enumerate(self._buffers):
+                if len(buffer) >= size:
+                    return self._buffers.pop(i)
         return bytearray(max(size, _READ_BUFFER))
 
     def give_buffer(self, buffer: bytearray) -> None:
         """Return a buffer from take_buffer once nothing refers to its bytes; the
         largest ones are kept, so a small READ does not crowd out a large one."""
-        self._buffers.append(buffer)
-        if len(self._buffers) > _KEPT_BUFFERS:
-            self._buffers.remove(min(self._buffers, key=len))
+        with self._buffers_lock:
+            self._buffers.append(buffer)
+            if len(self._buffers) > _KEPT_BUFFERS:
+                self._buffers.remove(min(self._buffers, key=len))
 
     @property
     def block_size(self) -> int:
