@@ -22,7 +22,7 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,16 @@ class _CachedWrite:
     data: bytes
     seq: int | None
     mirror_sync: bool  # data is not in the CBQ: the mirror copy must be synced
+
+
+def _lay_over(buffer: bytearray | memoryview, offset: int,
+              writes: Iterable[_CachedWrite]) -> None:
+    """Copy what `writes` hold of [offset, offset+len(buffer)) over `buffer`, in order."""
+    end = offset + len(buffer)
+    for w in writes:
+        lo, hi = max(offset, w.offset), min(end, w.offset + len(w.data))
+        if lo < hi:
+            buffer[lo - offset:hi - offset] = w.data[lo - w.offset:hi - w.offset]
 
 
 class Volume:
@@ -162,10 +172,7 @@ class Volume:
                     fill(offset, buffer)
                 except OSError as e:
                     raise MediumError(f"mirror read failed: {e}", e.errno) from e
-                for w in self._cache:
-                    lo, hi = max(offset, w.offset), min(offset + length, w.offset + len(w.data))
-                    if lo < hi:
-                        buffer[lo - offset:hi - offset] = w.data[lo - w.offset:hi - w.offset]
+                _lay_over(buffer, offset, self._cache)
         self.counters["reads"] += 1
         self.counters["bytes_read"] += length
 
@@ -180,9 +187,7 @@ class Volume:
         if not overlays:
             return data
         buf = bytearray(data)
-        for w in overlays:
-            lo, hi = max(offset, w.offset), min(offset + length, w.offset + len(w.data))
-            buf[lo - offset:hi - offset] = w.data[lo - w.offset:hi - w.offset]
+        _lay_over(buf, offset, overlays)
         return bytes(buf)
 
     def _read_current(self, lbn: int, nblocks: int) -> bytes:
