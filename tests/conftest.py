@@ -41,3 +41,17 @@ def guest_vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestVM]:
     with vm:
         print(f"guest booted in {vm.boot_seconds:.1f}s")
         yield vm
+
+
+@pytest.fixture()
+def fake_networkctl(tmp_path: Path) -> tuple[Path, Path]:
+    """A networkctl stand-in that logs its arguments to the returned log file, and
+    fails (as a timed-out reload does) while tmp_path/FAIL exists."""
+    log = tmp_path / "networkctl.log"
+    script = tmp_path / "networkctl"
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n"
+                      f"if [ -e {tmp_path / 'FAIL'} ]; then\n"
+                      "  echo 'Failed to reload network settings: Connection timed out' >&2\n"
+                      "  exit 1\nfi\n")
+    script.chmod(0o755)
+    return script, log

@@ -393,19 +393,13 @@ def test_recovery_from_a_peer_backup(env: dict[str, Any]) -> None:
 
 
 @pytest.fixture()
-def netfake(tmp_path: Path) -> dict[str, Path]:
+def netfake(tmp_path: Path, fake_networkctl: tuple[Path, Path]) -> dict[str, Path]:
     """Where the console writes the networkd file, and a networkctl that logs its
     arguments (and fails while FAIL exists)."""
     net = tmp_path / "sys-class-net"
     for name in ("lo", "eth0", "wlan0"):
         (net / name).mkdir(parents=True)
-    log = tmp_path / "networkctl.log"
-    script = tmp_path / "networkctl"
-    script.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n"
-                      f"if [ -e {tmp_path / 'FAIL'} ]; then\n"
-                      "  echo 'Failed to reload network settings: Connection timed out' >&2\n"
-                      "  exit 1\nfi\n")
-    script.chmod(0o755)
+    script, log = fake_networkctl
     return {"file": tmp_path / "run/10-mirrorunit.network", "log": log, "script": script,
             "net": net, "fail": tmp_path / "FAIL"}
 

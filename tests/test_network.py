@@ -181,19 +181,6 @@ def test_apply_by_default() -> None:
 # ------------------------------------------------------------------ command line
 
 
-@pytest.fixture()
-def fake_networkctl(tmp_path: Path) -> tuple[Path, Path]:
-    """A networkctl stand-in that logs its arguments; fails when FAIL exists."""
-    log = tmp_path / "networkctl.log"
-    script = tmp_path / "networkctl"
-    script.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n"
-                      f"if [ -e {tmp_path / 'FAIL'} ]; then\n"
-                      "  echo 'Failed to reload network settings: Connection timed out' >&2\n"
-                      "  exit 1\nfi\n")
-    script.chmod(0o755)
-    return script, log
-
-
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     rc = cli_main(argv)
     out, err = capsys.readouterr()
