@@ -111,24 +111,26 @@ class Host:
 Scenario = Callable[[Host], None]
 
 
-def serve(tmp_path: Path, scenario: Scenario) -> None:
-    """Run the front end in this (main) thread and `scenario` as the host in another."""
-    device = FileBlockDevice(tmp_path / "disk.img", size=SIZE, create=True)
-    target = ScsiTarget([LogicalUnit(device, serial="FRONT1")])
-    front = UsbFrontEnd(target, GadgetSettings(), chunk_size=64 * 1024)
-    ep0 = FakeEp0()
+def socket_link() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
+    """host_out, dev_out (packets, as bulk-out transfers) and host_in, dev_in (a
+    small-buffered stream, so a data-in blocks until the host reads it)."""
     host_out, dev_out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     host_in, dev_in = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     for s in (host_in, dev_in):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    return host_out, dev_out, host_in, dev_in
+
+
+def serve_against(front: UsbFrontEnd, ep0: FakeEp0, bulk_in: SocketPipe, bulk_out: SocketPipe,
+                  play: Callable[[], None], aio: AioEndpoints | None = None) -> None:
+    """Serve in this (main) thread while `play` runs as the host in another; the
+    front end stops when the host is done.  Re-raises what the host raised."""
     errors: list[BaseException] = []
-    bulk_in, bulk_out = SocketPipe(dev_in), SocketPipe(dev_out)
-    player = Host(front, ep0, host_out, host_in, bulk_in, bulk_out)
 
     def host() -> None:
         try:
-            scenario(player)
+            play()
         except BaseException as exc:  # reported in the main thread below
             errors.append(exc)
         finally:
@@ -139,12 +141,27 @@ def serve(tmp_path: Path, scenario: Scenario) -> None:
         ep0, bulk_in, bulk_out,
         on_started=thread.start,
         on_stopping=lambda: ep0.events.put(Ep0Event(EventType.UNBIND)),
+        aio=aio,
     )
     thread.join(timeout=10)
-    for s in (host_out, dev_out, host_in, dev_in):
-        s.close()
     if errors:
         raise errors[0]
+
+
+def serve(tmp_path: Path, scenario: Scenario) -> None:
+    """Run the front end in this (main) thread and `scenario` as the host in another."""
+    device = FileBlockDevice(tmp_path / "disk.img", size=SIZE, create=True)
+    target = ScsiTarget([LogicalUnit(device, serial="FRONT1")])
+    front = UsbFrontEnd(target, GadgetSettings(), chunk_size=64 * 1024)
+    ep0 = FakeEp0()
+    host_out, dev_out, host_in, dev_in = socket_link()
+    bulk_in, bulk_out = SocketPipe(dev_in), SocketPipe(dev_out)
+    player = Host(front, ep0, host_out, host_in, bulk_in, bulk_out)
+    try:
+        serve_against(front, ep0, bulk_in, bulk_out, lambda: scenario(player))
+    finally:
+        for s in (host_out, dev_out, host_in, dev_in):
+            s.close()
 
 
 @pytest.mark.timeout(60)
@@ -449,38 +466,18 @@ def serve_aio(tmp_path: Path, scenario: Callable[[AioHost], None],
     target = ScsiTarget([LogicalUnit(device, serial="FRONT3")])
     front = UsbFrontEnd(target, GadgetSettings(), chunk_size=chunk_size)
     ep0 = FakeEp0()
-    host_out, dev_out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    host_in, dev_in = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    for s in (host_in, dev_in):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    host_out, dev_out, host_in, dev_in = socket_link()
     dev_in.setblocking(False)
     aio = FakeAio()
-    errors: list[BaseException] = []
     bulk_out = SocketPipe(dev_out)
     player = AioHost(front, ep0, host_out, host_in, aio, device, bulk_out)
-
-    def host() -> None:
-        try:
-            scenario(player)
-        except BaseException as exc:  # reported in the main thread below
-            errors.append(exc)
-        finally:
-            front.stop()
-
-    thread = threading.Thread(target=host)
-    front.serve_endpoints(
-        ep0, SocketPipe(dev_in), bulk_out,
-        on_started=thread.start,
-        on_stopping=lambda: ep0.events.put(Ep0Event(EventType.UNBIND)),
-        aio=AioEndpoints(aio, dev_in.fileno(), dev_out.fileno()),
-    )
-    thread.join(timeout=10)
-    aio.close()
-    for s in (host_out, dev_out, host_in, dev_in):
-        s.close()
-    if errors:
-        raise errors[0]
+    try:
+        serve_against(front, ep0, SocketPipe(dev_in), bulk_out, lambda: scenario(player),
+                      aio=AioEndpoints(aio, dev_in.fileno(), dev_out.fileno()))
+    finally:
+        aio.close()
+        for s in (host_out, dev_out, host_in, dev_in):
+            s.close()
     assert aio.in_flight == 0, "transfers left in flight after stop"
     return aio
 
