@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import shutil
 import socket
-import ssl
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +56,7 @@ from firmware.nbd.client import NbdClient
 from firmware.remote.server import CONFIG_BACKUP_NAME
 from tests.test_console import DOWN, ENTER, Term
 from tests.test_replication import Pair, wait_for
+from tests.unitproc import read_until_closed
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "correct horse battery"
@@ -224,17 +223,7 @@ def _anonymous(port: int, payload: bytes) -> bytes:
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
     with anonymous_client_context().wrap_socket(raw) as sock:
         sock.sendall(payload)
-        out = b""
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                data = sock.recv(65536)
-            except (OSError, ssl.SSLError):
-                break
-            if not data:
-                break
-            out += data
-        return out
+        return read_until_closed(sock)
 
 
 def test_replaced_local_unit_recovers_from_its_remote(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ from firmware.link.shell import pair_offer_exchange
 from firmware.link.tls import PEERS_FILE, PeerStore, anonymous_client_context
 from firmware.nbd.client import NbdClient
 from tests.test_replication import RemoteProc, local_link_args, peer_status, wait_for
-from tests.unitproc import LocalProc
+from tests.unitproc import LocalProc, read_until_closed
 
 
 def sha(der: bytes) -> str:
@@ -168,17 +168,7 @@ def anonymous(remote: RemoteProc) -> Any:
 
 
 def answer(sock: Any) -> list[Any]:
-    out = b""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            data = sock.recv(65536)
-        except OSError:
-            break
-        if not data:
-            break
-        out += data
-    return FrameDecoder().receive_data(out)
+    return FrameDecoder().receive_data(read_until_closed(sock))
 
 
 @pytest.mark.parametrize("payload,reason", [

@@ -5,7 +5,6 @@ with a clear log line and nothing reaches the store."""
 from __future__ import annotations
 
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from firmware.link.session import Error, SenderConfig
 from firmware.link.shell import Backoff, LinkClient
 from firmware.link.tls import PeerStore, client_context
 from tests.test_replication import RemoteProc, local_link_args, wait_for
-from tests.unitproc import LocalProc
+from tests.unitproc import LocalProc, read_until_closed
 
 
 @pytest.fixture
@@ -108,20 +107,6 @@ def _tls_to(remote: RemoteProc, state: Path, ident: Any) -> Any:
     return ctx.wrap_socket(raw)
 
 
-def _read_until_closed(sock: Any) -> bytes:
-    out = b""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            data = sock.recv(65536)
-        except OSError:
-            break
-        if not data:
-            break
-        out += data
-    return out
-
-
 @pytest.mark.parametrize("payload,reason", [
     (b"\x00\x00\x00\x10" + b"garbage garbage!" + b"\x00\x00\x00\x00", "CRC32C mismatch"),
     (FRAME_LENGTH.pack(0xFFFFFFF0), "limit"),
@@ -132,7 +117,7 @@ def test_garbage_and_oversized_frames_close_the_connection_with_a_logged_reason(
     state, ident = _peer(tmp_path, "site-a", remote, pin_at_remote=True)
     with _tls_to(remote, state, ident) as sock:
         sock.sendall(payload)
-        reply = _read_until_closed(sock)
+        reply = read_until_closed(sock)
     frames = FrameDecoder().receive_data(reply)
     assert frames and isinstance(frames[-1], Error) and reason in frames[-1].text
     wait_for(lambda: "protocol error" in remote.log.read_text(), 10, "logged")
@@ -147,7 +132,7 @@ def test_writes_before_hello_are_refused(remote: RemoteProc, tmp_path: Path) -> 
     state, ident = _peer(tmp_path, "site-a", remote, pin_at_remote=True)
     with _tls_to(remote, state, ident) as sock:
         sock.sendall(encode_frame(Writes(1, "none", (WriteRecord(1, 0, b"\x01" * 512, 1),))))
-        reply = _read_until_closed(sock)
+        reply = read_until_closed(sock)
     frames = FrameDecoder().receive_data(reply)
     assert isinstance(frames[-1], Error) and "not allowed" in frames[-1].text
     _nothing_stored(remote)
@@ -162,7 +147,7 @@ def test_a_client_without_a_certificate_gets_nothing_but_the_recovery_exchange(
     raw = socket.create_connection(("127.0.0.1", remote.port), timeout=10)
     with anonymous_client_context().wrap_socket(raw) as sock:
         sock.sendall(encode_frame(Writes(1, "none", (WriteRecord(1, 0, b"\x01" * 512, 1),))))
-        reply = _read_until_closed(sock)
+        reply = read_until_closed(sock)
     frames = FrameDecoder().receive_data(reply)
     assert len(frames) == 1 and isinstance(frames[0], Error)
     assert "only the recovery exchange" in frames[0].text

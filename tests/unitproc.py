@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Self
 
@@ -20,6 +21,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def read_until_closed(sock: Any, timeout: float = 10.0) -> bytes:
+    """Everything a peer sends on `sock` until it closes (or errors, or `timeout`)."""
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(65536)
+        except OSError:  # ssl.SSLError included
+            break
+        if not data:
+            break
+        out += data
+    return out
 
 
 def need(binary: str) -> str:
