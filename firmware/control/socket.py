@@ -20,6 +20,8 @@ from typing import Any
 
 import cbor2
 
+from ..errors import MirrorUnitError
+
 log = logging.getLogger("mirrorunit.control")
 
 FRAME_LENGTH = struct.Struct(">I")
@@ -29,7 +31,7 @@ MAX_FRAME = 1 << 20
 Handler = Callable[..., Any]
 
 
-class ControlError(Exception):
+class ControlError(MirrorUnitError):
     """A request failed; the message is meant for the operator."""
 
 
