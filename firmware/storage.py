@@ -12,10 +12,12 @@ import os
 import random
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class Storage(Protocol):
+    """What the CBQ and the volume's mirror need of the medium under them."""
+
     @property
     def size(self) -> int: ...
 
@@ -23,9 +25,25 @@ class Storage(Protocol):
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
 
-    def sync(self) -> None: ...
+    def sync(self) -> None:
+        """Everything written so far is durable (fdatasync); raises OSError if not."""
+        ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class VectoredStorage(Storage, Protocol):
+    """Optional: one call writes several buffers back to back (a CBQ group commit)."""
+
+    def pwritev(self, offset: int, buffers: list[bytes | bytearray | memoryview]) -> None: ...
+
+
+@runtime_checkable
+class ReadIntoStorage(Storage, Protocol):
+    """Optional: fills the caller's buffer, so the volume reads without a fresh object."""
+
+    def preadinto(self, offset: int, buf: memoryview) -> None: ...
 
 
 class FileStorage:

@@ -31,7 +31,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypedDict
 
 from ..blockdev import (
     BlockDeviceError,
@@ -42,6 +42,7 @@ from ..blockdev import (
     WriteProtected,
 )
 from ..cbq import MIRROR_CONSUMER, CircularBufferQueue, NeedsReclaim, RecordKind
+from ..storage import ReadIntoStorage, Storage
 
 log = logging.getLogger("mirrorunit.volume")
 
@@ -55,6 +56,27 @@ class CacheMode(enum.Enum):
     WRITE_THROUGH = "write-through"
     #: A write completes from RAM; durable at FLUSH/FUA, on the timer or on flush_cache().
     WRITE_BACK = "write-back"
+
+
+class VolumeStatus(TypedDict):
+    size: int
+    block_size: int
+    state: str
+    read_only: bool
+    #: The configured mode; `write_cache_enabled` says whether the cache is in use.
+    cache_mode: str
+    cache_bytes: int
+    cache_limit: int
+    applied_seq: int
+    write_cache_enabled: bool
+    #: Why the write cache was turned off, if a commit failed.
+    commit_failure: str | None
+    reads: int
+    writes: int
+    bytes_read: int
+    bytes_written: int
+    flushes: int
+    commits: int
 
 
 @dataclass
@@ -78,13 +100,15 @@ def _lay_over(buffer: bytearray | memoryview, offset: int,
 class Volume:
     """A BlockDevice over a mirror Storage and an open CBQ."""
 
-    def __init__(self, mirror: Any, cbq: CircularBufferQueue, *,
+    def __init__(self, mirror: Storage, cbq: CircularBufferQueue, *,
                  cache_mode: CacheMode = CacheMode.WRITE_BACK,
                  cache_limit: int = 32 << 20, flush_interval: float = 1.0,
                  mirror_checkpoint_bytes: int | None = None,
                  read_only: bool = False, state: DeviceState = DeviceState.READY,
                  on_state_change: Callable[[DeviceState], None] | None = None) -> None:
         self.mirror = mirror
+        # Decided once: a protocol isinstance() check costs too much on every read.
+        self._read_into = mirror if isinstance(mirror, ReadIntoStorage) else None
         self.cbq = cbq
         g = cbq.geo
         self._block_size = g.block_size
@@ -181,13 +205,12 @@ class Volume:
         """pread() into the caller's buffer (blockdev.ReadInto)."""
         length = len(buffer)
         self._check(offset, length)
-        fill = getattr(self.mirror, "preadinto", None)
-        if fill is None:
+        if self._read_into is None:
             buffer[:] = self._read(offset, length)
         else:
             with self._cache_lock:
                 try:
-                    fill(offset, buffer)
+                    self._read_into.preadinto(offset, buffer)
                 except OSError as e:
                     raise MediumError(f"mirror read failed: {e}", e.errno) from e
                 _lay_over(buffer, offset, self._cache)
@@ -448,19 +471,14 @@ class Volume:
             self._mirror_checkpoint_locked()
             self.cbq.close()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> VolumeStatus:
         with self._cache_lock:
             cached = self._cache_bytes
-        return {
-            "size": self._size,
-            "block_size": self._block_size,
-            "state": self._state.value,
-            "read_only": self._read_only,
-            "cache_mode": self.cache_mode.value,
-            "cache_bytes": cached,
-            "cache_limit": self.cache_limit,
-            "applied_seq": self._applied_seq,
-            "write_cache_enabled": self.write_cache_enabled,
-            "commit_failure": self._commit_failure,
-            **self.counters,
-        }
+        c = self.counters
+        return VolumeStatus(
+            size=self._size, block_size=self._block_size, state=self._state.value,
+            read_only=self._read_only, cache_mode=self.cache_mode.value, cache_bytes=cached,
+            cache_limit=self.cache_limit, applied_seq=self._applied_seq,
+            write_cache_enabled=self.write_cache_enabled, commit_failure=self._commit_failure,
+            reads=c["reads"], writes=c["writes"], bytes_read=c["bytes_read"],
+            bytes_written=c["bytes_written"], flushes=c["flushes"], commits=c["commits"])
