@@ -127,10 +127,6 @@ class FileBlockDevice:
         self._lock = threading.Lock()
 
     @property
-    def fd(self) -> int:
-        return self._fd
-
-    @property
     def size(self) -> int:
         return self._size
 

@@ -69,10 +69,6 @@ class FileStorage:
     def size(self) -> int:
         return self._size
 
-    @property
-    def fd(self) -> int:
-        return self._fd
-
     def pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self._fd, length, offset)
         if len(data) < length:
@@ -177,12 +173,6 @@ class CrashSimStorage:
 
     def _boundary(self) -> None:
         self.rail.boundary()
-
-    def _current(self) -> bytearray:
-        image = bytearray(self.durable)
-        for w in self.pending:
-            image[w.offset:w.offset + len(w.data)] = w.data
-        return image
 
     def pread(self, offset: int, length: int) -> bytes:
         with self._lock:
