@@ -314,16 +314,15 @@ class Volume:
 
     def _commit_failed(self, exc: BaseException) -> None:
         self._deferred_error = exc
-        if self._commit_failure is None:
-            log.critical("volume: a commit failed\n%s",
-                         "".join(traceback.format_exception(exc)).rstrip())
-            self._cache_off(f"commit failed: {type(exc).__name__}: {exc}")
+        self._cache_off(f"commit failed: {type(exc).__name__}: {exc}", exc)
 
-    def _cache_off(self, reason: str) -> None:
-        if self._commit_failure is None:
-            self._commit_failure = reason
-            log.critical("volume: %s; the write cache is off, every write now reaches the "
-                         "mirror before it completes", reason)
+    def _cache_off(self, reason: str, exc: BaseException | None = None) -> None:
+        if self._commit_failure is not None:
+            return
+        self._commit_failure = reason
+        trace = "".join(traceback.format_exception(exc)).rstrip() if exc else ""
+        log.critical("volume: %s; the write cache is off, every write now reaches the "
+                     "mirror before it completes%s", reason, "\n" + trace if trace else "")
 
     def _apply_cache_locked(self) -> None:
         try:
@@ -456,7 +455,7 @@ class Volume:
             except BlockDeviceError as e:
                 # Recorded by the commit; the writes left in the cache are tried again, by
                 # the next write or here, until the mirror takes them.
-                log.error("volume: background commit failed again: %s", e)
+                log.error("volume: background commit failed, to be retried: %s", e)
             except Exception:  # the storage is gone (power cut): writers see it themselves
                 return
 
