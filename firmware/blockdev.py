@@ -13,6 +13,8 @@ import os
 import threading
 from typing import Protocol, runtime_checkable
 
+from .errors import MirrorUnitError
+
 
 class DeviceState(enum.Enum):
     READY = "ready"
@@ -21,7 +23,7 @@ class DeviceState(enum.Enum):
     OFFLINE = "offline"
 
 
-class BlockDeviceError(Exception):
+class BlockDeviceError(MirrorUnitError):
     """Base of errors a BlockDevice reports to its front end."""
 
 
@@ -123,10 +125,6 @@ class FileBlockDevice:
         self._read_only = read_only
         self._state = DeviceState.READY
         self._lock = threading.Lock()
-
-    @property
-    def fd(self) -> int:
-        return self._fd
 
     @property
     def size(self) -> int:

@@ -12,10 +12,12 @@ import os
 import random
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class Storage(Protocol):
+    """What the CBQ and the volume's mirror need of the medium under them."""
+
     @property
     def size(self) -> int: ...
 
@@ -23,9 +25,25 @@ class Storage(Protocol):
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
 
-    def sync(self) -> None: ...
+    def sync(self) -> None:
+        """Everything written so far is durable (fdatasync); raises OSError if not."""
+        ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class VectoredStorage(Storage, Protocol):
+    """Optional: one call writes several buffers back to back (a CBQ group commit)."""
+
+    def pwritev(self, offset: int, buffers: list[bytes | bytearray | memoryview]) -> None: ...
+
+
+@runtime_checkable
+class ReadIntoStorage(Storage, Protocol):
+    """Optional: fills the caller's buffer, so the volume reads without a fresh object."""
+
+    def preadinto(self, offset: int, buf: memoryview) -> None: ...
 
 
 class FileStorage:
@@ -50,10 +68,6 @@ class FileStorage:
     @property
     def size(self) -> int:
         return self._size
-
-    @property
-    def fd(self) -> int:
-        return self._fd
 
     def pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self._fd, length, offset)
@@ -159,12 +173,6 @@ class CrashSimStorage:
 
     def _boundary(self) -> None:
         self.rail.boundary()
-
-    def _current(self) -> bytearray:
-        image = bytearray(self.durable)
-        for w in self.pending:
-            image[w.offset:w.offset + len(w.data)] = w.data
-        return image
 
     def pread(self, offset: int, length: int) -> bytes:
         with self._lock:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..errors import MirrorUnitError
 
-class CbqError(Exception):
+
+class CbqError(MirrorUnitError):
     """Base of every CBQ error."""
 
 

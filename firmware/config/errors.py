@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..errors import MirrorUnitError
 
-class ConfigError(Exception):
+
+class ConfigError(MirrorUnitError):
     """A value was refused; names the field and why (never echoes a secret)."""
 
     def __init__(self, field: str, message: str) -> None:
@@ -12,11 +14,11 @@ class ConfigError(Exception):
         self.message = message
 
 
-class ConfigStoreError(Exception):
+class ConfigStoreError(MirrorUnitError):
     """The config partition could not be read or written."""
 
 
-class SealError(Exception):
+class SealError(MirrorUnitError):
     """Base of peer-backup blob errors."""
 
 
@@ -32,6 +34,6 @@ class SealTampered(SealError):
     """The blob was altered after sealing (authentication tag mismatch)."""
 
 
-class NetworkApplyError(Exception):
+class NetworkApplyError(MirrorUnitError):
     """Saved network settings could not be handed to the system (the file could not
     be written, or networkctl failed); the message names the step."""

@@ -5,11 +5,14 @@ Response: {"ok": true, "result": ...} or {"ok": false, "error": "<message>"}
 
 Each frame is a 4-byte big-endian length and a CBOR map of at most MAX_FRAME
 bytes.  A malformed request gets an error response and the connection closes;
-the unit carries on.
+the unit carries on.  A handler refuses with a `MirrorUnitError` (or a ValueError
+from converting its arguments), whose message is the answer; anything else it raises
+is a bug, logged with its traceback and answered as an internal error.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import socket
@@ -20,6 +23,8 @@ from typing import Any
 
 import cbor2
 
+from ..errors import MirrorUnitError
+
 log = logging.getLogger("mirrorunit.control")
 
 FRAME_LENGTH = struct.Struct(">I")
@@ -29,7 +34,7 @@ MAX_FRAME = 1 << 20
 Handler = Callable[..., Any]
 
 
-class ControlError(Exception):
+class ControlError(MirrorUnitError):
     """A request failed; the message is meant for the operator."""
 
 
@@ -124,7 +129,14 @@ class ControlServer:
                     return
                 if req is None:
                     return
-                _write_frame(conn, self.dispatch(req))
+                resp = self.dispatch(req)
+                try:
+                    body = cbor2.dumps(resp)
+                except cbor2.CBOREncodeError as e:
+                    log.exception("control: %s returned what CBOR cannot carry", req["op"])
+                    body = cbor2.dumps({"ok": False,
+                                        "error": f"{req['op']}: internal error: {e}"})
+                conn.sendall(FRAME_LENGTH.pack(len(body)) + body)
 
     def dispatch(self, req: Any) -> dict[str, Any]:
         if not isinstance(req, dict) or not isinstance(req.get("op"), str):
@@ -137,12 +149,20 @@ class ControlServer:
             return {"ok": False, "error": f"unknown operation {req['op']!r}; known: "
                                           + ", ".join(sorted(self.handlers))}
         try:
-            return {"ok": True, "result": handler(**args)}
+            inspect.signature(handler).bind(**args)
         except TypeError as e:
             return {"ok": False, "error": f"{req['op']}: bad arguments: {e}"}
-        except Exception as e:  # reported to the caller; the unit keeps serving
-            log.warning("control: %s failed: %s", req["op"], e)
+        try:
+            return {"ok": True, "result": handler(**args)}
+        except (MirrorUnitError, ValueError) as e:
+            # ValueError: a handler's own conversion of the operator's input refused it
+            # (CacheMode(mode), int(seq)).
+            log.warning("control: %s refused: %s", req["op"], e)
             return {"ok": False, "error": f"{req['op']}: {e}"}
+        except Exception as e:  # a bug in the handler: loud in the log, the unit keeps serving
+            log.exception("control: %s failed", req["op"])
+            return {"ok": False, "error": f"{req['op']}: internal error: "
+                                          f"{type(e).__name__}: {e}"}
 
     def stop(self) -> None:
         self._stopping.set()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..errors import MirrorUnitError
 
-class LinkError(Exception):
+
+class LinkError(MirrorUnitError):
     """Base of every journey-link failure."""
 
 

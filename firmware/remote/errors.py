@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..errors import MirrorUnitError
 
-class RemoteError(Exception):
+
+class RemoteError(MirrorUnitError):
     """Base of every remote-store error."""
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..errors import MirrorUnitError
 
-class UpsError(Exception):
+
+class UpsError(MirrorUnitError):
     """Base of every UPS error."""
 
 

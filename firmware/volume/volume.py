@@ -14,6 +14,12 @@ The CBQ is the write-ahead log and the mirror is its checkpointed image:
 After a crash, DATA records after the mirror's acknowledgement are redone onto
 the mirror (the newest record of each block wins, so a later compact write
 already durable in the mirror is never overwritten by an older record).
+
+A commit that fails (the background committer's above all: nobody is waiting on
+it) turns the write cache off for good: from then on every write is committed
+before it completes, so a failing mirror fails the writes themselves, and the
+next FLUSH reports the failure, as a disk reports a deferred error for cached
+data it could not write.  Status names the failure.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ import enum
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypedDict
 
 from ..blockdev import (
     BlockDeviceError,
@@ -35,6 +42,7 @@ from ..blockdev import (
     WriteProtected,
 )
 from ..cbq import MIRROR_CONSUMER, CircularBufferQueue, NeedsReclaim, RecordKind
+from ..storage import ReadIntoStorage, Storage
 
 log = logging.getLogger("mirrorunit.volume")
 
@@ -48,6 +56,27 @@ class CacheMode(enum.Enum):
     WRITE_THROUGH = "write-through"
     #: A write completes from RAM; durable at FLUSH/FUA, on the timer or on flush_cache().
     WRITE_BACK = "write-back"
+
+
+class VolumeStatus(TypedDict):
+    size: int
+    block_size: int
+    state: str
+    read_only: bool
+    #: The configured mode; `write_cache_enabled` says whether the cache is in use.
+    cache_mode: str
+    cache_bytes: int
+    cache_limit: int
+    applied_seq: int
+    write_cache_enabled: bool
+    #: Why the write cache was turned off, if a commit failed.
+    commit_failure: str | None
+    reads: int
+    writes: int
+    bytes_read: int
+    bytes_written: int
+    flushes: int
+    commits: int
 
 
 @dataclass
@@ -71,13 +100,15 @@ def _lay_over(buffer: bytearray | memoryview, offset: int,
 class Volume:
     """A BlockDevice over a mirror Storage and an open CBQ."""
 
-    def __init__(self, mirror: Any, cbq: CircularBufferQueue, *,
+    def __init__(self, mirror: Storage, cbq: CircularBufferQueue, *,
                  cache_mode: CacheMode = CacheMode.WRITE_BACK,
                  cache_limit: int = 32 << 20, flush_interval: float = 1.0,
                  mirror_checkpoint_bytes: int | None = None,
                  read_only: bool = False, state: DeviceState = DeviceState.READY,
                  on_state_change: Callable[[DeviceState], None] | None = None) -> None:
         self.mirror = mirror
+        # Decided once: a protocol isinstance() check costs too much on every read.
+        self._read_into = mirror if isinstance(mirror, ReadIntoStorage) else None
         self.cbq = cbq
         g = cbq.geo
         self._block_size = g.block_size
@@ -105,6 +136,11 @@ class Volume:
         self._last_mirror_checkpoint = time.monotonic()
         self._timer: threading.Thread | None = None
         self._stop = threading.Event()
+        #: The first commit that failed; once set, no write is acknowledged from RAM.
+        self._commit_failure: str | None = None
+        #: A failed commit not yet reported to a FLUSH (a deferred error).
+        self._deferred_error: BaseException | None = None
+        self._mirror_sync_failed = False
         self.counters = {"reads": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0,
                          "flushes": 0, "commits": 0}
         cbq.current_reader = self._read_current
@@ -128,7 +164,8 @@ class Volume:
         if state is self._state:
             return
         if state is not DeviceState.READY:
-            self.flush()
+            # Not flush(): an error deferred from an earlier commit is the host's to see.
+            self._commit()
         log.warning("volume: state %s -> %s", self._state.value, state.value)
         self._state = state
         if self._on_state_change:
@@ -140,7 +177,12 @@ class Volume:
 
     @property
     def write_cache_enabled(self) -> bool:
-        return self.cache_mode is CacheMode.WRITE_BACK
+        return self.cache_mode is CacheMode.WRITE_BACK and self._commit_failure is None
+
+    @property
+    def commit_failure(self) -> str | None:
+        """Why the write cache was turned off, if a commit failed."""
+        return self._commit_failure
 
     @property
     def supports_trim(self) -> bool:
@@ -163,13 +205,12 @@ class Volume:
         """pread() into the caller's buffer (blockdev.ReadInto)."""
         length = len(buffer)
         self._check(offset, length)
-        fill = getattr(self.mirror, "preadinto", None)
-        if fill is None:
+        if self._read_into is None:
             buffer[:] = self._read(offset, length)
         else:
             with self._cache_lock:
                 try:
-                    fill(offset, buffer)
+                    self._read_into.preadinto(offset, buffer)
                 except OSError as e:
                     raise MediumError(f"mirror read failed: {e}", e.errno) from e
                 _lay_over(buffer, offset, self._cache)
@@ -219,11 +260,14 @@ class Volume:
             try:
                 enq = self.cbq.append_write(lbn, data)
                 break
-            except NeedsReclaim:
+            except NeedsReclaim as e:
                 # The ring is held only by what the mirror has not yet made durable.
                 self._commit()
                 self._mirror_checkpoint()
                 if attempt == 2:
+                    if self._mirror_sync_failed:
+                        raise MediumError("the CBQ is full: the mirror cannot be synced "
+                                          "since a sync failed") from e
                     raise
         with self._cache_lock:
             self._cache.append(_CachedWrite(offset, data, enq.seq, not enq.carries_data))
@@ -232,7 +276,7 @@ class Volume:
         self.counters["bytes_written"] += len(data)
 
     def _after_write(self, fua: bool) -> None:
-        if fua or self.cache_mode is CacheMode.WRITE_THROUGH:
+        if fua or not self.write_cache_enabled:
             self._commit()
         elif self._cache_bytes >= self.cache_limit:
             self._commit()  # back-pressure: the writer waits for the cache to drain
@@ -241,7 +285,15 @@ class Volume:
 
     def flush(self) -> None:
         self.counters["flushes"] += 1
-        self._commit()
+        with self._commit_lock:
+            try:
+                self._commit_locked()
+            finally:
+                # A failure of this commit is reported by its own exception.
+                deferred, self._deferred_error = self._deferred_error, None
+        if deferred is not None:
+            raise MediumError(f"an earlier commit of cached writes failed: {deferred}",
+                              getattr(deferred, "errno", None)) from deferred
 
     def trim(self, offset: int, length: int) -> None:
         raise VolumeError("trim is not supported by this volume")
@@ -254,6 +306,25 @@ class Volume:
             self._commit_locked()
 
     def _commit_locked(self) -> None:
+        try:
+            self._apply_cache_locked()
+        except Exception as e:
+            self._commit_failed(e)
+            raise
+
+    def _commit_failed(self, exc: BaseException) -> None:
+        self._deferred_error = exc
+        self._cache_off(f"commit failed: {type(exc).__name__}: {exc}", exc)
+
+    def _cache_off(self, reason: str, exc: BaseException | None = None) -> None:
+        if self._commit_failure is not None:
+            return
+        self._commit_failure = reason
+        trace = "".join(traceback.format_exception(exc)).rstrip() if exc else ""
+        log.critical("volume: %s; the write cache is off, every write now reaches the "
+                     "mirror before it completes%s", reason, "\n" + trace if trace else "")
+
+    def _apply_cache_locked(self) -> None:
         try:
             # Snapshot first: everything in it was appended before the sync below, so
             # it is in the log before it reaches the mirror (write-ahead).
@@ -291,12 +362,19 @@ class Volume:
         try:
             self.mirror.sync()
         except OSError as e:
-            raise MediumError(f"mirror sync failed: {e}", getattr(e, "errno", None)) from e
+            # The kernel may drop the pages it could not write, and a later sync then
+            # succeeds without them: the CBQ keeps what the mirror was sent, for the redo
+            # at the next start.
+            self._mirror_sync_failed = True
+            err = MediumError(f"mirror sync failed: {e}", e.errno)
+            self._commit_failed(err)
+            raise err from e
         self._ack_mirror()
 
     def _ack_mirror(self) -> None:
         # Everything applied is in the mirror file and the file was just synced.
-        self.cbq.ack(MIRROR_CONSUMER, min(self._applied_seq, self.cbq.durable_seq))
+        if not self._mirror_sync_failed:
+            self.cbq.ack(MIRROR_CONSUMER, min(self._applied_seq, self.cbq.durable_seq))
         self._applied_since_checkpoint = 0
         self._last_mirror_checkpoint = time.monotonic()
 
@@ -354,6 +432,16 @@ class Volume:
         self._timer.start()
 
     def _run_timer(self) -> None:
+        try:
+            self._commit_in_background()
+        finally:
+            if not self._stop.is_set():
+                # Nothing drains the cache now: no write may wait in RAM for it.
+                with self._commit_lock:
+                    self._cache_off("the background committer stopped")
+                log.critical("volume: the background committer stopped")
+
+    def _commit_in_background(self) -> None:
         while not self._stop.is_set():
             self._kick.wait(self.flush_interval)
             self._kick.clear()
@@ -364,10 +452,11 @@ class Volume:
                     if (self._applied_since_checkpoint
                             and time.monotonic() - self._last_mirror_checkpoint > 5.0):
                         self._mirror_checkpoint_locked()
-            except BlockDeviceError:
-                log.exception("volume: background flush failed; retrying")
+            except BlockDeviceError as e:
+                # Recorded by the commit; the writes left in the cache are tried again, by
+                # the next write or here, until the mirror takes them.
+                log.error("volume: background commit failed, to be retried: %s", e)
             except Exception:  # the storage is gone (power cut): writers see it themselves
-                log.exception("volume: background committer stopped")
                 return
 
     def close(self) -> None:
@@ -381,17 +470,14 @@ class Volume:
             self._mirror_checkpoint_locked()
             self.cbq.close()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> VolumeStatus:
         with self._cache_lock:
             cached = self._cache_bytes
-        return {
-            "size": self._size,
-            "block_size": self._block_size,
-            "state": self._state.value,
-            "read_only": self._read_only,
-            "cache_mode": self.cache_mode.value,
-            "cache_bytes": cached,
-            "cache_limit": self.cache_limit,
-            "applied_seq": self._applied_seq,
-            **self.counters,
-        }
+        c = self.counters
+        return VolumeStatus(
+            size=self._size, block_size=self._block_size, state=self._state.value,
+            read_only=self._read_only, cache_mode=self.cache_mode.value, cache_bytes=cached,
+            cache_limit=self.cache_limit, applied_seq=self._applied_seq,
+            write_cache_enabled=self.write_cache_enabled, commit_failure=self._commit_failure,
+            reads=c["reads"], writes=c["writes"], bytes_read=c["bytes_read"],
+            bytes_written=c["bytes_written"], flushes=c["flushes"], commits=c["commits"])
