@@ -31,6 +31,8 @@ from typing import Any
 
 import cbor2
 
+from firmware.record import IntegrityError
+
 from .errors import CbqCorruption, CbqError, CbqFormatError, CbqUsageError
 from .format import (
     DIRTY_MAP_OFFSET,
@@ -243,12 +245,12 @@ def read_superblock(storage: Any) -> tuple[int, dict[str, Any], list[str]]:
     problems: list[str] = []
     for slot in (0, 1):
         raw = storage.pread(slot * SUPERBLOCK_SLOT, SUPERBLOCK_SLOT)
-        got = decode_superblock(raw)
-        if isinstance(got, str):
+        try:
+            gen, body = decode_superblock(raw, slot * SUPERBLOCK_SLOT)
+        except IntegrityError as e:
             if any(raw):
-                problems.append(f"superblock slot {slot}: {got}")
+                problems.append(f"superblock slot {slot}: {e}")
             continue
-        gen, body = got
         try:
             state = cbor2.loads(body)
             if not isinstance(state, dict) or "geometry" not in state:
@@ -428,7 +430,7 @@ class CircularBufferQueue:
         if end > limit:
             return "record would overlap the tail"
         payload = self._read_lin(lin + HDR, h.payload_len) if h.payload_len else b""
-        if not record_crc_ok(raw, payload, h.crc):
+        if not record_crc_ok(raw, payload):
             return "record CRC mismatch (torn or corrupt)"
         return h, (payload if with_payload else b"")
 
@@ -980,7 +982,7 @@ class CircularBufferQueue:
             raw = self._read_lin(s_lin, HDR)
             sh = decode_header(raw)
             payload = self._read_lin(s_lin + HDR, s_n * bs)
-            if sh is None or not record_crc_ok(raw, payload, sh.crc):
+            if sh is None or not record_crc_ok(raw, payload):
                 raise CbqCorruption(f"side copy for seq {h.seq} unreadable", self._abs(s_lin))
             lo = max(s_lbn, h.lbn)
             hi = min(s_lbn + s_n, h.lbn + h.nblocks)
