@@ -254,7 +254,27 @@ class SegmentLog:
         return self._handle(segment).pread(offset, length)
 
     def read_payload(self, entry: LogEntry) -> bytes:
-        return self.read(entry.segment, entry.payload_offset, entry.payload_len)
+        """The payload of an indexed record, checked again before anyone uses it.
+
+        Apply, redo and rollback write what this returns to the mirror, and the medium
+        may have changed since the scan at open: the header is read back, must still be
+        the indexed record of this segment, and its CRC must cover the payload.
+        """
+        path = self.path(entry.segment)
+        handle = self._handle(entry.segment)
+        raw = handle.pread(entry.offset, RECORD_HEADER.size)
+        payload = handle.pread(entry.payload_offset, entry.payload_len)
+        try:
+            rh, _crc = decode_record_header(raw, path=path, offset=entry.offset)
+            if ((rh.kind, rh.seq, rh.ts, rh.lbn, rh.nblocks, rh.payload_len)
+                    != (entry.kind, entry.seq, entry.ts, entry.lbn, entry.nblocks,
+                        entry.payload_len)
+                    or rh.salt != self._salts.get(entry.segment)):
+                raise IntegrityError(path, entry.offset, "record is not the one indexed here")
+            RECORD.check(raw, payload, path=path, offset=entry.offset)
+        except IntegrityError as e:
+            raise JournalCorruption(e.reason, path, entry.offset) from e
+        return payload
 
     # ------------------------------------------------------------------ trimming
 
