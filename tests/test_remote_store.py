@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from firmware.link.frames import WriteRecord
+from firmware.record import IntegrityError
 from firmware.remote import (
     CHUNK_SIZE,
     AlreadyApplied,
@@ -25,6 +26,7 @@ from firmware.remote import (
     InvalidUnitId,
     JournalCorruption,
     NotRestorable,
+    OsFileOps,
     OutsideRetention,
     RemoteStore,
     Retention,
@@ -33,6 +35,7 @@ from firmware.remote import (
     UnitBusy,
     UnitStore,
 )
+from firmware.remote.fileio import FileHandle, OsFile
 
 REPO = Path(__file__).resolve().parent.parent
 BS = 512
@@ -385,6 +388,121 @@ def test_corrupt_record_in_an_older_segment_names_its_place(tmp_path: Path) -> N
     first.write_bytes(bytes(raw))
     with pytest.raises(JournalCorruption, match=r"CRC mismatch in .*rj-0+1\.seg at offset 36"):
         open_unit(tmp_path / "u", clock=FakeClock(), segment_bytes=8192)
+
+
+# --------------------------------------------------------------------------- bit rot
+
+SEGMENT_HEADER_BYTES, RECORD_HEADER_BYTES = 36, 48
+
+
+def _record_offset(recs: list[WriteRecord], index: int) -> int:
+    """Where record `index` starts in a first segment holding `recs` (receive journal) or
+    their before-images (history), which have the same lengths."""
+    return SEGMENT_HEADER_BYTES + sum(RECORD_HEADER_BYTES + len(r.data) for r in recs[:index])
+
+
+def _segment(unit_dir: Path, journal: str) -> Path:
+    [seg] = sorted((unit_dir / journal).iterdir())
+    return seg
+
+
+def _flip_on_disk(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+class _RottingFile(OsFile):
+    def __init__(self, disk: RottingDisk, path: str, create: bool) -> None:
+        super().__init__(path, create)
+        self.disk = disk
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.disk.rot(self.path, offset, super().pread(offset, length))
+
+
+class RottingDisk(OsFileOps):
+    """The real file system, except that one byte of one file reads back flipped after it
+    has been read `clean_reads` times (a sector going bad under a running unit), and that
+    the state file can be made impossible to replace (a power cut before a checkpoint)."""
+
+    def __init__(self, path: Path | None = None, offset: int = 0, clean_reads: int = 0) -> None:
+        self.path, self.offset, self.clean_reads = path, offset, clean_reads
+        self.refuse_renames = False
+
+    def open(self, path: str, create: bool = False) -> FileHandle:
+        return _RottingFile(self, path, create)
+
+    def rename(self, src: str, dst: str) -> None:
+        if self.refuse_renames:
+            raise OSError("power cut before the state file was replaced")
+        super().rename(src, dst)
+
+    def rot(self, path: str, offset: int, data: bytes) -> bytes:
+        if self.path is None or path != str(self.path):
+            return data
+        if not offset <= self.offset < offset + len(data):
+            return data
+        if self.clean_reads:
+            self.clean_reads -= 1
+            return data
+        out = bytearray(data)
+        out[self.offset - offset] ^= 0xFF
+        return bytes(out)
+
+
+def _assert_names_the_record(e: JournalCorruption, seg: Path, offset: int) -> None:
+    assert isinstance(e, IntegrityError)
+    assert (e.path, e.offset, e.reason) == (str(seg), offset, "record CRC mismatch")
+
+
+def test_corrupt_payload_in_the_receive_journal_is_not_applied(tmp_path: Path) -> None:
+    recs = make_records(random.Random(7), 6, 128)
+    clock = FakeClock()
+    with open_unit(tmp_path / "u", commit_delay_s=60, clock=clock) as u:
+        u.apply(recs)
+        assert u.last_applied_seq == 0
+        seg = _segment(tmp_path / "u", "journal")
+        _flip_on_disk(seg, _record_offset(recs, 2) + RECORD_HEADER_BYTES + 5)
+        clock.now = T0 + 3600 * S
+        with pytest.raises(JournalCorruption) as info:
+            u.apply_due()
+        _assert_names_the_record(info.value, seg, _record_offset(recs, 2))
+        assert u.last_applied_seq < 3
+        assert u.read_mirror(0, 64 * 1024) == model(recs[:u.last_applied_seq], 64 * 1024)
+
+
+def test_corrupt_before_image_is_not_rolled_back_onto_the_mirror(tmp_path: Path) -> None:
+    recs = make_records(random.Random(8), 6, 128)
+    with open_unit(tmp_path / "u", clock=FakeClock()) as u:
+        assert u.apply(recs) == 6 and u.last_applied_seq == 6
+        seg = _segment(tmp_path / "u", "history")
+        _flip_on_disk(seg, _record_offset(recs, 2) + RECORD_HEADER_BYTES + 5)
+        with pytest.raises(JournalCorruption) as info:
+            u.rollback(to_seq=1)
+        _assert_names_the_record(info.value, seg, _record_offset(recs, 2))
+        # Undone newest first: seqs 6..4 went, the damaged before-image of seq 3 did not.
+        assert u.read_mirror(0, 64 * 1024) == model(recs[:3], 64 * 1024)
+
+
+def test_payload_gone_bad_since_the_scan_is_not_redone(tmp_path: Path) -> None:
+    recs = make_records(random.Random(9), 6, 128)
+    disk = RottingDisk()
+    u = open_unit(tmp_path / "u", clock=FakeClock(), ops=disk)
+    assert u.apply(recs) == 6
+    # Cut before the checkpoint: the next open redoes every write from its journal.
+    disk.refuse_renames = True
+    with pytest.raises(OSError, match="power cut"):
+        u.close()
+    seg = _segment(tmp_path / "u", "journal")
+    # The scan at open reads the payload whole; the redo reads it again, damaged.
+    rotting = RottingDisk(seg, _record_offset(recs, 2) + RECORD_HEADER_BYTES + 5, clean_reads=1)
+    with pytest.raises(JournalCorruption) as info:
+        open_unit(tmp_path / "u", clock=FakeClock(), ops=rotting)
+    _assert_names_the_record(info.value, seg, _record_offset(recs, 2))
+    assert (tmp_path / "u" / "mirror.img").read_bytes() == model(recs, 64 * 1024)
 
 
 # --------------------------------------------------------------------------- crash tests

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 from ..errors import MirrorUnitError
+from ..record import IntegrityError
 
 
 class CbqError(MirrorUnitError):
     """Base of every CBQ error."""
 
 
-class CbqCorruption(CbqError):
-    """On-disk structure failed a check; carries where."""
+class CbqCorruption(CbqError, IntegrityError):
+    """On-disk structure failed a check; carries where (an offset in the queue's storage)."""
 
     def __init__(self, message: str, offset: int | None = None) -> None:
-        where = f" at offset {offset}" if offset is not None else ""
-        super().__init__(f"{message}{where}")
-        self.offset = offset
+        IntegrityError.__init__(self, None, offset, message)
 
 
 class CbqFormatError(CbqError):

@@ -27,13 +27,16 @@ import enum
 import struct
 from dataclasses import dataclass
 
-import crc32c as _crc32c
+from firmware.record import HeaderFormat, IntegrityError
 
 SUPERBLOCK_MAGIC = b"MUCBQSB1"
 SUPERBLOCK_SLOT = 4096
-SUPERBLOCK_HEADER = struct.Struct("<8sHHQII")  # magic, version, flags, generation, body_len, crc
-assert SUPERBLOCK_HEADER.size == 28
 FORMAT_VERSION = 1
+# magic, version, flags, generation, body_len, crc
+SUPERBLOCK = HeaderFormat("superblock", struct.Struct("<8sHHQII"), SUPERBLOCK_MAGIC,
+                          FORMAT_VERSION)
+SUPERBLOCK_HEADER = SUPERBLOCK.layout
+assert SUPERBLOCK_HEADER.size == 28
 DIRTY_MAP_OFFSET = 2 * SUPERBLOCK_SLOT
 
 RECORD_MAGIC = 0x5243554D  # "MUCR"
@@ -41,9 +44,10 @@ RECORD_VERSION = 1
 RECORD_ALIGN = 16
 # magic, version, kind, flags, lap, salt, seq, timestamp_ns, lbn, nblocks,
 # payload_len, ref_seq, cum_blocks, prev_crc, crc
-RECORD_HEADER = struct.Struct("<IBBHIIQQQIIQQII")
+RECORD = HeaderFormat("record", struct.Struct("<IBBHIIQQQIIQQII"), RECORD_MAGIC,
+                      RECORD_VERSION)
+RECORD_HEADER = RECORD.layout
 assert RECORD_HEADER.size == 72
-_CRC_OFFSET = RECORD_HEADER.size - 4
 
 
 class RecordKind(enum.IntEnum):
@@ -65,10 +69,6 @@ class Mode(enum.Enum):
     NORMAL = "normal"
     COMPACT = "compact"
     OVERFLOW = "overflow"
-
-
-def crc32c(data: bytes | bytearray | memoryview, value: int = 0) -> int:
-    return int(_crc32c.crc32c(data, value))
 
 
 def align_up(n: int, a: int) -> int:
@@ -100,63 +100,40 @@ def encode_record(h: RecordHeader,
                   payload: bytes | bytearray | memoryview = b"") -> tuple[bytes, int]:
     """Return (header bytes, crc).  The caller writes header, payload and padding."""
     assert len(payload) == h.payload_len
-    raw = bytearray(
-        RECORD_HEADER.pack(
-            RECORD_MAGIC, RECORD_VERSION, int(h.kind), 0, h.lap, h.salt, h.seq,
-            h.timestamp_ns, h.lbn, h.nblocks, h.payload_len, h.ref_seq, h.cum_blocks,
-            h.prev_crc, 0,
-        )
-    )
-    crc = crc32c(payload, crc32c(raw))
-    struct.pack_into("<I", raw, _CRC_OFFSET, crc)
-    return bytes(raw), crc
+    return RECORD.pack(int(h.kind), 0, h.lap, h.salt, h.seq, h.timestamp_ns, h.lbn,
+                       h.nblocks, h.payload_len, h.ref_seq, h.cum_blocks, h.prev_crc,
+                       payload=payload)
 
 
 def decode_header(raw: bytes | memoryview) -> RecordHeader | None:
-    """Parse a header; None when it is not a record header at all."""
-    if len(raw) < RECORD_HEADER.size:
-        return None
-    (magic, version, kind, _flags, lap, salt, seq, ts, lbn, nblocks, plen, ref_seq,
-     cum_blocks, prev_crc, crc) = RECORD_HEADER.unpack_from(raw)
-    if magic != RECORD_MAGIC or version != RECORD_VERSION:
-        return None
+    """Parse a header; None when it is not a record header at all (padding, say)."""
     try:
+        (kind, _flags, lap, salt, seq, ts, lbn, nblocks, plen, ref_seq, cum_blocks,
+         prev_crc, crc) = RECORD.unpack(raw)
         k = RecordKind(kind)
-    except ValueError:
+    except (IntegrityError, ValueError):
         return None
     return RecordHeader(k, lap, salt, seq, ts, lbn, nblocks, plen, ref_seq, cum_blocks,
                         prev_crc, crc)
 
 
-def record_crc_ok(raw_header: bytes | memoryview, payload: bytes | memoryview, crc: int) -> bool:
-    hdr = bytearray(raw_header[:RECORD_HEADER.size])
-    struct.pack_into("<I", hdr, _CRC_OFFSET, 0)
-    return crc32c(payload, crc32c(hdr)) == crc
+def record_crc_ok(raw_header: bytes | memoryview, payload: bytes | memoryview) -> bool:
+    return RECORD.crc_ok(raw_header, payload)
 
 
 def encode_superblock(generation: int, body: bytes) -> bytes:
     if SUPERBLOCK_HEADER.size + len(body) > SUPERBLOCK_SLOT:
         raise ValueError(f"superblock body of {len(body)} bytes does not fit its slot")
-    head = SUPERBLOCK_HEADER.pack(SUPERBLOCK_MAGIC, FORMAT_VERSION, 0, generation, len(body), 0)
-    crc = crc32c(body, crc32c(head))
-    head = SUPERBLOCK_HEADER.pack(SUPERBLOCK_MAGIC, FORMAT_VERSION, 0, generation, len(body), crc)
+    head, _ = SUPERBLOCK.pack(0, generation, len(body), payload=body)
     slot = head + body
     return slot + bytes(SUPERBLOCK_SLOT - len(slot))
 
 
-def decode_superblock(raw: bytes) -> tuple[int, bytes] | str:
-    """Return (generation, body) or a reason the slot is not valid."""
-    if len(raw) < SUPERBLOCK_HEADER.size:
-        return "short superblock"
-    magic, version, _flags, gen, blen, crc = SUPERBLOCK_HEADER.unpack_from(raw)
-    if magic != SUPERBLOCK_MAGIC:
-        return "bad superblock magic"
-    if version != FORMAT_VERSION:
-        return f"unsupported format version {version}"
+def decode_superblock(raw: bytes, offset: int | None = None) -> tuple[int, bytes]:
+    """Return (generation, body) of a slot; IntegrityError when it is not valid."""
+    _flags, gen, blen, _crc = SUPERBLOCK.unpack(raw, offset=offset)
     if SUPERBLOCK_HEADER.size + blen > SUPERBLOCK_SLOT:
-        return f"superblock body length {blen} out of bounds"
+        raise IntegrityError(None, offset, f"superblock body length {blen} out of bounds")
     body = raw[SUPERBLOCK_HEADER.size:SUPERBLOCK_HEADER.size + blen]
-    head = SUPERBLOCK_HEADER.pack(SUPERBLOCK_MAGIC, version, _flags, gen, blen, 0)
-    if crc32c(body, crc32c(head)) != crc:
-        return "superblock CRC mismatch"
+    SUPERBLOCK.check(raw, body, offset=offset)
     return gen, bytes(body)

@@ -16,6 +16,11 @@ Durability rules the code keeps:
 Recovery reads the newest valid superblock and walks forward from its head
 checkpoint (bounded by `checkpoint_bytes`), checking salt, lap, seq, CRC chain
 and CRC; the first record that fails ends the log.
+
+The queue ties together parts kept apart by role: `superblock` (geometry,
+formatting, the checkpoint on disk), `reader` (the checked walk over the ring)
+and `writer` (commit groups and their vectored writes).  Here live the cursors,
+modes and space accounting that decide what is appended, read and reused.
 """
 
 from __future__ import annotations
@@ -35,54 +40,33 @@ from .errors import CbqCorruption, CbqError, CbqFormatError, CbqUsageError
 from .format import (
     DIRTY_MAP_OFFSET,
     RECORD_ALIGN,
-    RECORD_HEADER,
-    SUPERBLOCK_SLOT,
     WRITE_KINDS,
     Mode,
     RecordHeader,
     RecordKind,
     align_up,
     decode_header,
-    decode_superblock,
     encode_record,
     encode_superblock,
     record_crc_ok,
 )
+from .reader import HDR, NO_HEADER, RingReader
+from .superblock import MIRROR_CONSUMER, Geometry, create, read_superblock, slot_offset
+from .writer import CommitGroup, write_buffers
+
+__all__ = [
+    "HDR", "MAX_DISCARDS", "MIRROR_CONSUMER", "NO_HEADER", "CircularBufferQueue",
+    "CurrentReader", "Enqueued", "Geometry", "NeedsReclaim", "QueuedWrite", "create",
+    "read_superblock",
+]
 
 log = logging.getLogger("mirrorunit.cbq")
 
-#: Name of the internal consumer that tracks what the local mirror has made durable.
-MIRROR_CONSUMER = "@mirror"
-HDR = RECORD_HEADER.size
-NO_HEADER = "no record header"
 #: Discarded seq ranges live in the superblock until every peer is past them.
 MAX_DISCARDS = 32
 
 #: Reads the volume's current contents of (lbn, nblocks), as the host would see them.
 CurrentReader = Callable[[int, int], bytes]
-
-
-@dataclass(frozen=True)
-class Geometry:
-    salt: int
-    ring_start: int
-    ring_size: int
-    align: int
-    block_size: int
-    volume_blocks: int
-    chunk_size: int
-    dirty_map_bytes: int
-
-    @property
-    def chunks(self) -> int:
-        return -(-self.volume_blocks * self.block_size // self.chunk_size)
-
-    @property
-    def blocks_per_chunk(self) -> int:
-        return self.chunk_size // self.block_size
-
-    def to_cbor(self) -> dict[str, int]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -120,56 +104,12 @@ class _Consumer:
         return self.name.startswith("@")
 
 
-@dataclass
-class _Segment:
-    """Contiguous bytes of the ring held as a list of buffers (no copy of payloads)."""
-
-    __slots__ = ("start", "buffers", "length")
-
-    def __init__(self, start: int) -> None:
-        self.start = start
-        self.buffers: list[bytes | bytearray | memoryview] = []
-        self.length = 0
-
-    def read(self, lin: int, n: int) -> bytes:
-        return b"".join(self.buffers)[lin - self.start:lin - self.start + n]
-
-
-@dataclass
-class _Pending:
-    """A commit group being filled: contiguous segments of the ring."""
-
-    segments: list[_Segment] = field(default_factory=list)
-
-    def add(self, lin: int, data: bytes | bytearray | memoryview) -> None:
-        if not self.segments or self.segments[-1].start + self.segments[-1].length != lin:
-            self.segments.append(_Segment(lin))
-        seg = self.segments[-1]
-        seg.buffers.append(data)
-        seg.length += len(data)
-
-    def read(self, lin: int, n: int) -> bytes | None:
-        for seg in self.segments:
-            if seg.start <= lin and lin + n <= seg.start + seg.length:
-                return seg.read(lin, n)
-        return None
-
-
 class NeedsReclaim(CbqError):
     """The ring is held by the local mirror's checkpoint, not by a peer.
 
     The volume must make its mirror durable (and ack MIRROR_CONSUMER) and retry;
     no state was changed.
     """
-
-
-def _write_buffers(storage: Any, offset: int,
-                   buffers: list[bytes | bytearray | memoryview]) -> None:
-    """One vectored write where the storage offers it (a group is one syscall)."""
-    if hasattr(storage, "pwritev"):
-        storage.pwritev(offset, buffers)
-    else:
-        storage.pwrite(offset, b"".join(buffers))
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -180,87 +120,6 @@ def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((lo, hi))
     return out
-
-
-def _slot_offset(generation: int) -> int:
-    """Generations alternate between the two slots, so the newest never overwrites its
-    predecessor."""
-    return (generation % 2) * SUPERBLOCK_SLOT
-
-
-def create(storage: Any, *, ring_size: int | None = None, block_size: int = 512,
-           volume_blocks: int, chunk_size: int = 65536, align: int = 4096,
-           consumers: tuple[str, ...] = (), high_water: float = 0.8,
-           low_water: float | None = None, salt: int | None = None) -> None:
-    """Format `storage` as an empty CBQ."""
-    import secrets
-
-    if chunk_size % block_size or align % RECORD_ALIGN or align % 512:
-        raise CbqFormatError("chunk size must be a multiple of block size, align of 512")
-    chunks = -(-volume_blocks * block_size // chunk_size)
-    dm_bytes = align_up(-(-chunks // 8), 4096)
-    ring_start = align_up(DIRTY_MAP_OFFSET + dm_bytes, align)
-    avail = storage.size - ring_start
-    if ring_size is None:
-        ring_size = avail // align * align
-    if ring_size < 16 * align or ring_size > avail or ring_size % align:
-        raise CbqFormatError(
-            f"ring of {ring_size} bytes does not fit: storage has {storage.size} bytes, "
-            f"ring starts at {ring_start} and must hold at least 16 x {align}")
-    if not 0.0 < high_water <= 1.0:
-        raise CbqFormatError(f"high-water mark {high_water} must be in (0, 1]")
-    geo = Geometry(
-        salt=salt if salt is not None else secrets.randbits(32),
-        ring_start=ring_start, ring_size=ring_size, align=align, block_size=block_size,
-        volume_blocks=volume_blocks, chunk_size=chunk_size, dirty_map_bytes=dm_bytes,
-    )
-    state = {
-        "geometry": geo.to_cbor(),
-        "head": {"lin": 0, "seq": 1, "prev_crc": 0, "cum": 0},
-        "tail": {"lin": 0, "seq": 1},
-        "mode": Mode.NORMAL.value,
-        "high_water": high_water,
-        "low_water": low_water if low_water is not None else high_water / 2,
-        "consumers": {
-            name: {"seq": 0, "lin": 0, "cum": 0, "resync": False}
-            for name in (MIRROR_CONSUMER, *consumers)
-        },
-        "compact_from": None,
-        "discards": [],
-        "dirty_active": False,
-        "paused": {"enqueue": False, "dequeue": False},
-        "time_ns": time.time_ns(),
-    }
-    storage.pwrite(DIRTY_MAP_OFFSET, bytes(dm_bytes))
-    storage.pwrite(_slot_offset(0), bytes(SUPERBLOCK_SLOT))
-    storage.pwrite(_slot_offset(1), encode_superblock(1, cbor2.dumps(state)))
-    storage.sync()
-
-
-def read_superblock(storage: Any) -> tuple[int, dict[str, Any], list[str]]:
-    """Return (generation, checkpoint state, problems seen) of the newest valid slot."""
-    best: tuple[int, dict[str, Any]] | None = None
-    problems: list[str] = []
-    for slot in (0, 1):
-        raw = storage.pread(slot * SUPERBLOCK_SLOT, SUPERBLOCK_SLOT)
-        got = decode_superblock(raw)
-        if isinstance(got, str):
-            if any(raw):
-                problems.append(f"superblock slot {slot}: {got}")
-            continue
-        gen, body = got
-        try:
-            state = cbor2.loads(body)
-            if not isinstance(state, dict) or "geometry" not in state:
-                raise ValueError("not a checkpoint map")
-        except Exception as e:  # cbor2 raises several types on garbage
-            problems.append(f"superblock slot {slot}: undecodable body ({e})")
-            continue
-        if best is None or gen > best[0]:
-            best = (gen, state)
-    if best is None:
-        raise CbqFormatError("no valid superblock: " + ("; ".join(problems) or "blank storage"))
-    return best[0], best[1], problems
 
 
 class CircularBufferQueue:
@@ -276,8 +135,8 @@ class CircularBufferQueue:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._committing = False
-        self._pending = _Pending()
-        self._inflight = _Pending()  # the group being written by a commit in progress
+        self._pending = CommitGroup()
+        self._inflight = CommitGroup()  # the group being written by a commit in progress
         self._gen, state, problems = read_superblock(storage)
         for p in problems:
             log.warning("cbq: %s (using the other slot)", p)
@@ -289,6 +148,7 @@ class CircularBufferQueue:
         if g.ring_start + g.ring_size > storage.size:
             raise CbqFormatError(
                 f"ring ends at {g.ring_start + g.ring_size}, storage has {storage.size} bytes")
+        self._ring = RingReader(g, storage, self._unwritten)
         self.checkpoint_bytes = checkpoint_bytes or max(g.align, min(g.ring_size // 16, 64 << 20))
         self.high_water: float = state["high_water"]
         self.low_water: float = state["low_water"]
@@ -328,6 +188,10 @@ class CircularBufferQueue:
         self._recover(state)
         self.recovery_seconds = time.monotonic() - t0
 
+    def _unwritten(self, lin: int, n: int) -> bytes | None:
+        got = self._pending.read(lin, n)
+        return got if got is not None else self._inflight.read(lin, n)
+
     # ------------------------------------------------------------------ recovery
 
     def _recover(self, state: dict[str, Any]) -> None:
@@ -337,21 +201,22 @@ class CircularBufferQueue:
             self.storage.sync()
         tail_lin = self._tail_lin()
         if self._compact_from is not None:
-            for lin, h, _ in self._walk(max(self._compact_from, tail_lin), self._head_lin):
+            for lin, h, _ in self._ring.walk(max(self._compact_from, tail_lin), self._head_lin):
                 self._index_record(h, lin)
         lin = self._head_lin
         found = 0
-        for lin_, h, _ in self._walk_new(lin):
+        for lin_, h, _ in self._ring.walk_new(lin, self._next_seq, self._prev_crc,
+                                                self._tail_lin_persisted + self.geo.ring_size):
             self._index_record(h, lin_)
             self._prev_crc = h.crc
             if h.kind in WRITE_KINDS:
                 self._next_seq = h.seq + 1
                 self._cum = h.cum_blocks
-            lin = self._next_lin(lin_, h)
+            lin = self._ring.next_lin(lin_, h)
             found += 1
         self.recovered_records = found
         # New groups start on a fresh `align` boundary (see module docstring).
-        self._head_lin = self._aligned(lin)
+        self._head_lin = self._ring.aligned(lin)
         self._durable_lin = self._head_lin
         self._durable_seq = self._next_seq - 1
         if found:
@@ -360,135 +225,6 @@ class CircularBufferQueue:
         self._rebuild_tail()
         for c in self.consumers.values():
             c.read_seq, c.read_lin = c.acked_seq, c.acked_lin
-
-    def _aligned(self, lin: int) -> int:
-        a = align_up(lin, self.geo.align)
-        if self.geo.ring_size - a % self.geo.ring_size < HDR and a % self.geo.ring_size:
-            a = align_up(a, self.geo.ring_size)
-        return a
-
-    def _next_lin(self, lin: int, h: RecordHeader) -> int:
-        if h.kind is RecordKind.WRAP:
-            return align_up(lin + 1, self.geo.ring_size)
-        nxt = lin + h.length
-        if self.geo.ring_size - nxt % self.geo.ring_size < HDR and nxt % self.geo.ring_size:
-            nxt = align_up(nxt, self.geo.ring_size)
-        return nxt
-
-    def _read_lin(self, lin: int, n: int) -> bytes:
-        got = self._pending.read(lin, n)
-        if got is None:
-            got = self._inflight.read(lin, n)
-        if got is not None:
-            return got
-        pos = lin % self.geo.ring_size
-        if pos + n > self.geo.ring_size:
-            raise CbqCorruption("record crosses the end of the ring", self._abs(lin))
-        return self.storage.pread(self.geo.ring_start + pos, n)
-
-    def _abs(self, lin: int) -> int:
-        return self.geo.ring_start + lin % self.geo.ring_size
-
-    def _parse(self, lin: int, next_seq: int | None, prev_crc: int | None, limit: int,
-               with_payload: bool) -> tuple[RecordHeader, bytes] | str:
-        """Check the record at `lin`; a reason if it fails.
-
-        `next_seq` and `prev_crc`, when given, are what the record must continue
-        (seq order and CRC chain); the CRC over header and payload is always checked.
-        """
-        g = self.geo
-        pos = lin % g.ring_size
-        if g.ring_size - pos < HDR:
-            return "no room for a header before the end of the ring"
-        raw = self._read_lin(lin, HDR)
-        h = decode_header(raw)
-        if h is None:
-            return NO_HEADER
-        if h.salt != g.salt:
-            return "record of another queue (salt mismatch)"
-        if h.lap != (lin // g.ring_size) & 0xFFFFFFFF:
-            return f"record of lap {h.lap}, expected {(lin // g.ring_size) & 0xFFFFFFFF}"
-        if prev_crc is not None and h.prev_crc != prev_crc:
-            return "broken CRC chain (stale record)"
-        if next_seq is not None:
-            expect_seq = next_seq if h.kind in WRITE_KINDS else next_seq - 1
-            if h.seq != expect_seq:
-                return f"seq {h.seq}, expected {expect_seq}"
-        if h.kind in (RecordKind.DATA, RecordKind.SIDE):
-            if h.payload_len != h.nblocks * g.block_size or h.nblocks == 0:
-                return "payload length does not match block count"
-        elif h.payload_len != 0:
-            return "unexpected payload"
-        if h.kind is not RecordKind.WRAP:
-            if h.nblocks == 0 or h.lbn + h.nblocks > g.volume_blocks:
-                return f"blocks {h.lbn}+{h.nblocks} outside the volume"
-            if pos + h.length > g.ring_size:
-                return "record crosses the end of the ring"
-        end = lin + (h.length if h.kind is not RecordKind.WRAP else g.ring_size - pos)
-        if end > limit:
-            return "record would overlap the tail"
-        payload = self._read_lin(lin + HDR, h.payload_len) if h.payload_len else b""
-        if not record_crc_ok(raw, payload, h.crc):
-            return "record CRC mismatch (torn or corrupt)"
-        return h, (payload if with_payload else b"")
-
-    def _walk_new(self, lin: int) -> Iterator[tuple[int, RecordHeader, bytes]]:
-        """Records past the checkpointed head that pass every check."""
-        next_seq, prev_crc = self._next_seq, self._prev_crc
-        limit = self._tail_lin_persisted + self.geo.ring_size
-        while True:
-            got = self._parse(lin, next_seq, prev_crc, limit, with_payload=False)
-            if isinstance(got, str):
-                # A commit group ends with padding up to the next `align` boundary.
-                alt = self._aligned(lin)
-                if alt == lin:
-                    return
-                got = self._parse(alt, next_seq, prev_crc, limit, with_payload=False)
-                if isinstance(got, str):
-                    return
-                lin = alt
-            h, payload = got
-            yield lin, h, payload
-            if h.kind in WRITE_KINDS:
-                next_seq = h.seq + 1
-            prev_crc = h.crc
-            lin = self._next_lin(lin, h)
-
-    def _walk(self, start: int, end: int,
-              with_payload: bool = False) -> Iterator[tuple[int, RecordHeader, bytes]]:
-        """Records in [start, end), a stretch of the log that recovery accepted.
-
-        From the second record on, seq order and the CRC chain are checked too.  A
-        commit group may end in padding, or (after a crash) in the remains of a
-        record that recovery dropped; the next group starts on the next `align`
-        boundary.  Anything else that fails is corruption.
-        """
-        g = self.geo
-        lin = start
-        next_seq: int | None = None
-        prev_crc: int | None = None
-        limit = start + g.ring_size
-        while lin < end:
-            if g.ring_size - lin % g.ring_size < HDR:
-                lin = align_up(lin, g.ring_size)
-                continue
-            got = self._parse(lin, next_seq, prev_crc, limit, with_payload)
-            if isinstance(got, str):
-                alt = self._aligned(lin)
-                if alt >= end:
-                    return
-                if alt != lin:
-                    again = self._parse(alt, next_seq, prev_crc, limit, with_payload)
-                    if not isinstance(again, str) or got == NO_HEADER:
-                        # Padding at `lin`: what counts is the record at the boundary.
-                        lin, got = alt, again
-                if isinstance(got, str):
-                    raise CbqCorruption(f"queued record unreadable: {got}", self._abs(lin))
-            h, payload = got
-            yield lin, h, payload
-            next_seq = h.seq + 1
-            prev_crc = h.crc
-            lin = self._next_lin(lin, h)
 
     def _index_record(self, h: RecordHeader, lin: int) -> None:
         if h.kind is RecordKind.COMPACT:
@@ -716,7 +452,7 @@ class CircularBufferQueue:
         peers = self._peers()
         start = min((c.acked_lin for c in peers), default=self._head_lin)
         marked = 0
-        for _, h, _ in self._walk(start, self._head_lin):
+        for _, h, _ in self._ring.walk(start, self._head_lin):
             if h.kind in WRITE_KINDS:
                 self._mark_dirty(h.lbn, h.nblocks)
                 marked += 1
@@ -782,9 +518,9 @@ class CircularBufferQueue:
                 self._cond.wait()
                 continue
             self._committing = True
-            pending, self._pending = self._pending, _Pending()
+            pending, self._pending = self._pending, CommitGroup()
             self._inflight = pending
-            end = self._aligned(self._head_lin)
+            end = self._ring.aligned(self._head_lin)
             if end != self._head_lin and pending.segments:
                 pad = end - self._head_lin
                 # Padding is written too so the group covers whole sectors.
@@ -798,14 +534,14 @@ class CircularBufferQueue:
             self._lock.release()
             try:
                 for seg in pending.segments:
-                    _write_buffers(self.storage, self._abs(seg.start), seg.buffers)
+                    write_buffers(self.storage, self._ring.offset(seg.start), seg.buffers)
                 for p in pages:
                     self.storage.pwrite(DIRTY_MAP_OFFSET + p * 4096, dirty[p * 4096:(p + 1) * 4096])
                 self.storage.sync()
             finally:
                 self._lock.acquire()
                 self._committing = False
-                self._inflight = _Pending()
+                self._inflight = CommitGroup()
                 self._cond.notify_all()
             self._durable_lin = max(self._durable_lin, end)
             self._durable_seq = max(self._durable_seq, seq_after)
@@ -858,7 +594,7 @@ class CircularBufferQueue:
             "time_ns": time.time_ns(),
         }
         self._gen += 1
-        self.storage.pwrite(_slot_offset(self._gen),
+        self.storage.pwrite(slot_offset(self._gen),
                             encode_superblock(self._gen, cbor2.dumps(state)))
         self.storage.sync()
         self._tail_lin_persisted = tail_lin
@@ -924,11 +660,11 @@ class CircularBufferQueue:
             out: list[QueuedWrite] = []
             size = 0
             try:
-                for rlin, h, payload in self._walk(c.read_lin, self._durable_lin,
+                for rlin, h, payload in self._ring.walk(c.read_lin, self._durable_lin,
                                                    with_payload=True):
                     if len(out) >= max_records or size >= max_bytes:
                         break
-                    lin = self._next_lin(rlin, h)
+                    lin = self._ring.next_lin(rlin, h)
                     if h.kind not in WRITE_KINDS:
                         continue
                     c.read_seq, c.read_lin = h.seq, lin
@@ -977,11 +713,12 @@ class CircularBufferQueue:
         assert self.current_reader is not None, "compact records need a current_reader"
         buf = bytearray(self.current_reader(h.lbn, h.nblocks))
         for s_lbn, s_n, s_lin in self._side.get(h.seq, []):
-            raw = self._read_lin(s_lin, HDR)
+            raw = self._ring.read(s_lin, HDR)
             sh = decode_header(raw)
-            payload = self._read_lin(s_lin + HDR, s_n * bs)
-            if sh is None or not record_crc_ok(raw, payload, sh.crc):
-                raise CbqCorruption(f"side copy for seq {h.seq} unreadable", self._abs(s_lin))
+            payload = self._ring.read(s_lin + HDR, s_n * bs)
+            if sh is None or not record_crc_ok(raw, payload):
+                raise CbqCorruption(f"side copy for seq {h.seq} unreadable",
+                                    self._ring.offset(s_lin))
             lo = max(s_lbn, h.lbn)
             hi = min(s_lbn + s_n, h.lbn + h.nblocks)
             if lo < hi:
@@ -1009,9 +746,9 @@ class CircularBufferQueue:
             if c.acked_seq < seq:
                 # Acknowledged without being read here (a peer that applied it before we
                 # restarted): find where it ends.
-                for rlin, h, _ in self._walk(c.acked_lin, self._durable_lin):
+                for rlin, h, _ in self._ring.walk(c.acked_lin, self._durable_lin):
                     if h.kind in WRITE_KINDS and h.seq <= seq:
-                        c.acked_seq, c.acked_lin = h.seq, self._next_lin(rlin, h)
+                        c.acked_seq, c.acked_lin = h.seq, self._ring.next_lin(rlin, h)
                         c.acked_cum = h.cum_blocks
                     if c.acked_seq >= seq:
                         break
@@ -1062,7 +799,7 @@ class CircularBufferQueue:
         """Durable records after a consumer's ack, raw (used to redo the local mirror)."""
         with self._lock:
             c = self._consumer(name)
-            records = list(self._walk(c.acked_lin, self._durable_lin, with_payload=True))
+            records = list(self._ring.walk(c.acked_lin, self._durable_lin, with_payload=True))
         return iter(records)
 
     # ------------------------------------------------------------------ status
@@ -1110,7 +847,7 @@ class CircularBufferQueue:
             }
 
     def _timestamp_at(self, lin: int) -> int | None:
-        for _, h, _ in self._walk(lin, self._durable_lin):
+        for _, h, _ in self._ring.walk(lin, self._durable_lin):
             if h.kind in WRITE_KINDS:
                 return h.timestamp_ns
         return None
@@ -1134,23 +871,26 @@ class CircularBufferQueue:
             prev: RecordHeader | None = None
             last_seq = None
             try:
-                for lin, h, _ in self._walk(self._tail_lin(), self._durable_lin):
+                for lin, h, _ in self._ring.walk(self._tail_lin(), self._durable_lin):
                     counts[h.kind.name.lower()] += 1
                     if prev is not None and h.prev_crc != prev.crc:
-                        raise CbqCorruption(f"seq {h.seq}: CRC chain broken", self._abs(lin))
+                        raise CbqCorruption(f"seq {h.seq}: CRC chain broken",
+                                            self._ring.offset(lin))
                     if h.kind in WRITE_KINDS:
                         if last_seq is not None and h.seq != last_seq + 1:
-                            raise CbqCorruption(f"seq {h.seq} follows {last_seq}", self._abs(lin))
+                            raise CbqCorruption(f"seq {h.seq} follows {last_seq}",
+                                                self._ring.offset(lin))
                         last_seq = h.seq
                     prev = h
                 if last_seq is not None and last_seq != self._next_seq - 1:
                     raise CbqCorruption(f"log ends at seq {last_seq}, head says "
-                                        f"{self._next_seq - 1}", self._abs(self._durable_lin))
+                                        f"{self._next_seq - 1}",
+                                        self._ring.offset(self._durable_lin))
             except CbqCorruption as e:
                 report["clean"] = False
                 report["first_bad"] = {"offset": e.offset, "reason": str(e)}
             report["records"] = counts
-            report["tail_offset"] = self._abs(self._tail_lin())
-            report["head_offset"] = self._abs(self._head_lin)
+            report["tail_offset"] = self._ring.offset(self._tail_lin())
+            report["head_offset"] = self._ring.offset(self._head_lin)
             report["recovered_past_checkpoint"] = self.recovered_records
             return report

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import cbor2
-import crc32c
 
+from ..record import HeaderFormat, IntegrityError
 from ..storage import FileStorage
 from .errors import ConfigError, ConfigStoreError
 from .password import set_admin_password
@@ -49,7 +49,8 @@ log = logging.getLogger("mirrorunit.config")
 SLOT_MAGIC = b"MUCONFIG"
 SLOT_FORMAT_VERSION = 1
 #: magic, format version, header size, generation, body length, crc32c, reserved
-SLOT_HEADER = struct.Struct("<8sHHQII4x")
+SLOT = HeaderFormat("slot", struct.Struct("<8sHHQII4x"), SLOT_MAGIC, SLOT_FORMAT_VERSION)
+SLOT_HEADER = SLOT.layout
 assert SLOT_HEADER.size == 32
 DEFAULT_SLOT_SIZE = 64 << 10
 SLOT_COUNT = 2
@@ -136,11 +137,8 @@ class SetResult:
 
 
 def encode_slot(generation: int, body: bytes) -> bytes:
-    header = SLOT_HEADER.pack(SLOT_MAGIC, SLOT_FORMAT_VERSION, SLOT_HEADER.size,
-                              generation, len(body), 0)
-    crc = crc32c.crc32c(body, crc32c.crc32c(header))
-    return SLOT_HEADER.pack(SLOT_MAGIC, SLOT_FORMAT_VERSION, SLOT_HEADER.size,
-                            generation, len(body), crc) + body
+    header, _ = SLOT.pack(SLOT_HEADER.size, generation, len(body), payload=body)
+    return header + body
 
 
 def decode_slot(index: int, raw: bytes, limits: BoardLimits | None
@@ -149,21 +147,21 @@ def decode_slot(index: int, raw: bytes, limits: BoardLimits | None
     base = index * len(raw)
     if not any(raw):
         return SlotInfo(index, SlotStatus.BLANK), None
-    magic, version, hsize, gen, length, crc = SLOT_HEADER.unpack_from(raw)
 
     def bad(why: str, generation: int | None = None) -> tuple[SlotInfo, None]:
         return SlotInfo(index, SlotStatus.CORRUPT, generation, why), None
 
-    if magic != SLOT_MAGIC:
-        return bad(f"bad magic {magic!r} at offset {base}")
-    if version != SLOT_FORMAT_VERSION or hsize != SLOT_HEADER.size:
-        return bad(f"unsupported slot format {version} (header {hsize} bytes) at offset {base}")
-    if length > len(raw) - SLOT_HEADER.size:
-        return bad(f"body length {length} overruns the slot at offset {base}")
-    body = raw[SLOT_HEADER.size:SLOT_HEADER.size + length]
-    zeroed = SLOT_HEADER.pack(magic, version, hsize, gen, length, 0)
-    if crc32c.crc32c(body, crc32c.crc32c(zeroed)) != crc:
-        return bad(f"CRC mismatch in generation {gen} at offset {base}")
+    try:
+        hsize, gen, length, _crc = SLOT.unpack(raw, offset=base)
+        if hsize != SLOT_HEADER.size:
+            raise IntegrityError(None, base, f"unsupported slot header of {hsize} bytes")
+        if length > len(raw) - SLOT_HEADER.size:
+            raise IntegrityError(None, base, f"body length {length} overruns the slot")
+        body = raw[SLOT_HEADER.size:SLOT_HEADER.size + length]
+        if not SLOT.crc_ok(raw, body):
+            raise IntegrityError(None, base, f"CRC mismatch in generation {gen}")
+    except IntegrityError as e:
+        return bad(str(e))
     try:
         doc = cbor2.loads(body)
     except (cbor2.CBORDecodeError, ValueError, TypeError) as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import MirrorUnitError
+from ..record import IntegrityError
 
 
 class RemoteError(MirrorUnitError):
@@ -29,16 +30,11 @@ class InvalidRecord(RemoteError):
     """A record outside the volume or not a whole number of blocks."""
 
 
-class JournalCorruption(RemoteError):
+class JournalCorruption(RemoteError, IntegrityError):
     """An on-disk record failed a check somewhere a torn tail cannot explain."""
 
     def __init__(self, message: str, path: str | None = None, offset: int | None = None) -> None:
-        where = ""
-        if path is not None:
-            where = f" in {path}" + (f" at offset {offset}" if offset is not None else "")
-        super().__init__(f"{message}{where}")
-        self.path = path
-        self.offset = offset
+        IntegrityError.__init__(self, path, offset, message)
 
 
 class OutsideRetention(RemoteError):

@@ -20,7 +20,8 @@ import enum
 import struct
 from dataclasses import dataclass
 
-import crc32c as _crc32c
+from firmware.record import HeaderFormat, IntegrityError
+from firmware.record import crc32c as crc32c  # the unit's state file checks itself with it
 
 FORMAT_VERSION = 1
 
@@ -29,13 +30,16 @@ HISTORY_SEGMENT_MAGIC = b"MUHJSEG1"
 # magic, version, flags, salt, segment number, created ns, crc
 SEGMENT_HEADER = struct.Struct("<8sHHIQQI")
 assert SEGMENT_HEADER.size == 36
+SEGMENT_FORMATS = {
+    magic: HeaderFormat("segment header", SEGMENT_HEADER, magic, FORMAT_VERSION)
+    for magic in (RECEIVE_SEGMENT_MAGIC, HISTORY_SEGMENT_MAGIC)
+}
 
 RECORD_MAGIC = b"MURR"
 # magic, version, kind, salt, seq, ts_ns, lbn, nblocks, payload_len, crc
-RECORD_HEADER = struct.Struct("<4sHHIQQQIII")
+RECORD = HeaderFormat("record", struct.Struct("<4sHHIQQQIII"), RECORD_MAGIC, FORMAT_VERSION)
+RECORD_HEADER = RECORD.layout
 assert RECORD_HEADER.size == 48
-_RECORD_CRC_OFFSET = RECORD_HEADER.size - 4
-_SEGMENT_CRC_OFFSET = SEGMENT_HEADER.size - 4
 
 #: Resync digests cover chunks of this many bytes of the mirror.
 CHUNK_SIZE = 64 * 1024
@@ -54,10 +58,6 @@ class RecordKind(enum.IntEnum):
     #: nothing (nblocks 0, no payload).  The last seq sits in the header, not the
     #: payload, because recovery checks seq contiguity from headers alone.
     SKIP = 4
-
-
-def crc32c(data: bytes | bytearray | memoryview, value: int = 0) -> int:
-    return int(_crc32c.crc32c(data, value))
 
 
 @dataclass(frozen=True)
@@ -79,43 +79,26 @@ class RecordHeader:
 def encode_record(h: RecordHeader, payload: bytes | bytearray | memoryview) -> bytes:
     """Header and payload, ready to append."""
     assert len(payload) == h.payload_len
-    raw = bytearray(
-        RECORD_HEADER.pack(
-            RECORD_MAGIC, FORMAT_VERSION, int(h.kind), h.salt, h.seq, h.ts, h.lbn,
-            h.nblocks, h.payload_len, 0,
-        )
-    )
-    crc = crc32c(payload, crc32c(raw))
-    struct.pack_into("<I", raw, _RECORD_CRC_OFFSET, crc)
-    raw += payload
-    return bytes(raw)
+    head, _ = RECORD.pack(int(h.kind), h.salt, h.seq, h.ts, h.lbn, h.nblocks, h.payload_len,
+                          payload=payload)
+    return head + bytes(payload)
 
 
-def decode_record_header(raw: bytes | memoryview) -> tuple[RecordHeader, int] | None:
-    """Parse a header; None when it is not a record header of this format.
-    Returns the header and the CRC it claims (checked by `record_crc_ok`)."""
-    if len(raw) < RECORD_HEADER.size:
-        return None
-    magic, version, kind, salt, seq, ts, lbn, nblocks, plen, crc = RECORD_HEADER.unpack_from(raw)
-    if magic != RECORD_MAGIC or version != FORMAT_VERSION:
-        return None
+def decode_record_header(raw: bytes | memoryview, *, path: str | None = None,
+                         offset: int | None = None) -> tuple[RecordHeader, int]:
+    """Parse a header: it and the CRC it claims (checked by `RECORD.check` once the
+    payload is read); IntegrityError when it is not a record header of this format."""
+    kind, salt, seq, ts, lbn, nblocks, plen, crc = RECORD.unpack(raw, path=path, offset=offset)
     try:
         k = RecordKind(kind)
     except ValueError:
-        return None
+        raise IntegrityError(path, offset, f"unknown record kind {kind}") from None
     return RecordHeader(k, salt, seq, ts, lbn, nblocks, plen), crc
 
 
-def record_crc_ok(raw_header: bytes | memoryview, payload: bytes | memoryview, crc: int) -> bool:
-    head = bytearray(raw_header[: RECORD_HEADER.size])
-    struct.pack_into("<I", head, _RECORD_CRC_OFFSET, 0)
-    return crc32c(payload, crc32c(head)) == crc
-
-
 def encode_segment_header(magic: bytes, salt: int, number: int, created_ns: int) -> bytes:
-    raw = bytearray(SEGMENT_HEADER.pack(magic, FORMAT_VERSION, 0, salt, number, created_ns, 0))
-    struct.pack_into("<I", raw, _SEGMENT_CRC_OFFSET, crc32c(raw))
-    return bytes(raw)
+    head, _ = SEGMENT_FORMATS[magic].pack(0, salt, number, created_ns)
+    return head
 
 
 @dataclass(frozen=True)
@@ -125,15 +108,9 @@ class SegmentHeader:
     created_ns: int
 
 
-def decode_segment_header(raw: bytes, magic: bytes) -> SegmentHeader | None:
-    """None when `raw` is not a valid segment header with this magic."""
-    if len(raw) < SEGMENT_HEADER.size:
-        return None
-    m, version, _flags, salt, number, created, crc = SEGMENT_HEADER.unpack_from(raw)
-    if m != magic or version != FORMAT_VERSION:
-        return None
-    head = bytearray(raw[: SEGMENT_HEADER.size])
-    struct.pack_into("<I", head, _SEGMENT_CRC_OFFSET, 0)
-    if crc32c(head) != crc:
-        return None
+def decode_segment_header(raw: bytes, magic: bytes, *, path: str | None = None
+                          ) -> SegmentHeader:
+    """The segment header in `raw`; IntegrityError unless it is valid with this magic."""
+    _flags, salt, number, created, _crc = SEGMENT_FORMATS[magic].verify(raw, path=path,
+                                                                       offset=0)
     return SegmentHeader(salt, number, created)

@@ -15,9 +15,11 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from firmware.record import IntegrityError
 from firmware.remote.errors import JournalCorruption
 from firmware.remote.fileio import FileHandle, FileOps
 from firmware.remote.format import (
+    RECORD,
     RECORD_HEADER,
     SEGMENT_HEADER,
     RecordHeader,
@@ -26,7 +28,6 @@ from firmware.remote.format import (
     decode_segment_header,
     encode_record,
     encode_segment_header,
-    record_crc_ok,
 )
 
 log = logging.getLogger("mirrorunit.remote")
@@ -142,11 +143,15 @@ class SegmentLog:
             last = i == len(numbers) - 1
             path = self.path(number)
             h = self._ops.open(path)
-            header = decode_segment_header(h.pread(0, SEGMENT_HEADER.size), self._magic)
-            if header is None or header.number != number:
+            try:
+                header = decode_segment_header(h.pread(0, SEGMENT_HEADER.size), self._magic,
+                                               path=path)
+                if header.number != number:
+                    raise IntegrityError(path, 0, f"header of segment {header.number}")
+            except IntegrityError as e:
                 h.close()
                 if not last:
-                    raise JournalCorruption("bad segment header", path, 0)
+                    raise JournalCorruption(f"bad segment header ({e.reason})", path, 0) from e
                 # Torn while being created: it cannot hold a durable record yet.
                 log.warning("%s: removing segment with a torn header", path)
                 self._ops.unlink(path)
@@ -166,30 +171,22 @@ class SegmentLog:
         size = h.size()
         pos = SEGMENT_HEADER.size
         while pos < size:
-            problem = None
             raw = h.pread(pos, min(RECORD_HEADER.size, size - pos))
-            decoded = decode_record_header(raw)
-            if decoded is None:
-                problem = "bad record header"
-            else:
-                rh, crc = decoded
+            try:
+                rh, _crc = decode_record_header(raw, path=path, offset=pos)
                 if rh.salt != salt:
-                    problem = "record from another segment (salt)"
-                elif pos + rh.length > size:
-                    problem = "record runs past the end of the segment"
-                else:
-                    payload = h.pread(pos + RECORD_HEADER.size, rh.payload_len)
-                    if not record_crc_ok(raw, payload, crc):
-                        problem = "record CRC mismatch"
-            if problem is not None:
+                    raise IntegrityError(path, pos, "record from another segment (salt)")
+                if pos + rh.length > size:
+                    raise IntegrityError(path, pos, "record runs past the end of the segment")
+                payload = h.pread(pos + RECORD_HEADER.size, rh.payload_len)
+                RECORD.check(raw, payload, path=path, offset=pos)
+            except IntegrityError as e:
                 if not last:
-                    raise JournalCorruption(problem, path, pos)
-                log.warning("%s: %s at offset %d; truncating the torn tail", path, problem, pos)
+                    raise JournalCorruption(e.reason, path, pos) from e
+                log.warning("%s; truncating the torn tail", e)
                 h.truncate(pos)
                 h.sync()
                 return pos
-            assert decoded is not None
-            rh = decoded[0]
             out.append(
                 LogEntry(rh.kind, rh.seq, rh.ts, rh.lbn, rh.nblocks, rh.payload_len, number, pos)
             )
@@ -257,7 +254,27 @@ class SegmentLog:
         return self._handle(segment).pread(offset, length)
 
     def read_payload(self, entry: LogEntry) -> bytes:
-        return self.read(entry.segment, entry.payload_offset, entry.payload_len)
+        """The payload of an indexed record, checked again before anyone uses it.
+
+        Apply, redo and rollback write what this returns to the mirror, and the medium
+        may have changed since the scan at open: the header is read back, must still be
+        the indexed record of this segment, and its CRC must cover the payload.
+        """
+        path = self.path(entry.segment)
+        handle = self._handle(entry.segment)
+        raw = handle.pread(entry.offset, RECORD_HEADER.size)
+        payload = handle.pread(entry.payload_offset, entry.payload_len)
+        try:
+            rh, _crc = decode_record_header(raw, path=path, offset=entry.offset)
+            if ((rh.kind, rh.seq, rh.ts, rh.lbn, rh.nblocks, rh.payload_len)
+                    != (entry.kind, entry.seq, entry.ts, entry.lbn, entry.nblocks,
+                        entry.payload_len)
+                    or rh.salt != self._salts.get(entry.segment)):
+                raise IntegrityError(path, entry.offset, "record is not the one indexed here")
+            RECORD.check(raw, payload, path=path, offset=entry.offset)
+        except IntegrityError as e:
+            raise JournalCorruption(e.reason, path, entry.offset) from e
+        return payload
 
     # ------------------------------------------------------------------ trimming
 
