@@ -100,7 +100,7 @@ def _link_factory(unit: Any) -> Any:
     remotes = getattr(args, "remote", None) if args is not None else None
     if not remotes:
         return None
-    from firmware.link.local_service import LinkService, RemoteSpec
+    from firmware.local.replication import LinkService, RemoteSpec
 
     specs = [RemoteSpec.parse(r) for r in remotes]
     names = [s.name for s in specs]

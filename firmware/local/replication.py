@@ -1,4 +1,4 @@
-"""The local unit's side of the journey link: one CBQ consumer and one `LinkClient`
+"""The local unit's replication service: one CBQ consumer and one `LinkClient`
 per configured remote, run as a service of the local unit process.
 
 `CbqSource` adapts a CBQ consumer cursor to the sender's `WriteSource` (and
