@@ -14,51 +14,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
-import socket
 import ssl
 import sys
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
-
 from firmware.link.errors import LinkError, PeerNotPinned
 from firmware.link.tls import (
     CERT_FILE,
-    Identity,
     PeerStore,
+    certificate_name,
+    fetch_certificate,
     fingerprint,
-    load_or_create_identity,
     normalize_fingerprint,
+    unit_identity,
 )
 from firmware.units import parse_size
 
 DEFAULT_CONTROL = "/run/mirrorunit/local.sock"
-
-
-def certificate_name(cert_der: bytes) -> str:
-    """The common name a unit put in its certificate (its unit id)."""
-    cert = x509.load_der_x509_certificate(cert_der)
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not names:
-        raise LinkError("certificate has no common name")
-    value = names[0].value
-    return value if isinstance(value, str) else value.decode()
-
-
-def unit_identity(state_dir: Path, unit_id: str | None = None) -> tuple[Identity, str]:
-    """Load (or create on first start) this unit's identity; its id is the
-    certificate's common name, chosen at random unless `unit_id` is given."""
-    if not (state_dir / CERT_FILE).exists():
-        identity = load_or_create_identity(state_dir, unit_id or f"unit-{secrets.token_hex(6)}")
-    else:
-        identity = load_or_create_identity(state_dir, unit_id or "unused")
-    name = certificate_name(identity.cert_der)
-    if unit_id is not None and unit_id != name:
-        raise LinkError(f"the identity in {state_dir} belongs to unit {name!r}, not {unit_id!r}")
-    return identity, name
 
 
 def default_local_state_dir(buffer: Path) -> Path:
@@ -146,24 +119,6 @@ def _state_dir(args: argparse.Namespace) -> Path:
     print("mirrorunit pair: give --state-dir (the unit's link state directory)",
           file=sys.stderr)
     raise SystemExit(2)
-
-
-def fetch_certificate(host: str, port: int, timeout: float = 10.0,
-                      identity: Identity | None = None) -> bytes:
-    """The certificate a unit listening at host:port presents.  Nothing is trusted
-    here: the caller compares its fingerprint with one obtained out of band."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    if identity is not None:
-        ctx.load_cert_chain(str(identity.cert_path), str(identity.key_path))
-    with socket.create_connection((host, port), timeout=timeout) as raw:
-        with ctx.wrap_socket(raw) as sock:
-            der = sock.getpeercert(binary_form=True)
-    if not der:
-        raise PeerNotPinned(f"{host}:{port} presented no certificate")
-    return der
 
 
 def _pair(args: argparse.Namespace) -> int:
@@ -282,9 +237,9 @@ def _recover(args: argparse.Namespace) -> int:
         print("mirrorunit config recover: give --fingerprint (a replaced unit) or --name "
               "(a unit whose identity is intact and pins the peer)", file=sys.stderr)
         return 2
-    from firmware.config.cli import open_store
     from firmware.config.errors import ConfigError, ConfigStoreError, SealError, WrongPassword
     from firmware.config.peer_backup import restore_config
+    from firmware.config.store import open_store
     from firmware.link.shell import fetch_config_backup
 
     state_dir = Path(args.state_dir)
@@ -366,8 +321,8 @@ def describe_recovery_failure(exc: BaseException, address: str) -> str:
 
 
 def _recover_unpinned(args: argparse.Namespace) -> int:
-    from firmware.config.cli import open_store
     from firmware.config.errors import ConfigError, ConfigStoreError, SealError
+    from firmware.config.store import open_store
     from firmware.link.restore import PeerRecovery
 
     host, _, port = args.from_peer.rpartition(":")

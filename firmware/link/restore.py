@@ -21,7 +21,13 @@ from firmware.link.errors import TlsIdentityError
 from firmware.link.frames import RecoverChallenge
 from firmware.link.recovery import recovery_proof
 from firmware.link.shell import recovery_exchange
-from firmware.link.tls import PeerStore, fingerprint, install_identity, normalize_fingerprint
+from firmware.link.tls import (
+    PeerStore,
+    certificate_name,
+    fingerprint,
+    install_identity,
+    normalize_fingerprint,
+)
 
 log = logging.getLogger("mirrorunit.link")
 
@@ -84,7 +90,6 @@ class PeerRecovery:
     def _pin(self, peer_der: bytes, config_peers: list[dict[str, str]]) -> str:
         """Pin the peer just fetched from, under the name the restored config gives
         it (else under its certificate's unit id)."""
-        from firmware.link.cli import certificate_name
 
         fp = fingerprint(peer_der)
         plain = fp.replace(":", "")

@@ -370,8 +370,8 @@ class LinkService:
         #: Seals each new config generation for the peers, unattended.
         self.sealer: Any = None
         if config_path is not None:
-            from firmware.config.cli import open_store
             from firmware.config.peer_backup import AutoSealer
+            from firmware.config.store import open_store
 
             self.sealer = AutoSealer(open_store(config_path), self.own_backup_path,
                                      self._sealed_identity, on_sealed=self._backup_sealed)
@@ -459,8 +459,8 @@ class LinkService:
         """Seal the unit's config under the admin password (checked) for the peers;
         each connected peer gets it at once, the others when they connect.  A config
         without seal key material gets it stored, so later changes seal unattended."""
-        from firmware.config.cli import open_store
         from firmware.config.peer_backup import seal_config, write_blob
+        from firmware.config.store import open_store
 
         if self.config_path is None:
             raise ValueError("this unit was started without --config: no config to seal")

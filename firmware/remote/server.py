@@ -282,7 +282,7 @@ class RemoteServer:
         by `mirrorunit link seal-config`), handed to every local that connects and
         again to connected ones when it changes."""
         from firmware.config.peer_backup import OWN_BACKUP_NAME, read_blob
-        from firmware.link.cli import certificate_name
+        from firmware.link.tls import certificate_name
 
         path = self.state_dir / OWN_BACKUP_NAME
         try:
