@@ -143,8 +143,8 @@ def register(sub: Any) -> None:
     rs.add_argument("--stdin", action="store_true", help="read the password from stdin")
     rs.set_defaults(func=cmd_restore)
 
-    # Recovery from a peer goes over the journey link, which owns that command.
-    from firmware.link.cli import add_config_recover
+    # Recovery from a peer is config recovery's command (it needs the journey link).
+    from firmware.apps.recovery import add_config_recover
 
     add_config_recover(cs)
 

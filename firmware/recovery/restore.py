@@ -1,5 +1,6 @@
-"""Restoring a replaced unit from a peer: the recovery exchange, then config and
-link identity written back, and the peer pinned.
+"""Restoring a unit from a peer.  A replaced unit runs the recovery exchange, then
+gets its config and link identity written back and the peer pinned; a unit whose
+identity is intact fetches its backup from a peer it pins (`fetch_own_backup`).
 
 Nothing is written until the blob has been fetched and opened: a wrong password,
 another peer's certificate, a damaged blob or a config this board refuses leave
@@ -17,19 +18,33 @@ from firmware.config.password import ScryptParams
 from firmware.config.peer_backup import check_restorable, write_restored
 from firmware.config.seal import key_check, unseal_bundle
 from firmware.config.store import ConfigStore
-from firmware.link.errors import TlsIdentityError
+from firmware.link.errors import PeerNotPinned, TlsIdentityError
 from firmware.link.frames import RecoverChallenge
 from firmware.link.recovery import recovery_proof
-from firmware.link.shell import recovery_exchange
+from firmware.link.shell import fetch_config_backup, recovery_exchange
 from firmware.link.tls import (
     PeerStore,
     certificate_name,
     fingerprint,
     install_identity,
     normalize_fingerprint,
+    unit_identity,
 )
 
 log = logging.getLogger("mirrorunit.link")
+
+
+def fetch_own_backup(state_dir: Path, peer_name: str, address: tuple[str, int],
+                     timeout: float = 15.0) -> tuple[str, bytes | None]:
+    """This unit's id and its sealed config as kept by `peer_name` (pinned in
+    `state_dir`) at `address`; None when that peer keeps none.  Raises `LinkError`
+    (`PeerNotPinned` for a peer not pinned here) or `OSError`."""
+    identity, unit_id = unit_identity(state_dir)
+    peers = PeerStore.in_dir(state_dir)
+    if peers.get(peer_name) is None:
+        raise PeerNotPinned(f"peer {peer_name!r} is not pinned in {state_dir}")
+    return unit_id, fetch_config_backup(address, identity, peers, peer_name, unit_id,
+                                        timeout)
 
 
 @dataclass(frozen=True)
