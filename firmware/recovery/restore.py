@@ -54,8 +54,10 @@ class RestoreResult:
     #: This unit's certificate fingerprint after the restore (None: the backup
     #: carried no identity; the unit keeps the one it has).
     fingerprint: str | None
-    #: Name the peer was pinned under.
+    #: Name the peer was pinned under (or was to be, see `pin_error`).
     peer_name: str
+    #: Why the peer could not be pinned; None when it is pinned under `peer_name`.
+    pin_error: str | None = None
 
 
 class PeerRecovery:
@@ -95,27 +97,31 @@ class PeerRecovery:
             ident = install_identity(self.state_dir, bundle.identity.key_pem,
                                      bundle.identity.cert_pem, bundle.identity.peers)
             own_fp = ident.fingerprint
-        peer_name = self._pin(outcome.peer_cert, bundle.config["peers"])
+        peer_name, pin_error = self._pin(outcome.peer_cert, bundle.config["peers"])
         generation = write_restored(self.store, bundle.config, force=force)
         log.warning("recovered unit %s's config (generation %d) and %s from the peer %s",
                     outcome.unit_id, generation,
                     "its link identity" if own_fp else "no identity", peer_name)
-        return RestoreResult(outcome.unit_id, generation, own_fp, peer_name)
+        return RestoreResult(outcome.unit_id, generation, own_fp, peer_name, pin_error)
 
-    def _pin(self, peer_der: bytes, config_peers: list[dict[str, str]]) -> str:
+    def _pin(self, peer_der: bytes, config_peers: list[dict[str, str]]
+             ) -> tuple[str, str | None]:
         """Pin the peer just fetched from, under the name the restored config gives
-        it (else under its certificate's unit id)."""
-
+        it (else under its certificate's unit id); the name, and why the pin failed
+        (None: it did not)."""
         fp = fingerprint(peer_der)
         plain = fp.replace(":", "")
         name = next((p["name"] for p in config_peers if p["fingerprint"] == plain), None)
         store = PeerStore.in_dir(self.state_dir)
         already = store.by_fingerprint(fp)
         if already is not None:
-            return already.name
+            return already.name, None
         name = name or certificate_name(peer_der)
         try:
             store.pin(name, peer_der, expected_fingerprint=fp)
         except TlsIdentityError as exc:
+            # The config is restored all the same: it is what the unit lacked, and a
+            # pin can be made later with `mirrorunit pair`.
             log.error("could not pin the peer %s: %s", name, exc)
-        return name
+            return name, str(exc)
+        return name, None

@@ -131,9 +131,15 @@ def _recover_unpinned(args: argparse.Namespace) -> int:
         print(f"mirrorunit config recover: {describe_recovery_failure(exc, args.from_peer)}",
               file=sys.stderr)
         return 1
-    print(f"configuration of unit {result.unit_id} restored (generation {result.generation})"
-          + (f", link identity {result.fingerprint}" if result.fingerprint else "")
-          + f"; peer pinned as {result.peer_name}")
+    restored = (f"configuration of unit {result.unit_id} restored (generation "
+                f"{result.generation})"
+                + (f", link identity {result.fingerprint}" if result.fingerprint else ""))
+    if result.pin_error is not None:
+        print(restored)
+        print(f"mirrorunit config recover: the peer was NOT pinned as {result.peer_name}: "
+              f"{result.pin_error}; pin it with `mirrorunit pair fetch`", file=sys.stderr)
+        return 1
+    print(f"{restored}; peer pinned as {result.peer_name}")
     return 0
 
 
