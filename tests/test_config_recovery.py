@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from firmware.config import ConfigStore, StoreSettings, StoreState, unseal
-from firmware.config.password import ScryptParams
+from firmware.config.kdf import ScryptParams
 from firmware.config.seal import (
     SEAL_HEADER,
     SEAL_MAGIC,

@@ -14,7 +14,7 @@ import pytest
 import firmware.recovery.restore as restore
 from firmware.apps.recovery import cmd_recover
 from firmware.config import ConfigStore, StoreSettings, StoreState
-from firmware.config.password import ScryptParams
+from firmware.config.kdf import ScryptParams
 from firmware.config.seal import seal
 from firmware.link.errors import TlsIdentityError
 from firmware.link.shell import RecoveryOutcome

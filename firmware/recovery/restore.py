@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from firmware.config.password import ScryptParams
+from firmware.config.kdf import ScryptParams
 from firmware.config.peer_backup import check_restorable, write_restored
 from firmware.config.seal import key_check, unseal_bundle
 from firmware.config.store import ConfigStore
