@@ -192,6 +192,13 @@ class LinkClosed(LinkError):
     """The connection ended (EOF, reset, timeout) without a protocol reason."""
 
 
+class RemoteClosed(LinkClosed):
+    """The remote closed the connection cleanly (EOF) without saying why."""
+
+    def __init__(self) -> None:
+        super().__init__(REMOTE_CLOSED)
+
+
 class ClosedBeforeSession(LinkClosed):
     """The remote ended the connection after the TLS handshake and before the
     session was up, as a remote that has not pinned our certificate does (TLS 1.3
@@ -385,8 +392,8 @@ class LinkClient:
                 raise LinkClosed(f"connection lost: {exc}") from None
             except OSError as exc:
                 raise LinkClosed(f"connection lost: {exc}") from None
-            except LinkClosed as exc:
-                if not self._session_up and str(exc) == REMOTE_CLOSED:
+            except RemoteClosed as exc:
+                if not self._session_up:
                     raise ClosedBeforeSession(str(exc)) from None
                 raise
         finally:
@@ -436,7 +443,7 @@ class LinkClient:
                 if _readable(sock, self._wake, timeout):
                     data = sock.recv(RECV_SIZE)
                     if not data:
-                        raise LinkClosed(REMOTE_CLOSED)
+                        raise RemoteClosed()
                     last_rx = time.monotonic()
                     for event in session.receive_data(data):
                         self._on_event(event)

@@ -428,11 +428,12 @@ def describe_handshake_failure(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"peer certificate is not pinned here ({exc.verify_message})"
     if isinstance(exc, ssl.SSLError):
-        reason = getattr(exc, "reason", None) or str(exc)
+        # OpenSSL's reason code, not the message, says what went wrong.
+        reason = getattr(exc, "reason", None)
         if reason in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE",
                       "TLSV13_ALERT_CERTIFICATE_REQUIRED"):
             return f"the peer refused our certificate ({reason}): we are not pinned there"
-        return f"TLS failure ({reason})"
+        return f"TLS failure ({reason or exc})"
     return f"handshake failed ({type(exc).__name__}: {exc})"
 
 
