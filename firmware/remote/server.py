@@ -21,10 +21,11 @@ from typing import Any
 from firmware.link.errors import LinkProtocolError, LinkRefused
 from firmware.link.frames import Hello, WriteRecord
 from firmware.link.pairing import ConfiguredPeer, PairingPolicy
-from firmware.link.recovery import RecoveryLimiter
+from firmware.link.recovery import BackupKey, RecoveryLimiter
 from firmware.link.session import ReceiverConfig
 from firmware.link.shell import LinkServer
 from firmware.link.tls import Identity, PeerStore
+from firmware.recovery.keys import backup_key
 from firmware.remote.errors import GeometryMismatch, RemoteError, UnitBusy
 from firmware.remote.store import RemoteStore
 from firmware.remote.unit import Retention, UnitStore, validate_unit_id
@@ -183,6 +184,9 @@ class UnitConfigBackups:
         from firmware.config.peer_backup import read_blob
 
         return read_blob(self._path(unit_id))
+
+    def key_of(self, blob: bytes) -> BackupKey:
+        return backup_key(blob)
 
     def units(self) -> list[str]:
         """The units whose backup is kept here."""
