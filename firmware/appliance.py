@@ -139,9 +139,8 @@ def pin_configured_peers(cfg: Any, work: Path, persistent: Path, *,
     yet, fetching it from the peer's address.  Returns the names of the peers that are
     pinned now (the others are logged and left out of the link until the next start)."""
     from .config.schema import split_host_port
-    from .link.cli import fetch_certificate
     from .link.errors import LinkError
-    from .link.tls import PEERS_FILE, PeerStore, TlsIdentityError, fingerprint
+    from .link.tls import PEERS_FILE, PeerStore, TlsIdentityError, fetch_certificate, fingerprint
 
     fetch = fetch or (lambda host, port: fetch_certificate(host, port, timeout=10.0))
     store = PeerStore.in_dir(work)
@@ -321,8 +320,8 @@ def mount_store(device: str, mount_point: Path, *, runner: Runner = _run) -> Pat
 
 def _prepare(args: argparse.Namespace, role: str) -> tuple[list[str], PinKeeper]:
     """The role's command line, and the keeper of the pins it adds while it runs."""
-    from .config.cli import default_config_path
     from .config.mount import RemountHook
+    from .config.store import default_config_path
 
     args.config = args.config or default_config_path()
     cfg = load_config(args.config)
@@ -364,7 +363,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_role_is(args: argparse.Namespace) -> int:
-    from .config.cli import default_config_path
+    from .config.store import default_config_path
 
     role = role_of(args.config or default_config_path())
     if role == args.role:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 MiB = 1 << 20
-BENCH_EXTENSIONS = ("firmware.usb_gadget.bench", "firmware.link.bench")
+BENCH_EXTENSIONS = ("firmware.usb_gadget.bench", "firmware.apps.link.bench")
 
 
 def _drop_caches() -> bool:

@@ -20,6 +20,7 @@ DEFAULT_CONTROL = "/run/mirrorunit/local.sock"
 EXTENSIONS = (
     "firmware.usb_gadget.cli",
     "firmware.link.cli",
+    "firmware.apps.link",
     "firmware.remote.cli",
     "firmware.config.cli",
     "firmware.ups.cli",

@@ -31,8 +31,7 @@ def _wait_ready(control: Path, proc: subprocess.Popen[bytes]) -> None:
 def pair_both_ways(local_state: Path, remote_state: Path) -> tuple[str, str]:
     """Create both identities if needed and pin each at the other; returns the
     local unit id and the remote's fingerprint."""
-    from .link.cli import unit_identity
-    from .link.tls import PeerStore
+    from .link.tls import PeerStore, unit_identity
 
     local_id, local_unit = unit_identity(local_state)
     remote_id, _ = unit_identity(remote_state)

@@ -15,8 +15,7 @@ from firmware import appliance
 from firmware.appliance import ApplianceError, Storage
 from firmware.cli import build_parser
 from firmware.config.cli import open_store
-from firmware.link.cli import unit_identity
-from firmware.link.tls import CERT_FILE, KEY_FILE, PEERS_FILE, PeerStore, fingerprint
+from firmware.link.tls import CERT_FILE, KEY_FILE, PEERS_FILE, PeerStore, fingerprint, unit_identity
 from tests.test_replication import RemoteProc
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,8 +16,7 @@ import pytest
 
 from firmware.config import ConfigStore, StoreSettings
 from firmware.control import call, wait_ready
-from firmware.link.cli import unit_identity
-from firmware.link.tls import PeerStore
+from firmware.link.tls import PeerStore, unit_identity
 from firmware.nbd.client import NbdClient
 from tests.test_replication import local_link_args, wait_for
 from tests.unitproc import LocalProc, free_port

@@ -98,6 +98,9 @@ def receiver(backups: Backups | None, unit: str | None = "unit-a") -> ReceiverSe
         def last_durable_seq(self) -> int:
             return 0
 
+        def check_queue(self, queue_id: int | None) -> bool:
+            return False
+
     return ReceiverSession(ReceiverConfig(known_units={"unit-a", "unit-b"}),
                            lambda hello: Sink(), authenticated_unit=unit, backups=backups,
                            own_backup=("remote-1", b"remote's own"))

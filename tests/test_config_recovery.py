@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from firmware.config import ConfigStore, StoreSettings, StoreState, unseal
-from firmware.config.password import ScryptParams
+from firmware.config.kdf import ScryptParams
 from firmware.config.seal import (
     SEAL_HEADER,
     SEAL_MAGIC,
@@ -53,6 +53,7 @@ from firmware.link.recovery import (
 )
 from firmware.link.tls import anonymous_client_context, load_or_create_identity
 from firmware.nbd.client import NbdClient
+from firmware.recovery.keys import backup_key
 from firmware.remote.server import CONFIG_BACKUP_NAME
 from tests.test_console import DOWN, ENTER, Term
 from tests.test_replication import Pair, wait_for
@@ -118,6 +119,8 @@ class Backups:
 
     def units(self) -> list[str]:
         return sorted(self.blobs)
+
+    key_of = staticmethod(backup_key)
 
 
 def _blob(tmp_path: Path) -> bytes:

@@ -19,13 +19,13 @@ from firmware.link.frames import (
     Writes,
     encode_frame,
 )
-from firmware.link.local_service import CbqSource
 from firmware.link.session import (
     ReceiverConfig,
     ReceiverSession,
     SenderConfig,
     SenderSession,
 )
+from firmware.local.replication import CbqSource
 from firmware.remote.server import ARRIVALS_NAME, UnitSink
 from firmware.remote.unit import UnitStore
 from firmware.storage import FileStorage

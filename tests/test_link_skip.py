@@ -25,13 +25,13 @@ from firmware.link.frames import (
     encode_frame,
     skip_record,
 )
-from firmware.link.local_service import SKIPS_SUFFIX, CbqSource
 from firmware.link.session import (
     ReceiverConfig,
     ReceiverSession,
     SenderConfig,
     SenderSession,
 )
+from firmware.local.replication import SKIPS_SUFFIX, CbqSource
 from firmware.remote.server import ARRIVALS_NAME, UnitSink
 from firmware.remote.unit import UnitStore
 from firmware.storage import FileStorage

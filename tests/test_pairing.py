@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from firmware.config import ConfigStore, StoreSettings
-from firmware.link.cli import unit_identity
 from firmware.link.errors import LinkProtocolError, LinkRefused
 from firmware.link.frames import (
     MAX_ANONYMOUS_BODY,
@@ -35,7 +34,7 @@ from firmware.link.pairing import (
 from firmware.link.recovery import RecoveryLimiter
 from firmware.link.session import Error
 from firmware.link.shell import pair_offer_exchange
-from firmware.link.tls import PEERS_FILE, PeerStore, anonymous_client_context
+from firmware.link.tls import PEERS_FILE, PeerStore, anonymous_client_context, unit_identity
 from firmware.nbd.client import NbdClient
 from tests.test_replication import RemoteProc, local_link_args, peer_status, wait_for
 from tests.unitproc import LocalProc, read_until_closed

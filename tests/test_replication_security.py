@@ -10,12 +10,11 @@ from typing import Any
 
 import pytest
 
-from firmware.link.cli import unit_identity
 from firmware.link.frames import FRAME_LENGTH, FrameDecoder, Writes, encode_body
 from firmware.link.memory import MemorySource
 from firmware.link.session import Error, SenderConfig
 from firmware.link.shell import Backoff, LinkClient
-from firmware.link.tls import PeerStore, client_context
+from firmware.link.tls import PeerStore, client_context, unit_identity
 from tests.test_replication import RemoteProc, local_link_args, wait_for
 from tests.unitproc import LocalProc, read_until_closed
 

@@ -7,8 +7,7 @@ import random
 import signal
 from pathlib import Path
 
-from firmware.link.cli import unit_identity
-from firmware.link.tls import PeerStore
+from firmware.link.tls import PeerStore, unit_identity
 from firmware.nbd.client import NbdClient
 from tests.test_replication import (
     RemoteProc,

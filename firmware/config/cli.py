@@ -22,7 +22,6 @@ from typing import Any
 from .backup import backup_blob, restore_blob
 from .errors import ConfigError, ConfigStoreError, NetworkApplyError, SealError
 from .live import apply_live
-from .mount import RemountHook
 from .network import (
     DEFAULT_NETWORK_FILE,
     DEFAULT_SYS_CLASS_NET,
@@ -34,20 +33,16 @@ from .network import (
 )
 from .password import check_admin_password
 from .schema import Config, format_show
-from .store import ConfigStore, ExportFormat, SetResult, StoreSettings, StoreState
+from .store import (
+    DEFAULT_CONFIG_PATH,
+    ENV_CONFIG,
+    ExportFormat,
+    SetResult,
+    StoreState,
+    open_store,
+)
 
-ENV_CONFIG = "MIRRORUNIT_CONFIG"
-DEFAULT_CONFIG_PATH = "/etc/mirrorunit/config.slots"
 ENV_CONTROL = "MIRRORUNIT_CONTROL"
-
-
-def default_config_path() -> str:
-    return os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH
-
-
-def open_store(path: str | os.PathLike[str] | None = None) -> ConfigStore:
-    p = os.fspath(path) if path is not None else default_config_path()
-    return ConfigStore(StoreSettings(p), remount=RemountHook(p))
 
 
 def add_config_option(p: argparse.ArgumentParser) -> None:
@@ -148,8 +143,8 @@ def register(sub: Any) -> None:
     rs.add_argument("--stdin", action="store_true", help="read the password from stdin")
     rs.set_defaults(func=cmd_restore)
 
-    # Recovery from a peer goes over the journey link, which owns that command.
-    from firmware.link.cli import add_config_recover
+    # Recovery from a peer is config recovery's command (it needs the journey link).
+    from firmware.apps.recovery import add_config_recover
 
     add_config_recover(cs)
 

@@ -1,70 +1,29 @@
 """The administrator password: scrypt hashes with their parameters stored beside them.
 
-Stored form: ``$scrypt$ln=14,r=8,p=1$<salt, base64>$<hash, base64>`` so the cost
-can be raised later without invalidating hashes already on units in the field.
+Stored form: ``$scrypt$ln=14,r=8,p=1$<salt, base64>$<hash, base64>`` (`kdf.py`), so
+the cost can be raised later without invalidating hashes already on units in the field.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
-import re
 import secrets
-from dataclasses import dataclass
 
 from .errors import ConfigError
+from .kdf import ScryptParams, format_derived, parse_derived
 from .schema import Config
 
 MIN_PASSWORD_LENGTH = 10
 MAX_PASSWORD_LENGTH = 1024
 KEY = "admin.password_hash"
 
-#: 2**14 x 128 x 8 bytes = 16 MiB per hash: affordable on a Pi, costly to brute-force.
-DEFAULT_LOG2_N = 14
-DEFAULT_R = 8
-DEFAULT_P = 1
 SALT_BYTES = 16
 HASH_BYTES = 32
-#: Refuse stored parameters that would make a check exhaust the board's memory.
-MAX_MEMORY = 256 << 20
-
-_FORMAT = re.compile(
-    r"^\$scrypt\$ln=(\d{1,2}),r=(\d{1,2}),p=(\d{1,2})\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$")
-
-
-@dataclass(frozen=True)
-class ScryptParams:
-    log2_n: int = DEFAULT_LOG2_N
-    r: int = DEFAULT_R
-    p: int = DEFAULT_P
-
-    @property
-    def memory(self) -> int:
-        return 128 * self.r * (1 << self.log2_n) * self.p
-
-    def check(self, key: str) -> None:
-        if not (1 <= self.log2_n <= 24 and 1 <= self.r <= 64 and 1 <= self.p <= 16):
-            raise ConfigError(key, "scrypt parameters out of range")
-        if self.memory > MAX_MEMORY:
-            raise ConfigError(key, "scrypt parameters need too much memory")
-
-    def derive(self, secret: bytes, salt: bytes, length: int) -> bytes:
-        return hashlib.scrypt(secret, salt=salt, n=1 << self.log2_n, r=self.r, p=self.p,
-                              maxmem=self.memory + (16 << 20), dklen=length)
+_SCHEME = "scrypt"
 
 
 def _parse(key: str, stored: str) -> tuple[ScryptParams, bytes, bytes]:
-    m = _FORMAT.match(stored)
-    if not m:
-        raise ConfigError(key, "not a recognised password hash")
-    params = ScryptParams(int(m.group(1)), int(m.group(2)), int(m.group(3)))
-    params.check(key)
-    try:
-        salt = base64.b64decode(m.group(4), validate=True)
-        digest = base64.b64decode(m.group(5), validate=True)
-    except ValueError:
-        raise ConfigError(key, "password hash is not valid base64") from None
+    params, (salt, digest) = parse_derived(_SCHEME, key, stored, 2, "password hash")
     if len(salt) < 8 or not 16 <= len(digest) <= 64:
         raise ConfigError(key, "password hash has a bad salt or digest length")
     return params, salt, digest
@@ -92,9 +51,7 @@ def hash_password(clear: str, params: ScryptParams | None = None) -> str:
     params = params or ScryptParams()
     salt = secrets.token_bytes(SALT_BYTES)
     digest = params.derive(clear.encode("utf-8"), salt, HASH_BYTES)
-    b64 = base64.b64encode
-    return (f"$scrypt$ln={params.log2_n},r={params.r},p={params.p}"
-            f"${b64(salt).decode()}${b64(digest).decode()}")
+    return format_derived(_SCHEME, params, salt, digest)
 
 
 def verify_password(stored: str, clear: str) -> bool:

@@ -21,10 +21,8 @@ generation without anyone typing the password, and the blob still opens with
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
-import re
 import secrets
 import struct
 from dataclasses import dataclass
@@ -35,7 +33,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import ConfigError, SealFormatError, SealTampered, WrongPassword
-from .password import ScryptParams
+from .kdf import ScryptParams, format_derived, parse_derived
 from .schema import BoardLimits, Config, from_document
 
 SEAL_MAGIC = b"MUSEALED"
@@ -50,9 +48,7 @@ NONCE_BYTES = 12
 SEAL_PARAMS = ScryptParams(log2_n=15, r=8, p=1)
 _CHECK_LABEL = b"mirrorunit seal key check v1"
 SEAL_KEY_FIELD = "admin.seal_key"
-_SEAL_KEY_FORMAT = re.compile(
-    r"^\$sealkey\$v1\$ln=(\d{1,2}),r=(\d{1,2}),p=(\d{1,2})"
-    r"\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$")
+_SEAL_KEY_SCHEME = "sealkey$v1"
 
 
 @dataclass(frozen=True)
@@ -74,10 +70,7 @@ class SealKey:
     check: bytes
 
     def encode(self) -> str:
-        b64 = base64.b64encode
-        p = self.params
-        return (f"$sealkey$v1$ln={p.log2_n},r={p.r},p={p.p}${b64(self.salt).decode()}"
-                f"${b64(self.key).decode()}${b64(self.check).decode()}")
+        return format_derived(_SEAL_KEY_SCHEME, self.params, self.salt, self.key, self.check)
 
     def __repr__(self) -> str:
         # Keeps the key out of tracebacks and logs.
@@ -125,15 +118,7 @@ def make_seal_key(password: str, params: ScryptParams = SEAL_PARAMS,
 
 
 def parse_seal_key(field: str, stored: str) -> SealKey:
-    m = _SEAL_KEY_FORMAT.match(stored)
-    if not m:
-        raise ConfigError(field, "not a recognised seal key")
-    params = ScryptParams(int(m.group(1)), int(m.group(2)), int(m.group(3)))
-    params.check(field)
-    try:
-        salt, key, check = (base64.b64decode(m.group(i), validate=True) for i in (4, 5, 6))
-    except ValueError:
-        raise ConfigError(field, "seal key is not valid base64") from None
+    params, (salt, key, check) = parse_derived(_SEAL_KEY_SCHEME, field, stored, 3, "seal key")
     if len(salt) != SALT_BYTES or len(key) != 32 or len(check) != 32:
         raise ConfigError(field, "seal key has a bad salt, key or check length")
     return SealKey(params, salt, key, check)

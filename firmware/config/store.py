@@ -364,3 +364,21 @@ class ConfigStore:
         log.info("config: %s (generation %d; live: %s; needs restart: %s)", what, gen,
                  ", ".join(diff.live) or "-", ", ".join(diff.restart) or "-")
         return SetResult(new, diff, gen)
+
+
+#: Where the config partition is when no path is given.
+ENV_CONFIG = "MIRRORUNIT_CONFIG"
+DEFAULT_CONFIG_PATH = "/etc/mirrorunit/config.slots"
+
+
+def default_config_path() -> str:
+    return os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH
+
+
+def open_store(path: str | os.PathLike[str] | None = None) -> ConfigStore:
+    """The unit's config partition at `path` (default: $MIRRORUNIT_CONFIG, else
+    DEFAULT_CONFIG_PATH), remounted read-write only while a save runs."""
+    from .mount import RemountHook as MountRemount
+
+    p = os.fspath(path) if path is not None else default_config_path()
+    return ConfigStore(StoreSettings(p), remount=MountRemount(p))

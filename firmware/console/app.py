@@ -475,9 +475,9 @@ class Console:
         """The peer is asked first (reachable? the fingerprint typed? a backup?), then
         the password, which may be retyped until the peer's attempts run out."""
         from ..config.schema import split_host_port
-        from ..link.cli import describe_recovery_failure
         from ..link.errors import LinkError, LinkRefused
         from ..link.recovery import ERR_WRONG_PASSWORD
+        from ..recovery import describe_recovery_failure
 
         form = self._recovery_form(with_unit=True)
         if form is None:

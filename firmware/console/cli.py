@@ -73,7 +73,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir) if args.state_dir else \
         Path(store.settings.path).resolve().parent / "link"
     try:
-        from ..link.restore import PeerRecovery
+        from ..recovery import PeerRecovery
 
         recovery: Any = PeerRecovery(store, state_dir)
     except ImportError:  # a build without the journey link

@@ -811,7 +811,6 @@ class FrameDecoder:
         self._buf = bytearray()
         self._max_body = max_body
         self._error: LinkProtocolError | None = None
-        self._last_ack = -1
         self.frames_decoded = 0
 
     @property
@@ -858,12 +857,5 @@ class FrameDecoder:
         body = bytes(self._buf[FRAME_LENGTH.size : end])
         del self._buf[: end + FRAME_CRC.size]
         frame = decode_body(body)
-        if isinstance(frame, Ack):
-            # Durability never goes backwards on one connection.
-            if frame.durable_seq < self._last_ack:
-                raise LinkProtocolError(
-                    f"ACK seq {frame.durable_seq} goes backwards from {self._last_ack}"
-                )
-            self._last_ack = frame.durable_seq
         self.frames_decoded += 1
         return frame

@@ -99,3 +99,6 @@ class MemorySink:
     def last_durable_seq(self) -> int:
         with self._lock:
             return self._durable
+
+    def check_queue(self, queue_id: int | None) -> bool:
+        return False  # an image in RAM follows whichever queue feeds it

@@ -32,8 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from firmware.config.errors import SealFormatError
-from firmware.config.seal import read_header
 from firmware.link.errors import LinkProtocolError
 from firmware.link.frames import (
     RECOVER_NONCE_BYTES,
@@ -70,10 +68,28 @@ def recovery_proof(check: bytes, nonce: bytes, peer_fingerprint: str, unit_id: s
     return hmac.new(check, msg, hashlib.sha256).digest()
 
 
+@dataclass(frozen=True, slots=True)
+class BackupKey:
+    """What a sealed backup says of its key: the scrypt parameters and salt the
+    client derives the key check with, and the check itself (never sent)."""
+
+    log2_n: int
+    r: int
+    p: int
+    salt: bytes
+    check: bytes
+
+
 class RecoveryBackups(Protocol):
+    """The sealed backups a peer keeps; only their owner (the config) reads them."""
+
     def get(self, unit_id: str) -> bytes | None: ...
 
     def units(self) -> list[str]: ...
+
+    def key_of(self, blob: bytes) -> BackupKey:
+        """The key a blob is sealed under; `ValueError` saying why if it is damaged."""
+        ...
 
 
 @dataclass
@@ -257,13 +273,12 @@ class RecoveryServerSession:
                               "this peer keeps no config backup "
                               + (f"of unit {hello.unit_id!r}" if hello.unit_id else "at all"))
         try:
-            h = read_header(blob)
-        except SealFormatError as exc:
+            key = self.backups.key_of(blob)
+        except ValueError as exc:
             return self._deny(unit, ERR_DAMAGED, f"the backup kept here is damaged: {exc}")
         nonce = self._nonce(RECOVER_NONCE_BYTES)
-        self._challenge = (unit, nonce, h.check, blob)
-        self._send(RecoverChallenge(unit, h.params.log2_n, h.params.r, h.params.p, h.salt,
-                                    nonce))
+        self._challenge = (unit, nonce, key.check, blob)
+        self._send(RecoverChallenge(unit, key.log2_n, key.r, key.p, key.salt, nonce))
         self.state = RecoveryState.CHALLENGED
         return [RecoveryChallenged(unit)]
 

@@ -93,6 +93,11 @@ class WriteSink(Protocol):
 
     def last_durable_seq(self) -> int: ...
 
+    def check_queue(self, queue_id: int | None) -> bool:
+        """Called at HELLO with the sender's queue id (None: it sent none).  True when
+        the sink holds another queue's seqs, so only a full resync may follow."""
+        ...
+
 
 @dataclass(frozen=True)
 class ResyncPlan:
@@ -452,6 +457,8 @@ class SenderSession(_Session):
         self._resync: _SenderResync | None = None
         self._next_resync_id = 1
         self._pending_events: list[SessionEvent] = []
+        #: The seq of the last ACK frame on this connection (-1: none yet).
+        self._last_ack = -1
 
     @property
     def resync_active(self) -> bool:
@@ -682,6 +689,10 @@ class SenderSession(_Session):
 
     def _on_ack(self, ack: Ack) -> list[SessionEvent]:
         seq = ack.durable_seq
+        # Durability never goes backwards on one connection.
+        if seq < self._last_ack:
+            raise LinkProtocolError(f"ACK seq {seq} goes backwards from {self._last_ack}")
+        self._last_ack = seq
         if seq > self.last_sent_seq:
             raise LinkProtocolError(f"ACK for seq {seq}, only {self.last_sent_seq} was sent")
         if seq <= self.acked_seq:
@@ -942,8 +953,7 @@ class ReceiverSession(_Session):
             (c for c in hello.compression if c in self.config.compression), CODEC_NONE
         )
         self.signature = hello.signature and self.config.allow_signature
-        check = getattr(sink, "check_queue", None)
-        self.requeue = bool(check(hello.queue_id)) if check is not None else False
+        self.requeue = sink.check_queue(hello.queue_id)
         # While re-queued the sink's seqs mean nothing to this queue: the resync
         # starts from scratch, and it will accept the resync's seq whatever it is.
         durable = 0 if self.requeue else sink.last_durable_seq()

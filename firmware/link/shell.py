@@ -18,21 +18,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from firmware.link.clients import ConfigFetchSession, PairOfferSession, RecoveryClientSession
 from firmware.link.errors import LinkError, LinkProtocolError, LinkRefused, PeerNotPinned
 from firmware.link.frames import (
-    Bye,
-    ConfigBlob,
-    ConfigGet,
-    Error,
-    Frame,
-    FrameDecoder,
     Hello,
-    Paired,
-    PairOffer,
     RecoverChallenge,
-    RecoverHello,
-    RecoverProof,
-    encode_frame,
 )
 from firmware.link.pairing import (
     AnonymousServerSession,
@@ -190,6 +180,13 @@ def _readable(sock: ssl.SSLSocket, wake: _Wakeup, timeout: float) -> bool:
 
 class LinkClosed(LinkError):
     """The connection ended (EOF, reset, timeout) without a protocol reason."""
+
+
+class RemoteClosed(LinkClosed):
+    """The remote closed the connection cleanly (EOF) without saying why."""
+
+    def __init__(self) -> None:
+        super().__init__(REMOTE_CLOSED)
 
 
 class ClosedBeforeSession(LinkClosed):
@@ -385,8 +382,8 @@ class LinkClient:
                 raise LinkClosed(f"connection lost: {exc}") from None
             except OSError as exc:
                 raise LinkClosed(f"connection lost: {exc}") from None
-            except LinkClosed as exc:
-                if not self._session_up and str(exc) == REMOTE_CLOSED:
+            except RemoteClosed as exc:
+                if not self._session_up:
                     raise ClosedBeforeSession(str(exc)) from None
                 raise
         finally:
@@ -436,7 +433,7 @@ class LinkClient:
                 if _readable(sock, self._wake, timeout):
                     data = sock.recv(RECV_SIZE)
                     if not data:
-                        raise LinkClosed(REMOTE_CLOSED)
+                        raise RemoteClosed()
                     last_rx = time.monotonic()
                     for event in session.receive_data(data):
                         self._on_event(event)
@@ -814,20 +811,25 @@ def _short_connection(address: tuple[str, int], ctx: ssl.SSLContext,
             yield sock
 
 
-def _answers(sock: ssl.SSLSocket) -> Iterator[Frame]:
-    """The peer's frames until it closes; an ERROR frame is raised as LinkRefused."""
-    decoder = FrameDecoder()
+_Exchange = ConfigFetchSession | RecoveryClientSession | PairOfferSession
+
+
+def _run_exchange(sock: ssl.SSLSocket, session: _Exchange) -> None:
+    """Move a short exchange's bytes until it finishes; LinkClosed if the peer
+    closes first (its refusals and protocol errors come from the session)."""
     while True:
+        out = session.data_to_send()
+        if out:
+            sock.sendall(out)
+        if session.is_finished:
+            return
         try:
             data = sock.recv(RECV_SIZE)
         except ssl.SSLError as exc:
             raise LinkClosed(describe_handshake_failure(exc)) from None
         if not data:
             raise LinkClosed("the peer closed the connection without an answer")
-        for frame in decoder.receive_data(data):
-            if isinstance(frame, Error):
-                raise LinkRefused(frame.code, frame.text)
-            yield frame
+        session.receive_data(data)
 
 
 def fetch_config_backup(address: tuple[str, int], identity: Identity, peers: PeerStore,
@@ -839,11 +841,9 @@ def fetch_config_backup(address: tuple[str, int], identity: Identity, peers: Pee
     with _short_connection(address, client_context(identity, peers, remote_name),
                            timeout) as sock:
         peer_identity(sock, peers, expected=remote_name)
-        sock.sendall(encode_frame(ConfigGet(unit_id)))
-        for frame in _answers(sock):
-            if isinstance(frame, ConfigBlob) and frame.unit_id == unit_id:
-                return frame.blob
-    raise AssertionError("unreachable: _answers ends only by raising")
+        session = ConfigFetchSession(unit_id)
+        _run_exchange(sock, session)
+    return session.result
 
 
 @dataclass(frozen=True)
@@ -872,22 +872,10 @@ def recovery_exchange(address: tuple[str, int], peer_fingerprint: str,
     or `OSError` when it cannot be reached."""
     with _short_connection(address, anonymous_client_context(), timeout) as sock:
         der = check_fingerprint(sock, peer_fingerprint)
-        sock.sendall(encode_frame(RecoverHello(unit_id)))
-        challenge: RecoverChallenge | None = None
-        for frame in _answers(sock):
-            if isinstance(frame, RecoverChallenge) and challenge is None:
-                challenge = frame
-                if prove is None:
-                    sock.sendall(encode_frame(Bye()))
-                    return RecoveryOutcome(frame.unit_id, der, None)
-                sock.sendall(encode_frame(RecoverProof(prove(frame))))
-            elif isinstance(frame, ConfigBlob) and challenge is not None \
-                    and frame.unit_id == challenge.unit_id and frame.blob:
-                return RecoveryOutcome(frame.unit_id, der, frame.blob)
-            else:
-                raise LinkProtocolError(
-                    f"unexpected {type(frame).__name__} in the recovery exchange")
-    raise AssertionError("unreachable: _answers ends only by raising")
+        session = RecoveryClientSession(unit_id, prove)
+        _run_exchange(sock, session)
+    unit, blob = session.result
+    return RecoveryOutcome(unit, der, blob)
 
 
 def pair_offer_exchange(address: tuple[str, int], peer_fingerprint: str, unit_id: str,
@@ -900,10 +888,6 @@ def pair_offer_exchange(address: tuple[str, int], peer_fingerprint: str, unit_id
     `OSError` when it cannot be reached."""
     with _short_connection(address, anonymous_client_context(), timeout) as sock:
         check_fingerprint(sock, peer_fingerprint)
-        sock.sendall(encode_frame(PairOffer(unit_id, cert_der)))
-        for frame in _answers(sock):
-            if isinstance(frame, Paired):
-                return frame.unit_id
-            raise LinkProtocolError(
-                f"unexpected {type(frame).__name__} in answer to PAIR_OFFER")
-    raise AssertionError("unreachable: _answers ends only by raising")
+        session = PairOfferSession(unit_id, cert_der)
+        _run_exchange(sock, session)
+    return session.result

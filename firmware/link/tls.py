@@ -23,6 +23,8 @@ import hashlib
 import json
 import logging
 import os
+import secrets
+import socket
 import ssl
 import threading
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from firmware.fsutil import write_atomic
-from firmware.link.errors import PeerNotPinned, TlsIdentityError
+from firmware.link.errors import LinkError, PeerNotPinned, TlsIdentityError
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,29 @@ def load_or_create_identity(state_dir: Path, common_name: str) -> Identity:
     except (ValueError, OSError) as exc:
         raise TlsIdentityError(f"cannot read certificate {cert_path}: {exc}") from None
     return Identity(key_path=key_path, cert_path=cert_path, cert_der=cert_der)
+
+
+def certificate_name(cert_der: bytes) -> str:
+    """The common name a unit put in its certificate (its unit id)."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        raise LinkError("certificate has no common name")
+    value = names[0].value
+    return value if isinstance(value, str) else value.decode()
+
+
+def unit_identity(state_dir: Path, unit_id: str | None = None) -> tuple[Identity, str]:
+    """Load (or create on first start) this unit's identity; its id is the
+    certificate's common name, chosen at random unless `unit_id` is given."""
+    if not (state_dir / CERT_FILE).exists():
+        identity = load_or_create_identity(state_dir, unit_id or f"unit-{secrets.token_hex(6)}")
+    else:
+        identity = load_or_create_identity(state_dir, unit_id or "unused")
+    name = certificate_name(identity.cert_der)
+    if unit_id is not None and unit_id != name:
+        raise LinkError(f"the identity in {state_dir} belongs to unit {name!r}, not {unit_id!r}")
+    return identity, name
 
 
 @dataclass(frozen=True)
@@ -380,16 +405,35 @@ def peer_identity(sock: ssl.SSLSocket, peers: PeerStore, expected: str | None = 
     return pinned.name
 
 
+def fetch_certificate(host: str, port: int, timeout: float = 10.0,
+                      identity: Identity | None = None) -> bytes:
+    """The certificate a unit listening at host:port presents.  Nothing is trusted
+    here: the caller compares its fingerprint with one obtained out of band."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if identity is not None:
+        ctx.load_cert_chain(str(identity.cert_path), str(identity.key_path))
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        with ctx.wrap_socket(raw) as sock:
+            der = sock.getpeercert(binary_form=True)
+    if not der:
+        raise PeerNotPinned(f"{host}:{port} presented no certificate")
+    return der
+
+
 def describe_handshake_failure(exc: BaseException) -> str:
     """A log sentence for a failed handshake, naming the likely cause."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"peer certificate is not pinned here ({exc.verify_message})"
     if isinstance(exc, ssl.SSLError):
-        reason = getattr(exc, "reason", None) or str(exc)
+        # OpenSSL's reason code, not the message, says what went wrong.
+        reason = getattr(exc, "reason", None)
         if reason in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE",
                       "TLSV13_ALERT_CERTIFICATE_REQUIRED"):
             return f"the peer refused our certificate ({reason}): we are not pinned there"
-        return f"TLS failure ({reason})"
+        return f"TLS failure ({reason or exc})"
     return f"handshake failed ({type(exc).__name__}: {exc})"
 
 

@@ -201,8 +201,7 @@ def _online(args: argparse.Namespace, call: Any) -> int:
 
 def _offline(args: argparse.Namespace) -> int:
     """The same operations on the store directory, with no daemon running."""
-    from firmware.link.cli import unit_identity
-    from firmware.link.tls import PeerStore
+    from firmware.link.tls import PeerStore, unit_identity
     from firmware.remote.server import RemoteServer, default_remote_state_dir
 
     state_dir = default_remote_state_dir(args.store)
@@ -239,8 +238,7 @@ def _fmt(ns: int) -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     from firmware.control import ControlServer
-    from firmware.link.cli import unit_identity
-    from firmware.link.tls import PeerStore
+    from firmware.link.tls import PeerStore, unit_identity
     from firmware.remote.server import RemoteServer, default_remote_state_dir
     from firmware.remote.unit import Retention
 

@@ -21,10 +21,11 @@ from typing import Any
 from firmware.link.errors import LinkProtocolError, LinkRefused
 from firmware.link.frames import Hello, WriteRecord
 from firmware.link.pairing import ConfiguredPeer, PairingPolicy
-from firmware.link.recovery import RecoveryLimiter
+from firmware.link.recovery import BackupKey, RecoveryLimiter
 from firmware.link.session import ReceiverConfig
 from firmware.link.shell import LinkServer
 from firmware.link.tls import Identity, PeerStore
+from firmware.recovery.keys import backup_key
 from firmware.remote.errors import GeometryMismatch, RemoteError, UnitBusy
 from firmware.remote.store import RemoteStore
 from firmware.remote.unit import Retention, UnitStore, validate_unit_id
@@ -184,6 +185,9 @@ class UnitConfigBackups:
 
         return read_blob(self._path(unit_id))
 
+    def key_of(self, blob: bytes) -> BackupKey:
+        return backup_key(blob)
+
     def units(self) -> list[str]:
         """The units whose backup is kept here."""
         if not self.store_dir.is_dir():
@@ -282,7 +286,7 @@ class RemoteServer:
         by `mirrorunit link seal-config`), handed to every local that connects and
         again to connected ones when it changes."""
         from firmware.config.peer_backup import OWN_BACKUP_NAME, read_blob
-        from firmware.link.cli import certificate_name
+        from firmware.link.tls import certificate_name
 
         path = self.state_dir / OWN_BACKUP_NAME
         try:

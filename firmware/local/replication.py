@@ -1,4 +1,4 @@
-"""The local unit's side of the journey link: one CBQ consumer and one `LinkClient`
+"""The local unit's replication service: one CBQ consumer and one `LinkClient`
 per configured remote, run as a service of the local unit process.
 
 `CbqSource` adapts a CBQ consumer cursor to the sender's `WriteSource` (and
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -22,6 +21,7 @@ from typing import Any
 
 from firmware.cbq import CircularBufferQueue
 from firmware.cbq.errors import CbqError
+from firmware.fsutil import write_atomic
 from firmware.link.errors import LinkError, SourceGap
 from firmware.link.frames import WriteRecord, available_codecs, skip_record
 from firmware.link.session import (
@@ -45,6 +45,13 @@ FULL_RESYNC_SUFFIX = ".full-resync"
 #: ack passed it, and lets an ack carry a consumer over discarded seqs right after
 #: it, so only this ledger still explains the gap after a reconnect or a restart.
 SKIPS_SUFFIX = ".skips.json"
+
+
+def mark_full_resync(state_dir: Path, name: str, reason: str) -> None:
+    """Leave the marker that peer `name` needs a whole-volume resync, durably: a
+    restart that lost it would let the dirty map (which misses what the peer lacks)
+    decide.  The marker holds the reason, for whoever looks at the state dir."""
+    write_atomic(state_dir / (name + FULL_RESYNC_SUFFIX), (reason + "\n").encode(), 0o644)
 
 
 def _covers(ranges: list[tuple[int, int]], lo: int, hi: int) -> bool:
@@ -109,12 +116,9 @@ class CbqSource:
         return [(int(a), int(b)) for a, b in raw]
 
     def _save_ledger(self) -> None:
-        tmp = self._ledger_path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump([list(r) for r in self._ledger], f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._ledger_path)
+        # Before an ack releases the discarded seqs, or a restart could forget them.
+        write_atomic(self._ledger_path, json.dumps([list(r) for r in self._ledger]).encode(),
+                     0o644)
 
     def _note_gaps(self, prev: int, seqs: list[int], read_upto: int) -> None:
         """Seqs the queue walked past without returning them were discarded: keep them
@@ -243,7 +247,7 @@ class CbqSource:
         with self._lock:
             if not self._full_marker.exists():
                 log.warning("%s: %s; it gets a whole-volume checksum resync", self.name, reason)
-                self._full_marker.touch()
+                mark_full_resync(self.state_dir, self.name, reason)
 
     def _all_chunks(self) -> tuple[int, ...]:
         return tuple(range(self.cbq.geo.chunks))
@@ -264,7 +268,9 @@ class CbqSource:
                 chunks = self._all_chunks() if full else tuple(dirty)
                 if full and not self._full_marker.exists():
                     # A restart mid-resync must not fall back to the (partial) dirty map.
-                    self._full_marker.touch()
+                    mark_full_resync(self.state_dir, self.name,
+                                     f"remote at seq {remote_durable}, behind the ack "
+                                     f"{c.acked_seq}")
                 self._handed.clear()
                 self._stash.clear()
                 self.cbq.rewind(self.name)
@@ -370,8 +376,8 @@ class LinkService:
         #: Seals each new config generation for the peers, unattended.
         self.sealer: Any = None
         if config_path is not None:
-            from firmware.config.cli import open_store
             from firmware.config.peer_backup import AutoSealer
+            from firmware.config.store import open_store
 
             self.sealer = AutoSealer(open_store(config_path), self.own_backup_path,
                                      self._sealed_identity, on_sealed=self._backup_sealed)
@@ -381,7 +387,7 @@ class LinkService:
                 # A peer added to a volume that may already hold data: only a
                 # whole-volume resync can bring it level.
                 cbq.add_consumer(spec.name)
-                (state_dir / (spec.name + FULL_RESYNC_SUFFIX)).touch()
+                mark_full_resync(state_dir, spec.name, "added to a volume that may hold data")
                 log.warning("remote %s is new: added as CBQ consumer; it gets a full resync",
                             spec.name)
             self._peers[spec.name] = _Peer(spec, CbqSource(cbq, spec.name, volume, state_dir))
@@ -459,8 +465,8 @@ class LinkService:
         """Seal the unit's config under the admin password (checked) for the peers;
         each connected peer gets it at once, the others when they connect.  A config
         without seal key material gets it stored, so later changes seal unattended."""
-        from firmware.config.cli import open_store
         from firmware.config.peer_backup import seal_config, write_blob
+        from firmware.config.store import open_store
 
         if self.config_path is None:
             raise ValueError("this unit was started without --config: no config to seal")

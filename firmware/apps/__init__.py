@@ -1,0 +1,1 @@
+"""Entry points of the roles and operator commands, one package each."""
