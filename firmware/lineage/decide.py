@@ -129,7 +129,8 @@ class Facts:
     policy: Policy
     my_seq: int
     peer_seq: int
-    #: the last seq the two lines share; None when they share no generation
+    #: the last seq both copies hold of a shared line: the earlier of the fork and the two
+    #: copies' seqs; None when they share no generation
     fork_seq: int | None
     #: the first generation of my line after the common one (None if I am still in it)
     my_fork: Generation | None
@@ -214,6 +215,10 @@ def relate(mine: Lineage, peer: Lineage, *, my_seq: int, peer_seq: int,
 
     def facts(relation: Relation, fork_seq: int | None = None, my_fork: Generation | None = None,
               peer_fork: Generation | None = None, detail: str = "") -> Facts:
+        if fork_seq is not None:
+            # A side that had not reached the fork shares only what it has: a resync from
+            # the fork itself would skip the seqs in between.
+            fork_seq = min(fork_seq, my_seq, peer_seq)
         return Facts(relation, policy, my_seq, peer_seq, fork_seq, my_fork, peer_fork,
                      mine.writer, peer.writer, mine.is_lone_first, peer.is_lone_first,
                      mine.current.role, peer.current.role, detail)
@@ -539,3 +544,10 @@ def give_up(mine: Lineage, peer: Lineage, *, my_seq: int, peer_seq: int) -> Deci
                     f"its {_range(my_seq, f.fork_seq)} kept as a conflict image",
                     f.fork_seq, Side.MINE, _after(my_seq, f.fork_seq),
                     _after(peer_seq, f.fork_seq))
+
+
+def render_table() -> str:
+    """`RULES` as the Markdown table docs/failover.md carries (a test keeps them equal)."""
+    lines = ["| rule | condition (seen from this copy) | outcome |", "|---|---|---|"]
+    lines += [f"| `{r.name}` | {r.condition} | `{r.outcome.value}` |" for r in RULES]
+    return "\n".join(lines) + "\n"
