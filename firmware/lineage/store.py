@@ -14,6 +14,7 @@ lineages: `load` returns None and the caller starts one with `Lineage.first`.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 
@@ -81,10 +82,14 @@ def decode(raw: bytes, path: str = "<lineage>") -> Lineage:
     body = raw[HEADER.size:end]
     if _crc(raw[:HEADER.size], body) != crc:
         raise LineageCorruption(path, _CRC_OFFSET, "CRC32C mismatch")
+    fp = io.BytesIO(body)
     try:
-        doc = cbor2.loads(body)
+        doc = cbor2.CBORDecoder(fp).decode()
     except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as e:
         raise LineageCorruption(path, HEADER.size, f"body is not CBOR: {e}") from None
+    if fp.tell() != length:
+        raise LineageCorruption(path, HEADER.size + fp.tell(), "body is not CBOR: "
+                                "bytes after the lineage map")
     try:
         return Lineage.from_dict(doc)
     except LineageError as e:
