@@ -75,15 +75,18 @@ class CborDecodeError(ValueError):
 
 
 class _Decoder:
-    __slots__ = ("data", "end", "pos", "items", "max_items", "max_depth", "floats")
+    __slots__ = ("data", "end", "pos", "items", "max_items", "max_depth", "max_length",
+                 "floats")
 
-    def __init__(self, data: bytes, max_depth: int, max_items: int, floats: bool) -> None:
+    def __init__(self, data: bytes, max_depth: int, max_items: int, max_length: int,
+                 floats: bool) -> None:
         self.data = data
         self.end = len(data)
         self.pos = 0
         self.items = 0
         self.max_items = max_items
         self.max_depth = max_depth
+        self.max_length = max_length
         self.floats = floats
 
     def _argument(self, start: int, info: int) -> int:
@@ -113,10 +116,13 @@ class _Decoder:
         if info == 31 and major in (2, 3, 4, 5):
             raise CborDecodeError(f"indefinite-length {_MAJOR_NAMES[major]} is refused", start)
         raise CborDecodeError(
-            f"additional information {info} is not valid for a {_MAJOR_NAMES[major]}", start)
+            f"additional information {info} is not valid in the head of major type {major} "
+            f"({_MAJOR_NAMES[major]})", start)
 
     def _count(self, start: int, n: int, what: str, per: int) -> None:
         """Charge a container of `n` entries of `per` items before building it."""
+        if n > self.max_length:
+            raise CborDecodeError(f"{what} of {n} entries, limit {self.max_length}", start)
         if n * per > self.end - self.pos:
             raise CborDecodeError(
                 f"{what} declares {n} entries but only {self.end - self.pos} bytes remain",
@@ -239,14 +245,18 @@ class _Decoder:
 
 
 def loads(data: bytes | bytearray | memoryview, *, max_depth: int = DEFAULT_MAX_DEPTH,
-          max_items: int | None = None, floats: bool = False) -> Any:
+          max_items: int | None = None, max_length: int | None = None,
+          floats: bool = False) -> Any:
     """The one CBOR item that is the whole of `data`, or `CborDecodeError`.
 
     `max_items` bounds the items of the whole document (every array element, map key
-    and map value counts); by default the input's length, which nothing can exceed
-    anyway as every item takes at least a byte."""
+    and map value counts) and `max_length` the entries of any one array or map; both
+    are checked on a container's head, before it is built.  By default both are the
+    input's length, which nothing can exceed anyway as every item takes a byte."""
     buf = data if type(data) is bytes else bytes(data)
-    dec = _Decoder(buf, max_depth, len(buf) if max_items is None else max_items, floats)
+    limit = len(buf)
+    dec = _Decoder(buf, max_depth, limit if max_items is None else max_items,
+                   limit if max_length is None else max_length, floats)
     value = dec.item(0)
     if dec.pos != dec.end:
         trailing = dec.end - dec.pos
