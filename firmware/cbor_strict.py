@@ -121,12 +121,12 @@ class _Decoder:
 
     def _count(self, start: int, n: int, what: str, per: int) -> None:
         """Charge a container of `n` entries of `per` items before building it."""
-        if n > self.max_length:
-            raise CborDecodeError(f"{what} of {n} entries, limit {self.max_length}", start)
         if n * per > self.end - self.pos:
             raise CborDecodeError(
                 f"{what} declares {n} entries but only {self.end - self.pos} bytes remain",
                 start)
+        if n > self.max_length:
+            raise CborDecodeError(f"{what} of {n} entries, limit {self.max_length}", start)
         self.items += n * per
         if self.items > self.max_items:
             raise CborDecodeError(f"more than {self.max_items} items", start)
@@ -179,7 +179,8 @@ class _Decoder:
         out: dict[Any, Any] = {}
         for _ in range(arg):
             kpos = self.pos
-            if kpos < self.end and (data[kpos] >> 5) not in (0, 1, 3):
+            # A tag is left to item(), which refuses it naming the tag.
+            if kpos < self.end and (data[kpos] >> 5) not in (0, 1, 3, 6):
                 raise CborDecodeError(
                     f"map key is of type {_MAJOR_NAMES[data[kpos] >> 5]}; only text and "
                     "integer keys are accepted", kpos)
