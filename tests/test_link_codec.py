@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import zlib
 from collections.abc import Callable
 
@@ -18,7 +19,10 @@ from firmware.link.frames import (
     CODEC_ZSTD,
     DIGEST_SIZE,
     FRAME_LENGTH,
+    MAX_ANONYMOUS_BODY,
     MAX_FRAME_BODY,
+    MAX_WRITES_RECORDS,
+    WRITES_HEADER_ALLOWANCE,
     Abort,
     Ack,
     Bye,
@@ -33,8 +37,10 @@ from firmware.link.frames import (
     Pong,
     WriteRecord,
     Writes,
+    decode_body,
     encode_body,
     encode_frame,
+    skip_record,
 )
 from firmware.link.memory import MemorySink, MemorySource
 from firmware.link.session import (
@@ -49,6 +55,7 @@ from firmware.link.session import (
     SenderSession,
     SessionState,
 )
+from tests.test_cbor_strict import shared_body
 
 BS = 512
 REC = (
@@ -653,3 +660,98 @@ def test_random_source_contents_survive_the_codec(tmp_path: object) -> None:
     sender, receiver = pair(src, sink, compression=(CODEC_ZSTD,))
     run_pair(sender, receiver)
     assert bytes(sink.image) == expected_image(src)
+
+
+# --------------------------------------------------------------------------- hostile bodies
+
+
+def _ack_with(extra: bytes) -> bytes:
+    """An ACK body with one more key/value pair, given as raw CBOR."""
+    return b"\xa3" + cbor2.dumps("type") + cbor2.dumps("ACK") + cbor2.dumps("durable") + b"\x01" \
+        + extra
+
+
+HOSTILE_BODIES: list[tuple[str, bytes, str]] = [
+    ("shared 28/29 x40", shared_body(40, "ACK"), "tag 28"),
+    ("nesting past the frames' depth", _ack_with(cbor2.dumps("x") + b"\x81\x81\x81\x00"),
+     "nest deeper than 3"),
+    ("nested arrays x10000", _ack_with(cbor2.dumps("x") + b"\x81" * 10_000 + b"\x00"),
+     "nest deeper"),
+    ("bignum durable", cbor2.dumps({"type": "ACK", "durable": 2**64 + 1}), "tag 2"),
+    ("byte string of 2^40 in a small body",
+     _ack_with(cbor2.dumps("x") + b"\x5b" + (2**40).to_bytes(8, "big") + b"x" * 8),
+     "declares 1099511627776 bytes"),
+    ("indefinite map", b"\xbf" + cbor2.dumps("type") + cbor2.dumps("BYE") + b"\xff",
+     "indefinite-length map"),
+    ("indefinite text", _ack_with(cbor2.dumps("x") + b"\x7f\x61a\xff"), "indefinite-length"),
+    ("duplicate type", _ack_with(cbor2.dumps("type") + cbor2.dumps("BYE")),
+     "duplicate map key 'type'"),
+    ("float field", cbor2.dumps({"type": "ACK", "durable": 1.0}), "floating-point"),
+    ("date tag", _ack_with(cbor2.dumps("x") + b"\xc1\x00"), "tag 1"),
+]
+
+
+@pytest.mark.parametrize("max_body", [MAX_FRAME_BODY, MAX_ANONYMOUS_BODY],
+                         ids=["pinned", "certificate-less"])
+@pytest.mark.parametrize(("name", "body", "reason"), HOSTILE_BODIES,
+                         ids=[h[0] for h in HOSTILE_BODIES])
+def test_hostile_bodies_are_refused_at_once_with_their_reason(
+        name: str, body: bytes, reason: str, max_body: int) -> None:
+    wire = encode_body(body)
+    dec = FrameDecoder(max_body=max_body)
+    start = time.perf_counter()
+    with pytest.raises(LinkProtocolError) as err:
+        dec.receive_data(wire)
+    elapsed = time.perf_counter() - start
+    assert "not valid CBOR" in err.value.reason and reason in err.value.reason
+    assert elapsed < 0.010, f"{name} took {elapsed * 1000:.1f} ms"
+
+
+def _raw_writes(n: int, rec: bytes) -> bytes:
+    """A WRITES body of `n` copies of the record header `rec`, built without cbor2."""
+    return (b"\xa5" + b"".join(cbor2.dumps(x) for x in ("type", "WRITES", "batch", 1,
+                                                          "codec", "none", "recs"))
+            + b"\x9a" + n.to_bytes(4, "big") + rec * n + cbor2.dumps("payload") + b"\x40")
+
+
+def test_a_writes_frame_of_912000_records_is_refused_at_its_record_count() -> None:
+    body = _raw_writes(912_000, b"\x84\x01\x00\x00\x00")
+    assert len(body) <= MAX_FRAME_BODY
+    start = time.perf_counter()
+    with pytest.raises(LinkProtocolError) as err:
+        decode_body(body)
+    elapsed = time.perf_counter() - start
+    assert f"limit {MAX_WRITES_RECORDS}" in err.value.reason
+    assert elapsed < 0.010, f"took {elapsed * 1000:.1f} ms"
+    with pytest.raises(LinkProtocolError, match="limit"):
+        FrameDecoder().receive_data(encode_body(body))
+
+
+def _largest_sender_batch() -> tuple[WriteRecord, ...]:
+    """What a sender can put in one batch at most: batch_bytes of 512-byte writes, a
+    SKIP before each and one at the end."""
+    records: list[WriteRecord] = []
+    seq = 1
+    for i in range((MAX_FRAME_BODY - WRITES_HEADER_ALLOWANCE) // BS):
+        records.append(skip_record(seq, seq, ts=i))
+        records.append(WriteRecord(seq=seq + 1, lbn=i, data=bytes(BS), ts=i))
+        seq += 2
+    records.append(skip_record(seq, seq, ts=seq))
+    return tuple(records)
+
+
+def test_the_record_cap_holds_the_largest_batch_a_sender_builds() -> None:
+    records = _largest_sender_batch()
+    assert len(records) <= MAX_WRITES_RECORDS
+    frame = Writes(1, CODEC_ZSTD, records)
+    assert FrameDecoder().receive_data(encode_frame(frame)) == [frame]
+
+
+def test_writes_frames_over_the_record_cap_are_a_protocol_error() -> None:
+    recs = [[seq, 0, 0, 0, seq] for seq in range(1, MAX_WRITES_RECORDS + 2)]
+    wire = _body(_writes_map(recs=recs, payload=b""))
+    with pytest.raises(LinkProtocolError, match=f"limit {MAX_WRITES_RECORDS}"):
+        FrameDecoder().receive_data(wire)
+    ok = _body(_writes_map(recs=recs[:MAX_WRITES_RECORDS], payload=b""))
+    (frame,) = FrameDecoder().receive_data(ok)
+    assert isinstance(frame, Writes) and len(frame.records) == MAX_WRITES_RECORDS

@@ -23,6 +23,7 @@ from typing import Any
 
 import cbor2
 
+from .. import cbor_strict
 from ..errors import MirrorUnitError
 
 log = logging.getLogger("mirrorunit.control")
@@ -61,8 +62,9 @@ def _read_frame(sock: socket.socket) -> Any:
     if body is None or len(body) < length:
         raise ControlError("truncated frame")
     try:
-        return cbor2.loads(body)
-    except Exception as e:  # cbor2 raises several unrelated types on garbage
+        # Strict: a request is untrusted input (floats carry settings such as high_water).
+        return cbor_strict.loads(body, floats=True)
+    except cbor_strict.CborDecodeError as e:
         raise ControlError(f"undecodable CBOR: {e}") from e
 
 

@@ -21,7 +21,10 @@ queue discarded seqs first..last, so they carry nothing, yet the remote must con
 them to keep its seq stream contiguous (and replays of them idempotent).
 
 `FrameDecoder.receive_data` turns bytes into frozen dataclass frames; any malformed
-input raises `LinkProtocolError` with a reason and poisons the decoder.
+input raises `LinkProtocolError` with a reason and poisons the decoder.  Bodies are
+decoded by `firmware.cbor_strict`, never by a general CBOR decoder: a body comes from a
+peer, possibly one without a certificate, and cbor2's tags and unbounded containers
+let a few hundred bytes stop the whole process.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ import cbor2
 import crc32c
 import zstandard as _zstd
 
+from firmware.cbor_strict import CborDecodeError
+from firmware.cbor_strict import loads as _strict_loads
 from firmware.link.errors import LinkProtocolError
 
 PROTOCOL_VERSION = 1
@@ -334,6 +339,16 @@ MAX_ANONYMOUS_BODY = 16 * 1024
 
 #: Chunks named in one DIGEST_REQ / CHUNK_DIGESTS frame.
 MAX_DIGEST_CHUNKS = 1024
+
+#: Records in one WRITES frame.  A sender's batch holds at most batch_bytes (< 8 MiB)
+#: of writes, each a whole number of blocks of at least 512 bytes, and at most one SKIP
+#: before each write and one at the end: 2 * 16,256 + 1 records at the very most.
+MAX_WRITES_RECORDS = 32 * 1024
+#: WRITES nests deepest: body map, record list, record.
+MAX_BODY_DEPTH = 3
+#: Items in one body (every array element, map key and value): a full WRITES frame of
+#: SKIP records (six items each) and its few fields.
+MAX_BODY_ITEMS = 6 * MAX_WRITES_RECORDS + 64
 #: Largest resync chunk accepted (the store's chunks are 64 KiB).
 MAX_CHUNK_DATA = 1024 * 1024
 
@@ -593,7 +608,7 @@ def _decode_hello_ack(m: dict[Any, Any]) -> HelloAck:
 def _decode_writes(m: dict[Any, Any]) -> Writes:
     batch_id = _u64(m, "batch", "WRITES")
     codec = _text(m, "codec", "WRITES", 32)
-    recs = _list(m, "recs", "WRITES", MAX_FRAME_BODY)
+    recs = _list(m, "recs", "WRITES", MAX_WRITES_RECORDS)
     payload = _bytes(m, "payload", "WRITES")
     if not recs:
         raise LinkProtocolError("WRITES frame carries no records")
@@ -785,14 +800,11 @@ _DECODERS: dict[str, Callable[[dict[Any, Any]], Frame]] = {
 
 def decode_body(body: bytes) -> Frame:
     """Decode one CBOR body (CRC already checked) into a frame."""
-    fp = io.BytesIO(body)
     try:
-        obj = cbor2.CBORDecoder(fp).decode()
-    except Exception as exc:  # cbor2 raises many exception types on hostile input
-        # Converted, not swallowed: every decode failure ends this connection.
-        raise LinkProtocolError(f"frame body is not valid CBOR: {type(exc).__name__}") from None
-    if fp.tell() != len(body):
-        raise LinkProtocolError(f"{len(body) - fp.tell()} bytes trail the CBOR item in a frame")
+        obj = _strict_loads(body, max_depth=MAX_BODY_DEPTH, max_items=MAX_BODY_ITEMS,
+                            max_length=MAX_WRITES_RECORDS)
+    except CborDecodeError as exc:
+        raise LinkProtocolError(f"frame body is not valid CBOR: {exc}") from None
     if type(obj) is not dict:
         raise LinkProtocolError(f"frame body is a CBOR {type(obj).__name__}, not a map")
     ftype = obj.get("type")
