@@ -1,0 +1,80 @@
+"""SCSI operation codes (SPC-4, SBC-3) the target knows, the CDB length of each, and
+the groups of them the target treats alike."""
+
+from __future__ import annotations
+
+TEST_UNIT_READY = 0x00
+REQUEST_SENSE = 0x03
+READ_6 = 0x08
+WRITE_6 = 0x0A
+INQUIRY = 0x12
+MODE_SELECT_6 = 0x15
+MODE_SENSE_6 = 0x1A
+START_STOP_UNIT = 0x1B
+PREVENT_ALLOW_MEDIUM_REMOVAL = 0x1E
+READ_FORMAT_CAPACITIES = 0x23
+READ_CAPACITY_10 = 0x25
+READ_10 = 0x28
+WRITE_10 = 0x2A
+VERIFY_10 = 0x2F
+SYNCHRONIZE_CACHE_10 = 0x35
+UNMAP = 0x42
+MODE_SELECT_10 = 0x55
+MODE_SENSE_10 = 0x5A
+READ_16 = 0x88
+WRITE_16 = 0x8A
+VERIFY_16 = 0x8F
+SYNCHRONIZE_CACHE_16 = 0x91
+SERVICE_ACTION_IN_16 = 0x9E
+SAI_READ_CAPACITY_16 = 0x10
+REPORT_LUNS = 0xA0
+READ_12 = 0xA8
+WRITE_12 = 0xAA
+VERIFY_12 = 0xAF
+
+#: CDB length of every supported operation code (a longer CDB is accepted: Windows
+#: pads 6- and 10-byte CDBs to 12 bytes)
+CDB_LENGTH: dict[int, int] = {
+    TEST_UNIT_READY: 6,
+    REQUEST_SENSE: 6,
+    READ_6: 6,
+    WRITE_6: 6,
+    INQUIRY: 6,
+    MODE_SELECT_6: 6,
+    MODE_SENSE_6: 6,
+    START_STOP_UNIT: 6,
+    PREVENT_ALLOW_MEDIUM_REMOVAL: 6,
+    READ_FORMAT_CAPACITIES: 10,
+    READ_CAPACITY_10: 10,
+    READ_10: 10,
+    WRITE_10: 10,
+    VERIFY_10: 10,
+    SYNCHRONIZE_CACHE_10: 10,
+    UNMAP: 10,
+    MODE_SELECT_10: 10,
+    MODE_SENSE_10: 10,
+    READ_16: 16,
+    WRITE_16: 16,
+    VERIFY_16: 16,
+    SYNCHRONIZE_CACHE_16: 16,
+    SERVICE_ACTION_IN_16: 16,
+    REPORT_LUNS: 12,
+    READ_12: 12,
+    WRITE_12: 12,
+    VERIFY_12: 12,
+}
+
+READ_OPCODES = frozenset({READ_6, READ_10, READ_12, READ_16})
+WRITE_OPCODES = frozenset({WRITE_6, WRITE_10, WRITE_12, WRITE_16})
+VERIFY_OPCODES = frozenset({VERIFY_10, VERIFY_12, VERIFY_16})
+SYNC_OPCODES = frozenset({SYNCHRONIZE_CACHE_10, SYNCHRONIZE_CACHE_16})
+#: commands a pending unit attention does not block (SAM-5 5.14)
+UNIT_ATTENTION_EXEMPT = frozenset({INQUIRY, REPORT_LUNS, REQUEST_SENSE})
+#: commands that touch the medium and so need a READY device
+MEDIUM_ACCESS = (
+    READ_OPCODES
+    | WRITE_OPCODES
+    | VERIFY_OPCODES
+    | SYNC_OPCODES
+    | frozenset({TEST_UNIT_READY, UNMAP})
+)
