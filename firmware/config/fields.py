@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import ConfigError
+from .kdf import parse_password_hash, parse_seal_key_text
 
 _HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _EMAIL = re.compile(r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+$")
@@ -451,9 +452,7 @@ class PasswordHash(_PasswordDerived):
     refusal = "cannot be set directly; use the admin password command"
 
     def _validate(self, key: str, value: str) -> None:
-        from .password import check_hash_format
-
-        check_hash_format(key, value)
+        parse_password_hash(key, value)
 
 
 class SealKeyText(_PasswordDerived):
@@ -462,9 +461,7 @@ class SealKeyText(_PasswordDerived):
     refusal = "cannot be set directly; it follows the admin password"
 
     def _validate(self, key: str, value: str) -> None:
-        from .seal import parse_seal_key
-
-        parse_seal_key(key, value)
+        parse_seal_key_text(key, value)
 
 
 class SecretText(Text):

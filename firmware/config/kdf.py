@@ -64,3 +64,25 @@ def parse_derived(scheme: str, key: str, stored: str, parts: int, what: str
     except ValueError:
         raise ConfigError(key, f"{what} is not valid base64") from None
     return params, values
+
+
+#: The schemes of the two texts derived from the admin password.
+PASSWORD_SCHEME = "scrypt"
+SEAL_KEY_SCHEME = "sealkey$v1"
+SEAL_SALT_BYTES = 16
+
+
+def parse_password_hash(key: str, stored: str) -> tuple[ScryptParams, bytes, bytes]:
+    """(params, salt, digest) of a stored admin password hash; `ConfigError` otherwise."""
+    params, (salt, digest) = parse_derived(PASSWORD_SCHEME, key, stored, 2, "password hash")
+    if len(salt) < 8 or not 16 <= len(digest) <= 64:
+        raise ConfigError(key, "password hash has a bad salt or digest length")
+    return params, salt, digest
+
+
+def parse_seal_key_text(key: str, stored: str) -> tuple[ScryptParams, bytes, bytes, bytes]:
+    """(params, salt, key, check) of a stored seal key; `ConfigError` otherwise."""
+    params, (salt, sealing, check) = parse_derived(SEAL_KEY_SCHEME, key, stored, 3, "seal key")
+    if len(salt) != SEAL_SALT_BYTES or len(sealing) != 32 or len(check) != 32:
+        raise ConfigError(key, "seal key has a bad salt, key or check length")
+    return params, salt, sealing, check

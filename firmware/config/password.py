@@ -10,7 +10,7 @@ import hmac
 import secrets
 
 from .errors import ConfigError
-from .kdf import ScryptParams, format_derived, parse_derived
+from .kdf import PASSWORD_SCHEME, ScryptParams, format_derived, parse_password_hash
 from .schema import Config
 
 MIN_PASSWORD_LENGTH = 10
@@ -19,18 +19,10 @@ KEY = "admin.password_hash"
 
 SALT_BYTES = 16
 HASH_BYTES = 32
-_SCHEME = "scrypt"
-
-
-def _parse(key: str, stored: str) -> tuple[ScryptParams, bytes, bytes]:
-    params, (salt, digest) = parse_derived(_SCHEME, key, stored, 2, "password hash")
-    if len(salt) < 8 or not 16 <= len(digest) <= 64:
-        raise ConfigError(key, "password hash has a bad salt or digest length")
-    return params, salt, digest
 
 
 def check_hash_format(key: str, stored: str) -> None:
-    _parse(key, stored)
+    parse_password_hash(key, stored)
 
 
 def check_password_policy(clear: str) -> None:
@@ -51,13 +43,13 @@ def hash_password(clear: str, params: ScryptParams | None = None) -> str:
     params = params or ScryptParams()
     salt = secrets.token_bytes(SALT_BYTES)
     digest = params.derive(clear.encode("utf-8"), salt, HASH_BYTES)
-    return format_derived(_SCHEME, params, salt, digest)
+    return format_derived(PASSWORD_SCHEME, params, salt, digest)
 
 
 def verify_password(stored: str, clear: str) -> bool:
     if not stored or not isinstance(clear, str) or len(clear) > MAX_PASSWORD_LENGTH:
         return False
-    params, salt, digest = _parse(KEY, stored)
+    params, salt, digest = parse_password_hash(KEY, stored)
     candidate = params.derive(clear.encode("utf-8"), salt, len(digest))
     return hmac.compare_digest(candidate, digest)
 

@@ -33,7 +33,13 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import ConfigError, SealFormatError, SealTampered, WrongPassword
-from .kdf import ScryptParams, format_derived, parse_derived
+from .kdf import (
+    SEAL_KEY_SCHEME,
+    SEAL_SALT_BYTES,
+    ScryptParams,
+    format_derived,
+    parse_seal_key_text,
+)
 from .schema import BoardLimits, Config, from_document
 
 SEAL_MAGIC = b"MUSEALED"
@@ -42,13 +48,12 @@ SUPPORTED_VERSIONS = (1, 2)
 #: magic, version, log2(N), r, p, reserved, salt, nonce, key check
 SEAL_HEADER = struct.Struct("<8sHBBB3x16s12s32s")
 assert SEAL_HEADER.size == 76
-SALT_BYTES = 16
+SALT_BYTES = SEAL_SALT_BYTES
 NONCE_BYTES = 12
 #: 2**15: a blob sits on other units for years, so it gets a higher cost than a login.
 SEAL_PARAMS = ScryptParams(log2_n=15, r=8, p=1)
 _CHECK_LABEL = b"mirrorunit seal key check v1"
 SEAL_KEY_FIELD = "admin.seal_key"
-_SEAL_KEY_SCHEME = "sealkey$v1"
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ class SealKey:
     check: bytes
 
     def encode(self) -> str:
-        return format_derived(_SEAL_KEY_SCHEME, self.params, self.salt, self.key, self.check)
+        return format_derived(SEAL_KEY_SCHEME, self.params, self.salt, self.key, self.check)
 
     def __repr__(self) -> str:
         # Keeps the key out of tracebacks and logs.
@@ -118,10 +123,7 @@ def make_seal_key(password: str, params: ScryptParams = SEAL_PARAMS,
 
 
 def parse_seal_key(field: str, stored: str) -> SealKey:
-    params, (salt, key, check) = parse_derived(_SEAL_KEY_SCHEME, field, stored, 3, "seal key")
-    if len(salt) != SALT_BYTES or len(key) != 32 or len(check) != 32:
-        raise ConfigError(field, "seal key has a bad salt, key or check length")
-    return SealKey(params, salt, key, check)
+    return SealKey(*parse_seal_key_text(field, stored))
 
 
 def seal_key_matches(sk: SealKey, password: str) -> bool:
