@@ -45,10 +45,6 @@ class Geometry:
     def chunks(self) -> int:
         return -(-self.volume_blocks * self.block_size // self.chunk_size)
 
-    @property
-    def blocks_per_chunk(self) -> int:
-        return self.chunk_size // self.block_size
-
     def to_cbor(self) -> dict[str, int]:
         return dict(self.__dict__)
 

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from ..config import Config, ConfigError, ConfigStoreError, StoreState
-from ..config.backup import BackupSource, restore_blob
+from ..config.backup import restore_blob
 from ..config.errors import NetworkApplyError, SealError
 from ..control import ControlError
 from .base import (
@@ -41,16 +41,6 @@ from .screens.ssh import SshScreen
 from .screens.status import StatusScreen
 
 log = logging.getLogger("mirrorunit.console")
-
-_backup_source: BackupSource | None = None
-
-
-def set_backup_source(source: BackupSource | None) -> None:
-    """Register how recovery fetches this unit's sealed config from a peer (the journey
-    link provides it); `--backup-file` overrides it."""
-    global _backup_source
-    _backup_source = source
-
 
 class Console(StatusScreen, NetworkScreen, PeersScreen, BufferScreen, CacheScreen,
               NotifyScreen, PasswordScreen, ActionsScreen, SshScreen, LogScreen):
@@ -162,7 +152,7 @@ class Console(StatusScreen, NetworkScreen, PeersScreen, BufferScreen, CacheScree
         return True
 
     def recover_from_peer(self) -> None:
-        source = self.s.backup_source or _backup_source
+        source = self.s.backup_source
         if source is None and self.s.peer_recovery is not None:
             self._recover_over_link()
             return
@@ -273,5 +263,5 @@ __all__ = [
     "BACKSPACE_KEYS", "BUFFER_FIELDS", "CACHE_FIELDS", "DOWN_KEYS", "ENTER_KEYS", "ESC",
     "IDLE_LOCK_S", "NETWORK_FIELDS", "NOTIFY_FIELDS", "PEER_FIELDS", "UP_KEYS", "Console",
     "ConsoleSettings", "FormField", "colon_fp", "command_log", "file_log", "run_console",
-    "set_backup_source", "snmp_from_text", "snmp_to_text",
+    "snmp_from_text", "snmp_to_text",
 ]

@@ -435,11 +435,3 @@ def describe_handshake_failure(exc: BaseException) -> str:
             return f"the peer refused our certificate ({reason}): we are not pinned there"
         return f"TLS failure ({reason or exc})"
     return f"handshake failed ({type(exc).__name__}: {exc})"
-
-
-def fetch_peer_certificate(sock: ssl.SSLSocket) -> bytes:
-    """DER certificate of the peer of a handshaken socket (for pairing)."""
-    der = sock.getpeercert(binary_form=True)
-    if not der:
-        raise PeerNotPinned("peer presented no certificate")
-    return der

@@ -108,10 +108,6 @@ class LogicalUnit:
     def write_protected(self) -> bool:
         return self.read_only or self._device.read_only
 
-    @property
-    def pending_unit_attentions(self) -> tuple[CheckCondition, ...]:
-        return tuple(self._pending_ua)
-
     def _raise_unit_attention(self, sense: CheckCondition) -> None:
         if sense not in self._pending_ua:
             self._pending_ua.append(sense)
