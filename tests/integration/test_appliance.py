@@ -17,9 +17,8 @@ from firmware.cli import build_parser
 from firmware.config.cli import open_store
 from firmware.link.cli import unit_identity
 from firmware.link.tls import CERT_FILE, KEY_FILE, PEERS_FILE, PeerStore, fingerprint
-from tests.test_replication import RemoteProc
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.integration.replication.test_streaming import RemoteProc
+from tests.support import REPO
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess[str]:

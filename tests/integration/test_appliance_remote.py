@@ -19,10 +19,9 @@ from firmware.control import call, wait_ready
 from firmware.link.cli import unit_identity
 from firmware.link.tls import PeerStore
 from firmware.nbd.client import NbdClient
-from tests.test_replication import local_link_args, wait_for
-from tests.unitproc import LocalProc, free_port
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.integration.replication.test_streaming import local_link_args, wait_for
+from tests.support import REPO
+from tests.support.unitproc import LocalProc, free_port
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or any(shutil.which(t) is None for t in ("losetup", "mkfs.ext4", "blkid")),

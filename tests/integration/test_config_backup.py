@@ -36,9 +36,9 @@ from firmware.link.frames import (
 )
 from firmware.link.session import ReceiverConfig, ReceiverSession
 from firmware.remote.server import CONFIG_BACKUP_NAME
-from tests.test_replication import Pair, wait_for
+from tests.integration.replication.test_streaming import Pair, wait_for
+from tests.support import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "correct horse battery"
 
 

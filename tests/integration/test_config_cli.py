@@ -20,9 +20,9 @@ from firmware.config.live import apply_live
 from firmware.config.mount import RemountHook, mount_of, parse_mountinfo
 from firmware.config.schema import Config, diff_live
 from firmware.control import ControlServer
+from tests.support import REPO as ROOT
 
 PASSWORD = "correct horse battery"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture()

@@ -54,11 +54,11 @@ from firmware.link.recovery import (
 from firmware.link.tls import anonymous_client_context, load_or_create_identity
 from firmware.nbd.client import NbdClient
 from firmware.remote.server import CONFIG_BACKUP_NAME
-from tests.test_console import DOWN, ENTER, Term
-from tests.test_replication import Pair, wait_for
-from tests.unitproc import read_until_closed
+from tests.integration.replication.test_streaming import Pair, wait_for
+from tests.integration.test_console import DOWN, ENTER, Term
+from tests.support import REPO as ROOT
+from tests.support.unitproc import read_until_closed
 
-ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "correct horse battery"
 FAST = ScryptParams(log2_n=4, r=8, p=1)
 PEER_FP = ":".join(["ab"] * 32)

@@ -16,8 +16,8 @@ import pytest
 
 from firmware.config import ConfigStore, StoreSettings, seal
 from firmware.control import ControlServer
+from tests.support import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "correct horse battery"
 # What a vt100 sends for the arrows once curses put it in keypad-transmit mode.
 UP, DOWN, ESC, ENTER = "\x1bOA", "\x1bOB", "\x1b", "\r"

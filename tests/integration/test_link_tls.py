@@ -28,7 +28,7 @@ from firmware.link.tls import (
     fingerprint,
     load_or_create_identity,
 )
-from tests.faultproxy import ConnectionFaults, FaultProxy
+from tests.support.faultproxy import ConnectionFaults, FaultProxy
 
 BS = 512
 VOLUME = 4096 * BS

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from firmware.cbq.format import RECORD_HEADER, align_up
-
-from .unitproc import LocalProc, need
+from tests.support.unitproc import LocalProc, need
 
 MiB = 1 << 20
 

@@ -32,8 +32,8 @@ from firmware.notify import (
     SnmpTrapSender,
 )
 from firmware.notify.senders import build_senders, engine_id_for
+from tests.support import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 K = EventKind
 
 

@@ -37,8 +37,13 @@ from firmware.link.session import Error
 from firmware.link.shell import pair_offer_exchange
 from firmware.link.tls import PEERS_FILE, PeerStore, anonymous_client_context
 from firmware.nbd.client import NbdClient
-from tests.test_replication import RemoteProc, local_link_args, peer_status, wait_for
-from tests.unitproc import LocalProc, read_until_closed
+from tests.integration.replication.test_streaming import (
+    RemoteProc,
+    local_link_args,
+    peer_status,
+    wait_for,
+)
+from tests.support.unitproc import LocalProc, read_until_closed
 
 
 def sha(der: bytes) -> str:

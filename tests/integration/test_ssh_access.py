@@ -14,8 +14,8 @@ import pytest
 
 from firmware import ssh_access
 from firmware.ssh_access import SshSetupError
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 IMAGE_SSHD = REPO / "image/rootfs/etc/ssh/sshd_config.d/mirrorunit.conf"
 needs_openssh = pytest.mark.skipif(
     any(shutil.which(t) is None for t in ("ssh-keygen", "ssh"))

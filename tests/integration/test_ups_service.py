@@ -17,10 +17,10 @@ from firmware.control import ControlError, call
 from firmware.local import LocalSettings, LocalUnit
 from firmware.ups.service import ControlVolume, UpsProcess
 from firmware.volume import CacheMode
-from tests.test_ups import FakeClock, FakeIna219
-from tests.unitproc import LocalProc
+from tests.support import REPO as ROOT
+from tests.support.unitproc import LocalProc
+from tests.unit.ups.test_ups import FakeClock, FakeIna219
 
-ROOT = Path(__file__).resolve().parent.parent
 CACHE_LIMIT = 32 << 20
 
 

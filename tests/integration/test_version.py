@@ -9,8 +9,7 @@ from pathlib import Path
 
 import firmware
 from firmware import PACKAGE_VERSION, _running_version
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 
 
 def test_package_version_matches_pyproject() -> None:

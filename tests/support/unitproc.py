@@ -15,6 +15,7 @@ from typing import Any, Self
 import pytest
 
 from firmware.control import ControlError, call, wait_ready
+from tests.support import REPO as ROOT
 
 
 def free_port() -> int:
@@ -45,7 +46,6 @@ def need(binary: str) -> str:
     return path
 
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class UnitProc:

@@ -14,16 +14,15 @@ from __future__ import annotations
 import json
 import re
 import sys
-from pathlib import Path
 
 import pytest
-from vm import GuestVM
 
-from tests.test_vm_local import PRELUDE  # mu, find_disk, sg_of
+from tests.support import REPO
+from tests.support.vm import GuestVM
+from tests.system.test_local_vm import PRELUDE  # mu, find_disk, sg_of
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 WORK = "/tmp/mu-appliance"
 PART = f"{WORK}/config"

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from image import build, layout, profile
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 BOARD = os.environ.get("MIRRORUNIT_IMAGE_BOARD", "pi4")
 OUT = REPO / "build/image" / BOARD
 IMG = OUT / f"mirrorunit-{BOARD}.img"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from image import firstboot, layout, profile
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SUPPORTED = ["pi4", "cm4", "pi-zero-2w"]
 MIB = 1 << 20
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from image import build
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "image/units"
 LIB = REPO / "image/rootfs/usr/lib/mirrorunit"
 

@@ -15,14 +15,14 @@ import re
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from vm import GuestVM
+
+from tests.support import REPO
+from tests.support.vm import GuestVM
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 SIZE = 96 << 20
 #: the filesystem takes the first 64 MiB; raw pattern writes go above it

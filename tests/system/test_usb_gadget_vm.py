@@ -1,7 +1,7 @@
 """Linux's own usb-storage (over dummy_hcd, in a QEMU guest) against our gadget.
 
 One guest boots per module.  The first test runs the kernel's f_mass_storage as
-a baseline; then our gadget (tests/vm/guest_gadget.py: FileBlockDevice ->
+a baseline; then our gadget (tests/support/vm/guest_gadget.py: FileBlockDevice ->
 ScsiTarget -> BOT -> FunctionFS) serves a 64 MiB image for the rest.
 """
 
@@ -10,14 +10,14 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from vm import GuestVM
+
+from tests.support import REPO
+from tests.support.vm import GuestVM
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 SIZE = 64 * 1024 * 1024
 SERIAL = "MUVM0001"
@@ -90,7 +90,7 @@ def disk(guest_vm: GuestVM) -> Iterator[str]:
         guest_vm,
         f"""
 cd {REPO}
-{PYTHON} tests/vm/guest_gadget.py {IMAGE} {SIZE} --control {CONTROL} --serial {SERIAL} \
+{PYTHON} tests/support/vm/guest_gadget.py {IMAGE} {SIZE} --control {CONTROL} --serial {SERIAL} \
     > /tmp/mu-gadget.log 2>&1 &
 echo $! > /tmp/mu-gadget.pid
 wait_disk MirrorUn
@@ -328,7 +328,7 @@ cd {REPO}
 gadget_down(GadgetSettings())" && echo "down-ok"
 [ -e /sys/kernel/config/usb_gadget/mirrorunit ] && echo "gadget-left"
 grep -q functionfs /proc/mounts && echo "mount-left"
-{PYTHON} tests/vm/guest_gadget.py {IMAGE} {SIZE} --control {CONTROL} --serial {SERIAL} \
+{PYTHON} tests/support/vm/guest_gadget.py {IMAGE} {SIZE} --control {CONTROL} --serial {SERIAL} \
     >> /tmp/mu-gadget.log 2>&1 &
 echo $! > /tmp/mu-gadget.pid
 DEV=$(wait_disk MirrorUn) || exit 1

@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 
 from firmware.nbd.client import NbdClient
-from tests.test_replication import (
-    ROOT,
+from tests.integration.replication.test_streaming import (
     Pair,
     assert_arrived_once_in_order,
     assert_same_image,
@@ -24,6 +23,7 @@ from tests.test_replication import (
     wait_caught_up,
     wait_for,
 )
+from tests.support import REPO as ROOT
 
 CHUNK = 65536
 

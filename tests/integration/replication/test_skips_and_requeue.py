@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from firmware.nbd.client import NbdClient
-from tests.test_replication import (
+from tests.integration.replication.test_streaming import (
     Pair,
     Writer,
     assert_arrived_once_in_order,

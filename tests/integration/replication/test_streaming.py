@@ -21,10 +21,8 @@ import pytest
 from firmware.demo import pair_both_ways
 from firmware.nbd.client import NbdClient, NbdClientError
 from firmware.remote.server import ARRIVALS_NAME
-from tests.faultproxy import ConnectionFaults, FaultProxy
-from tests.unitproc import LocalProc, UnitProc, free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.faultproxy import ConnectionFaults, FaultProxy
+from tests.support.unitproc import LocalProc, UnitProc, free_port
 
 
 class RemoteProc(UnitProc):

@@ -10,7 +10,7 @@ from pathlib import Path
 from firmware.link.cli import unit_identity
 from firmware.link.tls import PeerStore
 from firmware.nbd.client import NbdClient
-from tests.test_replication import (
+from tests.integration.replication.test_streaming import (
     RemoteProc,
     assert_arrived_once_in_order,
     assert_same_image,
@@ -19,7 +19,7 @@ from tests.test_replication import (
     wait_caught_up,
     wait_for,
 )
-from tests.unitproc import LocalProc
+from tests.support.unitproc import LocalProc
 
 
 def _write(local: LocalProc, seed: int, count: int = 60) -> None:

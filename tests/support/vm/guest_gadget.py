@@ -1,6 +1,6 @@
 """Run in the guest: serve a FileBlockDevice over our USB gadget.
 
-    python -m tests.vm.guest_gadget IMAGE SIZE --control FIFO [--standby] [--udc NAME]
+    python -m tests.support.vm.guest_gadget IMAGE SIZE --control FIFO [--standby] [--udc NAME]
 
 Lines written to the control FIFO change the device state ("ready",
 "standby", "offline"), standing in for the control socket of a real unit;
@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from firmware.blockdev import DeviceState, FileBlockDevice  # noqa: E402
 from firmware.scsi import LogicalUnit, ScsiTarget  # noqa: E402

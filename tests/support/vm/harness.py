@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support import REPO as REPO_ROOT
+
 from .initramfs import KernelImage, KernelNotFound, build_initramfs, find_kernel
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BUILD_DIR = REPO_ROOT / "build" / "vm"
 
 

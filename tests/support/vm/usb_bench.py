@@ -1,6 +1,6 @@
 """USB throughput in the guest: the kernel's f_mass_storage against our gadget, one boot.
 
-    .venv/bin/python -m tests.vm.usb_bench [--size-mib 64]
+    .venv/bin/python -m tests.support.vm.usb_bench [--size-mib 64]
 
 Both serve a file on the guest's tmpfs over the same dummy_hcd link; the host
 reads and writes the whole disk with O_DIRECT.  Under TCG the absolute numbers
@@ -15,9 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .harness import GuestVM, VMConfig
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parents[2]
+from .harness import GuestVM, VMConfig
 
 _WAIT = r"""
 wait_disk() {
@@ -74,7 +74,7 @@ cd /; rmdir $G; rm /tmp/base.img
             _WAIT
             + f"""
 cd {REPO}
-{sys.executable} tests/vm/guest_gadget.py /tmp/ours.img {size} > /tmp/ours.log 2>&1 &
+{sys.executable} tests/support/vm/guest_gadget.py /tmp/ours.img {size} > /tmp/ours.log 2>&1 &
 pid=$!
 """
             + _DD.format(vendor="MirrorUn", mib=size_mib)

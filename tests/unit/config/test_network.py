@@ -26,6 +26,7 @@ from firmware.config.network import (
     write_atomically,
 )
 from firmware.config.schema import diff_live
+from tests.support import REPO
 
 
 def body(text: str) -> list[str]:
@@ -244,7 +245,7 @@ def test_apply_network_command_at_boot(tmp_path: Path, fake_networkctl: tuple[Pa
 
 
 def test_network_unit_file_runs_before_networkd() -> None:
-    root = Path(__file__).resolve().parent.parent
+    root = REPO
     text = (root / "image/units/mirrorunit-network.service").read_text()
     assert "Before=systemd-networkd.service" in text
     assert "mirrorunit config apply-network --write-only" in text

@@ -29,7 +29,7 @@ from firmware.link.session import (
 from firmware.remote.server import ARRIVALS_NAME, UnitSink
 from firmware.remote.unit import UnitStore
 from firmware.storage import FileStorage
-from tests.test_link_skip import shuttle
+from tests.unit.link.test_skips import shuttle
 
 BS = 512
 VOLUME = 1 << 20

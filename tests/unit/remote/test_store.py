@@ -33,8 +33,8 @@ from firmware.remote import (
     UnitBusy,
     UnitStore,
 )
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 BS = 512
 S = 1_000_000_000  # ns per second
 T0 = 1_700_000_000 * S

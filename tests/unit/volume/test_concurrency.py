@@ -7,8 +7,7 @@ import threading
 
 from firmware.storage import CrashSimStorage, PowerCut, PowerRail
 from firmware.volume import CacheMode
-
-from .crashkit import BS, Geometry, new_unit, open_unit
+from tests.support.crashkit import BS, Geometry, new_unit, open_unit
 
 WRITERS = 4
 
@@ -94,8 +93,7 @@ def test_pread_into_matches_pread_with_writes_still_in_the_cache(tmp_path) -> No
     from firmware.cbq import CircularBufferQueue, create
     from firmware.storage import FileStorage
     from firmware.volume import Volume
-
-    from .crashkit import Geometry
+    from tests.support.crashkit import Geometry
 
     geo = Geometry()
     for mirror in (FileStorage(tmp_path / "mirror.img", geo.volume_blocks * BS, create=True),

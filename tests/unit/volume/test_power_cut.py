@@ -7,8 +7,7 @@ import random
 import pytest
 
 from firmware.volume import CacheMode
-
-from .crashkit import Geometry, check_recovery, random_workload, run_workload
+from tests.support.crashkit import Geometry, check_recovery, random_workload, run_workload
 
 SCRIPT = [
     ("write", 0, 1, 1, False), ("write", 1, 3, 2, False), ("flush",),
