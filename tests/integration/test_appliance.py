@@ -17,8 +17,8 @@ from firmware.cli import build_parser
 from firmware.config.cli import open_store
 from firmware.link.cli import unit_identity
 from firmware.link.tls import CERT_FILE, KEY_FILE, PEERS_FILE, PeerStore, fingerprint
-from tests.integration.replication.test_streaming import RemoteProc
 from tests.support import REPO
+from tests.support.replication import RemoteProc
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess[str]:

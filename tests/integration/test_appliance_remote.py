@@ -19,8 +19,8 @@ from firmware.control import call, wait_ready
 from firmware.link.cli import unit_identity
 from firmware.link.tls import PeerStore
 from firmware.nbd.client import NbdClient
-from tests.integration.replication.test_streaming import local_link_args, wait_for
 from tests.support import REPO
+from tests.support.replication import local_link_args, wait_for
 from tests.support.unitproc import LocalProc, free_port
 
 pytestmark = pytest.mark.skipif(

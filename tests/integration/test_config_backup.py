@@ -36,8 +36,8 @@ from firmware.link.frames import (
 )
 from firmware.link.session import ReceiverConfig, ReceiverSession
 from firmware.remote.server import CONFIG_BACKUP_NAME
-from tests.integration.replication.test_streaming import Pair, wait_for
 from tests.support import REPO as ROOT
+from tests.support.replication import MakePair, wait_for
 
 PASSWORD = "correct horse battery"
 
@@ -194,13 +194,12 @@ def mirrorunit(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
-def test_recover_the_config_from_the_peer(tmp_path: Path) -> None:
+def test_recover_the_config_from_the_peer(make_pair: MakePair, tmp_path: Path) -> None:
     config = tmp_path / "config.slots"
     store = make_config(config)
     # A password set before units sealed on their own: no key, no automatic backup.
     store.update({"admin.seal_key": ""})
-    p = Pair(tmp_path, size="8M", buffer_size="8M", local_extra=("--config", str(config)))
-    try:
+    with make_pair(size="8M", buffer_size="8M", local_extra=("--config", str(config))) as p:
         local, remote = p.local, p.remote
         kept = remote.store / p.unit_id / CONFIG_BACKUP_NAME
         wait_for(lambda: local.call("link.status")["peers"]["remote"]["state"] == "connected",
@@ -256,5 +255,3 @@ def test_recover_the_config_from_the_peer(tmp_path: Path) -> None:
                        stdin=PASSWORD + "\n")
         assert r.returncode == 1 and "not pinned" in r.stderr
         assert not (tmp_path / "x.slots").exists()
-    finally:
-        p.close()

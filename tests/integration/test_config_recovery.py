@@ -54,9 +54,9 @@ from firmware.link.recovery import (
 from firmware.link.tls import anonymous_client_context, load_or_create_identity
 from firmware.nbd.client import NbdClient
 from firmware.remote.server import CONFIG_BACKUP_NAME
-from tests.integration.replication.test_streaming import Pair, wait_for
 from tests.integration.test_console import DOWN, ENTER, Term
 from tests.support import REPO as ROOT
+from tests.support.replication import MakePair, wait_for
 from tests.support.unitproc import read_until_closed
 
 PASSWORD = "correct horse battery"
@@ -226,14 +226,13 @@ def _anonymous(port: int, payload: bytes) -> bytes:
         return read_until_closed(sock)
 
 
-def test_replaced_local_unit_recovers_from_its_remote(tmp_path: Path) -> None:
+def test_replaced_local_unit_recovers_from_its_remote(make_pair: MakePair, tmp_path: Path) -> None:
     config = tmp_path / "local-config.slots"
     store = ConfigStore(StoreSettings(str(config)))
     store.set_admin_password(PASSWORD)
     store.set("unit.name", "front-desk")
-    p = Pair(tmp_path, size="8M", buffer_size="8M", local_extra=("--config", str(config)),
-             remote_extra=("--recovery-max-failures", "3"))
-    try:
+    with make_pair(size="8M", buffer_size="8M", local_extra=("--config", str(config)),
+                   remote_extra=("--recovery-max-failures", "3")) as p:
         local, remote = p.local, p.remote
         kept = remote.store / p.unit_id / CONFIG_BACKUP_NAME
         first = wait_for(lambda: kept.exists() and kept.read_bytes(), 30, "first backup")
@@ -331,19 +330,17 @@ def test_replaced_local_unit_recovers_from_its_remote(tmp_path: Path) -> None:
         assert r.returncode == 1 and "refuses more attempts" in r.stderr
         assert not lost.exists()
         assert ConfigStore(StoreSettings(str(lost))).load().state is StoreState.BLANK
-    finally:
-        p.close()
 
 
-def test_a_remote_seals_its_own_config_and_pushes_each_change(tmp_path: Path) -> None:
+def test_a_remote_seals_its_own_config_and_pushes_each_change(make_pair: MakePair,
+                                                              tmp_path: Path) -> None:
     from firmware.config.peer_backup import peer_backup_name
 
     rconfig = tmp_path / "remote-config.slots"
     rstore = ConfigStore(StoreSettings(str(rconfig)))
     rstore.set_admin_password(PASSWORD)
     rstore.set_many({"role": "remote", "unit.name": "vault"})
-    p = Pair(tmp_path, size="4M", buffer_size="4M", remote_extra=("--config", str(rconfig)))
-    try:
+    with make_pair(size="4M", buffer_size="4M", remote_extra=("--config", str(rconfig))) as p:
         theirs = p.local_state / peer_backup_name("remote")
         first = wait_for(lambda: theirs.exists() and theirs.read_bytes(), 30, "remote backup")
         sessions = p.local.call("link.status")["peers"]["remote"]["sessions"]
@@ -352,5 +349,3 @@ def test_a_remote_seals_its_own_config_and_pushes_each_change(tmp_path: Path) ->
         assert unseal(theirs.read_bytes(), PASSWORD)["unit.name"] == "vault-2"
         # Pushed on the running session, not on a reconnect.
         assert p.local.call("link.status")["peers"]["remote"]["sessions"] == sessions
-    finally:
-        p.close()

@@ -37,7 +37,7 @@ from firmware.link.session import Error
 from firmware.link.shell import pair_offer_exchange
 from firmware.link.tls import PEERS_FILE, PeerStore, anonymous_client_context
 from firmware.nbd.client import NbdClient
-from tests.integration.replication.test_streaming import (
+from tests.support.replication import (
     RemoteProc,
     local_link_args,
     peer_status,

@@ -10,12 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from firmware.nbd.client import NbdClient
-from tests.integration.replication.test_streaming import (
+from tests.support import REPO as ROOT
+from tests.support.replication import (
+    MakePair,
     Pair,
     assert_arrived_once_in_order,
     assert_same_image,
@@ -23,16 +24,13 @@ from tests.integration.replication.test_streaming import (
     wait_caught_up,
     wait_for,
 )
-from tests.support import REPO as ROOT
 
 CHUNK = 65536
 
 
 @pytest.fixture
-def pair(tmp_path: Path) -> Any:
-    p = Pair(tmp_path, size="64M", buffer_size="4M")
-    yield p
-    p.close()
+def pair(make_pair: MakePair) -> Pair:
+    return make_pair(size="64M", buffer_size="4M")
 
 
 def test_overflow_outage_heals_by_checksum_resync_sending_only_changed_chunks(

@@ -16,7 +16,7 @@ from firmware.link.memory import MemorySource
 from firmware.link.session import Error, SenderConfig
 from firmware.link.shell import Backoff, LinkClient
 from firmware.link.tls import PeerStore, client_context
-from tests.integration.replication.test_streaming import RemoteProc, local_link_args, wait_for
+from tests.support.replication import RemoteProc, local_link_args, wait_for
 from tests.support.unitproc import LocalProc, read_until_closed
 
 

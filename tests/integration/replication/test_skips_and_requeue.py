@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from firmware.nbd.client import NbdClient
-from tests.integration.replication.test_streaming import (
+from tests.support.replication import (
+    MakePair,
     Pair,
     Writer,
     assert_arrived_once_in_order,
@@ -37,10 +38,8 @@ def write_each(pair: Pair, offsets: list[int], fill: int) -> list[int]:
 
 
 @pytest.fixture
-def pair(tmp_path: Path) -> Any:
-    p = Pair(tmp_path, size="8M", buffer_size="8M")
-    yield p
-    p.close()
+def pair(make_pair: MakePair) -> Pair:
+    return make_pair(size="8M", buffer_size="8M")
 
 
 def test_discarded_range_travels_as_a_skip(pair: Pair, tmp_path: Path) -> None:
@@ -80,9 +79,8 @@ def test_discarded_range_travels_as_a_skip(pair: Pair, tmp_path: Path) -> None:
     assert status["last_error"] is None
 
 
-def test_link_signature_from_the_command_line(tmp_path: Path) -> None:
-    p = Pair(tmp_path, size="8M", buffer_size="8M", local_extra=("--link-signature",))
-    try:
+def test_link_signature_from_the_command_line(make_pair: MakePair, tmp_path: Path) -> None:
+    with make_pair(size="8M", buffer_size="8M", local_extra=("--link-signature",)) as p:
         local, remote = p.local, p.remote
         writer = Writer(local, 8 << 20, seed=3, interval=0.002)
         writer.start()
@@ -100,8 +98,6 @@ def test_link_signature_from_the_command_line(tmp_path: Path) -> None:
         assert_same_image(local, remote, p.unit_id, tmp_path)
         assert_arrived_once_in_order(remote, p.unit_id, last)
         assert "signature=True" in remote.log.read_text()
-    finally:
-        p.close()
 
 
 def test_a_recreated_local_queue_gets_a_full_resync(pair: Pair, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from firmware.link.cli import unit_identity
 from firmware.link.tls import PeerStore
 from firmware.nbd.client import NbdClient
-from tests.integration.replication.test_streaming import (
+from tests.support.replication import (
     RemoteProc,
     assert_arrived_once_in_order,
     assert_same_image,
