@@ -54,9 +54,9 @@ from firmware.link.recovery import (
 from firmware.link.tls import anonymous_client_context, load_or_create_identity
 from firmware.nbd.client import NbdClient
 from firmware.remote.server import CONFIG_BACKUP_NAME
-from tests.integration.test_console import DOWN, ENTER, Term
 from tests.support import REPO as ROOT
 from tests.support.replication import MakePair, wait_for
+from tests.support.terminal import DOWN, ENTER, Term
 from tests.support.unitproc import read_until_closed
 
 PASSWORD = "correct horse battery"

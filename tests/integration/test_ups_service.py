@@ -19,7 +19,7 @@ from firmware.ups.service import ControlVolume, UpsProcess
 from firmware.volume import CacheMode
 from tests.support import REPO as ROOT
 from tests.support.unitproc import LocalProc
-from tests.unit.ups.test_ups import FakeClock, FakeIna219
+from tests.support.ups import FakeClock, FakeIna219
 
 CACHE_LIMIT = 32 << 20
 

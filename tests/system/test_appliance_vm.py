@@ -19,7 +19,7 @@ import pytest
 
 from tests.support import REPO
 from tests.support.vm import GuestVM
-from tests.system.test_local_vm import PRELUDE  # mu, find_disk, sg_of
+from tests.support.vm.prelude import PRELUDE  # mu, find_disk, sg_of
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 

@@ -20,6 +20,7 @@ import pytest
 
 from tests.support import REPO
 from tests.support.vm import GuestVM
+from tests.support.vm.prelude import PRELUDE
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
@@ -33,28 +34,6 @@ WORK = "/tmp/mu-local"
 CTL = f"{WORK}/control.sock"
 MU = f"cd {REPO} && {PYTHON} -m firmware"
 
-PRELUDE = rf"""
-set -u
-find_disk() {{
-    for b in /sys/block/sd*; do
-        [ -e "$b/device/vendor" ] || continue
-        [ "$(tr -d ' ' < "$b/device/vendor")" = "$1" ] || continue
-        [ "$(cat "$b/size")" -gt 0 ] 2>/dev/null || continue
-        echo "/dev/${{b##*/}}"; return 0
-    done
-    return 1
-}}
-wait_disk() {{
-    i=0
-    while ! find_disk "$1" >/dev/null; do
-        i=$((i+1)); [ $i -gt 600 ] && {{ echo "no disk from $1" >&2; return 1; }}
-        sleep 0.1
-    done
-    find_disk "$1"
-}}
-sg_of() {{ echo "/dev/$(ls "/sys/block/${{1#/dev/}}/device/scsi_generic/")"; }}
-mu() {{ (cd {REPO} && {PYTHON} -m firmware "$@"); }}
-"""
 
 def run(vm: GuestVM, script: str, timeout: float = 180) -> str:
     return vm.run(PRELUDE + script, timeout=timeout).check().output

@@ -29,7 +29,7 @@ from firmware.link.session import (
 from firmware.remote.server import ARRIVALS_NAME, UnitSink
 from firmware.remote.unit import UnitStore
 from firmware.storage import FileStorage
-from tests.unit.link.test_skips import shuttle
+from tests.support.link import shuttle
 
 BS = 512
 VOLUME = 1 << 20

@@ -35,6 +35,7 @@ from firmware.link.session import (
 from firmware.remote.server import ARRIVALS_NAME, UnitSink
 from firmware.remote.unit import UnitStore
 from firmware.storage import FileStorage
+from tests.support.link import shuttle
 
 BS = 512
 VOLUME = 1 << 20
@@ -153,21 +154,6 @@ def test_store_recovers_skips_from_the_journal_with_a_commit_delay(tmp_path: Pat
 
 
 # --------------------------------------------------------------------------- sessions
-
-
-def shuttle(sender: SenderSession, receiver: ReceiverSession, rounds: int = 50) -> None:
-    """Move bytes both ways until neither side has anything to say."""
-    for _ in range(rounds):
-        sender.pump()
-        out = sender.data_to_send()
-        if out:
-            receiver.receive_data(out)
-        back = receiver.data_to_send()
-        if back:
-            sender.receive_data(back)
-        if not out and not back:
-            return
-    raise AssertionError("sessions did not settle")
 
 
 class Env:
