@@ -12,81 +12,15 @@ from hypothesis import strategies as st
 from firmware.blockdev import (
     DeviceState,
     FileBlockDevice,
-    MediumError,
     NotReady,
     OutOfRange,
-    WriteProtected,
 )
 from firmware.scsi import CheckCondition, DataDirection, LogicalUnit, ScsiTarget, Status
 from firmware.scsi import sense as S
 from firmware.scsi import target as T
+from tests.support.memdev import MemoryDevice
 
 BS = 512
-
-
-class MemoryDevice:
-    """Sparse in-memory BlockDevice with fault injection and an operation log."""
-
-    def __init__(
-        self,
-        size: int = 1 << 20,
-        block_size: int = BS,
-        *,
-        read_only: bool = False,
-        write_cache: bool = True,
-        trim: bool = True,
-    ) -> None:
-        self.size = size
-        self.block_size = block_size
-        self.state = DeviceState.READY
-        self.read_only = read_only
-        self.write_cache_enabled = write_cache
-        self.supports_trim = trim
-        self.blocks: dict[int, bytes] = {}
-        self.writes: list[tuple[int, int, bool]] = []
-        self.trims: list[tuple[int, int]] = []
-        self.flushes = 0
-        self.fail_read_from: int | None = None
-        self.fail_write_from: int | None = None
-
-    def _check(self, offset: int, length: int) -> None:
-        if self.state is not DeviceState.READY:
-            raise NotReady(self.state.value)
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise OutOfRange(f"{offset}+{length}")
-        assert offset % self.block_size == 0 and length % self.block_size == 0
-
-    def pread(self, offset: int, length: int) -> bytes:
-        self._check(offset, length)
-        if self.fail_read_from is not None and offset + length > self.fail_read_from:
-            raise MediumError("injected read error", 5)
-        bs = self.block_size
-        zero = bytes(bs)
-        first = offset // bs
-        return b"".join(self.blocks.get(first + i, zero) for i in range(length // bs))
-
-    def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        self._check(offset, len(data))
-        if self.read_only:
-            raise WriteProtected("read-only")
-        if self.fail_write_from is not None and offset + len(data) > self.fail_write_from:
-            raise MediumError("injected write error", 5)
-        self.writes.append((offset, len(data), fua))
-        bs = self.block_size
-        data = bytes(data)
-        for i in range(0, len(data), bs):
-            self.blocks[(offset + i) // bs] = data[i : i + bs]
-
-    def flush(self) -> None:
-        if self.state is not DeviceState.READY:
-            raise NotReady(self.state.value)
-        self.flushes += 1
-
-    def trim(self, offset: int, length: int) -> None:
-        self._check(offset, length)
-        self.trims.append((offset, length))
-        for lba in range(offset // self.block_size, (offset + length) // self.block_size):
-            self.blocks.pop(lba, None)
 
 
 def make_target(

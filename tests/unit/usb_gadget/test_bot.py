@@ -9,53 +9,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from firmware.blockdev import DeviceState, MediumError, NotReady, OutOfRange
+from firmware.blockdev import DeviceState
 from firmware.scsi import LogicalUnit, ScsiTarget
 from firmware.usb_gadget import bot as B
+from tests.support.memdev import MemoryDevice
 
 BS = 512
 
 
-class RamDevice:
-    """Small in-memory BlockDevice with read fault injection."""
-
-    def __init__(self, size: int = 4 << 20) -> None:
-        self.size = size
-        self.block_size = BS
-        self.state = DeviceState.READY
-        self.read_only = False
-        self.write_cache_enabled = True
-        self.supports_trim = False
-        self.data = bytearray(size)
-        self.fail_read_from: int | None = None
-
-    def _check(self, offset: int, length: int) -> None:
-        if self.state is not DeviceState.READY:
-            raise NotReady(self.state.value)
-        if offset < 0 or offset + length > self.size:
-            raise OutOfRange(f"{offset}+{length}")
-
-    def pread(self, offset: int, length: int) -> bytes:
-        self._check(offset, length)
-        if self.fail_read_from is not None and offset + length > self.fail_read_from:
-            raise MediumError("injected", 5)
-        return bytes(self.data[offset : offset + length])
-
-    def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        self._check(offset, len(data))
-        self.data[offset : offset + len(data)] = data
-
-    def flush(self) -> None:
-        pass
-
-    def trim(self, offset: int, length: int) -> None:
-        raise AssertionError("trim not supported")
-
-
 def make_bot(
     luns: int = 1, *, chunk_size: int = 1 << 20, can_stall: bool = True, power_on: bool = False
-) -> tuple[B.BulkOnlyTransport, list[RamDevice]]:
-    devs = [RamDevice() for _ in range(luns)]
+) -> tuple[B.BulkOnlyTransport, list[MemoryDevice]]:
+    devs = [MemoryDevice(4 << 20, trim=False) for _ in range(luns)]
     target = ScsiTarget(
         [LogicalUnit(d, serial=f"B{i}") for i, d in enumerate(devs)],
         power_on_unit_attention=power_on,
@@ -407,7 +372,7 @@ def test_bus_reset_raises_unit_attention() -> None:
 
 
 def test_out_of_turn_calls_are_usage_errors() -> None:
-    target = ScsiTarget([LogicalUnit(RamDevice(), serial="x")])
+    target = ScsiTarget([LogicalUnit(MemoryDevice(4 << 20, trim=False), serial="x")])
     m = B.BulkOnlyTransport(target)
     with pytest.raises(B.BotUsageError):
         m.bulk_out_received(GOOD_CBW)
