@@ -303,7 +303,7 @@ tail -25 /tmp/mu-gadget.log
     # the host gave up on the hung command and reset (usb-storage picks a Bulk-Only
     # or a port reset).  Whether data-out reads were still posted then depends on
     # timing (dummy_hcd often fills all four in one pass before the hang), so the
-    # cancel count is reported, not asserted; test_frontend.py cancels them
+    # cancel count is reported, not asserted; test_frontend_threads.py cancels them
     # deterministically over a fake AIO context.
     assert re.search(r"resets=[1-9]", out), out
     cancels = re.search(r"cancels=(\d+)", out)

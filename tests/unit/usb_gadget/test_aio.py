@@ -3,7 +3,7 @@
 Regular files complete AIO inside io_submit and cannot be cancelled, which is
 enough to check the structures, the submit/reap/eventfd cycle, errors and the
 buffer rules.  Cancelling queued requests needs a driver that queues them
-(FunctionFS): tests/test_vm_usb.py resets the bus in the middle of pipelined
+(FunctionFS): tests/system/test_usb_gadget_vm.py resets the bus in the middle of pipelined
 transfers in a VM for that.
 """
 
