@@ -59,4 +59,4 @@ image: setup image-setup
 # Boots the built image in qemu-system-aarch64 (virt, TCG) and checks the serial console.
 image-test: setup image-setup
 	MIRRORUNIT_IMAGE_BOARD=$(BOARD) MIRRORUNIT_IMAGE_BOOT=1 \
-		$(PY) -m pytest tests/test_image_boot.py -q -p no:cacheprovider
+		$(PY) -m pytest tests/system/test_image_boot.py -q -p no:cacheprovider

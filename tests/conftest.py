@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from vm import GuestVM, VMConfig, missing_requirements  # noqa: E402
+from tests.support.vm import GuestVM, VMConfig, missing_requirements
 
 
 def pytest_configure(config: pytest.Config) -> None:

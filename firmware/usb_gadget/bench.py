@@ -1,6 +1,6 @@
 """USB disk throughput and latency: our gadget against the kernel's f_mass_storage.
 
-`run(workdir)` (called by `make bench`) boots one QEMU guest (tests/vm harness)
+`run(workdir)` (called by `make bench`) boots one QEMU guest (tests/support/vm harness)
 and, in rounds, serves a tmpfs-backed disk three ways over the same dummy_hcd
 link to the guest's own usb-storage:
 
@@ -81,7 +81,7 @@ cd /; rmdir $G; rm /tmp/kb.img; gone
 """,
     "file": """
 cd {repo}
-{python} tests/vm/guest_gadget.py /tmp/fb.img {size} --udc dummy_udc.0 > /tmp/fb.log 2>&1 &
+{python} tests/support/vm/guest_gadget.py /tmp/fb.img {size} --udc dummy_udc.0 > /tmp/fb.log 2>&1 &
 pid=$!
 DEV=$(wait_disk MirrorUn) || {{ cat /tmp/fb.log; exit 1; }}
 measure $DEV
@@ -89,7 +89,8 @@ kill -TERM $pid; wait $pid; rm /tmp/fb.img; gone
 """,
     "sync": """
 cd {repo}
-{python} tests/vm/guest_gadget.py /tmp/fb.img {size} --udc dummy_udc.0 --sync > /tmp/fb.log 2>&1 &
+{python} tests/support/vm/guest_gadget.py /tmp/fb.img {size} --udc dummy_udc.0 --sync \\
+    > /tmp/fb.log 2>&1 &
 pid=$!
 DEV=$(wait_disk MirrorUn) || {{ cat /tmp/fb.log; exit 1; }}
 measure $DEV
@@ -160,7 +161,7 @@ def measure(workdir: Path, rounds: int = 3, with_sync: bool = False) -> dict[str
     configurations run in a different order each round (alternating), so a load
     that builds up or fades during a round does not favour one of them."""
     sys.path.insert(0, str(REPO))
-    from tests.vm.harness import GuestVM, VMConfig
+    from tests.support.vm.harness import GuestVM, VMConfig
 
     size = DISK_MIB << 20
     results: dict[str, list[dict[str, dict[str, float]]]] = {v: [] for v in VARIANTS}
@@ -214,7 +215,7 @@ def _format_variant(report: dict[str, Any]) -> list[str]:
 def run(workdir: Path) -> dict[str, Any]:
     """`make bench` entry point: prints its lines, returns the report."""
     sys.path.insert(0, str(REPO))
-    from tests.vm.harness import missing_requirements
+    from tests.support.vm.harness import missing_requirements
 
     reason = missing_requirements()
     if reason is not None:

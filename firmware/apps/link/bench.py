@@ -77,7 +77,7 @@ def bench_capped_throughput(workdir: Path, cap: int = 4 * MiB,
                             total: int = 24 * MiB) -> dict[str, Any]:
     # The fault proxy lives with the tests; the bench runs from the repository.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.faultproxy import FaultProxy
+    from tests.support.faultproxy import FaultProxy
 
     def make_proxy(address: tuple[str, int]) -> Any:
         p = FaultProxy(address)

@@ -1,0 +1,364 @@
+"""Notifications: event detection from status sequences, rate limiting, and delivery to
+real receivers on loopback (snmptrapd for SNMP v2c/v3 traps, aiosmtpd for e-mail)."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from firmware.config import ConfigStore, StoreSettings
+from firmware.control import ControlServer
+from firmware.notify import (
+    EmailSender,
+    Event,
+    EventDetector,
+    EventKind,
+    Notifier,
+    RateLimiter,
+    Severity,
+    SnmpTrapSender,
+)
+from firmware.notify.senders import build_senders, engine_id_for
+from tests.support import REPO as ROOT
+
+K = EventKind
+
+
+def status(fill: float = 0.1, mode: str = "normal", needs_resync: bool = False,
+           link: Any = None, ups: str | None = None, charge: float = 80.0) -> dict[str, Any]:
+    s: dict[str, Any] = {
+        "role": "local",
+        "cbq": {"fill": fill, "high_water": 0.8, "mode": mode,
+                "consumers": {"remote": {"needs_resync": needs_resync},
+                              "@mirror": {"needs_resync": True}}},
+    }
+    if link is not None:
+        s["link"] = link
+    if ups is not None:
+        s["ups"] = {"status": ups, "charge_percent": charge, "runtime": "600 s"}
+    return s
+
+
+def kinds(events: list[Event]) -> list[tuple[EventKind, str]]:
+    return [(e.kind, e.subject) for e in events]
+
+
+def test_buffer_and_resync_edges() -> None:
+    d = EventDetector()
+    assert d.feed(status(), 0) == []
+    assert d.feed(status(fill=0.5), 1) == []
+    ev = d.feed(status(fill=0.85, mode="compact"), 2)
+    assert kinds(ev) == [(K.BUFFER_HIGH_WATER, "")]
+    assert "85% full" in ev[0].text and "80%" in ev[0].text
+    assert d.feed(status(fill=0.9, mode="compact"), 3) == []  # still past: said once
+    ev = d.feed(status(fill=1.0, mode="overflow", needs_resync=True), 4)
+    assert kinds(ev) == [(K.BUFFER_OVERFLOW, ""), (K.REMOTE_OUT_OF_SYNC, "remote")]
+    assert "checksum resync" in ev[1].text
+    ev = d.feed(status(fill=0.1), 5)
+    assert kinds(ev) == [(K.RESYNC_FINISHED, "remote")]
+    ev = d.feed(status(fill=0.82), 6)  # past high water again: a new edge
+    assert kinds(ev) == [(K.BUFFER_HIGH_WATER, "")]
+
+
+def test_trouble_present_at_start_is_reported_once() -> None:
+    d = EventDetector()
+    ev = d.feed(status(fill=0.9, needs_resync=True, ups="OB DISCHRG"), 0)
+    assert kinds(ev) == [(K.BUFFER_HIGH_WATER, ""), (K.REMOTE_OUT_OF_SYNC, "remote"),
+                         (K.ON_BATTERY, "")]
+    assert d.feed(status(fill=0.9, needs_resync=True, ups="OB DISCHRG"), 1) == []
+
+
+@pytest.mark.parametrize("down,up", [
+    ({"peers": {"r1": {"state": "retrying", "last_error": "connection refused"}}},
+     {"peers": {"r1": {"state": "connected"}}}),
+    ({"links": [{"peer": "r1", "connected": False}]},
+     {"links": [{"peer": "r1", "connected": True}]}),
+    ({"links": {"r1": {"state": "down"}}}, {"links": {"r1": {"state": "resyncing"}}}),
+])
+def test_link_down_and_restored_in_any_shape(down: Any, up: Any) -> None:
+    d = EventDetector()
+    assert d.feed(status(link=up), 0) == []
+    ev = d.feed(status(link=down), 1)
+    assert kinds(ev) == [(K.LINK_DOWN, "r1")]
+    assert "The link to r1 is down" in ev[0].text
+    assert d.feed(status(link=down), 2) == []
+    assert kinds(d.feed(status(link=up), 3)) == [(K.LINK_RESTORED, "r1")]
+
+
+def test_link_service_named_link_something_and_paused_links() -> None:
+    d = EventDetector()
+    s = status()
+    s["link-r2"] = {"state": "connected"}
+    assert d.feed(s, 0) == []
+    s["link-r2"] = {"state": "paused"}
+    assert d.feed(s, 1) == []  # the operator paused it: not an alarm
+    s["link-r2"] = {"state": "retrying"}
+    assert kinds(d.feed(s, 2)) == [(K.LINK_DOWN, "link-r2")]
+    s["link-r2"] = "garbage"
+    assert d.feed(s, 3) == []  # a malformed entry is ignored, not fatal
+
+
+def test_ups_events() -> None:
+    d = EventDetector()
+    assert d.feed(status(ups="OL CHRG"), 0) == []
+    ev = d.feed(status(ups="OB DISCHRG", charge=64), 1)
+    assert kinds(ev) == [(K.ON_BATTERY, "")] and "charge 64%" in ev[0].text
+    ev = d.feed(status(ups="OB DISCHRG LB", charge=15), 2)
+    assert kinds(ev) == [(K.LOW_BATTERY, "")] and ev[0].severity is Severity.CRITICAL
+    assert kinds(d.feed(status(ups="OL CHRG"), 3)) == [(K.MAINS_RESTORED, "")]
+
+
+def test_unreachable_unit() -> None:
+    d = EventDetector()
+    assert kinds(d.unreachable("refused", 0)) == [(K.UNIT_UNREACHABLE, "")]
+    assert d.unreachable("refused", 1) == []
+    assert kinds(d.feed(status(), 2)) == [(K.UNIT_REACHABLE, "")]
+
+
+def test_rate_limiter_counts_what_it_dropped() -> None:
+    lim = RateLimiter(60)
+    ev = Event(K.LINK_DOWN, Severity.CRITICAL, "down", "r1")
+    assert lim.admit(ev, 0) is ev
+    assert lim.admit(ev, 10) is None and lim.admit(ev, 59) is None
+    other = Event(K.LINK_DOWN, Severity.CRITICAL, "down", "r2")
+    assert lim.admit(other, 20) is other  # per subject
+    again = lim.admit(ev, 61)
+    assert again is not None and again.suppressed == 2
+    last = lim.admit(ev, 130)
+    assert last is not None and last.suppressed == 0
+
+
+# ------------------------------------------------------------------ real receivers
+
+
+class Mailbox:
+    def __init__(self) -> None:
+        self.messages: list[email.message.EmailMessage] = []
+        self.envelopes: list[tuple[str, list[str]]] = []
+        self.arrived = threading.Condition()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        msg: Any = email.message_from_bytes(envelope.content,
+                                            policy=email.policy.default)  # type: ignore[arg-type]
+        with self.arrived:
+            self.messages.append(msg)
+            self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
+            self.arrived.notify_all()
+        return "250 OK"
+
+    def wait(self, n: int, timeout: float = 20.0) -> list[email.message.EmailMessage]:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.messages) >= n, timeout), \
+                f"{len(self.messages)} of {n} messages arrived"
+            return list(self.messages)
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture()
+def smtp() -> Iterator[tuple[Mailbox, int]]:
+    box = Mailbox()
+    port = free_port()
+    ctl = Controller(box, hostname="127.0.0.1", port=port)
+    ctl.start()
+    yield box, port
+    ctl.stop()
+
+
+class TrapReceiver:
+    def __init__(self, log: Path) -> None:
+        self.log = log
+
+    def traps(self) -> list[str]:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return [line for line in text.splitlines() if ".1.3.6.1.3.8472.1.1" in line]
+
+    def wait(self, n: int, timeout: float = 20.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while len(self.traps()) < n:
+            assert time.monotonic() < deadline, f"{len(self.traps())} of {n} traps arrived"
+            time.sleep(0.05)  # polling the receiver's log file
+        return self.traps()
+
+
+V3_USER, V3_AUTH, V3_PRIV = "opsuser", "auth-pass-123", "priv-pass-456"
+
+
+@pytest.fixture()
+def snmptrapd(tmp_path: Path) -> Iterator[tuple[TrapReceiver, int]]:
+    binary = shutil.which("snmptrapd") or "/usr/sbin/snmptrapd"
+    if not os.path.exists(binary):
+        pytest.skip("snmptrapd is not installed (Debian package snmptrapd; "
+                    "scripts/setup-system.sh installs it)")
+    port = free_port(socket.SOCK_DGRAM)
+    engine = engine_id_for("lab-1", "SN-1").hex()
+    conf = tmp_path / "snmptrapd.conf"
+    conf.write_text(f"authCommunity log public\n"
+                    f"createUser -e 0x{engine} {V3_USER} SHA {V3_AUTH} AES {V3_PRIV}\n"
+                    f"authUser log {V3_USER} priv\n")
+    log = tmp_path / "traps.log"
+    env = dict(os.environ, SNMP_PERSISTENT_DIR=str(tmp_path / "persist"), MIBS="")
+    proc = subprocess.Popen([binary, "-f", "-n", "-On", "-C", "-c", str(conf), "-Lf", str(log),
+                             "-p", str(tmp_path / "pid"), f"udp:127.0.0.1:{port}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while "NET-SNMP version" not in (log.read_text(errors="replace") if log.exists() else ""):
+        assert proc.poll() is None and time.monotonic() < deadline, "snmptrapd did not start"
+        time.sleep(0.05)  # waiting for the receiver to be ready
+    yield TrapReceiver(log), port
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_snmp_v2c_and_v3_traps_reach_snmptrapd(snmptrapd: tuple[TrapReceiver, int]) -> None:
+    rx, port = snmptrapd
+    ev = Event(K.LINK_DOWN, Severity.CRITICAL, "The link to r1 is down (refused).", "r1",
+               suppressed=3)
+    SnmpTrapSender("127.0.0.1", port, community="public").send(ev, "lab-1")
+    line = rx.wait(1)[0]
+    assert "OID: .1.3.6.1.3.8472.0.3" in line
+    assert '.1.3.6.1.3.8472.1.1 = STRING: "lab-1"' in line
+    assert 'STRING: "The link to r1 is down (refused)."' in line
+    assert '.1.3.6.1.3.8472.1.4 = STRING: "r1"' in line
+    assert '.1.3.6.1.3.8472.1.5 = STRING: "link-down"' in line
+    assert ".1.3.6.1.3.8472.1.6 = INTEGER: 3" in line
+    engine = engine_id_for("lab-1", "SN-1")
+    SnmpTrapSender("127.0.0.1", port, v3_user=V3_USER, auth_key=V3_AUTH, priv_key=V3_PRIV,
+                   engine_id=engine).send(Event(K.ON_BATTERY, Severity.WARNING, "on battery"),
+                                          "lab-1")
+    line = rx.wait(2)[1]
+    assert "OID: .1.3.6.1.3.8472.0.7" in line and '"on battery"' in line
+    # A wrong passphrase is dropped by the receiver, not logged as a trap.
+    SnmpTrapSender("127.0.0.1", port, v3_user=V3_USER, auth_key="wrong-pass-1",
+                   priv_key=V3_PRIV, engine_id=engine).send(
+        Event(K.TEST, Severity.INFO, "should not arrive"), "lab-1")
+    SnmpTrapSender("127.0.0.1", port, community="public").send(
+        Event(K.TEST, Severity.INFO, "marker"), "lab-1")
+    traps = rx.wait(3)
+    assert "marker" in traps[2] and not any("should not arrive" in t for t in traps)
+
+
+def test_email_reaches_an_smtp_server(smtp: tuple[Mailbox, int]) -> None:
+    box, port = smtp
+    sender = EmailSender(f"127.0.0.1:{port}", "unit@example.com",
+                         ["ops@example.com", "oncall@example.org"])
+    sender.send(Event(K.REMOTE_OUT_OF_SYNC, Severity.CRITICAL, "Remote r1 is out of sync.",
+                      "r1", time=1_700_000_000.0, suppressed=2), "lab-1")
+    msg = box.wait(1)[0]
+    assert box.envelopes[0] == ("unit@example.com", ["ops@example.com", "oncall@example.org"])
+    assert msg["Subject"] == "[lab-1] CRITICAL: remote-out-of-sync (r1)"
+    body = msg.get_content()  # type: ignore[attr-defined]
+    assert body.startswith("Remote r1 is out of sync.")
+    assert "Peer:     r1" in body and "2 earlier repeats" in body
+
+
+def configured_store(path: Path, smtp_port: int, trap_port: int | None) -> ConfigStore:
+    store = ConfigStore(StoreSettings(str(path)))
+    changes = {"unit.name": "lab-1", "unit.serial": "SN-1",
+               "notify.email.recipients": "ops@example.com",
+               "notify.email.relay": f"127.0.0.1:{smtp_port}",
+               "notify.email.from": "unit@example.com"}
+    if trap_port is not None:
+        changes["notify.snmp"] = (f'[{{"host": "127.0.0.1:{trap_port}", '
+                                  f'"community": "public"}}]')
+    store.set_many(changes)
+    return store
+
+
+class FakeUnit:
+    """A control server answering `status` with whatever the test sets."""
+
+    def __init__(self, path: Path) -> None:
+        self.status: dict[str, Any] = status()
+        self.server = ControlServer(path, {"status": lambda: self.status})
+
+
+def test_notifier_polls_a_unit_and_sends(tmp_path: Path, smtp: tuple[Mailbox, int],
+                                         snmptrapd: tuple[TrapReceiver, int]) -> None:
+    box, smtp_port = smtp
+    rx, trap_port = snmptrapd
+    store = configured_store(tmp_path / "c.slots", smtp_port, trap_port)
+    sock = tmp_path / "unit.sock"
+    unit = FakeUnit(sock)
+    clock = [1000.0]
+    n = Notifier(store, sock, rate_limit_s=60, clock=lambda: clock[0])
+    # No unit yet: that is itself an event.
+    assert kinds(n.poll_once()) == [(K.UNIT_UNREACHABLE, "")]
+    unit.server.start()
+    try:
+        assert kinds(n.poll_once()) == [(K.UNIT_REACHABLE, "")]
+        unit.status = status(link={"peers": {"r1": {"state": "connected"}}})
+        assert n.poll_once() == []
+        for i in range(3):  # a flapping link: one message per minute
+            clock[0] += 5
+            unit.status = status(link={"peers": {"r1": {"state": "retrying"}}})
+            sent = n.poll_once()
+            assert kinds(sent) == ([(K.LINK_DOWN, "r1")] if i == 0 else [])
+            clock[0] += 5
+            unit.status = status(link={"peers": {"r1": {"state": "connected"}}})
+            assert kinds(n.poll_once()) == ([(K.LINK_RESTORED, "r1")] if i == 0 else [])
+        clock[0] += 61
+        unit.status = status(link={"peers": {"r1": {"state": "retrying"}}})
+        sent = n.poll_once()
+        assert kinds(sent) == [(K.LINK_DOWN, "r1")] and sent[0].suppressed == 2
+        msgs = box.wait(4)
+        assert [m["Subject"] for m in msgs] == [
+            "[lab-1] CRITICAL: unit-unreachable", "[lab-1] INFO: unit-reachable",
+            "[lab-1] CRITICAL: link-down (r1)", "[lab-1] INFO: link-restored (r1)",
+            "[lab-1] CRITICAL: link-down (r1)"][:len(msgs)]
+        box.wait(5)
+        assert len(rx.wait(5)) == 5
+        # Targets change live: dropping e-mail stops mail at the next poll.
+        store.set_many({"notify.email.recipients": ""})
+        clock[0] += 5
+        unit.status = status(link={"peers": {"r1": {"state": "retrying"}}}, ups="OB DISCHRG")
+        assert kinds(n.poll_once()) == [(K.ON_BATTERY, "")]
+        assert len(rx.wait(6)) == 6 and len(box.messages) == 5
+        assert all(res == "sent" for _, results in n.history for _, res in results)
+    finally:
+        unit.server.stop()
+
+
+def test_notify_test_command(tmp_path: Path, smtp: tuple[Mailbox, int]) -> None:
+    box, port = smtp
+    cfg = tmp_path / "c.slots"
+    configured_store(cfg, port, None)
+    r = subprocess.run([sys.executable, "-m", "firmware", "notify", "test", "--config",
+                        str(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"e-mail via 127.0.0.1:{port} to ops@example.com: sent" in r.stdout
+    assert box.wait(1)[0]["Subject"] == "[lab-1] INFO: test"
+    # A dead relay is reported per target with a failing exit code.
+    ConfigStore(StoreSettings(str(cfg))).set("notify.email.relay", f"127.0.0.1:{free_port()}")
+    r = subprocess.run([sys.executable, "-m", "firmware", "notify", "test", "--config",
+                        str(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "failed" in r.stdout
+
+
+def test_build_senders_from_config() -> None:
+    from firmware.config import Config
+
+    cfg = Config.defaults().replace({
+        "notify.snmp": [{"host": "nms:1162", "community": "c"},
+                        {"host": "10.0.0.9:162", "v3_user": "ops"}],
+        "notify.snmp_v3_auth_key": "auth-pass-1"})
+    senders = build_senders(cfg)
+    assert [s.target for s in senders] == ["snmp nms:1162 (v2c)",
+                                           "snmp 10.0.0.9:162 (v3 user ops)"]
