@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -22,6 +23,8 @@ from typing import Any
 from firmware.cbq import CircularBufferQueue
 from firmware.cbq.errors import CbqError
 from firmware.fsutil import write_atomic
+from firmware.lineage import Lineage, Role
+from firmware.lineage import store as lineage_store
 from firmware.link.errors import LinkError, SourceGap
 from firmware.link.frames import WriteRecord, available_codecs, skip_record
 from firmware.link.session import (
@@ -315,6 +318,22 @@ class CbqSource:
             self.resync = None
 
 
+# --------------------------------------------------------------------------- lineage
+
+
+def load_local_lineage(state_dir: Path) -> Lineage:
+    """The local copy's lineage; a unit from before lineages gets a first generation,
+    as the primary that has written everything its volume holds."""
+    path = state_dir / lineage_store.FILE_NAME
+    lineage = lineage_store.load(path)
+    if lineage is None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        lineage = Lineage.first(Role.PRIMARY, time.time(), random.SystemRandom())
+        lineage_store.save(path, lineage)
+        log.info("local copy: first generation %016x", lineage.generation)
+    return lineage
+
+
 # --------------------------------------------------------------------------- service
 
 
@@ -381,6 +400,9 @@ class LinkService:
 
             self.sealer = AutoSealer(open_store(config_path), self.own_backup_path,
                                      self._sealed_identity, on_sealed=self._backup_sealed)
+        #: This copy's generations, in the state dir beside the queue (the CBQ's own
+        #: superblock keeps no lineage).
+        self.lineage = load_local_lineage(state_dir)
         self._peers: dict[str, _Peer] = {}
         for spec in remotes:
             if spec.name not in cbq.consumers:

@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import random
 import threading
 import time
 from collections import deque
@@ -41,6 +42,8 @@ from typing import Any
 import cbor2
 
 from firmware.blockdev import DeviceState, NotReady, WriteProtected, check_range
+from firmware.lineage import Lineage, Role
+from firmware.lineage import store as lineage_store
 from firmware.link.frames import WriteRecord, skip_record
 from firmware.remote.errors import (
     AlreadyApplied,
@@ -79,6 +82,9 @@ STATE_NAME = "state.cbor"
 MIRROR_NAME = "mirror.img"
 LOCK_NAME = "unit.lock"
 NS = 1_000_000_000
+#: Generation ids are drawn from the OS's randomness: two copies that fork on their
+#: own must never draw the same one.
+_RNG = random.SystemRandom()
 
 
 def _last_seq(e: LogEntry) -> int:
@@ -378,9 +384,58 @@ class UnitStore:
         self._recover(received, history)
         if changed or new:
             self._save_state()
+        self._open_lineage()
         self._trim_segments()
         # Complete what the receive journal holds and is due.
         self.apply_due(self._clock())
+
+    @property
+    def _lineage_path(self) -> str:
+        return os.path.join(self.directory, lineage_store.FILE_NAME)
+
+    def _open_lineage(self) -> None:
+        ops, path = self._ops, self._lineage_path
+        lineage = None
+        if ops.exists(path):
+            h = ops.open(path)
+            try:
+                lineage = lineage_store.decode(h.pread(0, h.size()), path)
+            finally:
+                h.close()
+        if lineage is None:
+            # A unit from before lineages (or a new one): whatever its mirror holds
+            # belongs to a first generation of its own, received as a secondary.
+            lineage = Lineage.first(Role.SECONDARY, self._clock() / NS, _RNG)
+            self._write_lineage(lineage)
+            log.info("unit %s: first generation %016x", self.unit_id, lineage.generation)
+        self._lineage = lineage
+
+    def _write_lineage(self, lineage: Lineage) -> None:
+        # The lineage store's format, written through this unit's file layer (the
+        # same atomic replace as the state file) so crash tests cover it too.
+        path = self._lineage_path
+        tmp = path + ".tmp"
+        h = self._ops.open(tmp, create=True)
+        try:
+            h.truncate(0)
+            h.pwrite(0, lineage_store.encode(lineage))
+            h.sync()
+        finally:
+            h.close()
+        self._ops.rename(tmp, path)
+        self._ops.fsync_dir(self.directory)
+
+    @property
+    def lineage(self) -> Lineage:
+        with self._lock:
+            return self._lineage
+
+    def set_lineage(self, lineage: Lineage) -> None:
+        """Record a new lineage for this copy, durably, before anything relies on it."""
+        with self._lock:
+            self._check_open()
+            self._write_lineage(lineage)
+            self._lineage = lineage
 
     def _recover(self, received: list[LogEntry], history: list[LogEntry]) -> None:
         st = self._st
