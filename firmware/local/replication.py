@@ -97,6 +97,10 @@ class CbqSource:
 
     # ---------------------------------------------------------------- WriteSource
 
+    def head_seq(self) -> int:
+        """The newest seq this copy holds (sent in HELLO)."""
+        return self.cbq.last_seq
+
     def _consumer_needs_resync(self) -> bool:
         c = self.cbq.consumers.get(self.name)
         return c is not None and c.needs_resync
@@ -420,7 +424,7 @@ class LinkService:
             block_size=self.volume.block_size,
             resume_seq=self.cbq.consumers[peer.spec.name].acked_seq,
             compression=self.compression, signature=self.signature,
-            queue_id=self.cbq.geo.salt)
+            queue_id=self.cbq.geo.salt, lineage=self.lineage)
         client = LinkClient((peer.spec.host, peer.spec.port), self.identity, self.peers,
                             peer.spec.name, config, peer.source, bandwidth=self.bandwidth,
                             backoff=Backoff(maximum=self.backoff_max),
