@@ -15,7 +15,10 @@ import pytest
 from firmware.lineage import Lineage, Role
 from firmware.lineage import store as lineage_store
 from firmware.local.replication import load_local_lineage
-from tests.test_remote_store import make_records, open_unit
+from firmware.remote.errors import Promoted, PromoteRefused
+from tests.test_remote_store import S, FakeClock, make_records, model, open_unit
+
+SIZE = 64 * 1024
 
 
 def test_a_unit_from_before_lineages_opens_with_a_first_generation(tmp_path: Path) -> None:
@@ -63,3 +66,69 @@ def test_the_local_copy_gets_a_first_primary_generation_once(tmp_path: Path) -> 
     assert load_local_lineage(tmp_path / "state") == first
 
 
+
+
+# --------------------------------------------------------------------------- promotion
+
+
+def test_promote_at_the_last_applied_seq_forks_and_stops_replication(tmp_path: Path) -> None:
+    recs = make_records(random.Random(2), 12, 128)
+    u = open_unit(tmp_path / "u", size=4 * 65536)
+    u.apply(recs[:10])
+    before = u.lineage
+    report = u.promote()
+    assert (report.seq, report.fork_seq, report.forced) == (10, 10, False)
+    g = u.lineage.current
+    assert g.parent == before.generation and g.fork_seq == 10 and g.role is Role.PRIMARY
+    assert u.lineage.writer and u.copy_seq == 10
+    with pytest.raises(Promoted, match="promoted at seq 10"):
+        u.apply(recs[10:])
+    with pytest.raises(PromoteRefused, match="already promoted"):
+        u.promote()
+    dev = u.promoted_device()
+    dev.pwrite(2 * 65536 - 512, b"\xab" * 1024)  # across chunks 1 and 2
+    dev.flush()
+    assert u.dirty_chunks() == [1, 2] and u.copy_seq == 11
+    u.close()
+    u = open_unit(tmp_path / "u", size=4 * 65536)
+    assert u.promoted and u.dirty_chunks() == [1, 2] and u.copy_seq == 11
+    assert u.read_mirror(2 * 65536 - 512, 1024) == b"\xab" * 1024
+    assert u.status().promoted is not None and u.status().role == "primary"
+    u.close()
+
+
+def test_promote_at_an_earlier_seq_rolls_back_through_history(tmp_path: Path) -> None:
+    recs = make_records(random.Random(3), 10, 128)
+    u = open_unit(tmp_path / "u")
+    u.apply(recs)
+    report = u.promote(at_seq=6)
+    assert report.seq == 6 and report.undone == 4
+    assert u.read_mirror(0, SIZE) == model(recs[:6], SIZE)
+    assert u.lineage.current.fork_seq == 6
+    u.close()
+
+
+def test_promote_rolls_forward_through_writes_held_back(tmp_path: Path) -> None:
+    recs = make_records(random.Random(4), 8, 128)
+    clock = FakeClock()
+    u = open_unit(tmp_path / "u", clock=clock, commit_delay_s=3600)
+    u.apply(recs)
+    assert u.last_applied_seq == 0
+    clock.now += S
+    report = u.promote(at_seq=5)
+    assert report.seq == 5 and report.dropped_pending == 3
+    assert u.read_mirror(0, SIZE) == model(recs[:5], SIZE)
+    with pytest.raises(PromoteRefused, match="never received"):
+        open_unit(tmp_path / "v").promote(at_seq=1)
+    u.close()
+
+
+def test_a_promotion_cut_short_after_its_lineage_is_finished_at_open(tmp_path: Path) -> None:
+    u = open_unit(tmp_path / "u")
+    u.apply(make_records(random.Random(5), 4, 128))
+    forked = u.lineage.fork(Role.PRIMARY, 4, 1.0e9, False, random.Random(6))
+    u.set_lineage(forked)  # what promote() records before the state that says so
+    u.close()
+    u = open_unit(tmp_path / "u")
+    assert u.promoted and u.copy_seq == 4 and u.lineage == forked
+    u.close()
