@@ -307,6 +307,14 @@ ERR_UNKNOWN_UNIT = "unknown-unit"
 ERR_IDENTITY = "identity"
 ERR_RESYNC = "resync-needed"
 ERR_ABORTS = "too-many-aborts"
+#: The peer refused this copy's writes on their two lineages (firmware.lineage): it was
+#: promoted while this copy was away, both became writable on their own, they share no
+#: history, or they diverged in a way only a failback or a manual resolve settles.
+ERR_FENCED = "fenced"
+ERR_SPLIT_BRAIN = "split-brain"
+ERR_UNRELATED = "unrelated"
+ERR_DIVERGED = "diverged"
+LINEAGE_REFUSALS = frozenset({ERR_FENCED, ERR_SPLIT_BRAIN, ERR_UNRELATED, ERR_DIVERGED})
 
 
 class _Session:

@@ -28,8 +28,13 @@ from firmware.lineage import store as lineage_store
 from firmware.link.errors import LinkError, SourceGap
 from firmware.link.frames import WriteRecord, available_codecs, skip_record
 from firmware.link.session import (
+    ERR_FENCED,
+    ERR_SPLIT_BRAIN,
+    LINEAGE_REFUSALS,
     BatchAborted,
     ConfigReceived,
+    Established,
+    PeerError,
     ResyncFinished,
     ResyncPlan,
     SenderConfig,
@@ -365,6 +370,10 @@ class _Peer:
     events: int = 0
     aborted: int = 0
     last_resync: dict[str, Any] | None = None
+    #: The remote refused this copy on the two lineages: {"code", "reason", "since_ns"}.
+    #: Kept until a session is established again; the host is served meanwhile and
+    #: its writes keep queueing.
+    refused: dict[str, Any] | None = None
 
 
 class LinkService:
@@ -442,10 +451,25 @@ class LinkService:
                 peer.aborted += 1
             elif isinstance(event, ConfigReceived):
                 self._keep_peer_backup(peer.spec.name, event.blob)
+            elif isinstance(event, PeerError) and event.code in LINEAGE_REFUSALS:
+                self._refused(peer, event.code, event.text)
+            elif isinstance(event, Established) and peer.refused is not None:
+                log.warning("remote %s takes this copy's writes again", peer.spec.name)
+                peer.refused = None
 
         client.listeners.append(on_event)
         client.config_backup = self.own_backup
         return client
+
+    def _refused(self, peer: _Peer, code: str, text: str) -> None:
+        old = peer.refused
+        if old is None or (old["code"], old["reason"]) != (code, text):
+            peer.refused = {"code": code, "reason": text, "since_ns": time.time_ns()}
+            what = {ERR_FENCED: "FENCED", ERR_SPLIT_BRAIN: "in SPLIT BRAIN with"}.get(
+                code, "REFUSED by")
+            log.error("this copy is %s remote %s: %s; the host is still served and its "
+                      "writes keep queueing, nothing is sent until an operator acts",
+                      what, peer.spec.name, text)
 
     # ---------------------------------------------------------------- config backups
 
@@ -557,8 +581,11 @@ class LinkService:
         c = stats["consumers"].get(name, {})
         client = peer.client
         session = client.session if client is not None else None
+        refused = peer.refused
         if peer.paused:
             state = "paused"
+        elif refused is not None:
+            state = str(refused["code"])
         elif client is not None and client.connected:
             state = "resyncing" if peer.source.resync is not None else "connected"
         else:
@@ -589,10 +616,23 @@ class LinkService:
             "resyncs_done": peer.source.resyncs_done,
             "last_resync": peer.last_resync,
             "last_verify": peer.source.last_verify,
+            "fenced": refused["reason"] if refused and refused["code"] == ERR_FENCED else None,
+            "split_brain": refused["reason"]
+            if refused and refused["code"] == ERR_SPLIT_BRAIN else None,
+            "refused": dict(refused) if refused is not None else None,
         }
 
     def status(self) -> dict[str, Any]:
+        lin = self.lineage
+        fenced = [p.refused["reason"] for p in self._peers.values()
+                  if p.refused and p.refused["code"] == ERR_FENCED]
+        split = [p.refused["reason"] for p in self._peers.values()
+                 if p.refused and p.refused["code"] == ERR_SPLIT_BRAIN]
         return {"unit_id": self.unit_id, "fingerprint": self.identity.fingerprint,
+                "role": lin.current.role.value, "generation": f"{lin.generation:016x}",
+                "lineage": lin.to_dict(),
+                "fenced": fenced[0] if fenced else None,
+                "split_brain": split[0] if split else None,
                 "config_backup": {"sealed_generation": self.sealer.sealed_generation
                                   if self.sealer is not None else None},
                 "peers": {name: self.peer_status(name) for name in self._peers}}
