@@ -465,7 +465,7 @@ class LinkService:
         old = peer.refused
         if old is None or (old["code"], old["reason"]) != (code, text):
             peer.refused = {"code": code, "reason": text, "since_ns": time.time_ns()}
-            what = {ERR_FENCED: "FENCED", ERR_SPLIT_BRAIN: "in SPLIT BRAIN with"}.get(
+            what = {ERR_FENCED: "FENCED by", ERR_SPLIT_BRAIN: "in SPLIT BRAIN with"}.get(
                 code, "REFUSED by")
             log.error("this copy is %s remote %s: %s; the host is still served and its "
                       "writes keep queueing, nothing is sent until an operator acts",

@@ -426,7 +426,9 @@ class RemoteServer:
         st = unit.status()
         meeting = sink.meeting
         refused = meeting.get("refused") if meeting is not None else None
-        return {"role": lin.current.role.value, "generation": f"{lin.generation:016x}",
+        # A copy that only received its generation is its secondary, whoever began it.
+        role = lin.current.role.value if lin.writer else Role.SECONDARY.value
+        return {"role": role, "generation": f"{lin.generation:016x}",
                 "lineage": lin.to_dict(), "seq": unit.copy_seq, "promoted": st.promoted,
                 "connected_from": connected_from, "peer": meeting,
                 "fenced_peer": refused == "fenced", "split_brain": refused == "split-brain"}

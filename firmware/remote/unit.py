@@ -1389,7 +1389,8 @@ class UnitStore:
                 skipped_ranges=[list(r) for r in st.skipped[-8:]],
                 queue_id=st.queue_id,
                 seq_offset=st.seq_offset,
-                role=self._lineage.current.role.value,
+                role=(self._lineage.current.role if self._lineage.writer
+                      else Role.SECONDARY).value,
                 generation=f"{self._lineage.generation:016x}",
                 promoted=None if st.promoted is None else {
                     **st.promoted, "dirty_chunks": self._dirty.count if self._dirty else 0},
