@@ -24,7 +24,15 @@ from firmware.nbd.client import NbdClient
 from firmware.remote.errors import Promoted, PromoteRefused
 from firmware.remote.meeting import Action, meet, peer_lineage_of
 from tests.test_remote_store import FakeClock, S, make_records, model, open_unit
-from tests.test_replication import ROOT, Pair, RemoteProc, Writer, peer_status, wait_for
+from tests.test_replication import (
+    ROOT,
+    Pair,
+    RemoteProc,
+    Writer,
+    peer_status,
+    wait_caught_up,
+    wait_for,
+)
 
 SIZE = 64 * 1024
 
@@ -298,3 +306,19 @@ def test_an_older_local_stands_for_the_first_generation_it_wrote() -> None:
     local, remote = _lineages()
     assert peer_lineage_of(remote) == Lineage(local.current, (), writer=True)
     assert peer_lineage_of(Lineage.first(Role.SECONDARY, 1.0, random.Random(1))) is None
+
+
+def test_a_forced_promote_cuts_off_an_idle_local_which_returns_fenced(
+        small_pair: Pair) -> None:
+    local, remote, unit_id = small_pair.local, small_pair.remote, small_pair.unit_id
+    data = b"\x11" * 65536
+    assert _nbd_write_read(local.port, "mirrorunit", 0, data) == data
+    last = wait_caught_up(local, remote, unit_id)
+    r = remote.call("role.promote", unit=unit_id, force=True)
+    assert r["forced"] and r["seq"] == last
+    # The local wrote nothing since the fork: it is the stale side, not a split brain.
+    fenced = wait_for(lambda: peer_status(local)["fenced"], 30, "the idle local to be fenced")
+    assert fenced.startswith(f"force-promoted at seq {last} on ")
+    assert f"this copy is stale since seq {last}" in fenced
+    assert peer_status(local)["connects"] >= 2  # the session was cut, and refused after
+    assert _role(remote, unit_id)["peer"]["refused"] == "fenced"

@@ -69,7 +69,8 @@ def meet(mine: Lineage, my_seq: int, peer: Lineage, peer_seq: int, *, told: bool
         f = relate(mine, other, my_seq=my_seq, peer_seq=peer_seq, policy=policy)
         g = f.my_fork if f.relation is Relation.DESCENDS_FROM_PEER else None
         if g is not None:
-            text = (f"promoted at seq {g.fork_seq} on {_when(g.time)}; this copy is stale "
+            kind = "force-promoted" if g.forced else "promoted"
+            text = (f"{kind} at seq {g.fork_seq} on {_when(g.time)}; this copy is stale "
                     f"since seq {g.fork_seq}")
             if peer_seq > g.fork_seq:
                 text += f" (its seqs {g.fork_seq + 1}..{peer_seq} are refused)"

@@ -55,6 +55,9 @@ class UnitSink:
         self._requeue: int | None = None
         #: What the lineage decision said at the last HELLO (for status), None before.
         self.meeting: dict[str, Any] | None = None
+        #: The unit's generation when the connected local was let in: once the unit
+        #: forks (a promotion) that session ends, idle or not.
+        self.met_generation: int | None = None
         self._reconcile_arrivals()
 
     def _reconcile_arrivals(self) -> None:
@@ -124,6 +127,11 @@ class UnitSink:
         return durable
 
     def last_durable_seq(self) -> int:
+        # Asked on every durable poll, so a promotion ends an idle session too.
+        if self.met_generation is not None and \
+                self.unit.lineage.generation != self.met_generation:
+            raise LinkProtocolError(f"unit {self.unit.unit_id}: promoted since this "
+                                    "session began; it takes no more replication")
         if self._requeue is not None:
             return 0
         return self.unit.last_durable_seq() - self.unit.seq_offset
@@ -386,6 +394,7 @@ class RemoteServer:
             log.error("unit %s: the local's writes are refused: %s (%s: %s)", unit.unit_id,
                       verdict.code, d.rule, d.reason)
             raise LinkRefused(verdict.code, verdict.text)
+        sink.met_generation = unit.lineage.generation
         return verdict
 
     # ---------------------------------------------------------------- roles
