@@ -21,7 +21,7 @@ from firmware.lineage import Lineage, Role
 from firmware.lineage import store as lineage_store
 from firmware.local.replication import load_local_lineage
 from firmware.nbd.client import NbdClient
-from firmware.remote.errors import Promoted, PromoteRefused
+from firmware.remote.errors import JournalCorruption, Promoted, PromoteRefused
 from firmware.remote.meeting import Action, meet, peer_lineage_of
 from tests.test_remote_store import FakeClock, S, make_records, model, open_unit
 from tests.test_replication import (
@@ -72,14 +72,25 @@ def test_a_damaged_lineage_file_is_refused_with_its_location(tmp_path: Path) -> 
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with pytest.raises(lineage_store.LineageCorruption, match="CRC32C"):
+    with pytest.raises(JournalCorruption, match="lineage file: CRC32C mismatch") as info:
         open_unit(tmp_path / "u")
+    assert info.value.path == str(path)
 
 
 def test_the_local_copy_gets_a_first_primary_generation_once(tmp_path: Path) -> None:
     first = load_local_lineage(tmp_path / "state")
     assert first.is_lone_first and first.current.role is Role.PRIMARY and first.writer
     assert load_local_lineage(tmp_path / "state") == first
+
+
+def test_a_damaged_local_lineage_is_kept_and_stands_in_for_nothing(tmp_path: Path) -> None:
+    first = load_local_lineage(tmp_path / "state")
+    path = tmp_path / "state" / lineage_store.FILE_NAME
+    path.write_bytes(path.read_bytes()[:-1])
+    damaged = path.read_bytes()
+    stand_in = load_local_lineage(tmp_path / "state")
+    assert stand_in.generation != first.generation and stand_in.is_lone_first
+    assert path.read_bytes() == damaged
 
 
 

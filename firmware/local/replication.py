@@ -334,7 +334,14 @@ def load_local_lineage(state_dir: Path) -> Lineage:
     """The local copy's lineage; a unit from before lineages gets a first generation,
     as the primary that has written everything its volume holds."""
     path = state_dir / lineage_store.FILE_NAME
-    lineage = lineage_store.load(path)
+    try:
+        lineage = lineage_store.load(path)
+    except lineage_store.LineageCorruption as exc:
+        # The host is still served.  A stand-in that is never saved shares no generation
+        # with a remote that met this copy before, so such a remote refuses it (nothing
+        # moves) until the file is looked at; the damaged file stays as it is.
+        log.error("local copy: %s; replication is refused until it is repaired", exc)
+        return Lineage.first(Role.PRIMARY, time.time(), random.SystemRandom())
     if lineage is None:
         state_dir.mkdir(parents=True, exist_ok=True)
         lineage = Lineage.first(Role.PRIMARY, time.time(), random.SystemRandom())

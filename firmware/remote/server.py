@@ -366,7 +366,10 @@ class RemoteServer:
             raise LinkRefused("geometry", f"unit {hello.unit_id!r} holds a "
                               f"{sink.unit.volume_size}-byte volume of "
                               f"{sink.unit.block_size}-byte blocks")
-        self._meet(sink, hello)
+        try:
+            self._meet(sink, hello)
+        except RemoteError as exc:
+            raise LinkRefused("store", str(exc)) from None
         return sink
 
     def _meet(self, sink: UnitSink, hello: Hello) -> Verdict:

@@ -425,6 +425,11 @@ class UnitStore:
             h = ops.open(path)
             try:
                 lineage = lineage_store.decode(h.pread(0, h.size()), path)
+            except lineage_store.LineageCorruption as exc:
+                # One error tree for the unit's files: the server reports it and carries
+                # on with the other units.
+                raise JournalCorruption(f"lineage file: {exc.reason}", exc.path,
+                                        exc.offset) from exc
             finally:
                 h.close()
         if lineage is None:
