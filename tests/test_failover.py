@@ -239,6 +239,13 @@ def test_site_loss_promote_the_remote_and_the_old_local_returns_fenced(
                        length=len(pattern)) == pattern
     role = _role(remote, unit_id)
     assert role["fenced_peer"] and role["peer"]["refused"] == "fenced"
+    out = subprocess.run(
+        [sys.executable, "-m", "firmware", "role", "status", unit_id, "--control",
+         str(remote.control)], capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert f"unit {unit_id}: primary" in out.stdout
+    assert f"promoted at seq {seq}; since then host writes: 1, chunks changed: 1" in out.stdout
+    assert "at its last HELLO: fenced" in out.stdout
 
 
 def test_forced_promote_while_the_local_writes_is_a_split_brain(

@@ -92,8 +92,8 @@ def _print_status(result: dict[str, Any]) -> None:
         print(f"unit {uid}: {u['role']}, generation {u['generation']}, seq {u['seq']}")
         p = u.get("promoted")
         if p:
-            print(f"  {'force-' if p['forced'] else ''}promoted at seq {p['seq']}; "
-                  f"{p['writes']} host writes since, {p['dirty_chunks']} chunks changed")
+            print(f"  {'force-' if p['forced'] else ''}promoted at seq {p['seq']}; since "
+                  f"then host writes: {p['writes']}, chunks changed: {p['dirty_chunks']}")
         conn = u.get("connected_from")
         print(f"  local: {'connected from ' + conn if conn else 'not connected'}")
         peer = u.get("peer")
