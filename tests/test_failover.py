@@ -1,8 +1,8 @@
 """Failover: lineages on every copy, HELLO's lineage, promotion of a remote unit and the
 fencing of the old primary when it returns.
 
-The loopback tests run a real local and a real remote on 127.0.0.1 (the helpers of
-test_replication).
+The loopback tests run a real local and a real remote on 127.0.0.1 (test_replication's
+`Pair`).
 """
 
 from __future__ import annotations
