@@ -21,6 +21,7 @@ EXTENSIONS = (
     "firmware.usb_gadget.cli",
     "firmware.link.cli",
     "firmware.apps.link",
+    "firmware.apps.role",
     "firmware.remote.cli",
     "firmware.config.cli",
     "firmware.ups.cli",

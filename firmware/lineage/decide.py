@@ -191,8 +191,8 @@ class Facts:
                        my_role=self.peer_role, peer_role=self.my_role)
 
 
-def _age_key(g: Generation) -> tuple[float, int, int]:
-    return (g.time, g.fork_seq, g.generation)
+def _age_key(g: Generation) -> tuple[int, int, int]:
+    return (g.time_ns, g.fork_seq, g.generation)
 
 
 def _nodes(lineage: Lineage) -> list[int]:

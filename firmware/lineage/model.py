@@ -52,7 +52,7 @@ class Rng(Protocol):
     def getrandbits(self, k: int, /) -> int: ...
 
 
-_GENERATION_KEYS = frozenset({"generation", "parent", "fork_seq", "role", "time", "forced"})
+_GENERATION_KEYS = frozenset({"generation", "parent", "fork_seq", "role", "time_ns", "forced"})
 _LINEAGE_KEYS = frozenset({"current", "history", "writer"})
 
 
@@ -83,8 +83,9 @@ class Generation:
     fork_seq: int
     #: the role the copy that started this generation took
     role: Role
-    #: wall-clock seconds (UNIX time) of the fork, as the forking unit saw it
-    time: float
+    #: wall-clock time of the fork in nanoseconds since the UNIX epoch, as the forking
+    #: unit saw it (an integer, like every time on the wire)
+    time_ns: int
     #: a promotion that overrode a live, connected, undemoted primary
     forced: bool
 
@@ -97,10 +98,14 @@ class Generation:
             raise LineageError(f"generation {self.generation:#x} is its own parent")
         if not isinstance(self.role, Role):
             raise LineageError(f"role must be a Role, not {self.role!r}")
-        if type(self.time) is not float or not math.isfinite(self.time) or self.time < 0:
-            raise LineageError(f"time must be a finite, non-negative float, not {self.time!r}")
+        _u64("time_ns", self.time_ns)
         if type(self.forced) is not bool:
             raise LineageError(f"forced must be a bool, not {self.forced!r}")
+
+    @property
+    def time(self) -> float:
+        """The fork's wall-clock time in UNIX seconds."""
+        return self.time_ns / 1e9
 
     @property
     def is_first(self) -> bool:
@@ -108,7 +113,7 @@ class Generation:
 
     def to_dict(self) -> dict[str, Any]:
         return {"generation": self.generation, "parent": self.parent,
-                "fork_seq": self.fork_seq, "role": self.role.value, "time": self.time,
+                "fork_seq": self.fork_seq, "role": self.role.value, "time_ns": self.time_ns,
                 "forced": self.forced}
 
     @classmethod
@@ -122,7 +127,14 @@ class Generation:
         except ValueError:
             raise LineageError(f"unknown role {role!r}") from None
         return cls(generation=d["generation"], parent=d["parent"], fork_seq=d["fork_seq"],
-                   role=parsed, time=d["time"], forced=d["forced"])
+                   role=parsed, time_ns=d["time_ns"], forced=d["forced"])
+
+
+def _ns(now: float) -> int:
+    """UNIX seconds (as time.time() gives them) in whole nanoseconds."""
+    if not math.isfinite(now) or now < 0:
+        raise LineageError(f"time must be finite and non-negative, not {now!r}")
+    return round(now * 1_000_000_000)
 
 
 def _new_id(rng: Rng, taken: Iterable[int]) -> int:
@@ -191,7 +203,7 @@ class Lineage:
     def first(cls, role: Role, now: float, rng: Rng) -> Lineage:
         """The lineage of a copy that has none yet: a new store, or one written by code that
         kept no lineage. Its data, whatever it holds, belongs to this first generation."""
-        gen = Generation(_new_id(rng, ()), 0, 0, role, float(now), False)
+        gen = Generation(_new_id(rng, ()), 0, 0, role, _ns(now), False)
         return cls(gen, (), writer=role in WRITABLE_ROLES)
 
     def fork(self, role: Role, fork_seq: int, now: float, forced: bool, rng: Rng) -> Lineage:
@@ -215,7 +227,7 @@ class Lineage:
         parent = chain[i]
         line = chain[:i + 1]
         gen = Generation(_new_id(rng, (g.generation for g in chain)), parent.generation,
-                         fork_seq, role, float(now), bool(forced))
+                         fork_seq, role, _ns(now), bool(forced))
         return Lineage(gen, line[-MAX_HISTORY:], writer=True)
 
     def adopt(self, peer: Lineage) -> Lineage:

@@ -43,6 +43,7 @@ import zstandard as _zstd
 
 from firmware.cbor_strict import CborDecodeError
 from firmware.cbor_strict import loads as _strict_loads
+from firmware.lineage import Lineage, LineageError
 from firmware.link.errors import LinkProtocolError
 
 PROTOCOL_VERSION = 1
@@ -126,6 +127,12 @@ class Hello:
     #: re-created queue starts its seqs again, so a remote that knew another queue
     #: must not take them as a continuation.  None: not told (field absent).
     queue_id: int | None = None
+    #: The sender copy's generations; None: an older peer that keeps none (it holds a
+    #: first generation only).
+    lineage: Lineage | None = None
+    #: The newest seq the sender holds (written, queued or not); None: not told, take
+    #: `resume_seq`.
+    last_seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -443,6 +450,8 @@ def _frame_map(frame: Frame) -> dict[str, Any]:
             "compression": list(frame.compression),
             "signature": frame.signature,
             **({} if frame.queue_id is None else {"queue": frame.queue_id}),
+            **({} if frame.lineage is None else {"lineage": frame.lineage.to_dict()}),
+            **({} if frame.last_seq is None else {"last": frame.last_seq}),
         }
     if isinstance(frame, HelloAck):
         return {
@@ -592,7 +601,16 @@ def _decode_hello(m: dict[Any, Any]) -> Hello:
         compression=tuple(codecs),
         signature=_bool(m, "signature", "HELLO"),
         queue_id=_u64(m, "queue", "HELLO") if "queue" in m else None,
+        lineage=_lineage(m, "HELLO") if "lineage" in m else None,
+        last_seq=_u64(m, "last", "HELLO") if "last" in m else None,
     )
+
+
+def _lineage(m: dict[Any, Any], ftype: str) -> Lineage:
+    try:
+        return Lineage.from_dict(_field(m, "lineage", ftype))
+    except LineageError as exc:
+        raise LinkProtocolError(f"{ftype} field 'lineage': {exc}") from None
 
 
 def _decode_hello_ack(m: dict[Any, Any]) -> HelloAck:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from firmware.lineage import Lineage
 from firmware.link.errors import LinkError, LinkProtocolError, LinkRefused, SourceGap
 from firmware.link.frames import (
     CODEC_NONE,
@@ -64,7 +65,10 @@ from firmware.link.frames import (
 
 
 class WriteSource(Protocol):
-    """What the sender reads from: on the local unit, a CBQ consumer cursor."""
+    """What the sender reads from: on the local unit, a CBQ consumer cursor.
+
+    A source may also offer `head_seq() -> int`, the newest seq it holds: HELLO
+    carries it so the peer can tell whether this copy wrote after a fork."""
 
     def next_batch(self, max_bytes: int) -> list[WriteRecord]:
         """Records after the last one returned (or after the rewind point), seqs strictly
@@ -303,6 +307,14 @@ ERR_UNKNOWN_UNIT = "unknown-unit"
 ERR_IDENTITY = "identity"
 ERR_RESYNC = "resync-needed"
 ERR_ABORTS = "too-many-aborts"
+#: The peer refused this copy's writes on their two lineages (firmware.lineage): it was
+#: promoted while this copy was away, both became writable on their own, they share no
+#: history, or they diverged in a way only a failback or a manual resolve settles.
+ERR_FENCED = "fenced"
+ERR_SPLIT_BRAIN = "split-brain"
+ERR_UNRELATED = "unrelated"
+ERR_DIVERGED = "diverged"
+LINEAGE_REFUSALS = frozenset({ERR_FENCED, ERR_SPLIT_BRAIN, ERR_UNRELATED, ERR_DIVERGED})
 
 
 class _Session:
@@ -403,6 +415,8 @@ class SenderConfig:
     signature: bool = False
     #: The source queue's identity, sent in HELLO (see `Hello.queue_id`).
     queue_id: int | None = None
+    #: This copy's generations, sent in HELLO (see `Hello.lineage`).
+    lineage: Lineage | None = None
     #: Uncompressed record bytes sent but not yet acknowledged.
     window_bytes: int = 4 * 1024 * 1024
     batch_bytes: int = 1024 * 1024
@@ -509,6 +523,7 @@ class SenderSession(_Session):
         if self.state is not SessionState.IDLE:
             raise LinkError("sender session already started")
         c = self.config
+        head = getattr(self._source, "head_seq", None)
         self._send(
             Hello(
                 versions=c.versions,
@@ -519,6 +534,8 @@ class SenderSession(_Session):
                 compression=c.compression,
                 signature=c.signature,
                 queue_id=c.queue_id,
+                lineage=c.lineage,
+                last_seq=head() if head is not None else None,
             )
         )
         self.state = SessionState.HELLO_SENT

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -22,11 +23,18 @@ from typing import Any
 from firmware.cbq import CircularBufferQueue
 from firmware.cbq.errors import CbqError
 from firmware.fsutil import write_atomic
+from firmware.lineage import Lineage, Role
+from firmware.lineage import store as lineage_store
 from firmware.link.errors import LinkError, SourceGap
 from firmware.link.frames import WriteRecord, available_codecs, skip_record
 from firmware.link.session import (
+    ERR_FENCED,
+    ERR_SPLIT_BRAIN,
+    LINEAGE_REFUSALS,
     BatchAborted,
     ConfigReceived,
+    Established,
+    PeerError,
     ResyncFinished,
     ResyncPlan,
     SenderConfig,
@@ -93,6 +101,10 @@ class CbqSource:
         self.resync_bytes_sent = 0
 
     # ---------------------------------------------------------------- WriteSource
+
+    def head_seq(self) -> int:
+        """The newest seq this copy holds (sent in HELLO)."""
+        return self.cbq.last_seq
 
     def _consumer_needs_resync(self) -> bool:
         c = self.cbq.consumers.get(self.name)
@@ -315,6 +327,29 @@ class CbqSource:
             self.resync = None
 
 
+# --------------------------------------------------------------------------- lineage
+
+
+def load_local_lineage(state_dir: Path) -> Lineage:
+    """The local copy's lineage; a unit from before lineages gets a first generation,
+    as the primary that has written everything its volume holds."""
+    path = state_dir / lineage_store.FILE_NAME
+    try:
+        lineage = lineage_store.load(path)
+    except lineage_store.LineageCorruption as exc:
+        # The host is still served.  A stand-in that is never saved shares no generation
+        # with a remote that met this copy before, so such a remote refuses it (nothing
+        # moves) until the file is looked at; the damaged file stays as it is.
+        log.error("local copy: %s; replication is refused until it is repaired", exc)
+        return Lineage.first(Role.PRIMARY, time.time(), random.SystemRandom())
+    if lineage is None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        lineage = Lineage.first(Role.PRIMARY, time.time(), random.SystemRandom())
+        lineage_store.save(path, lineage)
+        log.info("local copy: first generation %016x", lineage.generation)
+    return lineage
+
+
 # --------------------------------------------------------------------------- service
 
 
@@ -342,6 +377,10 @@ class _Peer:
     events: int = 0
     aborted: int = 0
     last_resync: dict[str, Any] | None = None
+    #: The remote refused this copy on the two lineages: {"code", "reason", "since_ns"}.
+    #: Kept until a session is established again; the host is served meanwhile and
+    #: its writes keep queueing.
+    refused: dict[str, Any] | None = None
 
 
 class LinkService:
@@ -381,6 +420,9 @@ class LinkService:
 
             self.sealer = AutoSealer(open_store(config_path), self.own_backup_path,
                                      self._sealed_identity, on_sealed=self._backup_sealed)
+        #: This copy's generations, in the state dir beside the queue (the CBQ's own
+        #: superblock keeps no lineage).
+        self.lineage = load_local_lineage(state_dir)
         self._peers: dict[str, _Peer] = {}
         for spec in remotes:
             if spec.name not in cbq.consumers:
@@ -398,7 +440,7 @@ class LinkService:
             block_size=self.volume.block_size,
             resume_seq=self.cbq.consumers[peer.spec.name].acked_seq,
             compression=self.compression, signature=self.signature,
-            queue_id=self.cbq.geo.salt)
+            queue_id=self.cbq.geo.salt, lineage=self.lineage)
         client = LinkClient((peer.spec.host, peer.spec.port), self.identity, self.peers,
                             peer.spec.name, config, peer.source, bandwidth=self.bandwidth,
                             backoff=Backoff(maximum=self.backoff_max),
@@ -416,10 +458,25 @@ class LinkService:
                 peer.aborted += 1
             elif isinstance(event, ConfigReceived):
                 self._keep_peer_backup(peer.spec.name, event.blob)
+            elif isinstance(event, PeerError) and event.code in LINEAGE_REFUSALS:
+                self._refused(peer, event.code, event.text)
+            elif isinstance(event, Established) and peer.refused is not None:
+                log.warning("remote %s takes this copy's writes again", peer.spec.name)
+                peer.refused = None
 
         client.listeners.append(on_event)
         client.config_backup = self.own_backup
         return client
+
+    def _refused(self, peer: _Peer, code: str, text: str) -> None:
+        old = peer.refused
+        if old is None or (old["code"], old["reason"]) != (code, text):
+            peer.refused = {"code": code, "reason": text, "since_ns": time.time_ns()}
+            what = {ERR_FENCED: "FENCED by", ERR_SPLIT_BRAIN: "in SPLIT BRAIN with"}.get(
+                code, "REFUSED by")
+            log.error("this copy is %s remote %s: %s; the host is still served and its "
+                      "writes keep queueing, nothing is sent until an operator acts",
+                      what, peer.spec.name, text)
 
     # ---------------------------------------------------------------- config backups
 
@@ -531,8 +588,11 @@ class LinkService:
         c = stats["consumers"].get(name, {})
         client = peer.client
         session = client.session if client is not None else None
+        refused = peer.refused
         if peer.paused:
             state = "paused"
+        elif refused is not None:
+            state = str(refused["code"])
         elif client is not None and client.connected:
             state = "resyncing" if peer.source.resync is not None else "connected"
         else:
@@ -563,10 +623,23 @@ class LinkService:
             "resyncs_done": peer.source.resyncs_done,
             "last_resync": peer.last_resync,
             "last_verify": peer.source.last_verify,
+            "fenced": refused["reason"] if refused and refused["code"] == ERR_FENCED else None,
+            "split_brain": refused["reason"]
+            if refused and refused["code"] == ERR_SPLIT_BRAIN else None,
+            "refused": dict(refused) if refused is not None else None,
         }
 
     def status(self) -> dict[str, Any]:
+        lin = self.lineage
+        fenced = [p.refused["reason"] for p in self._peers.values()
+                  if p.refused and p.refused["code"] == ERR_FENCED]
+        split = [p.refused["reason"] for p in self._peers.values()
+                 if p.refused and p.refused["code"] == ERR_SPLIT_BRAIN]
         return {"unit_id": self.unit_id, "fingerprint": self.identity.fingerprint,
+                "role": lin.current.role.value, "generation": f"{lin.generation:016x}",
+                "lineage": lin.to_dict(),
+                "fenced": fenced[0] if fenced else None,
+                "split_brain": split[0] if split else None,
                 "config_backup": {"sealed_generation": self.sealer.sealed_generation
                                   if self.sealer is not None else None},
                 "peers": {name: self.peer_status(name) for name in self._peers}}

@@ -57,3 +57,12 @@ class AlreadyApplied(RemoteError):
 
 class StoreUsageError(RemoteError):
     """A caller asked for something the store cannot do in its current state."""
+
+
+class Promoted(RemoteError):
+    """The unit was promoted: it is a primary of its own and takes no replication."""
+
+
+class PromoteRefused(RemoteError):
+    """A promotion that would override a live primary without `force`, or one the unit
+    cannot make (a resync running, a point the history does not hold)."""

@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from firmware.lineage import Lineage, Policy, Role
 from firmware.link.errors import LinkProtocolError, LinkRefused
 from firmware.link.frames import Hello, WriteRecord
 from firmware.link.pairing import ConfiguredPeer, PairingPolicy
@@ -26,7 +28,8 @@ from firmware.link.session import ReceiverConfig
 from firmware.link.shell import LinkServer
 from firmware.link.tls import Identity, PeerStore
 from firmware.recovery.keys import backup_key
-from firmware.remote.errors import GeometryMismatch, RemoteError, UnitBusy
+from firmware.remote.errors import GeometryMismatch, PromoteRefused, RemoteError, UnitBusy
+from firmware.remote.meeting import Action, Verdict, meet, peer_lineage_of
 from firmware.remote.store import RemoteStore
 from firmware.remote.unit import Retention, UnitStore, validate_unit_id
 
@@ -50,6 +53,11 @@ class UnitSink:
         #: The queue id of a connected local whose queue is not the one the unit
         #: follows; until its full resync completes, nothing is applied.
         self._requeue: int | None = None
+        #: What the lineage decision said at the last HELLO (for status), None before.
+        self.meeting: dict[str, Any] | None = None
+        #: The unit's generation when the connected local was let in: once the unit
+        #: forks (a promotion) that session ends, idle or not.
+        self.met_generation: int | None = None
         self._reconcile_arrivals()
 
     def _reconcile_arrivals(self) -> None:
@@ -119,6 +127,11 @@ class UnitSink:
         return durable
 
     def last_durable_seq(self) -> int:
+        # Asked on every durable poll, so a promotion ends an idle session too.
+        if self.met_generation is not None and \
+                self.unit.lineage.generation != self.met_generation:
+            raise LinkProtocolError(f"unit {self.unit.unit_id}: promoted since this "
+                                    "session began; it takes no more replication")
         if self._requeue is not None:
             return 0
         return self.unit.last_durable_seq() - self.unit.seq_offset
@@ -214,7 +227,8 @@ class _PinnedUnits:
 
 class RemoteServer:
     def __init__(self, *, store_dir: Path, listen: tuple[str, int], identity: Identity,
-                 peers: PeerStore, commit_delay_s: float | None = None,
+                 peers: PeerStore, policy: Policy = Policy.MANUAL,
+                 commit_delay_s: float | None = None,
                  retention: Retention | None = None, tick: float = 0.2,
                  dead_after: float = 20.0, state_dir: Path | None = None,
                  config_path: Path | None = None,
@@ -224,6 +238,8 @@ class RemoteServer:
         fingerprint the config lists under `peers` is pinned when it offers it
         (PAIR_OFFER, firmware/link/pairing.py)."""
         self.store = RemoteStore(store_dir)
+        #: How a split brain may resolve itself (see firmware.lineage.Policy).
+        self.policy = policy
         self.identity = identity
         self.peers = peers
         self.commit_delay_s = commit_delay_s
@@ -350,7 +366,84 @@ class RemoteServer:
             raise LinkRefused("geometry", f"unit {hello.unit_id!r} holds a "
                               f"{sink.unit.volume_size}-byte volume of "
                               f"{sink.unit.block_size}-byte blocks")
+        try:
+            self._meet(sink, hello)
+        except RemoteError as exc:
+            raise LinkRefused("store", str(exc)) from None
         return sink
+
+    def _meet(self, sink: UnitSink, hello: Hello) -> Verdict:
+        """Decide, from both lineages, whether this local's writes may come in; refuse
+        with the reason (LinkRefused) when not.  Nothing moves on a refusal."""
+        unit = sink.unit
+        mine = unit.lineage
+        peer_seq = hello.last_seq if hello.last_seq is not None else hello.resume_seq
+        peer = hello.lineage or peer_lineage_of(mine)
+        if peer is None:
+            peer = Lineage.first(Role.PRIMARY, time.time(), random.SystemRandom())
+        verdict = meet(mine, unit.copy_seq, peer, peer_seq, told=hello.lineage is not None,
+                       policy=self.policy)
+        d = verdict.decision
+        sink.meeting = {"outcome": d.outcome.value, "rule": d.rule, "reason": d.reason,
+                        "peer_seq": peer_seq, "at_ns": time.time_ns(),
+                        "refused": verdict.code or None}
+        if verdict.action is Action.ADOPT:
+            assert hello.lineage is not None
+            if mine.generation != hello.lineage.generation or mine.chain != hello.lineage.chain:
+                unit.set_lineage(mine.adopt(hello.lineage))
+                log.info("unit %s: follows the local's generation %016x (%s)", unit.unit_id,
+                         hello.lineage.generation, d.rule)
+        elif verdict.action is Action.REFUSE:
+            log.error("unit %s: the local's writes are refused: %s (%s: %s)", unit.unit_id,
+                      verdict.code, d.rule, d.reason)
+            raise LinkRefused(verdict.code, verdict.text)
+        sink.met_generation = unit.lineage.generation
+        return verdict
+
+    # ---------------------------------------------------------------- roles
+
+    def promote(self, unit_id: str, *, at_seq: int | None = None,
+                force: bool = False) -> dict[str, Any]:
+        """Promote a unit (see `UnitStore.promote`).  Refused without `force` while the
+        unit's local is connected: it is a live primary nobody demoted."""
+        unit = self.unit(unit_id)
+        holder = self.link.busy_units().get(unit_id)
+        if holder is not None and not force:
+            raise PromoteRefused(
+                f"unit {unit_id!r} is connected from {holder} and was not demoted: its "
+                "local is a live primary; promote with force to override it (a split "
+                "brain once it reconnects)")
+        r = unit.promote(at_seq, forced=holder is not None)
+        return {"unit": unit_id, "seq": r.seq, "fork_seq": r.fork_seq,
+                "generation": f"{r.generation:016x}", "forced": r.forced,
+                "undone": r.undone, "dropped_pending": r.dropped_pending,
+                "connected_from": holder}
+
+    def role_status(self, unit_id: str | None = None) -> dict[str, Any]:
+        busy = self.link.busy_units()
+        with self._lock:
+            sinks = dict(self._sinks)
+        out = {}
+        for uid, sink in sinks.items():
+            if unit_id is not None and uid != unit_id:
+                continue
+            out[uid] = self._role_of(sink, busy.get(uid))
+        if unit_id is not None and unit_id not in out:
+            raise RemoteError(f"no unit {unit_id!r} is open here")
+        return {"units": out}
+
+    def _role_of(self, sink: UnitSink, connected_from: str | None) -> dict[str, Any]:
+        unit = sink.unit
+        lin = unit.lineage
+        st = unit.status()
+        meeting = sink.meeting
+        refused = meeting.get("refused") if meeting is not None else None
+        # A copy that only received its generation is its secondary, whoever began it.
+        role = lin.current.role.value if lin.writer else Role.SECONDARY.value
+        return {"role": role, "generation": f"{lin.generation:016x}",
+                "lineage": lin.to_dict(), "seq": unit.copy_seq, "promoted": st.promoted,
+                "connected_from": connected_from, "peer": meeting,
+                "fenced_peer": refused == "fenced", "split_brain": refused == "split-brain"}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -408,12 +501,17 @@ class RemoteServer:
             st["retention"] = dataclasses.asdict(unit.retention)
             st["events"] = st["events"][-8:]
             st["connected_from"] = busy.get(uid)
+            st["lineage"] = self._role_of(self._sinks_get(uid), busy.get(uid))
             out[uid] = st
         s = self.link.stats
         return {"role": "remote", "fingerprint": self.identity.fingerprint,
                 "listen": _addr(self.link_address), "store": self.store.root_dir,
                 "link": dataclasses.asdict(s), "units": out,
                 "nbd_exports": {k: _addr(v.address) for k, v in self.nbd_exports.items()}}
+
+    def _sinks_get(self, unit_id: str) -> UnitSink:
+        with self._lock:
+            return self._sinks[unit_id]
 
     @property
     def link_address(self) -> tuple[str, int]:
@@ -437,18 +535,28 @@ class RemoteServer:
             from firmware.nbd.server import NbdServer, parse_hostport
 
             u = self.unit(unit)
-            dev = u.image_at(at_ns) if at_ns is not None else u.image_at_seq(
-                seq if seq is not None else u.last_applied_seq)
             host, port = parse_hostport(address)
-            name = f"{unit}@{dev.point.seq}"
-            server = NbdServer(dev, host, port, export_name=name)
+            if u.promoted:
+                # A promoted unit's host gets its mirror itself, writable.
+                if at_ns is not None or seq is not None:
+                    raise RemoteError(f"unit {unit!r} is promoted: it is served as it is "
+                                      "now, not at a point in time")
+                wdev = u.promoted_device()
+                name = f"{unit}@primary"
+                server = NbdServer(wdev, host, port, export_name=name)
+                point = {"seq": u.copy_seq, "ts": 0, "writable": True}
+            else:
+                dev = u.image_at(at_ns) if at_ns is not None else u.image_at_seq(
+                    seq if seq is not None else u.last_applied_seq)
+                name = f"{unit}@{dev.point.seq}"
+                server = NbdServer(dev, host, port, export_name=name)
+                point = {"seq": dev.point.seq, "ts": dev.point.ts, "writable": False}
             server.start()
             threading.Thread(target=server.serve_forever, name="nbd-export",
                              daemon=True).start()
-            key = f"{unit}@{dev.point.seq}:{server.port}"
+            key = f"{name}:{server.port}"
             self.nbd_exports[key] = server
-            return {"key": key, "export": name, "address": _addr(server.address),
-                    "seq": dev.point.seq, "ts": dev.point.ts}
+            return {"key": key, "export": name, "address": _addr(server.address), **point}
 
         def nbd_stop(key: str) -> bool:
             server = self.nbd_exports.pop(key, None)
@@ -475,7 +583,14 @@ class RemoteServer:
         def read(unit: str, offset: int, length: int) -> bytes:
             return self.unit(unit).read_mirror(offset, length)
 
-        return {"status": self.status, "remote.export": export, "remote.nbd_start": nbd_start,
+        def promote(unit: str, seq: int | None = None, force: bool = False) -> dict[str, Any]:
+            return self.promote(unit, at_seq=seq, force=force)
+
+        def role_status(unit: str | None = None) -> dict[str, Any]:
+            return self.role_status(unit)
+
+        return {"role.promote": promote, "role.status": role_status,
+                "status": self.status, "remote.export": export, "remote.nbd_start": nbd_start,
                 "remote.nbd_stop": nbd_stop, "remote.rollback": rollback,
                 "remote.drop": drop, "remote.read": read}
 

@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import random
 import threading
 import time
 from collections import deque
@@ -40,7 +41,10 @@ from typing import Any
 
 import cbor2
 
+from firmware.lineage import Lineage, Role
+from firmware.lineage import store as lineage_store
 from firmware.link.frames import WriteRecord, skip_record
+from firmware.remote.dirtymap import DirtyMap
 from firmware.remote.errors import (
     AlreadyApplied,
     GeometryMismatch,
@@ -49,6 +53,8 @@ from firmware.remote.errors import (
     JournalCorruption,
     NotRestorable,
     OutsideRetention,
+    Promoted,
+    PromoteRefused,
     SeqGap,
     StoreUsageError,
     UnitBusy,
@@ -65,6 +71,7 @@ from firmware.remote.format import (
 )
 from firmware.remote.journal import LogEntry, NewRecord, SegmentLog
 from firmware.remote.pit import PointInTimeDevice
+from firmware.remote.promoted import PromotedDevice
 
 log = logging.getLogger("mirrorunit.remote")
 
@@ -79,6 +86,9 @@ STATE_NAME = "state.cbor"
 MIRROR_NAME = "mirror.img"
 LOCK_NAME = "unit.lock"
 NS = 1_000_000_000
+#: Generation ids are drawn from the OS's randomness: two copies that fork on their
+#: own must never draw the same one.
+_RNG = random.SystemRandom()
 
 
 def _last_seq(e: LogEntry) -> int:
@@ -160,6 +170,24 @@ class UnitStatus:
     skipped_ranges: list[list[int]] = field(default_factory=list)
     queue_id: int | None = None
     seq_offset: int = 0
+    #: The copy's role and current generation (see firmware.lineage).
+    role: str = "secondary"
+    generation: str = ""
+    #: None, or the promotion: {"seq", "at_ns", "forced", "writes", "dirty_chunks"}.
+    promoted: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class PromoteReport:
+    #: The unit's seq the promoted image shows (the fork point).
+    seq: int
+    #: The same point in the seqs of the local queue the unit followed.
+    fork_seq: int
+    generation: int
+    forced: bool
+    #: History entries undone to reach an earlier point, and received writes dropped.
+    undone: int
+    dropped_pending: int
 
 
 @dataclass
@@ -206,6 +234,10 @@ class _State:
     #: re-created local queue restarted its seqs: the unit's own seqs never go back,
     #: so history, journals and points in time stay in one order.
     seq_offset: int = 0
+    #: Set once the unit was promoted: {"seq" (unit seq of the fork), "at_ns",
+    #: "forced", "writes" (host writes since)}.  Its mirror is then written in place
+    #: by its own host, the chunks it touched in `dirty.map`.
+    promoted: dict[str, Any] | None = None
 
     def encode(self) -> bytes:
         body = cbor2.dumps(dataclasses.asdict(self))
@@ -378,9 +410,83 @@ class UnitStore:
         self._recover(received, history)
         if changed or new:
             self._save_state()
+        self._open_lineage()
         self._trim_segments()
         # Complete what the receive journal holds and is due.
         self.apply_due(self._clock())
+
+    @property
+    def _lineage_path(self) -> str:
+        return os.path.join(self.directory, lineage_store.FILE_NAME)
+
+    def _open_lineage(self) -> None:
+        ops, path = self._ops, self._lineage_path
+        lineage = None
+        if ops.exists(path):
+            h = ops.open(path)
+            try:
+                lineage = lineage_store.decode(h.pread(0, h.size()), path)
+            except lineage_store.LineageCorruption as exc:
+                # One error tree for the unit's files: the server reports it and carries
+                # on with the other units.
+                raise JournalCorruption(f"lineage file: {exc.reason}", exc.path,
+                                        exc.offset) from exc
+            finally:
+                h.close()
+        if lineage is None:
+            # A unit from before lineages (or a new one): whatever its mirror holds
+            # belongs to a first generation of its own, received as a secondary.
+            lineage = Lineage.first(Role.SECONDARY, self._clock() / NS, _RNG)
+            self._write_lineage(lineage)
+            log.info("unit %s: first generation %016x", self.unit_id, lineage.generation)
+        self._lineage = lineage
+        self._dirty: DirtyMap | None = None
+        g = lineage.current
+        if self._st.promoted is None and lineage.writer and g.role is Role.PRIMARY:
+            # A promotion cut short after its lineage was recorded: finish it.
+            self._dirty = DirtyMap(ops, self.directory, self.chunk_count)
+            self._dirty.save()
+            if self._pending:
+                self._drop_pending_all()
+                self._pending.clear()
+            self._st.promoted = {"seq": g.fork_seq + self._st.seq_offset,
+                                 "fork_seq": g.fork_seq, "at_ns": g.time_ns,
+                                 "forced": g.forced, "writes": 0}
+            self._save_state()
+            log.warning("unit %s: finished its promotion at seq %d", self.unit_id,
+                        g.fork_seq)
+        if self._st.promoted is not None:
+            self._dirty = DirtyMap.load(ops, self.directory, self.chunk_count)
+            if self._dirty is None:
+                raise JournalCorruption("the unit is promoted but its dirty map is missing",
+                                        os.path.join(self.directory, "dirty.map"))
+
+    def _write_lineage(self, lineage: Lineage) -> None:
+        # The lineage store's format, written through this unit's file layer (the
+        # same atomic replace as the state file) so crash tests cover it too.
+        path = self._lineage_path
+        tmp = path + ".tmp"
+        h = self._ops.open(tmp, create=True)
+        try:
+            h.truncate(0)
+            h.pwrite(0, lineage_store.encode(lineage))
+            h.sync()
+        finally:
+            h.close()
+        self._ops.rename(tmp, path)
+        self._ops.fsync_dir(self.directory)
+
+    @property
+    def lineage(self) -> Lineage:
+        with self._lock:
+            return self._lineage
+
+    def set_lineage(self, lineage: Lineage) -> None:
+        """Record a new lineage for this copy, durably, before anything relies on it."""
+        with self._lock:
+            self._check_open()
+            self._write_lineage(lineage)
+            self._lineage = lineage
 
     def _recover(self, received: list[LogEntry], history: list[LogEntry]) -> None:
         st = self._st
@@ -454,6 +560,7 @@ class UnitStore:
         nothing reaches the mirror."""
         with self._lock:
             self._check_open()
+            self._check_not_promoted("takes no replication")
             assert self._rj is not None
             fresh: list[WriteRecord] = []
             expect = self._durable + 1
@@ -524,7 +631,7 @@ class UnitStore:
         with self._lock:
             self._check_open()
             now = self._clock() if now_ns is None else now_ns
-            if self._st.resync is not None:
+            if self._st.resync is not None or self._st.promoted is not None:
                 return 0
             delay = self._st.commit_delay_ns
             applied = 0
@@ -795,6 +902,7 @@ class UnitStore:
     def _view(self, seq: int | None, t_ns: int | None) -> PointInTimeDevice:
         with self._lock:
             self._check_open()
+            self._check_not_promoted("serves its image writable, not from history")
             point, i = self._resolve(seq, t_ns)
             return PointInTimeDevice(self, point, self._hist_base + i)
 
@@ -843,6 +951,7 @@ class UnitStore:
         or point-in-time views are open."""
         with self._lock:
             self._check_open()
+            self._check_not_promoted("cannot be rolled back")
             st = self._st
             if st.resync is not None:
                 raise StoreUsageError("cannot roll back while a resync is running")
@@ -897,6 +1006,121 @@ class UnitStore:
         log.warning("unit %s: mirror rolled back from seq %d to seq %d (%d entries undone)",
                     self.unit_id, source, target, len(undo))
         self._save_state()
+
+    # ================================================================== promotion
+
+    @property
+    def promoted(self) -> bool:
+        return self._st.promoted is not None
+
+    @property
+    def copy_seq(self) -> int:
+        """The seq this copy holds, in the seqs of the queue its lineage counts (the local
+        queue's): the last durable one received, or for a promoted unit the fork plus
+        one per host write since (its own writes carry no queue seqs)."""
+        with self._lock:
+            p = self._st.promoted
+            if p is not None:
+                return int(p["fork_seq"]) + int(p["writes"])
+            return max(0, self._durable - self._st.seq_offset)
+
+    def promote(self, at_seq: int | None = None, *, forced: bool = False) -> PromoteReport:
+        """Make this copy a primary of its own with the mirror as of right after write
+        `at_seq` (the last applied one by default): replication stops for good, a new
+        generation forks at that point and is recorded, and the mirror becomes writable
+        through `promoted_device()`.
+
+        An earlier point is reached by rolling back through history; a later one that
+        was received but held back (commit delay) by applying up to it.  Received writes
+        after the point are dropped.  `forced` records that a live, undemoted primary
+        was overridden (the caller checks for one)."""
+        with self._lock:
+            self._check_open()
+            st = self._st
+            if st.promoted is not None:
+                raise PromoteRefused(f"unit {self.unit_id!r} is already promoted (at seq "
+                                     f"{st.promoted['seq']})")
+            if st.resync is not None:
+                raise PromoteRefused("a resync is running: the mirror holds no consistent "
+                                     "image until it completes")
+            target = self._applied if at_seq is None else at_seq
+            undone = dropped = 0
+            if target > self._applied:
+                if target > self._durable:
+                    raise PromoteRefused(f"seq {target} was never received here (last "
+                                         f"durable seq {self._durable})")
+                # Roll forward: what was held back up to the point goes to the mirror now.
+                later = [e for e in self._pending if e.seq > target]
+                if later:
+                    count = sum(1 for e in later if e.kind is RecordKind.WRITE
+                                and not self._is_dropped(e.seq))
+                    self._add_dropped(later[0].seq, _last_seq(later[-1]), count)
+                    dropped = count
+                self.apply_due((1 << 63) - 1)
+            elif target < self._applied:
+                try:
+                    r = self.rollback(to_seq=target)
+                except (NotRestorable, OutsideRetention, StoreUsageError) as exc:
+                    raise PromoteRefused(f"cannot promote at seq {target}: {exc}") from None
+                target, undone, dropped = r.target.seq, r.undone, r.dropped_pending
+            if self._pending:
+                dropped += self._drop_pending_all()
+                self._pending.clear()
+            now = self._clock()
+            fork_seq = max(0, target - st.seq_offset)
+            lineage = self._lineage.fork(Role.PRIMARY, fork_seq, now / NS, forced, _RNG)
+            # The empty map first, then the lineage, then the state that says so: a
+            # crash in between leaves a unit that reopens as the secondary it was.
+            dirty = DirtyMap(self._ops, self.directory, self.chunk_count)
+            dirty.save()
+            self._write_lineage(lineage)
+            self._lineage, self._dirty = lineage, dirty
+            st.promoted = {"seq": target, "fork_seq": fork_seq, "at_ns": now,
+                           "forced": forced, "writes": 0}
+            self._event("promote", seq=target, fork_seq=fork_seq, forced=forced,
+                        generation=lineage.generation, undone=undone, dropped=dropped)
+            self._save_state()
+            log.warning("unit %s: %spromoted at seq %d (queue seq %d), generation %016x; "
+                        "replication into it has stopped", self.unit_id,
+                        "force-" if forced else "", target, fork_seq, lineage.generation)
+            return PromoteReport(target, fork_seq, lineage.generation, forced, undone,
+                                 dropped)
+
+    def promoted_device(self) -> PromotedDevice:
+        """The promoted mirror as a writable device for its new host."""
+        with self._lock:
+            self._check_open()
+            if self._st.promoted is None:
+                raise StoreUsageError(f"unit {self.unit_id!r} is not promoted: its mirror "
+                                      "is served read-only")
+            return PromotedDevice(self)
+
+    def dirty_chunks(self) -> list[int]:
+        """Chunks the promoted unit's host wrote since the promotion."""
+        with self._lock:
+            return [] if self._dirty is None else self._dirty.dirty_chunks()
+
+    def _host_write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        with self._lock:
+            self._check_open()
+            p = self._st.promoted
+            assert p is not None and self._dirty is not None and self._mirror is not None
+            first = offset // CHUNK_SIZE
+            last = (offset + max(len(data), 1) - 1) // CHUNK_SIZE
+            # The bit is durable before the data can reach the disk.
+            new = self._dirty.mark(first, last)
+            p["writes"] = int(p["writes"]) + 1
+            if new and p["writes"] == 1:
+                self._save_state()  # "wrote since the fork" must survive a power cut
+            self._mirror.pwrite(offset, bytes(data))
+            if fua:
+                self._mirror.sync()
+
+    def _host_flush(self) -> None:
+        with self._lock:
+            self._check_open()
+            assert self._mirror is not None
+            self._mirror.sync()
 
     # ================================================================== undo before commit
 
@@ -1036,6 +1260,7 @@ class UnitStore:
         last consistent image restorable.  Idempotent (a running resync continues)."""
         with self._lock:
             self._check_open()
+            self._check_not_promoted("takes no resync")
             if self._st.resync is None:
                 self._st.resync = {"start_seq": self._applied, "started_ns": self._clock()}
                 self._event("resync-start", start_seq=self._applied)
@@ -1170,7 +1395,17 @@ class UnitStore:
                 skipped_ranges=[list(r) for r in st.skipped[-8:]],
                 queue_id=st.queue_id,
                 seq_offset=st.seq_offset,
+                role=(self._lineage.current.role if self._lineage.writer
+                      else Role.SECONDARY).value,
+                generation=f"{self._lineage.generation:016x}",
+                promoted=None if st.promoted is None else {
+                    **st.promoted, "dirty_chunks": self._dirty.count if self._dirty else 0},
             )
+
+    def _check_not_promoted(self, what: str) -> None:
+        p = self._st.promoted
+        if p is not None:
+            raise Promoted(f"unit {self.unit_id!r} was promoted at seq {p['seq']}: it {what}")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1215,6 +1450,7 @@ def _fmt_ns(ns: int) -> str:
 
 
 __all__ = [
-    "DEFAULT_SEGMENT_BYTES", "DropReport", "PointInTime", "PointInTimeDevice", "Retention",
+    "DEFAULT_SEGMENT_BYTES", "DropReport", "PointInTime", "PointInTimeDevice", "PromoteReport",
+    "PromotedDevice", "Retention",
     "RollbackReport", "UnitStatus", "UnitStore", "validate_unit_id",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -53,7 +52,8 @@ PF = B.fork(Role.PRIMARY, 50, T1, True, _rng)
 R = A.fork(Role.PRIMARY, 60, T2, True, _rng)
 R50 = A.fork(Role.PRIMARY, 50, T2, True, _rng)
 C = Lineage.first(Role.PRIMARY, T0, _rng)
-A_TAMPERED = Lineage(Generation(A.generation, 0, 0, Role.PRIMARY, T0 + 1, False), writer=True)
+A_TAMPERED = Lineage(Generation(A.generation, 0, 0, Role.PRIMARY, A.current.time_ns + 1, False),
+                     writer=True)
 
 M, DZC, DYP = Policy.MANUAL, Policy.DISCARD_ZERO_CHANGES, Policy.DISCARD_YOUNGER_PRIMARY
 
@@ -278,8 +278,10 @@ BAD_DICTS = [
     ("parent is self", {"current": _gen(parent=A.generation), "history": [], "writer": True}),
     ("unknown role", {"current": _gen(role="boss"), "history": [], "writer": True}),
     ("role not str", {"current": _gen(role=1), "history": [], "writer": True}),
-    ("time not float", {"current": _gen(time=5), "history": [], "writer": True}),
-    ("time NaN", {"current": _gen(time=math.nan), "history": [], "writer": True}),
+    ("time not an integer", {"current": _gen(time_ns=5.0), "history": [], "writer": True}),
+    ("time negative", {"current": _gen(time_ns=-1), "history": [], "writer": True}),
+    ("time as seconds key", {"current": {**{k: v for k, v in _gen().items() if k != "time_ns"},
+                                         "time": 1.5}, "history": [], "writer": True}),
     ("forced not bool", {"current": _gen(forced=0), "history": [], "writer": True}),
     ("entry not a map", {"current": _gen(), "history": [7], "writer": True}),
     ("secondary cannot be writer", {"current": B0.current.to_dict(), "history": [],

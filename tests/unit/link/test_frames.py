@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import time
 import zlib
 from collections.abc import Callable
@@ -12,6 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from firmware.lineage import Lineage
+from firmware.lineage import Role as LineageRole
 from firmware.link.errors import LinkProtocolError, LinkRefused
 from firmware.link.frames import (
     CODEC_NONE,
@@ -66,6 +69,8 @@ REC = (
 
 FRAMES: list[Frame] = [
     Hello((1, 2), "unit-a", 2**40, BS, 17, (CODEC_ZSTD, CODEC_ZLIB), True),
+    Hello((1,), "unit-a", 2**20, BS, 17, (), False, queue_id=7,
+          lineage=Lineage.first(LineageRole.PRIMARY, 1.5e9, random.Random(1)), last_seq=20),
     HelloAck(1, CODEC_ZLIB, False, 2**64 - 1),
     Writes(1, CODEC_NONE, REC),
     Writes(2, CODEC_ZLIB, REC),
@@ -218,6 +223,23 @@ BAD_INPUTS: list[tuple[str, bytes, str]] = [
             }
         ),
         "unit",
+    ),
+    (
+        "hello bad lineage",
+        _body(
+            {
+                "type": "HELLO",
+                "versions": [1],
+                "unit": "u",
+                "size": 1,
+                "bs": 1,
+                "resume": 0,
+                "compression": [],
+                "signature": False,
+                "lineage": {"current": {}, "history": [], "writer": True},
+            }
+        ),
+        "lineage",
     ),
     (
         "hello int signature",

@@ -37,42 +37,15 @@ from firmware.remote import (
 )
 from firmware.remote.fileio import FileHandle, OsFile
 from tests.support import REPO
-
-BS = 512
-S = 1_000_000_000  # ns per second
-T0 = 1_700_000_000 * S
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-class FakeClock:
-    def __init__(self, now: int = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
-
-
-def make_records(rng: random.Random, n: int, blocks: int, first_seq: int = 1,
-                 t0: int = T0, step: int = S, max_blocks: int = 4) -> list[WriteRecord]:
-    out = []
-    for i in range(n):
-        nb = rng.randint(1, max_blocks)
-        lbn = rng.randrange(0, blocks - nb + 1)
-        data = rng.randbytes(nb * BS)
-        out.append(WriteRecord(seq=first_seq + i, lbn=lbn, data=data, ts=t0 + i * step))
-    return out
-
-
-def model(records: list[WriteRecord], size: int, base: bytes | None = None,
-          skip: frozenset[int] = frozenset()) -> bytes:
-    """The image after applying `records` in order (except seqs in `skip`)."""
-    img = bytearray(size if base is None else base)
-    for r in records:
-        if r.seq not in skip:
-            img[r.lbn * BS:r.lbn * BS + len(r.data)] = r.data
-    return bytes(img)
+from tests.support.remote_store import (
+    BS,
+    T0,
+    FakeClock,
+    S,
+    make_records,
+    model,
+    open_unit,
+)
 
 
 def batches(records: list[WriteRecord], rng: random.Random) -> list[list[WriteRecord]]:
@@ -267,8 +240,6 @@ class SimFile:
 # --------------------------------------------------------------------------- basics
 
 
-def open_unit(path: Path | str, size: int = 64 * 1024, **kw: object) -> UnitStore:
-    return UnitStore(str(path), "unit-a", size, BS, **kw)  # type: ignore[arg-type]
 
 
 def test_apply_in_order_replay_is_harmless(tmp_path: Path) -> None:
