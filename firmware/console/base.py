@@ -32,7 +32,7 @@ class ConsoleSettings:
     poweroff: list[str] = field(default_factory=lambda: ["systemctl", "poweroff"])
     log_lines: Callable[[], list[str]] = lambda: []
     backup_source: BackupSource | None = None
-    #: Recovery over the journey link (firmware.link.restore.PeerRecovery): used
+    #: Recovery over the journey link (firmware.recovery.PeerRecovery): used
     #: when no `backup_source` is given.
     peer_recovery: Any = None
     #: Applies a config's network settings to this unit (firmware.config.network.

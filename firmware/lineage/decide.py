@@ -176,12 +176,13 @@ class Facts:
 
     @property
     def my_fresh(self) -> bool:
-        """A new secondary store that never held a write."""
-        return self.my_lone_first and self.my_role is Role.SECONDARY and self.my_seq == 0
+        """A copy that holds no write at all and never wrote on its own (a new store, or
+        one that followed a line nobody wrote to yet): it has nothing to lose."""
+        return not self.my_writer and self.my_seq == 0
 
     @property
     def peer_fresh(self) -> bool:
-        return self.peer_lone_first and self.peer_role is Role.SECONDARY and self.peer_seq == 0
+        return not self.peer_writer and self.peer_seq == 0
 
     def swapped(self) -> Facts:
         return replace(self, relation=self.relation.mirror, my_seq=self.peer_seq,
@@ -395,9 +396,9 @@ RULES: tuple[Rule, ...] = (
         fork=_fork_of_seqs),
     *_pair(
         "fresh-secondary", "peer-fresh-secondary",
-        "no generation in common, this copy is a new secondary that never held a write, "
-        "the peer is not",
-        "the mirror image: the peer is the new, empty secondary",
+        "no generation in common, this copy holds no write and never wrote on its own, "
+        "the peer is not such a copy",
+        "the mirror image: the peer is the empty, never-written copy",
         Outcome.BECOME_TARGET,
         lambda f: f.relation is Relation.UNRELATED and f.my_fresh and not f.peer_fresh,
         lambda f: "this copy is new and empty: it takes the peer's contents",

@@ -1,5 +1,5 @@
-"""The local unit: the volume and its CBQ behind a front end, plus the control socket."""
+"""The local unit: the volume and its CBQ behind the front ends, plus the control socket."""
 
-from .unit import LocalSettings, LocalUnit, LocalUnitError
+from .unit import DataPath, LocalSettings, LocalUnit, LocalUnitError
 
-__all__ = ["LocalSettings", "LocalUnit", "LocalUnitError"]
+__all__ = ["DataPath", "LocalSettings", "LocalUnit", "LocalUnitError"]

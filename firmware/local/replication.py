@@ -55,6 +55,12 @@ FULL_RESYNC_SUFFIX = ".full-resync"
 SKIPS_SUFFIX = ".skips.json"
 
 
+def default_local_state_dir(buffer: Path) -> Path:
+    """Where a local unit keeps its link identity, pins and replication state when no
+    --state-dir is given: beside its CBQ."""
+    return buffer.parent / (buffer.name + ".link")
+
+
 def mark_full_resync(state_dir: Path, name: str, reason: str) -> None:
     """Leave the marker that peer `name` needs a whole-volume resync, durably: a
     restart that lost it would let the dirty map (which misses what the peer lacks)
@@ -330,9 +336,13 @@ class CbqSource:
 # --------------------------------------------------------------------------- lineage
 
 
-def load_local_lineage(state_dir: Path) -> Lineage:
-    """The local copy's lineage; a unit from before lineages gets a first generation,
-    as the primary that has written everything its volume holds."""
+def load_local_lineage(state_dir: Path, *, queue_used: bool) -> Lineage | None:
+    """The local copy's lineage.  With no lineage file, a copy whose queue never held a
+    write is new and gets a first generation as the primary.  One whose queue already
+    holds seqs is a copy from before lineages, or one whose state directory was lost and
+    rebuilt (a replaced card whose data and queue survived): it sends no lineage, and
+    each remote decides from its own record of this copy, as for an older local;
+    making up a new generation would make it unrelated to every remote that knows it."""
     path = state_dir / lineage_store.FILE_NAME
     try:
         lineage = lineage_store.load(path)
@@ -342,6 +352,10 @@ def load_local_lineage(state_dir: Path) -> Lineage:
         # moves) until the file is looked at; the damaged file stays as it is.
         log.error("local copy: %s; replication is refused until it is repaired", exc)
         return Lineage.first(Role.PRIMARY, time.time(), random.SystemRandom())
+    if lineage is None and queue_used:
+        log.warning("local copy: no lineage file in %s while the queue holds seqs: the "
+                    "remotes decide from their own record of this copy", state_dir)
+        return None
     if lineage is None:
         state_dir.mkdir(parents=True, exist_ok=True)
         lineage = Lineage.first(Role.PRIMARY, time.time(), random.SystemRandom())
@@ -421,8 +435,10 @@ class LinkService:
             self.sealer = AutoSealer(open_store(config_path), self.own_backup_path,
                                      self._sealed_identity, on_sealed=self._backup_sealed)
         #: This copy's generations, in the state dir beside the queue (the CBQ's own
-        #: superblock keeps no lineage).
-        self.lineage = load_local_lineage(state_dir)
+        #: superblock keeps no lineage); None when unknown (see load_local_lineage).
+        self.lineage = load_local_lineage(
+            state_dir, queue_used=cbq.last_seq > 0
+            or any(c.acked_seq > 0 for c in cbq.consumers.values()))
         self._peers: dict[str, _Peer] = {}
         for spec in remotes:
             if spec.name not in cbq.consumers:
@@ -636,8 +652,9 @@ class LinkService:
         split = [p.refused["reason"] for p in self._peers.values()
                  if p.refused and p.refused["code"] == ERR_SPLIT_BRAIN]
         return {"unit_id": self.unit_id, "fingerprint": self.identity.fingerprint,
-                "role": lin.current.role.value, "generation": f"{lin.generation:016x}",
-                "lineage": lin.to_dict(),
+                "role": lin.current.role.value if lin is not None else "primary",
+                "generation": f"{lin.generation:016x}" if lin is not None else None,
+                "lineage": lin.to_dict() if lin is not None else None,
                 "fenced": fenced[0] if fenced else None,
                 "split_brain": split[0] if split else None,
                 "config_backup": {"sealed_generation": self.sealer.sealed_generation

@@ -1,4 +1,8 @@
-"""Assembly of the local unit's process: storage, CBQ, volume, front end, control socket."""
+"""The local unit's process: the data path (disk, CBQ, volume), the services given to it
+(front ends, replication, UPS), and the control socket.
+
+The unit does not choose its services: whoever builds it (firmware/apps/local) opens the
+data path, constructs each service over it and hands them in."""
 
 from __future__ import annotations
 
@@ -8,8 +12,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,8 +32,10 @@ class LocalUnitError(Exception):
     """The unit cannot start as configured; the message says why and what to do."""
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class LocalSettings:
+    """The data path and the control socket; each service has settings of its own."""
+
     disk: Path
     buffer: Path
     control: Path
@@ -37,16 +43,13 @@ class LocalSettings:
     buffer_size: int | None = None
     block_size: int = 512
     chunk_size: int = 65536
-    nbd: str | None = "127.0.0.1:10809"
-    export_name: str = "mirrorunit"
     cache_mode: CacheMode = CacheMode.WRITE_BACK
     cache_limit: int = 32 << 20
     flush_interval: float = 1.0
     high_water: float = 0.8
-    peers: list[str] = field(default_factory=lambda: ["remote"])
+    #: The CBQ consumers a new queue is created with (and that an old one gains).
+    peers: tuple[str, ...] = ("remote",)
     standby: bool = False
-    #: The parsed command line, for services that added their own options.
-    args: Any = None
 
 
 class Service(Protocol):
@@ -63,11 +66,6 @@ class Service(Protocol):
     def status(self) -> dict[str, Any]: ...
 
     def handlers(self) -> dict[str, Any]: ...
-
-
-#: Factories called with the unit once its volume is open; each returns a Service or
-#: None when its options were not given.  Extension modules append to this list.
-SERVICE_FACTORIES: list[Callable[[LocalUnit], Service | None]] = []
 
 
 def _prepare_file(path: Path, size: int | None, what: str) -> int:
@@ -112,73 +110,129 @@ def _device_size(path: Path) -> int:
         os.close(fd)
 
 
-class LocalUnit:
-    def __init__(self, settings: LocalSettings) -> None:
-        self.settings = settings
-        self.started_at = time.time()
-        self._stop = threading.Event()
-        self.nbd: Any = None
-        self.control: ControlServer | None = None
-        self.services: list[Service] = []
-        s = settings
+@dataclass(frozen=True, slots=True)
+class DataPath:
+    """The disk and the CBQ, opened and checked against each other, and the volume over
+    them.  Services are built over it before the unit runs them."""
+
+    mirror: FileStorage
+    cbq_storage: FileStorage
+    cbq: CircularBufferQueue
+    volume: Volume
+
+    @classmethod
+    def open(cls, s: LocalSettings) -> DataPath:
         if s.block_size not in (512, 4096):
             raise LocalUnitError(f"block size {s.block_size} must be 512 or 4096")
         size = _prepare_file(s.disk, s.size, "disk")
         if size % s.block_size:
             raise LocalUnitError(f"disk size {size} is not a multiple of {s.block_size}")
         bsize = _prepare_file(s.buffer, s.buffer_size, "buffer")
-        self.mirror = FileStorage(s.disk)
-        self.cbq_storage = FileStorage(s.buffer)
-        volume_blocks = size // s.block_size
+        mirror = FileStorage(s.disk)
+        cbq_storage = FileStorage(s.buffer)
         try:
-            self.cbq = CircularBufferQueue(self.cbq_storage)
-        except CbqFormatError as e:
-            head = self.cbq_storage.pread(0, 2 * SUPERBLOCK_SLOT)
-            if any(head):
-                raise LocalUnitError(f"buffer {s.buffer} is not a usable CBQ ({e}); "
-                                     "refusing to overwrite it") from e
-            log.info("formatting buffer %s as a CBQ (%d bytes)", s.buffer, bsize)
-            create(self.cbq_storage, volume_blocks=volume_blocks, block_size=s.block_size,
-                   chunk_size=s.chunk_size, consumers=tuple(s.peers), high_water=s.high_water)
-            self.cbq = CircularBufferQueue(self.cbq_storage)
-        g = self.cbq.geo
-        if (g.volume_blocks, g.block_size) != (volume_blocks, s.block_size):
-            raise LocalUnitError(
-                f"buffer {s.buffer} belongs to a volume of {g.volume_blocks} x {g.block_size}-"
-                f"byte blocks, the disk has {volume_blocks} x {s.block_size}")
-        for name in s.peers:
-            if name not in self.cbq.consumers:
-                self.cbq.add_consumer(name)
-        self.volume = Volume(
-            self.mirror, self.cbq, cache_mode=s.cache_mode, cache_limit=s.cache_limit,
-            flush_interval=s.flush_interval,
-            state=DeviceState.STANDBY if s.standby else DeviceState.READY)
-        if self.volume.redone_records:
+            cbq = _open_cbq(s, cbq_storage, size // s.block_size, bsize)
+            volume = Volume(
+                mirror, cbq, cache_mode=s.cache_mode, cache_limit=s.cache_limit,
+                flush_interval=s.flush_interval,
+                state=DeviceState.STANDBY if s.standby else DeviceState.READY)
+        except BaseException:
+            mirror.close()
+            cbq_storage.close()
+            raise
+        if volume.redone_records:
             log.warning("recovery: %d writes redone onto the local mirror",
-                        self.volume.redone_records)
+                        volume.redone_records)
+        return cls(mirror, cbq_storage, cbq, volume)
+
+    def close(self) -> None:
+        self.volume.close()
+        self.mirror.close()
+        self.cbq_storage.close()
+
+
+def _open_cbq(s: LocalSettings, storage: FileStorage, volume_blocks: int,
+              bsize: int) -> CircularBufferQueue:
+    try:
+        cbq = CircularBufferQueue(storage)
+    except CbqFormatError as e:
+        head = storage.pread(0, 2 * SUPERBLOCK_SLOT)
+        if any(head):
+            raise LocalUnitError(f"buffer {s.buffer} is not a usable CBQ ({e}); "
+                                 "refusing to overwrite it") from e
+        log.info("formatting buffer %s as a CBQ (%d bytes)", s.buffer, bsize)
+        create(storage, volume_blocks=volume_blocks, block_size=s.block_size,
+               chunk_size=s.chunk_size, consumers=tuple(s.peers), high_water=s.high_water)
+        cbq = CircularBufferQueue(storage)
+    g = cbq.geo
+    if (g.volume_blocks, g.block_size) != (volume_blocks, s.block_size):
+        raise LocalUnitError(
+            f"buffer {s.buffer} belongs to a volume of {g.volume_blocks} x {g.block_size}-"
+            f"byte blocks, the disk has {volume_blocks} x {s.block_size}")
+    for name in s.peers:
+        if name not in cbq.consumers:
+            cbq.add_consumer(name)
+    return cbq
+
+
+class NbdFrontEnd:
+    """The volume as an NBD export (status under "nbd")."""
+
+    name = "nbd"
+
+    def __init__(self, volume: Volume, address: str, export_name: str = "mirrorunit") -> None:
+        from ..nbd.server import NbdServer, parse_hostport
+
+        self.export_name = export_name
+        host, port = parse_hostport(address)
+        self.server = NbdServer(volume, host, port, export_name=export_name)
+
+    def start(self) -> None:
+        self.server.start()
+        threading.Thread(target=self.server.serve_forever, name="nbd", daemon=True).start()
+        host, port = self.server.address
+        log.info("NBD export %r on %s:%d", self.export_name, host, port)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def status(self) -> dict[str, Any]:
+        host, port = self.server.address
+        return {"address": f"{host}:{port}", "export": self.export_name,
+                "connections": self.server.connection_count}
+
+    def handlers(self) -> dict[str, Any]:
+        return {}
+
+
+class LocalUnit:
+    def __init__(self, settings: LocalSettings, services: Sequence[Service] = (), *,
+                 data: DataPath | None = None) -> None:
+        """`data` is the data path the services were built over; without it (a unit with
+        no services) the unit opens its own."""
+        self.settings = settings
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self.control: ControlServer | None = None
+        self.data = data if data is not None else DataPath.open(settings)
+        self.mirror = self.data.mirror
+        self.cbq_storage = self.data.cbq_storage
+        self.cbq = self.data.cbq
+        self.volume = self.data.volume
+        #: what the unit runs, in start order (stopped in reverse)
+        self.services: list[Service] = list(services)
+        #: the ones started so far
+        self._running: list[Service] = []
 
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
         s = self.settings
         self.volume.start()
-        from ..cli import _extensions
-
-        _extensions()  # lets extension modules register their service factories
-        for factory in SERVICE_FACTORIES:
-            service = factory(self)
-            if service is not None:
-                service.start()
-                self.services.append(service)
-                log.info("started %s", service.name)
-        if s.nbd:
-            from ..nbd.server import NbdServer, parse_hostport
-
-            host, port = parse_hostport(s.nbd)
-            self.nbd = NbdServer(self.volume, host, port, export_name=s.export_name)
-            self.nbd.start()
-            threading.Thread(target=self.nbd.serve_forever, name="nbd", daemon=True).start()
-            log.info("NBD export %r on %s:%d", s.export_name, host, self.nbd.port)
+        for service in self.services:
+            service.start()
+            self._running.append(service)
+            log.info("started %s", service.name)
         self.control = ControlServer(s.control, self.handlers())
         self.control.start()
         log.info("control socket %s", s.control)
@@ -188,7 +242,7 @@ class LocalUnit:
         relies on signals, like the USB front end) provides `run_main(stop_event)`."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
-        main = next((s for s in self.services if hasattr(s, "run_main")), None)
+        main = next((s for s in self._running if hasattr(s, "run_main")), None)
         try:
             if main is not None:
                 main.run_main(self._stop)  # type: ignore[attr-defined]
@@ -199,18 +253,15 @@ class LocalUnit:
 
     def stop(self) -> None:
         self._stop.set()
-        for service in reversed(self.services):
+        while self._running:
+            service = self._running.pop()
             try:
                 service.stop()
             except Exception:  # stopping the rest matters more than this one's failure
                 log.exception("stopping %s failed", service.name)
-        if self.nbd is not None:
-            self.nbd.stop()
         if self.control is not None:
             self.control.stop()
-        self.volume.close()
-        self.mirror.close()
-        self.cbq_storage.close()
+        self.data.close()
         log.info("stopped cleanly")
 
     # ---------------------------------------------------------------- control
@@ -270,19 +321,16 @@ class LocalUnit:
         }
 
     def status(self) -> dict[str, Any]:
-        nbd = None
-        if self.nbd is not None:
-            host, port = self.nbd.address
-            nbd = {"address": f"{host}:{port}", "export": self.settings.export_name,
-                   "connections": self.nbd.connection_count}
         return {
             "role": "local",
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 1),
             "disk": str(self.settings.disk),
             "buffer": str(self.settings.buffer),
-            "nbd": nbd,
+            # Always present, None without the NBD front end; its service fills it in
+            # place (readers of `status --json` find the keys in the order they know).
+            "nbd": None,
             "volume": self.volume.status(),
             "cbq": self.cbq.stats(),
-            **{svc.name: svc.status() for svc in self.services},
+            **{svc.name: svc.status() for svc in self._running},
         }

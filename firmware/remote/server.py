@@ -271,9 +271,9 @@ class RemoteServer:
         #: Seals this remote's own config (its --config) whenever it changes.
         self.sealer: Any = None
         if config_path is not None:
-            from firmware.config.cli import open_store
             from firmware.config.peer_backup import OWN_BACKUP_NAME, AutoSealer
             from firmware.config.seal import SealedIdentity
+            from firmware.config.store import open_store
             from firmware.link.tls import PEERS_FILE, export_identity
 
             def identity_now() -> SealedIdentity:
@@ -286,8 +286,7 @@ class RemoteServer:
         """The locals this remote's config lists, read afresh for every offer (a
         config changed at the console needs no restart).  An unreadable config
         lists nobody."""
-        from firmware.config.cli import open_store
-        from firmware.config.store import StoreState
+        from firmware.config.store import StoreState, open_store
 
         assert self.config_path is not None
         loaded = open_store(self.config_path).load()

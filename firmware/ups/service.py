@@ -24,7 +24,7 @@ from typing import Any
 from ..blockdev import DeviceState
 from ..config import ConfigStore, StoreState
 from ..control import ControlError, ControlServer, call
-from ..volume.volume import CacheMode
+from ..volume.volume import CacheMode, Volume
 from .drivers import SMBusLike
 from .monitor import UpsMonitor, monitor_from_config
 
@@ -204,12 +204,11 @@ class UpsService:
 
     name = "ups"
 
-    def __init__(self, unit: Any, store: ConfigStore, poweroff: Callable[[], None],
+    def __init__(self, volume: Volume, store: ConfigStore, poweroff: Callable[[], None],
                  interval: float = 2.0) -> None:
         loaded = store.load()
         if loaded.config is None:
             raise ControlError(f"config {store.settings.path}: {loaded.describe()}")
-        volume = unit.volume
         self.monitor = monitor_from_config(
             loaded.config, volume, detach=lambda: volume.set_state(DeviceState.OFFLINE),
             poweroff=poweroff, interval=interval)

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from firmware.scsi import LogicalUnit, ScsiTarget
 from firmware.usb_gadget.configfs import GadgetSettings
 from firmware.usb_gadget.server import UsbFrontEnd
-
-if TYPE_CHECKING:
-    from firmware.local.unit import LocalUnit
 
 log = logging.getLogger("mirrorunit.gadget")
 
@@ -74,22 +71,3 @@ class UsbService:
 
     def handlers(self) -> dict[str, Any]:
         return {"usb.status": self.status}
-
-
-def usb_service(unit: LocalUnit) -> UsbService | None:
-    """Service factory: a UsbService when `--frontend usb` was given."""
-    args = unit.settings.args
-    if args is None or getattr(args, "frontend", "nbd") != "usb":
-        return None
-    from firmware.usb_gadget.cli import gadget_settings
-
-    settings = gadget_settings(args)
-    lu = LogicalUnit(
-        unit.volume,
-        serial=args.scsi_serial or settings.serial_number,
-        vendor=args.scsi_vendor,
-        product=args.scsi_product,
-        revision=args.scsi_revision,
-        read_only=args.lun_read_only,
-    )
-    return UsbService(lu, settings)

@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
-from firmware import appliance
-from firmware.appliance import ApplianceError, Storage
+from firmware.apps import appliance
+from firmware.apps import remote as remote_app
+from firmware.apps.appliance import ApplianceError, Storage
+from firmware.apps.appliance.prepare import _signature
 from firmware.cli import build_parser
-from firmware.config.cli import open_store
+from firmware.config.store import open_store
 from firmware.link.tls import CERT_FILE, KEY_FILE, PEERS_FILE, PeerStore, fingerprint, unit_identity
 from tests.support import REPO
 from tests.support.replication import RemoteProc
@@ -208,7 +210,7 @@ def test_remote_store_on_a_blank_partition_is_formatted_once(tmp_path: Path) -> 
 
     where = appliance.mount_store(str(dev), tmp_path / "store", runner=runner)
     assert where == tmp_path / "store" and mounts[0][:4] == ["mount", "-t", "ext4", "-o"]
-    assert appliance._signature(str(dev)) == "ext4"
+    assert _signature(str(dev)) == "ext4"
     before = dev.read_bytes()[:1 << 20]
     appliance.mount_store(str(dev), tmp_path / "store", runner=runner)
     assert dev.read_bytes()[:1 << 20] == before  # an ext4 store is never formatted again
@@ -230,9 +232,9 @@ def test_remote_refuses_a_partition_holding_something_else(tmp_path: Path) -> No
 
 
 def test_remote_options(unit: dict[str, Any], tmp_path: Path) -> None:
-    argv = appliance.remote_argv(appliance.load_config(str(unit["slots"])),
-                                 store_path=str(unit["slots"]), state_dir=tmp_path / "w",
-                                 store_dir=tmp_path / "store", control="/run/x/remote.sock")
+    argv = remote_app.command_line(remote_app.settings_from_config(
+        appliance.load_config(str(unit["slots"])), store_path=str(unit["slots"]),
+        state_dir=tmp_path / "w", store_dir=tmp_path / "store", control="/run/x/remote.sock"))
     build_parser().parse_args(argv)
     assert _opt(argv, "--listen") == [f"0.0.0.0:{appliance.DEFAULT_LINK_PORT}"]
     assert _opt(argv, "--store") == [str(tmp_path / "store")]

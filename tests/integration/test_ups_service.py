@@ -28,7 +28,7 @@ CACHE_LIMIT = 32 << 20
 def unit(tmp_path: Path) -> Any:
     u = LocalUnit(LocalSettings(disk=tmp_path / "disk.img", buffer=tmp_path / "cbq.img",
                                 control=tmp_path / "local.sock", size=128 << 20,
-                                buffer_size=96 << 20, nbd=None,
+                                buffer_size=96 << 20,
                                 cache_mode=CacheMode.WRITE_BACK, cache_limit=CACHE_LIMIT,
                                 flush_interval=3600.0))
     u.start()
@@ -124,7 +124,7 @@ def test_unreachable_unit_is_retried(tmp_path: Path) -> None:
     with pytest.raises(ControlError):
         vol.flush_cache()
     u = LocalUnit(LocalSettings(disk=tmp_path / "d.img", buffer=tmp_path / "b.img",
-                                control=sock, size=8 << 20, buffer_size=8 << 20, nbd=None,
+                                control=sock, size=8 << 20, buffer_size=8 << 20,
                                 cache_mode=CacheMode.WRITE_BACK))
     u.start()
     try:

@@ -531,8 +531,10 @@ class Copies(RuleBasedStateMachine):
                            policy=self.policy)
                 if d.outcome not in (Outcome.RESUME, Outcome.BECOME_TARGET, Outcome.UNRELATED):
                     d = give_up(cp.lineage, winner.lineage, my_seq=cp.seq, peer_seq=winner.seq)
-                if d.outcome is Outcome.UNRELATED:
-                    continue  # its line never met copy 0's: nothing to converge
+                if d.outcome is Outcome.UNRELATED or d.rule == "peer-fresh-secondary":
+                    # its line never met copy 0's, or copy 0 holds nothing at all (it would
+                    # take this copy's contents): nothing to converge to copy 0
+                    continue
                 if d.outcome is Outcome.BECOME_TARGET:
                     self._resync(cp, winner, d)
                 else:

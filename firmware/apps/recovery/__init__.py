@@ -144,7 +144,7 @@ def _recover_unpinned(args: argparse.Namespace) -> int:
 
 
 def add_config_recover(config_commands: Any) -> None:
-    """`mirrorunit config recover`: called by firmware.config.cli with its sub-commands."""
+    """`mirrorunit config recover`: called by firmware.apps.config with its sub-commands."""
     rc = config_commands.add_parser(
         "recover", help="fetch this unit's sealed config from a peer and restore it")
     rc.add_argument("--from-peer", required=True, metavar="HOST:PORT",

@@ -60,21 +60,28 @@ def test_a_damaged_lineage_file_is_refused_with_its_location(tmp_path: Path) -> 
 
 
 def test_the_local_copy_gets_a_first_primary_generation_once(tmp_path: Path) -> None:
-    first = load_local_lineage(tmp_path / "state")
+    first = load_local_lineage(tmp_path / "state", queue_used=False)
     assert first.is_lone_first and first.current.role is Role.PRIMARY and first.writer
-    assert load_local_lineage(tmp_path / "state") == first
+    assert load_local_lineage(tmp_path / "state", queue_used=False) == first
 
 
 def test_a_damaged_local_lineage_is_kept_and_stands_in_for_nothing(tmp_path: Path) -> None:
-    first = load_local_lineage(tmp_path / "state")
+    first = load_local_lineage(tmp_path / "state", queue_used=False)
     path = tmp_path / "state" / lineage_store.FILE_NAME
     path.write_bytes(path.read_bytes()[:-1])
     damaged = path.read_bytes()
-    stand_in = load_local_lineage(tmp_path / "state")
+    stand_in = load_local_lineage(tmp_path / "state", queue_used=False)
     assert stand_in.generation != first.generation and stand_in.is_lone_first
     assert path.read_bytes() == damaged
 
 
+def test_a_used_queue_without_its_lineage_file_makes_up_no_generation(tmp_path: Path) -> None:
+    # A replaced card whose data and queue survived: a new first generation would be
+    # unrelated to every remote that knows this copy, so none is made up or saved.
+    assert load_local_lineage(tmp_path / "state", queue_used=True) is None
+    assert not (tmp_path / "state" / lineage_store.FILE_NAME).exists()
+    first = load_local_lineage(tmp_path / "state", queue_used=False)
+    assert load_local_lineage(tmp_path / "state", queue_used=True) == first
 
 
 # --------------------------------------------------------------------------- promotion

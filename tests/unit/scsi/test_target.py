@@ -756,7 +756,7 @@ def test_real_volume_standby_and_promotion_over_the_control_path(tmp_path: Path)
 
     unit = LocalUnit(LocalSettings(disk=tmp_path / "disk", buffer=tmp_path / "cbq",
                                    control=tmp_path / "c.sock", size=1 << 20,
-                                   buffer_size=4 << 20, nbd=None, standby=True))
+                                   buffer_size=4 << 20, standby=True))
     try:
         target = ScsiTarget([LogicalUnit(unit.volume, serial="VOL1")])
         check(target.execute(0, cdb6(T.TEST_UNIT_READY)), S.POWER_ON_RESET)

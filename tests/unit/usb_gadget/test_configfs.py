@@ -299,32 +299,28 @@ def test_cli_local_refuses_bad_usb_options(bad: list[str], tmp_path: Path) -> No
 
 
 def test_usb_service_only_with_usb_frontend(tmp_path: Path) -> None:
+    from firmware.apps.local import build_services, settings_from_args
     from firmware.cli import build_parser
-    from firmware.local import LocalSettings, LocalUnit
-    from firmware.local.unit import SERVICE_FACTORIES
-    from firmware.usb_gadget.service import UsbService, usb_service
+    from firmware.local import DataPath
+    from firmware.usb_gadget.service import UsbService
 
-    assert usb_service in SERVICE_FACTORIES
     base = ["local", "--disk", str(tmp_path / "d"), "--size", "1M",
-            "--buffer", str(tmp_path / "b"), "--buffer-size", "4M"]
+            "--buffer", str(tmp_path / "b"), "--buffer-size", "4M", "--nbd", ""]
     for extra, expect in (([], None), (["--frontend", "usb", "--lun-read-only",
                                         "--usb-serial", "SER9", "--scsi-vendor", "ACME"],
                                        UsbService)):
-        args = build_parser().parse_args(base + extra)
-        unit = LocalUnit(LocalSettings(disk=args.disk, buffer=args.buffer,
-                                       control=tmp_path / "c.sock", size=args.size,
-                                       buffer_size=args.buffer_size, nbd=None, args=args))
+        settings = settings_from_args(build_parser().parse_args(base + extra))
+        data = DataPath.open(settings.unit)
         try:
-            service = usb_service(unit)
+            services = [s for s in build_services(settings, data) if s.name == "usb"]
             if expect is None:
-                assert service is None
+                assert services == []
             else:
+                (service,) = services
                 assert isinstance(service, UsbService)
                 lu = service.logical_unit
                 assert lu.read_only and lu.serial == b"SER9" and lu.vendor == b"ACME    "
                 assert lu.block_count == (1 << 20) // 512
                 assert service.status()["serving"] is False
         finally:
-            unit.volume.close()
-            unit.mirror.close()
-            unit.cbq_storage.close()
+            data.close()

@@ -5,7 +5,8 @@ The config partition's path comes from --config, else $MIRRORUNIT_CONFIG, else
 DEFAULT_CONFIG_PATH.  With --control, live-applicable changes are pushed to the
 running local unit and the command says which changes need a restart.  Network
 settings are applied to this machine (systemd-networkd) when they change, on the
-card image by default (see firmware/config/network.py).
+card image by default (see firmware/config/network.py).  `config recover` (from a peer)
+comes with the journey link's commands.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .backup import backup_blob, restore_blob
-from .errors import ConfigError, ConfigStoreError, NetworkApplyError, SealError
-from .live import apply_live
-from .network import (
+from ...config.backup import backup_blob, restore_blob
+from ...config.errors import ConfigError, ConfigStoreError, NetworkApplyError, SealError
+from ...config.live import apply_live
+from ...config.network import (
     DEFAULT_NETWORK_FILE,
     DEFAULT_SYS_CLASS_NET,
     ENV_APPLY,
@@ -31,9 +33,9 @@ from .network import (
     apply_by_default,
     apply_network,
 )
-from .password import check_admin_password
-from .schema import Config, format_show
-from .store import (
+from ...config.password import check_admin_password
+from ...config.schema import Config, format_show
+from ...config.store import (
     DEFAULT_CONFIG_PATH,
     ENV_CONFIG,
     ExportFormat,
@@ -41,6 +43,7 @@ from .store import (
     StoreState,
     open_store,
 )
+from .. import standalone
 
 ENV_CONTROL = "MIRRORUNIT_CONTROL"
 
@@ -84,7 +87,14 @@ def network_hook(args: argparse.Namespace) -> NetworkHook | None:
 
 
 def register(sub: Any) -> None:
-    cfg = sub.add_parser("config", help="show and change the unit's configuration")
+    configure(sub.add_parser("config", help="show and change the unit's configuration"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return standalone("mirrorunit config", configure, argv)
+
+
+def configure(cfg: argparse.ArgumentParser) -> None:
     cs = cfg.add_subparsers(dest="config_command", required=True)
 
     sh = cs.add_parser("show", help="every field (secrets as set / not set)")
@@ -143,7 +153,7 @@ def register(sub: Any) -> None:
     rs.add_argument("--stdin", action="store_true", help="read the password from stdin")
     rs.set_defaults(func=cmd_restore)
 
-    # Recovery from a peer is config recovery's command (it needs the journey link).
+    # Recovery from a peer goes over the journey link, which owns that command.
     from firmware.apps.recovery import add_config_recover
 
     add_config_recover(cs)

@@ -18,13 +18,85 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from firmware.units import parse_size
+from .. import standalone
+from ..options import size
 
 DEFAULT_REMOTE_CONTROL = "/run/mirrorunit/remote.sock"
+#: The journey-link port a remote unit listens on (peers name it in their address).
+DEFAULT_LINK_PORT = 7310
 log = logging.getLogger("mirrorunit.remote")
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteSettings:
+    """The remote unit's daemon."""
+
+    listen: tuple[str, int]
+    #: one subdirectory per unit
+    store: Path
+    #: link identity and pinned units; None: STORE/.link-state
+    state_dir: Path | None = None
+    unit_id: str | None = None
+    commit_delay: float | None = None
+    retention_bytes: int | None = None
+    retention_age: float | None = None
+    control: Path = Path(DEFAULT_REMOTE_CONTROL)
+    config: Path | None = None
+    recovery_max_failures: int = 5
+    recovery_window: float = 600.0
+    pairing_max_failures: int = 5
+    pairing_window: float = 600.0
+
+
+def settings_from_args(args: argparse.Namespace) -> RemoteSettings:
+    """`args.listen` and `args.store` are given (the caller checks)."""
+    return RemoteSettings(
+        listen=args.listen, store=args.store, state_dir=args.state_dir, unit_id=args.unit_id,
+        commit_delay=args.commit_delay, retention_bytes=args.retention_bytes,
+        retention_age=args.retention_age, control=args.control, config=args.config,
+        recovery_max_failures=args.recovery_max_failures,
+        recovery_window=args.recovery_window,
+        pairing_max_failures=args.pairing_max_failures, pairing_window=args.pairing_window)
+
+
+def settings_from_config(cfg: Any, *, store_path: str, state_dir: Path, store_dir: Path,
+                         control: str, listen_port: int = DEFAULT_LINK_PORT) -> RemoteSettings:
+    """What the appliance runs: the link on every address, the store on the data
+    partition, this unit's config sealed for its locals.  Nothing else in the Config
+    concerns the daemon's start (the peers it lists are read as they connect)."""
+    del cfg
+    return RemoteSettings(listen=("0.0.0.0", listen_port), store=store_dir,
+                          state_dir=state_dir, config=Path(store_path), control=Path(control))
+
+
+def command_line(s: RemoteSettings) -> list[str]:
+    """The `mirrorunit remote` command line that runs these settings; defaults left out."""
+    d = RemoteSettings(s.listen, s.store)
+    host, port = s.listen
+    argv = ["remote", "--listen", f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            "--store", str(s.store)]
+    if s.state_dir is not None:
+        argv += ["--state-dir", str(s.state_dir)]
+    if s.config is not None:
+        argv += ["--config", str(s.config)]
+    argv += ["--control", str(s.control)]
+    for opt, value, default in (
+            ("--unit-id", s.unit_id, d.unit_id),
+            ("--commit-delay", s.commit_delay, d.commit_delay),
+            ("--retention-bytes", s.retention_bytes, d.retention_bytes),
+            ("--retention-age", s.retention_age, d.retention_age),
+            ("--recovery-max-failures", s.recovery_max_failures, d.recovery_max_failures),
+            ("--recovery-window", s.recovery_window, d.recovery_window),
+            ("--pairing-max-failures", s.pairing_max_failures, d.pairing_max_failures),
+            ("--pairing-window", s.pairing_window, d.pairing_window)):
+        if value != default:
+            argv += [opt, str(value)]
+    return argv
 
 
 def parse_time(text: str) -> int:
@@ -57,15 +129,15 @@ def _hostport(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-
-
 def register(sub: Any) -> None:
-    rp = sub.add_parser("remote", help="run the remote unit or operate its virtual units")
+    configure(sub.add_parser("remote", help="run the remote unit or operate its virtual units"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return standalone("mirrorunit remote", configure, argv)
+
+
+def configure(rp: argparse.ArgumentParser) -> None:
     rp.add_argument("--listen", type=_hostport, metavar="HOST:PORT",
                     help="journey-link address to serve")
     rp.add_argument("--store", type=Path, help="directory holding one subdirectory per unit")
@@ -74,7 +146,7 @@ def register(sub: Any) -> None:
     rp.add_argument("--unit-id", help="this remote's id when its identity is first created")
     rp.add_argument("--commit-delay", type=float, metavar="S",
                     help="hold received writes S seconds before they reach the mirror")
-    rp.add_argument("--retention-bytes", type=_size, metavar="N",
+    rp.add_argument("--retention-bytes", type=size, metavar="N",
                     help="keep at most N bytes of point-in-time history per unit")
     rp.add_argument("--retention-age", type=float, metavar="S",
                     help="keep point-in-time history for S seconds")
@@ -120,12 +192,16 @@ def register(sub: Any) -> None:
     dr.add_argument("--unit", required=True)
     dr.add_argument("--from", dest="t_from", type=parse_time, required=True)
     dr.add_argument("--to", dest="t_to", type=parse_time, required=True)
-    rp.set_defaults(func=main)
+    rp.set_defaults(func=cmd_remote)
 
 
-def main(args: argparse.Namespace) -> int:
+def cmd_remote(args: argparse.Namespace) -> int:
     if args.remote_command is None:
-        return _serve(args)
+        if args.listen is None or args.store is None:
+            print("mirrorunit remote: --listen and --store are required to run the remote "
+                  "unit", file=sys.stderr)
+            return 2
+        return serve(settings_from_args(args))
     from firmware.control import ControlError, call
 
     try:
@@ -236,36 +312,32 @@ def _fmt(ns: int) -> str:
         timespec="milliseconds")
 
 
-def _serve(args: argparse.Namespace) -> int:
+def serve(s: RemoteSettings) -> int:
+    """Run the remote unit until SIGTERM/SIGINT."""
     from firmware.control import ControlServer
+    from firmware.link.recovery import RecoveryLimiter
     from firmware.link.tls import PeerStore, unit_identity
     from firmware.remote.server import RemoteServer, default_remote_state_dir
     from firmware.remote.unit import Retention
 
-    if args.listen is None or args.store is None:
-        print("mirrorunit remote: --listen and --store are required to run the remote unit",
-              file=sys.stderr)
-        return 2
-    state_dir = args.state_dir or default_remote_state_dir(args.store)
-    identity, unit_id = unit_identity(state_dir, args.unit_id)
+    state_dir = s.state_dir or default_remote_state_dir(s.store)
+    identity, unit_id = unit_identity(state_dir, s.unit_id)
     retention = None
-    if args.retention_bytes is not None or args.retention_age is not None:
-        retention = Retention(max_bytes=args.retention_bytes, max_age_s=args.retention_age)
-    from firmware.link.recovery import RecoveryLimiter
-
-    server = RemoteServer(store_dir=args.store, listen=args.listen, identity=identity,
-                          peers=PeerStore.in_dir(state_dir), commit_delay_s=args.commit_delay,
-                          retention=retention, state_dir=state_dir, config_path=args.config,
-                          recovery=RecoveryLimiter(max_failures=args.recovery_max_failures,
-                                                   window_s=args.recovery_window),
+    if s.retention_bytes is not None or s.retention_age is not None:
+        retention = Retention(max_bytes=s.retention_bytes, max_age_s=s.retention_age)
+    server = RemoteServer(store_dir=s.store, listen=s.listen, identity=identity,
+                          peers=PeerStore.in_dir(state_dir), commit_delay_s=s.commit_delay,
+                          retention=retention, state_dir=state_dir, config_path=s.config,
+                          recovery=RecoveryLimiter(max_failures=s.recovery_max_failures,
+                                                   window_s=s.recovery_window),
                           pairing_limiter=RecoveryLimiter(
-                              max_failures=args.pairing_max_failures,
-                              window_s=args.pairing_window, what="pairing"))
+                              max_failures=s.pairing_max_failures,
+                              window_s=s.pairing_window, what="pairing"))
     host, port = server.start()
-    control = ControlServer(args.control, server.handlers())
+    control = ControlServer(s.control, server.handlers())
     control.start()
     log.info("remote unit %s (fingerprint %s) listening on %s:%d, store %s, control %s",
-             unit_id, identity.fingerprint, host, port, args.store, args.control)
+             unit_id, identity.fingerprint, host, port, s.store, s.control)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

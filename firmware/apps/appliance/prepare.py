@@ -1,9 +1,10 @@
-"""Run a role from the unit's own configuration: what the card image's services start.
+"""What a role needs before it runs from the unit's own configuration (the card image's
+services start `mirrorunit appliance local|remote`, firmware/apps/appliance/cli.py).
 
 The console writes one config (firmware/config); the services must not repeat it in
-their command lines.  `mirrorunit appliance local|remote` reads the config slots and the
-storage map first boot wrote (`storage.env`), prepares what the role needs, and runs
-`mirrorunit local` / `mirrorunit remote` with the matching options:
+their command lines.  The appliance reads the config slots and the storage map first boot
+wrote (`storage.env`), prepares what the role needs, and runs the role with settings built
+from the config:
 
 * the link identity stays on the config partition (read-only); the unit gets a working
   copy of its state directory in RAM (key and certificate linked, pinned peers copied),
@@ -17,34 +18,28 @@ storage map first boot wrote (`storage.env`), prepares what the role needs, and 
   partition: a blank partition is formatted (ext4) on first start; one that holds
   anything else is never formatted.
 
-`mirrorunit appliance role-is ROLE` is the services' ExecCondition: the role comes from
-the config (`role`), a unit never configured is a local unit.
+The role comes from the config (`role`); a unit never configured is a local unit.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import shlex
 import shutil
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .fsutil import write_atomic
+from ...fsutil import write_atomic
 
 log = logging.getLogger("mirrorunit.appliance")
 
 #: Where first boot records which devices hold the buffer and the data.
 DEFAULT_STORAGE_ENV = "/config/storage.env"
 DEFAULT_RUN_DIR = "/run/mirrorunit"
-#: The journey-link port a remote unit listens on (peers name it in their address).
-DEFAULT_LINK_PORT = 7310
 #: Only this much of a data partition is looked at to call it blank.
 BLANK_PROBE_BYTES = 1 << 20
 
@@ -88,9 +83,8 @@ def read_storage_env(path: str | os.PathLike[str]) -> Storage:
 def load_config(store_path: str) -> Any:
     """The stored config, or the defaults when the slots are blank or unreadable (the unit
     must keep serving its disk; the console shows the recovery screen meanwhile)."""
-    from .config.cli import open_store
-    from .config.schema import Config
-    from .config.store import StoreState
+    from ...config.schema import Config
+    from ...config.store import StoreState, open_store
 
     loaded = open_store(store_path).load()
     if loaded.state is StoreState.OK and loaded.config is not None:
@@ -115,7 +109,7 @@ def link_dir_of(store_path: str) -> Path:
 def working_state_dir(persistent: Path, work: Path) -> Path:
     """A writable copy of the link state directory: key and certificate linked (never
     copied off the config partition), pinned peers copied."""
-    from .link.tls import CERT_FILE, KEY_FILE, PEERS_FILE
+    from ...link.tls import CERT_FILE, KEY_FILE, PEERS_FILE
 
     work.mkdir(parents=True, exist_ok=True, mode=0o700)
     for name in (KEY_FILE, CERT_FILE):
@@ -138,9 +132,9 @@ def pin_configured_peers(cfg: Any, work: Path, persistent: Path, *,
     """Pin every configured peer whose certificate is not pinned under its fingerprint
     yet, fetching it from the peer's address.  Returns the names of the peers that are
     pinned now (the others are logged and left out of the link until the next start)."""
-    from .config.schema import split_host_port
-    from .link.errors import LinkError
-    from .link.tls import PEERS_FILE, PeerStore, TlsIdentityError, fetch_certificate, fingerprint
+    from ...config.schema import split_host_port
+    from ...link.errors import LinkError
+    from ...link.tls import PEERS_FILE, PeerStore, TlsIdentityError, fetch_certificate, fingerprint
 
     fetch = fetch or (lambda host, port: fetch_certificate(host, port, timeout=10.0))
     store = PeerStore.in_dir(work)
@@ -200,7 +194,7 @@ class PinKeeper:
 
     def __init__(self, work: Path, persistent: Path,
                  remount: Callable[[bool], None] | None, interval: float = 2.0) -> None:
-        from .link.tls import PEERS_FILE
+        from ...link.tls import PEERS_FILE
 
         self.src, self.dst = work / PEERS_FILE, persistent / PEERS_FILE
         self.remount, self.interval = remount, interval
@@ -244,36 +238,6 @@ class PinKeeper:
         self.poll()
 
 
-# --------------------------------------------------------------------------- arguments
-
-
-def local_argv(cfg: Any, storage: Storage, *, store_path: str, state_dir: Path,
-               control: str, peers: Sequence[str]) -> list[str]:
-    """`mirrorunit local` options for this config.  The UPS monitor is a service of its
-    own (`mirrorunit ups`, talking to this unit's control socket), so it is not started
-    inside the unit as well."""
-    argv = ["local", "--frontend", "usb", "--nbd", "",
-            "--disk", storage.data, "--buffer", storage.buffer,
-            "--control", control, "--state-dir", str(state_dir),
-            "--config", store_path,
-            "--cache-mode", str(cfg["cache.mode"]),
-            "--high-water", f"{float(cfg['buffer.high_water']):g}",
-            "--scsi-vendor", str(cfg["scsi.vendor"]),
-            "--scsi-product", str(cfg["scsi.product"])]
-    if cfg["unit.serial"]:
-        argv += ["--usb-serial", str(cfg["unit.serial"])]
-    by_name = {p["name"]: p for p in cfg["peers"]}
-    for name in peers:
-        argv += ["--remote", f"{name}={by_name[name]['address']}"]
-    return argv
-
-
-def remote_argv(cfg: Any, *, store_path: str, state_dir: Path, store_dir: Path,
-                control: str, listen_port: int = DEFAULT_LINK_PORT) -> list[str]:
-    return ["remote", "--listen", f"0.0.0.0:{listen_port}", "--store", str(store_dir),
-            "--state-dir", str(state_dir), "--config", store_path, "--control", control]
-
-
 # --------------------------------------------------------------------------- data partition
 
 
@@ -313,85 +277,3 @@ def mount_store(device: str, mount_point: Path, *, runner: Runner = _run) -> Pat
     if not os.path.ismount(mount_point):
         runner(["mount", "-t", "ext4", "-o", "noatime", device, str(mount_point)])
     return mount_point
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _prepare(args: argparse.Namespace, role: str) -> tuple[list[str], PinKeeper]:
-    """The role's command line, and the keeper of the pins it adds while it runs."""
-    from .config.mount import RemountHook
-    from .config.store import default_config_path
-
-    args.config = args.config or default_config_path()
-    cfg = load_config(args.config)
-    if cfg["role"] != role:
-        raise ApplianceError(f"this unit's role is {cfg['role']!r}, not {role!r}")
-    storage = read_storage_env(args.storage_env)
-    remount = RemountHook(args.config)
-    persistent = link_dir_of(args.config)
-    work = working_state_dir(persistent, Path(args.run_dir) / f"{role}-link")
-    if role == "local":
-        peers = pin_configured_peers(cfg, work, persistent, remount=remount)
-        argv = local_argv(cfg, storage, store_path=args.config, state_dir=work,
-                          control=str(Path(args.run_dir) / "local.sock"), peers=peers)
-    else:
-        store_dir = mount_store(storage.data, Path(args.run_dir) / "store")
-        argv = remote_argv(cfg, store_path=args.config, state_dir=work, store_dir=store_dir,
-                           control=str(Path(args.run_dir) / "remote.sock"),
-                           listen_port=args.link_port)
-    return argv, PinKeeper(work, persistent, remount)
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    try:
-        argv, keeper = _prepare(args, args.role)
-    except ApplianceError as e:
-        print(f"mirrorunit appliance {args.role}: {e}", file=sys.stderr)
-        return 2
-    log.info("starting: mirrorunit %s", shlex.join(argv))
-    if args.dry_run:
-        print(shlex.join(argv))
-        return 0
-    from .cli import main
-
-    keeper.start()
-    try:
-        return main(argv)
-    finally:
-        keeper.stop()
-
-
-def _cmd_role_is(args: argparse.Namespace) -> int:
-    from .config.store import default_config_path
-
-    role = role_of(args.config or default_config_path())
-    if role == args.role:
-        return 0
-    # ExecCondition: 1..254 skips the unit without failing it
-    print(f"mirrorunit: this unit's role is {role!r}, not {args.role!r}; skipping",
-          file=sys.stderr)
-    return 1
-
-
-def register(sub: Any) -> None:
-    from .config.cli import add_config_option
-
-    p = sub.add_parser("appliance", help="run a role from the unit's own configuration "
-                                         "(what the card image's services start)")
-    asub = p.add_subparsers(dest="appliance_command", required=True)
-    for role in ("local", "remote"):
-        r = asub.add_parser(role, help=f"run the {role} unit as configured")
-        add_config_option(r)
-        r.add_argument("--storage-env", default=DEFAULT_STORAGE_ENV, metavar="PATH",
-                       help="the storage map first boot wrote")
-        r.add_argument("--run-dir", default=DEFAULT_RUN_DIR, metavar="DIR")
-        r.add_argument("--link-port", type=int, default=DEFAULT_LINK_PORT, metavar="PORT",
-                       help="(remote) journey-link port to listen on")
-        r.add_argument("--dry-run", action="store_true",
-                       help="print the command it would run and stop")
-        r.set_defaults(func=_cmd_run, role=role)
-    ri = asub.add_parser("role-is", help="exit 0 if this unit's configured role is ROLE")
-    add_config_option(ri)
-    ri.add_argument("role", choices=("local", "remote"))
-    ri.set_defaults(func=_cmd_role_is)

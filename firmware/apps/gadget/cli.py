@@ -1,4 +1,4 @@
-"""`mirrorunit gadget up|down|status` and the USB options of `mirrorunit local`.
+"""`mirrorunit gadget up|down|status`: the USB gadget in configfs, outside a running unit.
 
 Every configfs, sysfs and mount path comes from the options (defaults are the
 real ones), so the same commands run against a scratch tree in tests.
@@ -11,34 +11,18 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from firmware.usb_gadget.configfs import Gadget, GadgetError, GadgetSettings, gadget_down, gadget_up
-from firmware.usb_gadget.functionfs import FunctionFsError, mount_functionfs
+from ...usb_gadget.configfs import Gadget, GadgetError, GadgetSettings, gadget_down, gadget_up
+from ...usb_gadget.functionfs import FunctionFsError, mount_functionfs
+from .. import standalone
+from ..options import ascii_text, u16
 
 log = logging.getLogger("mirrorunit.gadget")
 
 _DEFAULTS = GadgetSettings()
-
-
-def _u16(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text}: not a number (e.g. 0x1d6b)") from e
-    if not 0 <= value <= 0xFFFF:
-        raise argparse.ArgumentTypeError(f"{text}: must fit in 16 bits")
-    return value
-
-
-def _ascii(width: int) -> Any:
-    def check(text: str) -> str:
-        if not text.isascii() or len(text) > width or not text.isprintable():
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: at most {width} printable ASCII characters")
-        return text
-    return check
 
 
 def add_gadget_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -55,13 +39,14 @@ def add_gadget_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     g.add_argument(f"--{prefix}gadget-name", default=d.gadget_name, dest="usb_gadget_name")
     g.add_argument(f"--{prefix}udc", default=None, dest="usb_udc",
                    help="UDC to bind to (default: the first one listed)")
-    g.add_argument(f"--{prefix}vid", type=_u16, default=d.id_vendor, dest="usb_vid",
+    g.add_argument(f"--{prefix}vid", type=u16, default=d.id_vendor, dest="usb_vid",
                    help="idVendor (default 0x%(default)04x)")
-    g.add_argument(f"--{prefix}pid", type=_u16, default=d.id_product, dest="usb_pid",
+    g.add_argument(f"--{prefix}pid", type=u16, default=d.id_product, dest="usb_pid",
                    help="idProduct (default 0x%(default)04x)")
     g.add_argument(f"--{prefix}manufacturer", default=d.manufacturer, dest="usb_manufacturer")
     g.add_argument(f"--{prefix}product", default=d.product, dest="usb_product")
-    g.add_argument(f"--{prefix}serial", type=_ascii(64), default=d.serial_number, dest="usb_serial",
+    g.add_argument(f"--{prefix}serial", type=ascii_text(64), default=d.serial_number,
+                   dest="usb_serial",
                    help="USB serial number string (also the SCSI serial unless "
                         "--scsi-serial is given)")
 
@@ -81,26 +66,15 @@ def gadget_settings(args: argparse.Namespace) -> GadgetSettings:
     )
 
 
-def extend_local(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--frontend", choices=("nbd", "usb"), default="nbd",
-                   help="'usb' also serves the volume as a USB disk through the gadget "
-                        "(NBD keeps running unless --nbd '' is given)")
-    add_gadget_options(p, prefix="usb-")
-    s = p.add_argument_group("SCSI logical unit (USB front end)")
-    s.add_argument("--scsi-vendor", type=_ascii(8), default="MirrorUn",
-                   help="INQUIRY vendor, 8 ASCII max")
-    s.add_argument("--scsi-product", type=_ascii(16), default="MirrorUnit Disk",
-                   help="INQUIRY product, 16 ASCII max")
-    s.add_argument("--scsi-revision", type=_ascii(4), default="0001",
-                   help="INQUIRY revision, 4 ASCII max")
-    s.add_argument("--scsi-serial", type=_ascii(64), default=None,
-                   help="unit serial number (VPD 0x80; default: the USB serial)")
-    s.add_argument("--lun-read-only", action="store_true",
-                   help="present the volume write-protected to the USB host")
-
-
 def register(sub: Any) -> None:
-    gp = sub.add_parser("gadget", help="create or remove the USB gadget in configfs")
+    configure(sub.add_parser("gadget", help="create or remove the USB gadget in configfs"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return standalone("mirrorunit gadget", configure, argv)
+
+
+def configure(gp: argparse.ArgumentParser) -> None:
     gs = gp.add_subparsers(dest="gadget_command", required=True)
     up = gs.add_parser("up", help="create the gadget tree and mount its FunctionFS "
                                   "(binding happens when `local --frontend usb` serves)")
@@ -163,14 +137,3 @@ def _cmd_status(args: argparse.Namespace) -> int:
                  f"bound to {status['udc']}" if status["udc"] else "present, unbound")
               + (", FunctionFS mounted" if status["functionfs_mounted"] else ""))
     return 0
-
-
-def _register_service() -> None:
-    from firmware.local.unit import SERVICE_FACTORIES
-    from firmware.usb_gadget.service import usb_service
-
-    if usb_service not in SERVICE_FACTORIES:
-        SERVICE_FACTORIES.append(usb_service)
-
-
-_register_service()

@@ -5,17 +5,41 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from ..config import StoreState
-from .daemon import DEFAULT_RATE_LIMIT_S, Notifier, test_event
-from .senders import build_senders, deliver
+from ...config import StoreState
+from ...notify.daemon import DEFAULT_RATE_LIMIT_S, Notifier, test_event
+from ...notify.senders import build_senders, deliver
+from .. import DEFAULT_CONTROL, standalone
 
-DEFAULT_CONTROL = "/run/mirrorunit/local.sock"
+
+@dataclass(frozen=True, slots=True)
+class NotifySettings:
+    control: str = DEFAULT_CONTROL
+    #: the UPS monitor's socket, when it runs as its own process
+    ups_control: str | None = None
+    #: the config partition (None: the default one)
+    config: str | None = None
+    rate_limit_s: float = DEFAULT_RATE_LIMIT_S
+
+
+def settings_from_args(args: argparse.Namespace) -> NotifySettings:
+    return NotifySettings(control=args.control, ups_control=args.ups_control,
+                          config=args.config, rate_limit_s=args.rate_limit)
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("notify", help="send SNMP traps and e-mail when the mirror is at risk")
+    configure(sub.add_parser(
+        "notify", help="send SNMP traps and e-mail when the mirror is at risk"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return standalone("mirrorunit notify", configure, argv)
+
+
+def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control", default=DEFAULT_CONTROL, metavar="SOCKET",
                    help="the local unit's control socket")
     p.add_argument("--ups-control", default=None, metavar="SOCKET",
@@ -31,10 +55,14 @@ def register(sub: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ..config.cli import open_store
+    return run(settings_from_args(args))
 
-    notifier = Notifier(open_store(args.config), args.control, ups_control=args.ups_control,
-                        rate_limit_s=args.rate_limit)
+
+def run(s: NotifySettings) -> int:
+    from ...config.store import open_store
+
+    notifier = Notifier(open_store(s.config), s.control, ups_control=s.ups_control,
+                        rate_limit_s=s.rate_limit_s)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: notifier.stop())
     notifier.run()
@@ -42,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from ..config.cli import open_store
+    from ...config.store import open_store
 
     loaded = open_store(args.config).load()
     if loaded.state is not StoreState.OK or loaded.config is None:

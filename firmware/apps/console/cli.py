@@ -5,14 +5,25 @@ from __future__ import annotations
 import argparse
 import hashlib
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-DEFAULT_CONTROL = "/run/mirrorunit/local.sock"
+from .. import DEFAULT_CONTROL, standalone
+
+if TYPE_CHECKING:
+    from ...console.app import ConsoleSettings
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("console", help="setup utility for the front-panel console")
+    configure(sub.add_parser("console", help="setup utility for the front-panel console"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return standalone("mirrorunit console", configure, argv)
+
+
+def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, metavar="PATH", help="config partition")
     p.add_argument("--control", default=DEFAULT_CONTROL, metavar="SOCKET",
                    help="the local unit's control socket")
@@ -36,7 +47,7 @@ def register(sub: Any) -> None:
                    help="change the SSH files only; do not start or stop ssh.service")
     p.add_argument("--cert", default=None, metavar="PEM",
                    help="this unit's certificate, to show its fingerprint")
-    from ..config.cli import add_network_options
+    from ..config import add_network_options
 
     add_network_options(p)
     p.set_defaults(func=cmd_console)
@@ -64,21 +75,22 @@ def _ssh_service(argv: Any) -> None:
         raise RuntimeError(r.stderr.strip() or f"exit {r.returncode}")
 
 
-def cmd_console(args: argparse.Namespace) -> int:
-    from ..config.backup import file_source
-    from ..config.cli import network_hook, open_store
-    from .app import ConsoleSettings, command_log, file_log, run_console
+def settings_from_args(args: argparse.Namespace) -> ConsoleSettings:
+    from ...config.backup import file_source
+    from ...config.store import open_store
+    from ...console.app import ConsoleSettings, command_log, file_log
+    from ..config import network_hook
 
     store = open_store(args.config)
     state_dir = Path(args.state_dir) if args.state_dir else \
         Path(store.settings.path).resolve().parent / "link"
     try:
-        from ..recovery import PeerRecovery
+        from ...recovery import PeerRecovery
 
         recovery: Any = PeerRecovery(store, state_dir)
     except ImportError:  # a build without the journey link
         recovery = None
-    settings = ConsoleSettings(
+    return ConsoleSettings(
         store=store, control=args.control, ups_control=args.ups_control, peer_recovery=recovery,
         reboot=shlex.split(args.reboot_command), poweroff=shlex.split(args.poweroff_command),
         log_lines=file_log(args.log_file) if args.log_file else command_log(args.log_command),
@@ -87,6 +99,12 @@ def cmd_console(args: argparse.Namespace) -> int:
         ssh_dir=Path(args.ssh_dir) if args.ssh_dir else
         Path(store.settings.path).resolve().parent,
         ssh_runner=None if args.no_ssh_service else _ssh_service)
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from ...console.app import run_console
+
+    settings = settings_from_args(args)
     try:
         run_console(settings)
     except KeyboardInterrupt:

@@ -1,5 +1,5 @@
 """`mirrorunit ups` (run the monitor against a local unit) and `mirrorunit ups status`;
-`mirrorunit local --ups-config PATH` runs it inside the local unit instead."""
+`mirrorunit local --ups-config PATH` runs it inside the local unit instead (apps/local)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,42 @@ import argparse
 import json
 import signal
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from ..control import ControlError, call
-from .service import DEFAULT_POWEROFF, DEFAULT_UPS_CONTROL, UpsProcess, UpsService, command_hook
+from ...control import ControlError, call
+from ...ups.service import DEFAULT_POWEROFF, DEFAULT_UPS_CONTROL, UpsProcess, command_hook
+from .. import DEFAULT_CONTROL, standalone
 
-DEFAULT_CONTROL = "/run/mirrorunit/local.sock"
+
+@dataclass(frozen=True, slots=True)
+class UpsSettings:
+    """The monitor as its own process, on a local unit's control socket."""
+
+    control: str = DEFAULT_CONTROL
+    #: the config partition (None: the default one)
+    config: str | None = None
+    ups_control: str = DEFAULT_UPS_CONTROL
+    interval: float = 2.0
+    poweroff_command: str = DEFAULT_POWEROFF
+
+
+def settings_from_args(args: argparse.Namespace) -> UpsSettings:
+    return UpsSettings(control=args.control, config=args.config, ups_control=args.ups_control,
+                       interval=args.interval, poweroff_command=args.poweroff_command)
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("ups", help="UPS monitor: flush the write cache and power off on "
-                                   "mains loss")
+    configure(sub.add_parser("ups", help="UPS monitor: flush the write cache and power off "
+                                         "on mains loss"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return standalone("mirrorunit ups", configure, argv)
+
+
+def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control", default=DEFAULT_CONTROL, metavar="SOCKET",
                    help="the local unit's control socket")
     p.add_argument("--config", default=None, metavar="PATH", help="config partition")
@@ -33,32 +58,16 @@ def register(sub: Any) -> None:
     st.set_defaults(func=cmd_status)
 
 
-def extend_local(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ups-config", default=None, metavar="PATH",
-                        help="run the UPS monitor inside the unit with this config's ups.*")
-    parser.add_argument("--ups-poweroff-command", default=DEFAULT_POWEROFF)
-    from ..local.unit import SERVICE_FACTORIES
-
-    if _local_factory not in SERVICE_FACTORIES:
-        SERVICE_FACTORIES.append(_local_factory)
-
-
-def _local_factory(unit: Any) -> UpsService | None:
-    args = unit.settings.args
-    path = getattr(args, "ups_config", None)
-    if not path:
-        return None
-    from ..config.cli import open_store
-
-    return UpsService(unit, open_store(path), command_hook(args.ups_poweroff_command))
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from ..config.cli import open_store
+    return run(settings_from_args(args))
+
+
+def run(s: UpsSettings) -> int:
+    from ...config.store import open_store
 
     try:
-        proc = UpsProcess(open_store(args.config), args.control, ups_control=args.ups_control,
-                          poweroff=command_hook(args.poweroff_command), interval=args.interval)
+        proc = UpsProcess(open_store(s.config), s.control, ups_control=s.ups_control,
+                          poweroff=command_hook(s.poweroff_command), interval=s.interval)
         proc.start()
     except (ControlError, OSError) as e:
         print(f"mirrorunit ups: {e}", file=sys.stderr)
