@@ -298,7 +298,8 @@ def mark_updated(root: Path) -> None:
 def check_imports(ctx: Context) -> str:
     """Import our package and its dependencies with the root's own arm64 python3."""
     code = ("import platform, cbor2, crc32c, cryptography, zstandard, smbus2, firmware, "
-            "firmware.cli, RPi.GPIO, lgpio; from cryptography.hazmat.primitives.asymmetric import ec; "
+            "firmware.cli, RPi.GPIO, lgpio; "
+            "from cryptography.hazmat.primitives.asymmetric import ec; "
             "ec.generate_private_key(ec.SECP256R1()); firmware.cli.build_parser(); "
             "print(platform.machine(), firmware.__version__)")
     # rpi-lgpio reads the board revision at import; the build host has no Pi device tree
