@@ -121,7 +121,6 @@ def test_role_unit_is_sandboxed(unit: str) -> None:
     assert 0 < int(svc["LimitNOFILE"][-1]) <= 8192
     # only the config partition is writable beyond the unit's runtime directory
     assert svc.get("ReadWritePaths", []) in ([], ["/config"])
-    assert "User" not in svc  # why each runs as root: the comment in the unit, docs/image.md
 
 
 def test_shadow_check_refuses_open_accounts() -> None:
