@@ -51,7 +51,17 @@ DISABLED_UNITS = ["apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.tim
 MASKED_UNITS = ["systemd-firstboot.service", "console-getty.service",
                 "systemd-networkd-wait-online.service", "debug-shell.service",
                 "systemd-random-seed.service", "ldconfig.service",
-                "systemd-update-done.service", "autovt@.service"]
+                "systemd-update-done.service", "autovt@.service",
+                # sulogin on the console: with root locked it is a dead end, and the setup
+                # console must stay the only way in whatever failed at boot
+                "emergency.service", "rescue.service"]
+#: Python packages only the image has (the board's hardware), pinned like the dependencies
+IMAGE_PACKAGES = HERE / "python-packages.txt"
+
+
+#: what rpi-lgpio needs to import off a Pi: a board revision (a Pi 4 B, 4 GB) and a directory
+#: for lgpio's notification pipe (it defaults to the working directory, read-only here)
+GPIO_IMPORT_ENV = {"RPI_LGPIO_REVISION": "c03111", "LG_WD": "/tmp"}
 
 
 class BuildError(RuntimeError):
@@ -131,6 +141,16 @@ def pinned_dependencies() -> list[str]:
     return list(deps)
 
 
+def image_packages() -> list[str]:
+    """Pins from image/python-packages.txt (one `name==version` a line, '#' comments)."""
+    pins = [ln.split("#", 1)[0].strip() for ln in IMAGE_PACKAGES.read_text().splitlines()]
+    pins = [p for p in pins if p]
+    for d in pins:
+        if "==" not in d:
+            raise BuildError(f"image package {d!r} is not pinned (name==version)")
+    return pins
+
+
 def install_python(ctx: Context) -> None:
     target = ctx.root / PYLIB.lstrip("/")
     target.mkdir(parents=True, exist_ok=True)
@@ -139,7 +159,7 @@ def install_python(ctx: Context) -> None:
     plat = [a for p in PLATFORMS for a in ("--platform", p)]
     common = [*plat, "--python-version", PYVER, "--implementation", "cp", "--abi",
               f"cp{PYVER.replace('.', '')}", "--only-binary=:all:"]
-    deps = pinned_dependencies()
+    deps = pinned_dependencies() + image_packages()
     # Download once into the cache, then install from it without the index.
     sh([sys.executable, "-m", "pip", "download", "-q", "--dest", str(wheels), *common, *deps])
     sh([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels),
@@ -192,7 +212,10 @@ def install_files(ctx: Context) -> None:
         "# (/run, /tmp, the /var overlay) except /config, which the config service\n"
         "# remounts read-write only while it writes.\n"
         "LABEL=MU-BOOT    /boot/firmware vfat  ro,nofail,noexec,nodev,nosuid,umask=0022 0 0\n"
-        "LABEL=MU-CONFIG  /config        ext4  ro,nodev,nosuid,noexec,"
+        # nofail: a missing or broken config partition must not fail local-fs.target, which
+        # would isolate to emergency.target; the roles then skip (no storage map) and the
+        # setup console offers recovery.
+        "LABEL=MU-CONFIG  /config        ext4  ro,nofail,nodev,nosuid,noexec,"
         "x-systemd.device-timeout=30s 0 2\n"
         "tmpfs            /tmp           tmpfs mode=1777,nodev,nosuid,size=64M 0 0\n")
     (etc / "mirrorunit").mkdir(exist_ok=True)
@@ -200,10 +223,32 @@ def install_files(ctx: Context) -> None:
     (etc / "hostname").write_text("mirrorunit\n")
     _symlink(etc / "resolv.conf", "/run/systemd/resolve/stub-resolv.conf")
     _symlink(etc / "wpa_supplicant/wpa_supplicant-wlan0.conf", "/config/wifi/wpa_supplicant.conf")
-    hashed = [ln.split(":")[0] for ln in (etc / "shadow").read_text().splitlines()
-              if ln.split(":")[1][:1] not in ("*", "!", "")]
-    if hashed:
-        raise BuildError(f"accounts with a password in the base root: {hashed}")
+    lock_accounts(etc / "shadow")
+
+
+def lock_accounts(shadow: Path) -> None:
+    """Root gets a locked password field; any account that could log in fails the build.
+
+    An empty field means "no password" to PAM and sulogin, so it is refused like a hash:
+    every field must be locked ('*' or '!' first)."""
+    lines = shadow.read_text().splitlines()
+    out = []
+    for ln in lines:
+        f = ln.split(":")
+        if f[0] == "root" and f[1] in ("", "*"):
+            f[1] = "!*"
+        out.append(":".join(f))
+    shadow.write_text("\n".join(out) + "\n")
+    check_shadow(shadow.read_text())
+
+
+def check_shadow(text: str) -> None:
+    entries = [ln.split(":") for ln in text.splitlines() if ln]
+    if "root" not in [f[0] for f in entries]:
+        raise BuildError("no root entry in /etc/shadow")
+    open_ = [f[0] for f in entries if len(f) < 2 or f[1][:1] not in ("*", "!")]
+    if open_:
+        raise BuildError(f"accounts with a password or an empty password field: {open_}")
 
 
 def _symlink(path: Path, target: str) -> None:
@@ -253,11 +298,14 @@ def mark_updated(root: Path) -> None:
 def check_imports(ctx: Context) -> str:
     """Import our package and its dependencies with the root's own arm64 python3."""
     code = ("import platform, cbor2, crc32c, cryptography, zstandard, smbus2, firmware, "
-            "firmware.cli; from cryptography.hazmat.primitives.asymmetric import ec; "
+            "firmware.cli, RPi.GPIO, lgpio; "
+            "from cryptography.hazmat.primitives.asymmetric import ec; "
             "ec.generate_private_key(ec.SECP256R1()); firmware.cli.build_parser(); "
             "print(platform.machine(), firmware.__version__)")
+    # rpi-lgpio reads the board revision at import; the build host has no Pi device tree
+    env = {**os.environ, **GPIO_IMPORT_ENV}
     out = sh(["chroot", str(ctx.root), "/usr/bin/python3", "-c", code],
-             capture_output=True).stdout.strip()
+             capture_output=True, env=env).stdout.strip()
     if not out.startswith("aarch64 "):
         raise BuildError(f"import check printed {out!r}")
     return out

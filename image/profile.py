@@ -170,8 +170,11 @@ def render_config_txt(board: Board, version: str) -> str:
 
 
 def render_cmdline(board: Board, root_partuuid: str, console: str | None = None) -> str:
-    """One line; `ro` keeps the root untouched, the squashfs is mounted read-only anyway."""
+    """One line; `ro` keeps the root untouched, the squashfs is mounted read-only anyway.
+
+    `panic=10`: the initramfs reboots after 10 s where it would otherwise open a root shell
+    on the console (root not found), and so does the kernel after a panic."""
     serial = console or f"{board.serial_console},{board.serial_baud}"
     args = ["console=tty1", f"console={serial}", f"root=PARTUUID={root_partuuid}",
-            "rootfstype=squashfs", "ro", *board.cmdline]
+            "rootfstype=squashfs", "ro", "panic=10", *board.cmdline]
     return " ".join(args) + "\n"

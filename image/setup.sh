@@ -15,6 +15,7 @@ packages=(
     xz-utils            # xz: the compressed image
     qemu-system-arm     # qemu-system-aarch64: the boot test (virt machine, TCG)
     device-tree-compiler  # fdtput/fdtget: dwc2 peripheral mode patched into the board's DTB
+    systemd             # systemd-analyze security --offline: the role units' exposure scores
 )
 "$(dirname "$0")/../scripts/apt-ensure.sh" image/setup "${packages[@]}"
 # qemu-user-static registers its interpreters only where binfmt_misc is mounted.

@@ -105,6 +105,7 @@ def test_cmdline_is_read_only_and_points_at_slot_a(bootfs: Path) -> None:
     assert "ro" in words and "rw" not in words
     assert f"root=PARTUUID={layout.partuuid(2)}" in words
     assert "rootfstype=squashfs" in words
+    assert "panic=10" in words  # the initramfs reboots instead of opening a shell
 
 
 def test_boot_partition_has_firmware_kernel_and_device_mode_dtb(bootfs: Path) -> None:
@@ -356,3 +357,77 @@ def test_release_files() -> None:
     assert 0 < mapped < int(bmap.findtext("BlocksCount") or 0)  # the empty slot B is skipped
     digest, name = Path(str(xz) + ".sha256").read_text().split()
     assert name == xz.name and digest == hashlib.sha256(xz.read_bytes()).hexdigest()
+
+
+def test_root_is_locked_and_no_account_is_open(rootfs: Path) -> None:
+    entries = [ln.split(":") for ln in (rootfs / "etc/shadow").read_text().splitlines() if ln]
+    fields = {f[0]: f[1] for f in entries}
+    assert fields["root"][:1] in ("!", "*"), "root's password is not locked"
+    # an empty field is no password at all to PAM and sulogin
+    assert [n for n, f in fields.items() if f[:1] not in ("!", "*")] == []
+
+
+def test_no_shell_behind_a_failed_boot(rootfs: Path) -> None:
+    """emergency/rescue (sulogin) are masked, nothing else runs sulogin, and a failed
+    /config mount does not fail local-fs.target (whose OnFailure= is emergency.target)."""
+    etc = rootfs / "etc/systemd/system"
+    for unit in ("emergency.service", "rescue.service", "debug-shell.service"):
+        assert os.readlink(etc / unit) == "/dev/null", unit
+    units = rootfs / "usr/lib/systemd/system"
+    sulogin = {u.name for u in units.glob("*.service") if not u.is_symlink()
+               and re.search(r"^Exec\w+=.*sulogin", u.read_text(), re.M)}
+    assert sulogin and sulogin <= set(build.MASKED_UNITS), sulogin
+    config = [e for e in _mount_entries(rootfs) if e[1] == "/config"]
+    assert len(config) == 1 and "nofail" in config[0][3]
+    # what needs /config does not start without it, and its failure does nothing more
+    for unit in units.glob("mirrorunit-*.service"):
+        text = unit.read_text()
+        assert not re.search(r"^(OnFailure|FailureAction|SuccessAction)=", text, re.M), unit
+    assert "emergency.target" in (units / "local-fs.target").read_text()
+
+
+#: `systemd-analyze security` exposure of each sandboxed unit, at most (0 safe .. 10 unsafe);
+#: before the sandboxing every one scored 9.6 ("UNSAFE")
+EXPOSURE_AT_MOST = {
+    "mirrorunit-local.service": 3.5,
+    "mirrorunit-remote.service": 3.5,
+    "mirrorunit-notify.service": 2.5,
+    "mirrorunit-ups.service": 2.0,
+}
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None and not REQUIRED,
+                    reason="systemd-analyze missing")
+def test_sandboxed_units_exposure(rootfs: Path) -> None:
+    scores = {}
+    for unit in sorted(EXPOSURE_AT_MOST):
+        r = subprocess.run(["systemd-analyze", "security", "--offline=true",
+                            f"--root={rootfs}", "--no-pager", unit],
+                           capture_output=True, text=True, timeout=60)
+        m = re.search(rf"Overall exposure level for {re.escape(unit)}: (\d+\.\d+) (\w+)",
+                      r.stdout)
+        assert m, r.stdout[-2000:] + r.stderr
+        scores[unit] = (float(m[1]), m[2])
+    print("systemd-analyze security:", ", ".join(f"{u} {s} {lvl}"
+                                                 for u, (s, lvl) in scores.items()))
+    for unit, (score, _) in scores.items():
+        assert score <= EXPOSURE_AT_MOST[unit], (unit, score)
+
+
+@needs_qemu_user
+def test_rpi_gpio_is_rpi_lgpio_on_aarch64(rootfs: Path) -> None:
+    code = ("import json, importlib.metadata as md, RPi.GPIO, lgpio\n"
+            "from firmware.ups.drivers import import_rpi_gpio\n"
+            "assert import_rpi_gpio() is RPi.GPIO\n"
+            "print(json.dumps({'file': RPi.GPIO.__file__,"
+            " 'dists': md.packages_distributions()['RPi'],"
+            " 'version': md.version('rpi-lgpio'), 'board': RPi.GPIO.RPI_INFO['TYPE']}))")
+    env = {**os.environ, **build.GPIO_IMPORT_ENV}
+    r = subprocess.run(["chroot", str(rootfs), "/usr/bin/python3", "-c", code],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["file"] == f"{build.PYLIB}/RPi/GPIO/__init__.py"
+    assert got["dists"] == ["rpi-lgpio"]  # not the original RPi.GPIO, which needs sysfs GPIO
+    assert got["version"] == dict(p.split("==") for p in build.image_packages())["rpi-lgpio"]
+    assert got["board"] == "Pi 4 Model B"

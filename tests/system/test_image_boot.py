@@ -200,6 +200,16 @@ def test_boot_to_console(tmp_path: Path) -> None:
     cert = re.search(r"^([0-9a-f]{64})  /config/link/link-cert.pem$",
                      _section(report, "identity"), re.M)
     assert cert, "first boot made no link identity"
+    # no shell behind a failed boot, and root locked (docs/image.md, "Locked down")
+    locked = _section(report, "locked")
+    for unit in ("emergency.service", "rescue.service", "debug-shell.service"):
+        assert f"load {unit} masked" in locked, locked
+    assert re.search(r"^root root L ", locked, re.M), locked
+    # the UPS power-loss driver through RPi.GPIO (rpi-lgpio) on the virt machine's PL061
+    gpio = _section(report, "ups gpio")
+    print(gpio)
+    assert f"gpio module {build.PYLIB}/RPi/GPIO/__init__.py" in gpio, gpio
+    assert re.search(r"^ups: power-loss input on BCM 6 \(active low", gpio, re.M), gpio
 
     # Power cut (the guest was killed), then the same card again: first boot is not redone,
     # the identity and the partitions it made are kept, and the root came back untouched.

@@ -97,3 +97,54 @@ def test_every_shipped_unit_is_enabled_or_deliberately_not() -> None:
     shipped = {p.name for p in UNITS.glob("*.*")}
     helpers = {"mirrorunit-overlay-dirs.service"}  # pulled in by var.mount
     assert shipped - helpers <= set(build.ENABLED_UNITS)
+
+
+#: unit -> the capabilities it keeps (docs/image.md, "Locked down")
+SANDBOXED = {
+    "mirrorunit-local.service": {"CAP_SYS_ADMIN"},
+    "mirrorunit-remote.service": {"CAP_SYS_ADMIN"},
+    "mirrorunit-notify.service": set(),
+    "mirrorunit-ups.service": set(),
+}
+
+
+@pytest.mark.parametrize("unit", sorted(SANDBOXED))
+def test_role_unit_is_sandboxed(unit: str) -> None:
+    svc = read_unit(UNITS / unit)["Service"]
+    for key, value in (("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"),
+                       ("ProtectHome", "yes"), ("PrivateTmp", "yes")):
+        assert svc.get(key) == [value], (unit, key)
+    caps = set(svc["CapabilityBoundingSet"][-1].split())
+    assert caps == SANDBOXED[unit]
+    assert "AmbientCapabilities" not in svc or svc["AmbientCapabilities"] == [""]
+    assert 0 < int(svc["TasksMax"][-1]) <= 1024
+    assert 0 < int(svc["LimitNOFILE"][-1]) <= 8192
+    # only the config partition is writable beyond the unit's runtime directory
+    assert svc.get("ReadWritePaths", []) in ([], ["/config"])
+
+
+def test_shadow_check_refuses_open_accounts() -> None:
+    locked = "root:!*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n"
+    build.check_shadow(locked)
+    for bad in ("root::19000:0:99999:7:::\n",  # empty: no password at all
+                "root:!*:19000::::::\nbin::19000::::::\n",
+                "root:$y$j9T$abc$def:19000::::::\n",
+                "daemon:*:19000::::::\n"):  # no root entry to have locked
+        with pytest.raises(build.BuildError):
+            build.check_shadow(bad)
+
+
+def test_lock_accounts_locks_root(tmp_path: Path) -> None:
+    shadow = tmp_path / "shadow"
+    for field in ("", "*"):
+        shadow.write_text(f"root:{field}:19000:0:99999:7:::\nnobody:*:19000::::::\n")
+        build.lock_accounts(shadow)
+        assert shadow.read_text().splitlines()[0].split(":")[1] == "!*"
+    shadow.write_text("root:$6$salt$hash:19000::::::\n")
+    with pytest.raises(build.BuildError):
+        build.lock_accounts(shadow)
+
+
+def test_image_packages_are_pinned_and_bring_rpi_gpio() -> None:
+    pins = dict(p.split("==") for p in build.image_packages())
+    assert pins["rpi-lgpio"] == "0.6" and "lgpio" in pins
