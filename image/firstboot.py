@@ -175,7 +175,7 @@ def _size(v: str | int) -> int:
 
 def create_identity(config_dir: Path, unit_id: str) -> str:
     """The link's key and self-signed certificate, created by the firmware's own code."""
-    from firmware.link.cli import unit_identity
+    from firmware.link.tls import unit_identity
 
     identity, name = unit_identity(config_dir / "link", unit_id)
     return f"{name} {identity.fingerprint}"

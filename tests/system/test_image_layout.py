@@ -241,3 +241,13 @@ def test_hostname_keeps_the_serial_first_boot_used(tmp_path: Path) -> None:
     assert firstboot.hostname_for(firstboot.stored_serial(cfg) or "") == "mirrorunit-89abcdef"
     (cfg / "firstboot.done").write_text("serial not-hex\n")
     assert firstboot.stored_serial(cfg) is None
+
+
+def test_first_boot_creates_the_link_identity_with_the_firmware(tmp_path: Path) -> None:
+    # first boot imports the firmware's identity code; a moved module must not leave the
+    # card without a link identity (the roles refuse to start without one)
+    line = firstboot.create_identity(tmp_path, "mirrorunit-0badcafe")
+    name, fp = line.split()
+    assert name == "mirrorunit-0badcafe" and len(fp.replace(":", "")) == 64
+    assert (tmp_path / "link" / "link-key.pem").exists()
+    assert (tmp_path / "link" / "link-cert.pem").exists()
