@@ -140,3 +140,40 @@ def accept_failure_is_transient(exc: OSError) -> bool:
     """True when an accept() failure should not end the accept loop: the process
     is short of a resource (back off and retry) or one client vanished."""
     return exc.errno in RESOURCE_ERRNOS or exc.errno in TRANSIENT_ERRNOS
+
+
+class ByteBudget:
+    """Bytes a listener's clients may hold at once, shared by all its connections:
+    a request waits for its share instead of allocating at the word of a client."""
+
+    def __init__(self, total: int) -> None:
+        if total < 1:
+            raise ValueError("a byte budget must be positive")
+        self.total = total
+        self._free = total
+        self._cond = threading.Condition()
+        #: The most bytes ever held at once.
+        self.peak = 0
+
+    @property
+    def held(self) -> int:
+        with self._cond:
+            return self.total - self._free
+
+    def acquire(self, n: int, timeout: float | None) -> bool:
+        """Take `n` bytes (at most the total), waiting up to `timeout`; False if
+        they did not come free in time."""
+        if not 0 < n <= self.total:
+            raise ValueError(f"cannot take {n} bytes of a {self.total}-byte budget")
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._free >= n, timeout):
+                return False
+            self._free -= n
+            self.peak = max(self.peak, self.total - self._free)
+            return True
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self._free += n
+            assert self._free <= self.total, "released more than was taken"
+            self._cond.notify_all()
