@@ -4,6 +4,7 @@ connection, an idle timeout after the handshake, connection caps."""
 from __future__ import annotations
 
 import socket
+import struct
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -14,7 +15,23 @@ import pytest
 from firmware.blockdev import FileBlockDevice
 from firmware.limits import ListenerLimits
 from firmware.nbd.client import NbdClient
-from firmware.nbd.protocol import MAX_REQUEST_SIZE, NBD_CMD_WRITE, build_request
+from firmware.nbd.protocol import (
+    MAX_REQUEST_SIZE,
+    NBD_CMD_FLUSH,
+    NBD_CMD_WRITE,
+    NBD_FLAG_C_FIXED_NEWSTYLE,
+    NBD_FLAG_C_NO_ZEROES,
+    NBD_INFO_BLOCK_SIZE,
+    NBD_OPT_GO,
+    ExportInfo,
+    FlushRequest,
+    HandshakeComplete,
+    LocalProtocolError,
+    NbdServerConnection,
+    WriteRequest,
+    build_info_request,
+    build_request,
+)
 from firmware.nbd.server import WRITE_BUDGET, NbdServer
 
 NAME = "mirrorunit"
@@ -115,3 +132,45 @@ def test_connections_over_the_per_source_cap_are_closed(device: FileBlockDevice)
             assert again.read(0, 512) == bytes(512)
         for c in held:
             c.close()
+
+
+# -- the sans-IO core's metered payloads
+
+
+def _metered_transmission() -> NbdServerConnection:
+    conn = NbdServerConnection(
+        ExportInfo(name=NAME, size=64 * MiB, min_block_size=512), metered_payloads=True)
+    conn.data_to_send()
+    conn.receive_data(struct.pack(">I", NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES))
+    [done] = conn.receive_data(build_info_request(NBD_OPT_GO, NAME, (NBD_INFO_BLOCK_SIZE,)))
+    assert isinstance(done, HandshakeComplete)
+    conn.data_to_send()
+    return conn
+
+
+def test_a_metered_write_allocates_nothing_until_granted() -> None:
+    conn = _metered_transmission()
+    header = build_request(NBD_CMD_WRITE, 7, 4096, 8192)
+    assert conn.receive_data(header + b"\xaa" * 100) == []
+    assert conn.payload_wanted == 8192 and conn.buffered_input == 100
+    assert conn.payload_buffer() is None  # nowhere to receive into yet
+    assert conn.grant_payload() == []
+    assert conn.payload_wanted == 0 and conn.buffered_input == 0
+    sink = conn.payload_buffer()
+    assert sink is not None and len(sink) == 8192 - 100
+    sink[:] = b"\xbb" * len(sink)
+    [event] = conn.payload_received(len(sink))
+    assert isinstance(event, WriteRequest) and event.handle == 7
+    assert bytes(event.data) == b"\xaa" * 100 + b"\xbb" * (8192 - 100)
+    with pytest.raises(LocalProtocolError):
+        conn.grant_payload()
+
+
+def test_a_metered_write_received_whole_completes_at_the_grant() -> None:
+    conn = _metered_transmission()
+    data = b"\xcc" * 4096
+    follow = build_request(NBD_CMD_FLUSH, 8)
+    assert conn.receive_data(build_request(NBD_CMD_WRITE, 7, 0, 4096) + data + follow) == []
+    write, flush = conn.grant_payload()
+    assert isinstance(write, WriteRequest) and bytes(write.data) == data
+    assert isinstance(flush, FlushRequest) and flush.handle == 8
