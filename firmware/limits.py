@@ -36,8 +36,9 @@ class ListenerLimits:
     handshake_deadline: float = 10.0
     #: The whole certificate-less exchange (pairing offer, recovery) must end by then.
     exchange_deadline: float = 20.0
-    #: A connection past its handshake that sends nothing for this long is closed.
-    idle_timeout: float = 60.0
+    #: A connection past its handshake that sends nothing for this long is closed
+    #: (link peers ping every 5 s; the NBD listener uses a longer one).
+    idle_timeout: float = 20.0
     #: How long the listener pauses after a resource error (EMFILE, thread start).
     resource_backoff: float = 0.1
     #: At most one log line per this many seconds for each kind of refusal.

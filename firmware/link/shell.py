@@ -531,9 +531,9 @@ class LinkServer:
 
     `limits` caps the connections (overall and per source network), bounds the TLS
     handshake and the certificate-less exchange by one deadline each, however slowly
-    their bytes trickle; after the handshake a session silent for `dead_after` is
-    closed (peers ping every few seconds).  Out of descriptors or threads, the
-    listener backs off and keeps accepting.
+    their bytes trickle; after the handshake a session silent for
+    `limits.idle_timeout` (`dead_after`) is closed (peers ping every few seconds).
+    Out of descriptors or threads, the listener backs off and keeps accepting.
     """
 
     def __init__(
@@ -545,7 +545,7 @@ class LinkServer:
         open_sink: Callable[[Hello], WriteSink],
         *,
         handshake_timeout: float | None = None,
-        dead_after: float = 20.0,
+        dead_after: float | None = None,
         durable_poll: float = 0.1,
         backups: ConfigBackups | None = None,
         own_backup: Callable[[], tuple[str, bytes] | None] | None = None,
@@ -561,14 +561,18 @@ class LinkServer:
         self.peers = peers
         self.config = config
         self.open_sink = open_sink
+        # `handshake_timeout` and `dead_after`, when given, override `limits`.
         limits = limits or ListenerLimits()
         if handshake_timeout is not None:
             limits = dataclasses.replace(limits, handshake_deadline=handshake_timeout)
+        if dead_after is not None:
+            limits = dataclasses.replace(limits, idle_timeout=dead_after)
         self.limits = limits
         self.handshake_timeout = limits.handshake_deadline
         self._gate = ConnectionGate(limits)
         self._ratelog = RateLimitedLog(log, limits.log_interval)
-        self.dead_after = dead_after
+        #: A session silent this long is closed (its peer pings every few seconds).
+        self.dead_after = limits.idle_timeout
         self.durable_poll = durable_poll
         self.backups = backups
         self.own_backup = own_backup
