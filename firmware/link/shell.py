@@ -730,7 +730,8 @@ class LinkServer:
             except (ssl.SSLError, PeerNotPinned) as exc:
                 self.stats.handshake_failures += 1
                 why = describe_handshake_failure(exc) if isinstance(exc, ssl.SSLError) else exc
-                log.warning("refused connection from %s before any data: %s", peer, why)
+                self._ratelog.warning("refused", "refused connection from %s before any "
+                                      "data: %s", peer, why)
                 return
             except OSError as exc:
                 log.info("connection from %s ended during the handshake: %s", peer, exc)
