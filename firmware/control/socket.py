@@ -25,12 +25,18 @@ import cbor2
 
 from .. import cbor_strict
 from ..errors import MirrorUnitError
+from ..limits import RateLimitedLog, accept_failure_is_transient
 
 log = logging.getLogger("mirrorunit.control")
 
 FRAME_LENGTH = struct.Struct(">I")
 assert FRAME_LENGTH.size == 4
 MAX_FRAME = 1 << 20
+#: Connections served at once; the socket is owner-only, so this only guards
+#: against a runaway tool, not an attacker.
+MAX_CONNECTIONS = 64
+#: Pause after accept() or a thread start failed for want of descriptors or memory.
+RESOURCE_BACKOFF = 0.1
 
 Handler = Callable[..., Any]
 
@@ -82,6 +88,10 @@ class ControlServer:
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._active = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._ratelog = RateLimitedLog(log, 10.0)
+        #: accept() or thread-start failures the loop backed off from.
+        self.resource_errors = 0
 
     def start(self) -> None:
         if os.path.exists(self.path):
@@ -108,15 +118,43 @@ class ControlServer:
 
     def _accept_loop(self) -> None:
         assert self._sock is not None
+        sock = self._sock
         while not self._stopping.is_set():
             try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), name="control-conn",
-                             daemon=True).start()
+                conn, _ = sock.accept()
+            except OSError as e:
+                if self._stopping.is_set() or not accept_failure_is_transient(e):
+                    return
+                self._back_off(f"accept failed: {e}")
+                continue
+            if not self._active.acquire(blocking=False):
+                self._ratelog.warning("cap", "control: closed a connection: %d already served",
+                                      MAX_CONNECTIONS)
+                conn.close()
+                continue
+            try:
+                threading.Thread(target=self._serve, args=(conn,), name="control-conn",
+                                 daemon=True).start()
+            except RuntimeError as e:  # "can't start new thread"
+                conn.close()
+                self._active.release()
+                self._back_off(f"cannot start a thread: {e}")
+
+    def _back_off(self, why: str) -> None:
+        # Out of descriptors or threads is usually brief (a flood, a burst of tools):
+        # pause so the loop does not spin, then keep accepting.
+        self.resource_errors += 1
+        self._ratelog.warning("resource", "control: %s; backing off %.2fs", why,
+                              RESOURCE_BACKOFF)
+        self._stopping.wait(RESOURCE_BACKOFF)
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._converse(conn)
+        finally:
+            self._active.release()
+
+    def _converse(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(30.0)
             while True:

@@ -18,6 +18,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from firmware.limits import (
+    ConnectionGate,
+    ListenerLimits,
+    RateLimitedLog,
+    accept_failure_is_transient,
+)
 from firmware.link.clients import ConfigFetchSession, PairOfferSession, RecoveryClientSession
 from firmware.link.errors import LinkError, LinkProtocolError, LinkRefused, PeerNotPinned
 from firmware.link.frames import (
@@ -509,6 +515,12 @@ class ServerStats:
     refusals: int = 0
     sessions: int = 0
     protocol_errors: int = 0
+    #: Connections closed at once over the overall or the per-source cap.
+    over_cap: int = 0
+    #: Handshakes or certificate-less exchanges that outlived their deadline.
+    deadlines_missed: int = 0
+    #: accept() or thread-start failures the listener backed off from.
+    resource_errors: int = 0
 
 
 class LinkServer:
@@ -516,6 +528,12 @@ class LinkServer:
 
     A unit id is claimed for the life of its connection; a second connection for the
     same unit is refused with reason "busy" so two writers never interleave.
+
+    `limits` caps the connections (overall and per source network), bounds the TLS
+    handshake and the certificate-less exchange by one deadline each, however slowly
+    their bytes trickle; after the handshake a session silent for
+    `limits.idle_timeout` (`dead_after`) is closed (peers ping every few seconds).
+    Out of descriptors or threads, the listener backs off and keeps accepting.
     """
 
     def __init__(
@@ -526,13 +544,14 @@ class LinkServer:
         config: ReceiverConfig,
         open_sink: Callable[[Hello], WriteSink],
         *,
-        handshake_timeout: float = 10.0,
-        dead_after: float = 20.0,
+        handshake_timeout: float | None = None,
+        dead_after: float | None = None,
         durable_poll: float = 0.1,
         backups: ConfigBackups | None = None,
         own_backup: Callable[[], tuple[str, bytes] | None] | None = None,
         recovery: RecoveryLimiter | None = None,
         pairing: PairingPolicy | None = None,
+        limits: ListenerLimits | None = None,
     ) -> None:
         """With `recovery` (and `backups` that can list their units), a client
         without a certificate is let in for the recovery exchange only; with
@@ -542,8 +561,18 @@ class LinkServer:
         self.peers = peers
         self.config = config
         self.open_sink = open_sink
-        self.handshake_timeout = handshake_timeout
-        self.dead_after = dead_after
+        # `handshake_timeout` and `dead_after`, when given, override `limits`.
+        limits = limits or ListenerLimits()
+        if handshake_timeout is not None:
+            limits = dataclasses.replace(limits, handshake_deadline=handshake_timeout)
+        if dead_after is not None:
+            limits = dataclasses.replace(limits, idle_timeout=dead_after)
+        self.limits = limits
+        self.handshake_timeout = limits.handshake_deadline
+        self._gate = ConnectionGate(limits)
+        self._ratelog = RateLimitedLog(log, limits.log_interval)
+        #: A session silent this long is closed (its peer pings every few seconds).
+        self.dead_after = limits.idle_timeout
         self.durable_poll = durable_poll
         self.backups = backups
         self.own_backup = own_backup
@@ -609,18 +638,68 @@ class LinkServer:
                 raw, addr = self._listener.accept()
             except TimeoutError:
                 continue
-            except OSError:
+            except OSError as exc:
                 if self._stop.is_set():
                     return
-                raise
+                if not accept_failure_is_transient(exc):
+                    log.error("link listener on %s:%d stops: accept failed: %s",
+                              *self.address, exc)
+                    raise
+                self.stats.resource_errors += 1
+                self._ratelog.warning("accept", "link listener: accept failed: %s; backing "
+                                      "off %.2fs", exc, self.limits.resource_backoff)
+                self._stop.wait(self.limits.resource_backoff)
+                continue
             self.stats.accepted += 1
+            refusal = self._gate.admit(addr[0])
+            if refusal is not None:
+                self.stats.over_cap += 1
+                self._ratelog.warning("cap", "link listener: closed a connection from %s: %s",
+                                      addr[0], refusal)
+                raw.close()
+                continue
             t = threading.Thread(target=self._serve, args=(raw, addr), daemon=True,
                                  name=f"link-conn-{addr[1]}")
             with self._lock:
                 self._conns.add(raw)
                 self._threads = [x for x in self._threads if x.is_alive()]
                 self._threads.append(t)
-            t.start()
+            try:
+                t.start()
+            except RuntimeError as exc:  # "can't start new thread": out of threads or memory
+                with self._lock:
+                    self._conns.discard(raw)
+                    self._threads.remove(t)
+                raw.close()
+                self._gate.release(addr[0])
+                self.stats.resource_errors += 1
+                self._ratelog.warning("thread", "link listener: closed a connection from %s: "
+                                      "%s; backing off %.2fs", addr[0], exc,
+                                      self.limits.resource_backoff)
+                self._stop.wait(self.limits.resource_backoff)
+
+    @property
+    def active_connections(self) -> int:
+        """Connections being served (each counted against the caps)."""
+        return self._gate.active
+
+    def _handshake(self, sock: ssl.SSLSocket, deadline: float) -> None:
+        """The server side of the TLS handshake, done by `deadline` or TimeoutError:
+        per-read timeouts alone let a client that trickles a byte at a time stay forever."""
+        sock.setblocking(False)
+        while True:
+            try:
+                sock.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                want: tuple[list[ssl.SSLSocket], list[ssl.SSLSocket]] = ([sock], [])
+            except ssl.SSLWantWriteError:
+                want = ([], [sock])
+            left = deadline - time.monotonic()
+            if left <= 0 or not any(select.select(*want, [], left)[:2]):
+                raise TimeoutError(f"TLS handshake not done within "
+                                   f"{self.limits.handshake_deadline}s")
+        sock.setblocking(True)
 
     def _serve(self, raw: socket.socket, addr: tuple[str, int]) -> None:
         peer = f"{addr[0]}:{addr[1]}"
@@ -628,13 +707,21 @@ class LinkServer:
         # wrap_socket detaches `raw`: from then on only the TLS socket owns the fd.
         current: socket.socket = raw
         try:
-            raw.settimeout(self.handshake_timeout)
+            deadline = time.monotonic() + self.limits.handshake_deadline
             try:
-                sock = self._context().wrap_socket(raw, server_side=True)
+                sock = self._context().wrap_socket(raw, server_side=True,
+                                                   do_handshake_on_connect=False)
                 with self._lock:
                     self._conns.discard(raw)
                     self._conns.add(sock)
                 current = sock
+                try:
+                    self._handshake(sock, deadline)
+                except TimeoutError as exc:
+                    self.stats.deadlines_missed += 1
+                    self._ratelog.warning("handshake", "closing connection from %s: %s",
+                                          peer, exc)
+                    return
                 if not sock.getpeercert(binary_form=True) and (
                         self.recovery is not None or self.pairing is not None):
                     self._anonymous(sock, addr[0], peer)
@@ -643,7 +730,8 @@ class LinkServer:
             except (ssl.SSLError, PeerNotPinned) as exc:
                 self.stats.handshake_failures += 1
                 why = describe_handshake_failure(exc) if isinstance(exc, ssl.SSLError) else exc
-                log.warning("refused connection from %s before any data: %s", peer, why)
+                self._ratelog.warning("refused", "refused connection from %s before any "
+                                      "data: %s", peer, why)
                 return
             except OSError as exc:
                 log.info("connection from %s ended during the handshake: %s", peer, exc)
@@ -676,6 +764,7 @@ class LinkServer:
                 self._conns.discard(current)
             current.close()
             raw.close()
+            self._gate.release(addr[0])
 
     def _anonymous(self, sock: ssl.SSLSocket, source: str, peer: str) -> None:
         """A client without a certificate: the recovery exchange or a pairing offer,
@@ -691,9 +780,22 @@ class LinkServer:
         if self.pairing is not None:
             pairing = PairingServerSession(self.pairing, self.peers, source)
         session = AnonymousServerSession(source, recovery=recovery, pairing=pairing)
-        sock.settimeout(self.handshake_timeout)
+        # One deadline for the whole exchange, not per read: the exchange is a few
+        # frames, and a client without a certificate has no business lingering.
+        deadline = time.monotonic() + self.limits.exchange_deadline
         while not self._stop.is_set() and not session.is_finished:
-            data = sock.recv(RECV_SIZE)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.stats.deadlines_missed += 1
+                self._ratelog.warning("exchange", "%s: closing connection from %s: not done "
+                                      "within %ss", session.exchange, peer,
+                                      self.limits.exchange_deadline)
+                return
+            sock.settimeout(left)
+            try:
+                data = sock.recv(RECV_SIZE)
+            except TimeoutError:
+                continue  # the deadline check above closes it
             if not data:
                 log.info("%s: %s closed the connection", session.exchange, peer)
                 return

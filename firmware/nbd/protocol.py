@@ -18,6 +18,11 @@ is outstanding ``payload_buffer()`` exposes the unfilled part of the buffer the
 ``WriteRequest`` will carry, the shell ``recv_into``s it and reports the count
 with ``payload_received``.
 
+A shell that bounds the memory its clients can pin builds the connection with
+``metered_payloads=True``: a write's buffer is then allocated only when the
+shell calls ``grant_payload()``, after ``payload_wanted`` told it the length, so
+a header announcing 32 MiB costs nothing until the shell has the budget for it.
+
 Constants and layouts follow the NBD protocol document (doc/proto.md of the
 NetworkBlockDevice/nbd project).
 """
@@ -329,7 +334,9 @@ class _PendingWrite:
     handle: int
     offset: int
     flags: int
-    buffer: bytearray
+    length: int
+    #: None until granted (metered connections only).
+    buffer: bytearray | None
     filled: int = 0
 
 
@@ -345,8 +352,9 @@ class _Discard:
 class NbdServerConnection:
     """Server side of one NBD connection, from greeting to disconnect."""
 
-    def __init__(self, export: ExportInfo) -> None:
+    def __init__(self, export: ExportInfo, *, metered_payloads: bool = False) -> None:
         self.export = export
+        self.metered_payloads = metered_payloads
         self.state = State.AWAIT_CLIENT_FLAGS
         self.client_flags = 0
         self.block_size_negotiated = False
@@ -361,14 +369,6 @@ class NbdServerConnection:
         self._outbuf += SERVER_GREETING.pack(
             NBDMAGIC, IHAVEOPT, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES
         )
-        self._handlers: dict[State, Callable[[list[Event]], bool]] = {
-            State.AWAIT_CLIENT_FLAGS: self._parse_client_flags,
-            State.AWAIT_OPTION: self._parse_option_header,
-            State.AWAIT_OPTION_DATA: self._parse_option_data,
-            State.AWAIT_REQUEST: self._parse_request,
-            State.RECEIVING_PAYLOAD: self._fill_payload,
-            State.DISCARDING_PAYLOAD: self._drain_discard,
-        }
 
     # --- input ---------------------------------------------------------------
 
@@ -394,6 +394,8 @@ class NbdServerConnection:
             return None
         if self.state is State.RECEIVING_PAYLOAD:
             assert self._write is not None
+            if self._write.buffer is None:
+                return None
             return memoryview(self._write.buffer)[self._write.filled :]
         if self.state is State.DISCARDING_PAYLOAD:
             assert self._discard is not None
@@ -408,7 +410,7 @@ class NbdServerConnection:
         if nbytes == 0:
             return self.receive_data(b"")
         if self.state is State.RECEIVING_PAYLOAD and self._write is not None:
-            if nbytes > len(self._write.buffer) - self._write.filled:
+            if self._write.buffer is None or nbytes > self._write.length - self._write.filled:
                 raise LocalProtocolError("more payload reported than was offered")
             self._write.filled += nbytes
         elif self.state is State.DISCARDING_PAYLOAD and self._discard is not None:
@@ -417,6 +419,31 @@ class NbdServerConnection:
             self._discard.remaining -= nbytes
         else:
             raise LocalProtocolError("no payload outstanding")
+        self._run(events)
+        return events
+
+    @property
+    def payload_wanted(self) -> int:
+        """Length of the write payload whose buffer awaits ``grant_payload()``
+        (metered connections; 0 when none does)."""
+        write = self._write
+        if self.state is State.RECEIVING_PAYLOAD and write is not None and write.buffer is None:
+            return write.length
+        return 0
+
+    @property
+    def buffered_input(self) -> int:
+        """Bytes received but not yet consumed (they wait for a grant)."""
+        return len(self._inbuf)
+
+    def grant_payload(self) -> list[Event]:
+        """Allocate the buffer of the write ``payload_wanted`` announced and go on
+        with any input already received."""
+        write = self._write
+        if not self.payload_wanted or write is None:
+            raise LocalProtocolError("no write payload awaits a grant")
+        write.buffer = bytearray(write.length)
+        events: list[Event] = []
         self._run(events)
         return events
 
@@ -481,7 +508,7 @@ class NbdServerConnection:
     # --- the machine -------------------------------------------------------------
 
     def _run(self, events: list[Event]) -> None:
-        while self.state is not State.CLOSED and self._handlers[self.state](events):
+        while self.state is not State.CLOSED and _HANDLERS[self.state](self, events):
             pass
 
     def _on_eof(self, events: list[Event]) -> None:
@@ -687,7 +714,8 @@ class NbdServerConnection:
                 self._discard = _Discard(handle, command, error, reason, length)
                 self.state = State.DISCARDING_PAYLOAD
             else:
-                self._write = _PendingWrite(handle, offset, flags, bytearray(length))
+                buffer = None if self.metered_payloads else bytearray(length)
+                self._write = _PendingWrite(handle, offset, flags, length, buffer)
                 self.state = State.RECEIVING_PAYLOAD
             return True
         if refusal is not None:
@@ -749,7 +777,9 @@ class NbdServerConnection:
     def _fill_payload(self, events: list[Event]) -> bool:
         write = self._write
         assert write is not None
-        need = len(write.buffer) - write.filled
+        if write.buffer is None:
+            return False  # metered: waits for grant_payload()
+        need = write.length - write.filled
         if need and self._inbuf:
             n = min(need, len(self._inbuf))
             write.buffer[write.filled : write.filled + n] = self._inbuf[:n]
@@ -786,6 +816,18 @@ class NbdServerConnection:
         )
         return True
 
+
+# A class-level table, not bound methods on the instance: those would make every
+# connection a reference cycle, so a dropped one (and a write buffer it holds)
+# would wait for the cyclic collector instead of being freed at once.
+_HANDLERS: dict[State, Callable[[NbdServerConnection, list[Event]], bool]] = {
+    State.AWAIT_CLIENT_FLAGS: NbdServerConnection._parse_client_flags,
+    State.AWAIT_OPTION: NbdServerConnection._parse_option_header,
+    State.AWAIT_OPTION_DATA: NbdServerConnection._parse_option_data,
+    State.AWAIT_REQUEST: NbdServerConnection._parse_request,
+    State.RECEIVING_PAYLOAD: NbdServerConnection._fill_payload,
+    State.DISCARDING_PAYLOAD: NbdServerConnection._drain_discard,
+}
 
 _MUTATING = frozenset({NBD_CMD_WRITE, NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES})
 # FUA is valid on every command once SEND_FUA is advertised (the spec says the

@@ -1,7 +1,12 @@
 """TCP shell around the sans-IO NBD core: sockets, threads and a BlockDevice.
 
 One thread per client connection; the requests of a connection are executed
-in the order they arrive.  Write payloads are received straight into the
+in the order they arrive.  What clients can hold is bounded (`ListenerLimits`):
+connections overall and per source network, an overall deadline for the
+handshake, an idle timeout after it, and one write budget shared by every
+connection — a write's buffer is allocated only once its payload starts to
+arrive and its length fits the budget, so headers announcing 32 MiB writes pin
+nothing.  Write payloads are received straight into the
 buffer the request will carry (``recv_into``) and read replies leave with one
 ``sendmsg`` of header and data, so large transfers are never handled per
 sector in Python.
@@ -16,9 +21,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import select
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
@@ -29,6 +36,13 @@ from firmware.blockdev import (
     NotReady,
     OutOfRange,
     WriteProtected,
+)
+from firmware.limits import (
+    RESOURCE_ERRNOS,
+    ByteBudget,
+    ConnectionGate,
+    ListenerLimits,
+    RateLimitedLog,
 )
 from firmware.nbd.protocol import (
     COMMAND_NAMES,
@@ -53,6 +67,7 @@ from firmware.nbd.protocol import (
     NbdServerConnection,
     ProtocolError,
     ReadRequest,
+    State,
     TrimRequest,
     WriteRequest,
     WriteZeroesRequest,
@@ -68,6 +83,15 @@ RECV_SIZE = 256 * 1024
 ZERO_CHUNK = 1 << 20
 TRIM_CHUNK = MAX_REQUEST_SIZE
 _ZEROES = bytes(ZERO_CHUNK)
+#: Write payload bytes all connections may hold at once: two writes of the
+#: largest size, so one big writer never waits on itself.
+WRITE_BUDGET = 2 * MAX_REQUEST_SIZE
+#: A client silent this long after its handshake is dropped, so idle clients
+#: cannot hold every slot.  A kernel nbd client with no I/O for that long
+#: reconnects (nbd-client -persist); qemu and libnbd clients reconnect on use.
+IDLE_TIMEOUT = 300.0
+#: Connections at once from one IPv4 /24 or IPv6 /64.
+MAX_PER_SOURCE = 16
 
 log = logging.getLogger("mirrorunit.nbd")
 
@@ -236,12 +260,32 @@ class NbdServer:
         description: str = "",
         handshake_timeout: float | None = 30.0,
         max_connections: int = 64,
+        limits: ListenerLimits | None = None,
+        write_budget: int = WRITE_BUDGET,
     ) -> None:
+        """`limits`, when given, replaces `handshake_timeout` and `max_connections`."""
         self.device = device
+        if limits is None:
+            limits = ListenerLimits(
+                max_connections=max_connections,
+                max_per_source=min(MAX_PER_SOURCE, max_connections),
+                handshake_deadline=handshake_timeout or 30.0,
+                idle_timeout=IDLE_TIMEOUT,
+            )
+        else:
+            handshake_timeout = limits.handshake_deadline
+        self.limits = limits
         #: A client that has not finished option haggling by then is dropped,
-        #: so idle sockets cannot pin threads forever.
+        #: however slowly its bytes trickle, so idle sockets cannot pin threads.
         self.handshake_timeout = handshake_timeout
-        self.max_connections = max_connections
+        self.max_connections = limits.max_connections
+        if write_budget < MAX_REQUEST_SIZE:
+            raise ValueError(f"a write budget under {MAX_REQUEST_SIZE} bytes would refuse "
+                             "the largest write the export advertises")
+        self.write_budget = ByteBudget(write_budget)
+        self._gate = ConnectionGate(limits)
+        self._ratelog = RateLimitedLog(logger if logger is not None else log,
+                                       limits.log_interval)
         self.host = host
         self._requested_port = port
         self.export_name = export_name
@@ -404,30 +448,46 @@ class NbdServer:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            # ECONNABORTED, EMFILE...: this client is lost, the server is not.
-            self.log.warning("NBD accept failed: %s", e)
+            # ECONNABORTED: this client is lost, the server is not.  EMFILE and kin
+            # leave the client in the backlog, so the listener stays readable: pause,
+            # or the loop spins.
+            self._ratelog.warning("accept", "NBD accept failed: %s", e)
+            if e.errno in RESOURCE_ERRNOS:
+                self._stopping.wait(self.limits.resource_backoff)
+            return
+        host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        refusal = None if self._stopping.is_set() else self._gate.admit(host)
+        if self._stopping.is_set() or refusal is not None:
+            if refusal is not None:
+                self._ratelog.warning("cap", "NBD client %s refused: %s", peer, refusal)
+            sock.close()
             return
         sock.setblocking(True)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         thread = threading.Thread(
-            target=self._run_client, args=(sock, peer), name=f"nbd-client-{peer}", daemon=True
+            target=self._run_client, args=(sock, peer, host), name=f"nbd-client-{peer}",
+            daemon=True
         )
         with self._lock:
-            refuse = self._stopping.is_set() or len(self._clients) >= self.max_connections
-            if not refuse:
-                self._clients[sock] = thread
-        if refuse:
-            if not self._stopping.is_set():
-                self.log.warning(
-                    "NBD client %s refused: %d connections already", peer, self.max_connections
-                )
+            self._clients[sock] = thread
+        try:
+            thread.start()
+        except RuntimeError as e:  # "can't start new thread"
+            with self._lock:
+                self._clients.pop(sock, None)
             sock.close()
-            return
-        thread.start()
+            self._gate.release(host)
+            self._ratelog.warning("thread", "NBD client %s refused: %s", peer, e)
+            self._stopping.wait(self.limits.resource_backoff)
+
+    @property
+    def refused_over_cap(self) -> int:
+        """Connections closed at once over the overall or the per-source cap."""
+        return self._gate.refused_total + self._gate.refused_source
 
     # --- one connection ------------------------------------------------------------
 
-    def _run_client(self, sock: socket.socket, peer: object) -> None:
+    def _run_client(self, sock: socket.socket, peer: object, host: str) -> None:
         self.log.info("NBD client %s connected", peer)
         reason = "connection closed"
         try:
@@ -442,25 +502,84 @@ class NbdServer:
             with self._lock:
                 self._clients.pop(sock, None)
             sock.close()
+            self._gate.release(host)
             self.log.info("NBD client %s disconnected: %s", peer, reason)
 
     def _converse(self, sock: socket.socket, peer: object) -> str:
-        conn = NbdServerConnection(export_info_for(self.device, self.export_name, self.description))
-        sock.settimeout(self.handshake_timeout)
-        sock.sendall(conn.data_to_send())
-        while True:
-            sink = conn.payload_buffer()
-            if sink is not None:
-                events = conn.payload_received(sock.recv_into(sink))
-            else:
-                events = conn.receive_data(sock.recv(RECV_SIZE))
-            out = conn.data_to_send()
-            if out:
-                sock.sendall(out)
-            for event in events:
-                ended = self._handle(conn, sock, peer, event)
+        conn = NbdServerConnection(
+            export_info_for(self.device, self.export_name, self.description),
+            metered_payloads=True,
+        )
+        deadline = None
+        if self.handshake_timeout is not None:
+            deadline = time.monotonic() + self.handshake_timeout
+            sock.settimeout(self.handshake_timeout)
+        idle = self.limits.idle_timeout
+        held = 0  # write budget this connection holds
+        events: list[Event] = []
+        sink: memoryview | None = None
+        try:
+            sock.sendall(conn.data_to_send())
+            while True:
+                if deadline is not None and not conn.in_transmission:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return f"handshake not done within {self.handshake_timeout}s"
+                    sock.settimeout(left)
+                wanted = conn.payload_wanted
+                if wanted:
+                    # Budget only once the payload is on its way: a header alone
+                    # (or a client gone quiet after it) holds nothing.
+                    if not conn.buffered_input and not select.select([sock], [], [], idle)[0]:
+                        return f"idle for {idle}s in the middle of a write"
+                    # Twice the idle timeout: long enough for a stalled holder to be
+                    # dropped, so only live writers make a write wait that long.
+                    if not self.write_budget.acquire(wanted, 2 * idle):
+                        self._ratelog.warning(
+                            "budget", "NBD client %s: no write budget for %d bytes in %ss",
+                            peer, wanted, 2 * idle)
+                        return "write budget exhausted"
+                    held = wanted
+                    events = conn.grant_payload()
+                else:
+                    sink = conn.payload_buffer()
+                    if sink is not None:
+                        events = conn.payload_received(sock.recv_into(sink))
+                        sink = None
+                    else:
+                        events = conn.receive_data(sock.recv(RECV_SIZE))
+                out = conn.data_to_send()
+                if out:
+                    sock.sendall(out)
+                ended = self._handle_all(conn, sock, peer, events)
+                # The events carried the write's buffer; drop it before waiting for
+                # more input, or an idle client would keep it past its budget.
+                events = []
+                if held and conn.state is not State.RECEIVING_PAYLOAD:
+                    self.write_budget.release(held)
+                    held = 0
                 if ended is not None:
                     return ended
+        except TimeoutError:
+            if conn.in_transmission:
+                return f"idle for {idle}s"
+            return f"handshake not done within {self.handshake_timeout}s"
+        finally:
+            if held:
+                # Free the half-received buffer before its budget goes to another.
+                del conn
+                events = []
+                sink = None
+                self.write_budget.release(held)
+
+    def _handle_all(
+        self, conn: NbdServerConnection, sock: socket.socket, peer: object, events: list[Event]
+    ) -> str | None:
+        for event in events:
+            ended = self._handle(conn, sock, peer, event)
+            if ended is not None:
+                return ended
+        return None
 
     def _handle(
         self, conn: NbdServerConnection, sock: socket.socket, peer: object, event: Event
@@ -516,7 +635,7 @@ class NbdServer:
             sock.sendall(conn.reply_error(event.handle, event.error))
             return None
         if isinstance(event, HandshakeComplete):
-            sock.settimeout(None)
+            sock.settimeout(self.limits.idle_timeout)
             self.log.info(
                 "NBD client %s: export %r, flags %#06x, block sizes %s",
                 peer,
