@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "scsi": 3, "link": 3, "cbq": 3, "volume": 3, "config": 3, "lineage": 3, "control": 3,
     "storage": 3,
     "record": 4, "units": 4, "fsutil": 4, "blockdev": 4, "errors": 4, "cbor_strict": 4,
+    "limits": 4,
     "__init__": 4,
 }
 

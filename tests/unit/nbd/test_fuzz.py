@@ -25,6 +25,7 @@ from firmware.nbd import protocol as p
 from firmware.nbd.client import NbdClient
 from firmware.nbd.protocol import build_info_request, build_option, build_request
 from firmware.nbd.server import NbdServer
+from tests.support.nbdwire import go, recv_exact
 
 SIZE = 4 << 20
 NAME = "mirrorunit"
@@ -75,15 +76,6 @@ def connect(port: int) -> socket.socket:
     return sock
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        assert chunk, f"server closed after {len(buf)}/{n} bytes"
-        buf += chunk
-    return buf
-
-
 def read_until_closed(sock: socket.socket) -> bytes:
     """Everything the server sends before it closes; fails if it never does."""
     out = b""
@@ -95,19 +87,6 @@ def read_until_closed(sock: socket.socket) -> bytes:
         if not chunk:
             return out
         out += chunk
-
-
-def go(sock: socket.socket) -> None:
-    sock.sendall(struct.pack(">I", p.NBD_FLAG_C_FIXED_NEWSTYLE | p.NBD_FLAG_C_NO_ZEROES))
-    sock.sendall(build_info_request(p.NBD_OPT_GO, NAME, (p.NBD_INFO_BLOCK_SIZE,)))
-    while True:
-        _, _, rtype, length = p.OPTION_REPLY_HEADER.unpack(
-            recv_exact(sock, p.OPTION_REPLY_HEADER.size)
-        )
-        recv_exact(sock, length)
-        if rtype == p.NBD_REP_ACK:
-            return
-        assert rtype == p.NBD_REP_INFO
 
 
 def simple_replies(data: bytes) -> list[tuple[int, int]]:

@@ -24,8 +24,9 @@ from firmware.limits import ConnectionGate, ListenerLimits, RateLimitedLog, sour
 from firmware.link.session import ReceiverConfig
 from firmware.link.shell import LinkServer
 from firmware.link.tls import PeerStore, load_or_create_identity
+from tests.support import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 FD_LIMIT = 64
 FLOOD = 120
 

@@ -19,9 +19,9 @@ import pytest
 from firmware.control import call
 from firmware.demo import pair_both_ways
 from firmware.nbd import protocol as nbd
-from tests.test_nbd_fuzz import go, recv_exact
-from tests.test_replication import RemoteProc, Writer, local_link_args, wait_for
-from tests.unitproc import LocalProc
+from tests.support.nbdwire import go, recv_exact
+from tests.support.replication import RemoteProc, Writer, local_link_args, wait_for
+from tests.support.unitproc import LocalProc
 
 #: Link connections opened at the remote, from this many /24s (so the per-source
 #: cap does not turn them all away at once; the overall cap does the rest).
