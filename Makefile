@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # the board whose card image `make image`, `make image-test` and `make test` build
 BOARD  ?= pi4
 
-.PHONY: setup run test test-quick bench lint clean
+.PHONY: setup run test test-quick bench lint clean fuzz
 
 setup: $(STAMP)
 
@@ -42,6 +42,12 @@ lint: setup
 
 bench: setup
 	$(PY) -m firmware.bench
+
+# Coverage-guided fuzzing (atheris): every target in fuzz/ for FUZZ_RUNS inputs, one at a
+# time; the summary goes to var/fuzz/summary.txt.
+FUZZ_RUNS ?= 1000000
+fuzz: setup
+	$(PY) fuzz/run_all.py --runs $(FUZZ_RUNS) --out var/fuzz
 
 clean:
 	rm -rf var .pytest_cache
