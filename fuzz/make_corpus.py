@@ -39,7 +39,10 @@ def seeds() -> dict[str, list[bytes]]:
         bytes([0, 6, 0x03, 0, 0, 0, 18, 0]),                     # REQUEST SENSE
     ]
     config = [encode_slot(1, cbor2.dumps({})), encode_slot(2, cbor2.dumps({"unit": {"name": "a"}}))]
-    return {"link_frames": link, "nbd_protocol": nbd, "scsi_target": scsi, "config_slot": config}
+    # cbq_reader: (16-bit scaled offset, XOR byte) triples: superblock, ring start, ring end.
+    cbq = [b"\x00\x00\x01", b"\x00\x40\x80", b"\x00\x60\x01\x00\x70\x02", b""]
+    return {"cbq_reader": cbq, "link_frames": link, "nbd_protocol": nbd, "scsi_target": scsi,
+            "config_slot": config}
 
 
 def main() -> None:

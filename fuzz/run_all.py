@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TARGETS = ("link_frames", "nbd_protocol", "scsi_target", "config_slot")
+TARGETS = ("link_frames", "nbd_protocol", "scsi_target", "config_slot", "cbq_reader")
 STATUS = re.compile(r"#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+).*?exec/s: (\d+)")
 
 

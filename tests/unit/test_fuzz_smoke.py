@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("atheris")
 
 FUZZ = Path(__file__).resolve().parents[2] / "fuzz"
-TARGETS = ("link_frames", "nbd_protocol", "scsi_target", "config_slot")
+TARGETS = ("link_frames", "nbd_protocol", "scsi_target", "config_slot", "cbq_reader")
 
 
 @pytest.mark.parametrize("target", TARGETS)
