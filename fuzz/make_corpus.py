@@ -11,6 +11,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import cbor2  # noqa: E402
 
+from firmware.config.schema import Config  # noqa: E402
 from firmware.config.store import encode_slot  # noqa: E402
 from firmware.link.frames import Bye, Error, Ping, Pong, encode_frame  # noqa: E402
 from firmware.nbd import protocol as p  # noqa: E402
@@ -38,7 +39,9 @@ def seeds() -> dict[str, list[bytes]]:
         bytes([0, 6, 0x1A, 0, 0x3F, 0, 192, 0]),                 # MODE SENSE(6)
         bytes([0, 6, 0x03, 0, 0, 0, 18, 0]),                     # REQUEST SENSE
     ]
-    config = [encode_slot(1, cbor2.dumps({})), encode_slot(2, cbor2.dumps({"unit": {"name": "a"}}))]
+    real = cbor2.dumps(Config.defaults().to_document(include_secrets=True))
+    config = [encode_slot(1, cbor2.dumps({})), encode_slot(2, real),
+              b"\x05" + real]  # odd first byte: the target wraps it in a valid header
     # cbq_reader: (16-bit scaled offset, XOR byte) triples: superblock, ring start, ring end.
     cbq = [b"\x00\x00\x01", b"\x00\x40\x80", b"\x00\x60\x01\x00\x70\x02", b""]
     return {"cbq_reader": cbq, "link_frames": link, "nbd_protocol": nbd, "scsi_target": scsi,
