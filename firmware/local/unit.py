@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .. import __version__
+from .. import COPYRIGHT, LICENSE, __version__
 from ..blockdev import DeviceState
 from ..cbq import CbqFormatError, CircularBufferQueue, create
 from ..cbq.format import SUPERBLOCK_SLOT
@@ -324,6 +324,9 @@ class LocalUnit:
         return {
             "role": "local",
             "version": __version__,
+            # what the panel's about screen shows beside the version
+            "copyright": COPYRIGHT,
+            "license": LICENSE,
             "uptime_s": round(time.time() - self.started_at, 1),
             "disk": str(self.settings.disk),
             "buffer": str(self.settings.buffer),
