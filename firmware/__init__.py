@@ -5,6 +5,12 @@ from pathlib import Path
 #: The version of this source tree (pyproject.toml says the same).
 PACKAGE_VERSION = "0.1.0"
 
+#: The copyright statement every user-facing surface shows (`mirrorunit --version`, the
+#: console's status screen, the unit's `status` and so the panel's about screen).
+COPYRIGHT = "Copyright (C) 2026 MirrorUnit contributors"
+#: The licence the firmware is distributed under (the LICENSE file at the top of the tree).
+LICENSE = "Apache-2.0"
+
 #: The card image stamps its own version here (the package version plus the commit it was
 #: built from); a unit running from an image reports that, so the console, `status` and
 #: `--version` name exactly what was flashed.

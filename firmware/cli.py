@@ -7,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import COPYRIGHT, LICENSE, __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
         ups,
     )
 
-    p = argparse.ArgumentParser(prog="mirrorunit", description="Remote data-mirroring unit.")
-    p.add_argument("--version", action="version", version=f"mirrorunit {__version__}")
+    p = argparse.ArgumentParser(prog="mirrorunit", description="Remote data-mirroring unit.",
+                                # keeps the --version lines as written
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version",
+                   version=f"mirrorunit {__version__}\n{COPYRIGHT}\n"
+                           f"Licensed under the {LICENSE} licence (see LICENSE); "
+                           "no warranty.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     # the order of `mirrorunit --help`

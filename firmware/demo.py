@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .control import ControlError, wait_ready
+from .local.unit import DEFAULT_CACHE_MODE
 
 VAR = Path(os.environ.get("MIRRORUNIT_VAR", "var"))
 NBD = os.environ.get("MIRRORUNIT_NBD", "127.0.0.1:10809")
@@ -48,6 +49,16 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
+def local_command(control: Path, local_state: Path) -> list[str]:
+    """The demo's `mirrorunit local`: the default cache mode of every entry point, said
+    explicitly (no UPS backs a demo)."""
+    return [sys.executable, "-m", "firmware", "local",
+            "--disk", str(VAR / "local-disk.img"), "--buffer", str(VAR / "local-cbq.img"),
+            "--nbd", NBD, "--control", str(control), "--peer", REMOTE_NAME,
+            "--remote", f"{REMOTE_NAME}={LINK}", "--state-dir", str(local_state),
+            "--cache-mode", DEFAULT_CACHE_MODE.value]
+
+
 def main() -> int:
     # A SIGTERM to the demo must stop both units too, not orphan them.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -60,10 +71,7 @@ def main() -> int:
     unit_id, remote_fp = pair_both_ways(local_state, remote_state)
     rargs = [sys.executable, "-m", "firmware", "remote", "--listen", LINK, "--store",
              str(store), "--control", str(rcontrol), "--retention-age", "86400"]
-    largs = [sys.executable, "-m", "firmware", "local",
-             "--disk", str(VAR / "local-disk.img"), "--buffer", str(VAR / "local-cbq.img"),
-             "--nbd", NBD, "--control", str(control), "--peer", REMOTE_NAME,
-             "--remote", f"{REMOTE_NAME}={LINK}", "--state-dir", str(local_state)]
+    largs = local_command(control, local_state)
     if not (VAR / "local-disk.img").exists():
         largs += ["--size", "1G"]
     if not (VAR / "local-cbq.img").exists():

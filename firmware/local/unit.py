@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .. import __version__
+from .. import COPYRIGHT, LICENSE, __version__
 from ..blockdev import DeviceState
 from ..cbq import CbqFormatError, CircularBufferQueue, create
 from ..cbq.format import SUPERBLOCK_SLOT
@@ -26,6 +26,11 @@ from ..storage import FileStorage
 from ..volume import CacheMode, Volume
 
 log = logging.getLogger("mirrorunit.local")
+
+
+#: Write-through, at every entry point (the CLI, the config, the appliance, the demo):
+#: write-back acknowledges from RAM and is only safe with a working UPS.
+DEFAULT_CACHE_MODE = CacheMode.WRITE_THROUGH
 
 
 class LocalUnitError(Exception):
@@ -43,13 +48,16 @@ class LocalSettings:
     buffer_size: int | None = None
     block_size: int = 512
     chunk_size: int = 65536
-    cache_mode: CacheMode = CacheMode.WRITE_BACK
+    cache_mode: CacheMode = DEFAULT_CACHE_MODE
     cache_limit: int = 32 << 20
     flush_interval: float = 1.0
     high_water: float = 0.8
     #: The CBQ consumers a new queue is created with (and that an old one gains).
     peers: tuple[str, ...] = ("remote",)
     standby: bool = False
+    #: The model of a UPS that a separate `mirrorunit ups` process watches for this unit
+    #: (the appliance's); None: no such process.  Said at start and in status.
+    external_ups: str | None = None
 
 
 class Service(Protocol):
@@ -236,6 +244,26 @@ class LocalUnit:
         self.control = ControlServer(s.control, self.handlers())
         self.control.start()
         log.info("control socket %s", s.control)
+        self._log_power()
+
+    def ups_backing(self) -> str | None:
+        """What backs this unit against a power cut, or None."""
+        if any(svc.name == "ups" for svc in self.services):
+            return "UPS monitor in this unit"
+        if self.settings.external_ups:
+            return f"{self.settings.external_ups} UPS watched by `mirrorunit ups`"
+        return None
+
+    def _log_power(self) -> None:
+        mode, ups = self.volume.cache_mode, self.ups_backing()
+        if mode is CacheMode.WRITE_BACK and ups is None:
+            log.warning("cache mode write-back with no UPS: writes acknowledged from RAM "
+                        "are lost on a power cut until flushed")
+        elif mode is CacheMode.WRITE_BACK:
+            log.info("cache mode write-back, backed by %s (write-through on battery)", ups)
+        else:
+            log.info("cache mode write-through: a write is acknowledged once on the mirror "
+                     "and in the CBQ; UPS: %s", ups or "none")
 
     def run_forever(self) -> None:
         """Serve until SIGTERM/SIGINT.  A service that must own the main thread (one that
@@ -324,6 +352,9 @@ class LocalUnit:
         return {
             "role": "local",
             "version": __version__,
+            # what the panel's about screen shows beside the version
+            "copyright": COPYRIGHT,
+            "license": LICENSE,
             "uptime_s": round(time.time() - self.started_at, 1),
             "disk": str(self.settings.disk),
             "buffer": str(self.settings.buffer),
@@ -331,6 +362,8 @@ class LocalUnit:
             # place (readers of `status --json` find the keys in the order they know).
             "nbd": None,
             "volume": self.volume.status(),
+            # the durability the host gets: the cache mode and what backs it
+            "power": {"cache_mode": self.volume.cache_mode.value, "ups": self.ups_backing()},
             "cbq": self.cbq.stats(),
             **{svc.name: svc.status() for svc in self._running},
         }

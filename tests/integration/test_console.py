@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from firmware import COPYRIGHT
 from firmware.config import ConfigStore, StoreSettings, seal
 from firmware.control import ControlServer
 from tests.support.terminal import DOWN, ENTER, ESC, UP, Term
@@ -110,7 +111,7 @@ def test_status_screen_not_running_then_running(env: dict[str, Any]) -> None:
     t = env["start"]()
     t.wait("main menu")
     t.send("1")
-    t.wait("*** LOCAL UNIT NOT RUNNING ***", "serial SN-0042")
+    t.wait("*** LOCAL UNIT NOT RUNNING ***", "serial SN-0042", COPYRIGHT)
     unit = FakeUnit(env["sock"])
     unit.server.start()
     try:
@@ -121,6 +122,7 @@ def test_status_screen_not_running_then_running(env: dict[str, Any]) -> None:
         assert "sent 970, acked by remote 935, lag 42 writes / 1.5 s" in screen
         assert "link      connected" in screen
         assert "UPS         OL CHRG, charge 87%" in screen
+        assert f"{COPYRIGHT}  (Apache-2.0)" in screen
         for line in t.screen.display:
             assert len(line) <= 80
         t.send(ESC)

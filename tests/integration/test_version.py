@@ -30,8 +30,20 @@ def test_missing_or_foreign_stamp_falls_back_to_the_package(tmp_path: Path) -> N
         assert _running_version(tmp_path / "v") == PACKAGE_VERSION, bad
 
 
-def test_cli_version_is_the_running_version() -> None:
+def test_cli_version_is_the_running_version_with_the_copyright() -> None:
     r = subprocess.run([sys.executable, "-m", "firmware.cli", "--version"],
                        capture_output=True, text=True, timeout=60, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["mirrorunit", firmware.__version__]
+    first, second, third = r.stdout.splitlines()
+    assert first.split() == ["mirrorunit", firmware.__version__]
+    assert second == firmware.COPYRIGHT
+    assert firmware.LICENSE in third
+
+
+def test_the_licence_file_is_the_one_named() -> None:
+    text = (REPO / "LICENSE").read_text()
+    assert firmware.LICENSE == "Apache-2.0"
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert firmware.COPYRIGHT.startswith("Copyright (C) 2026 ")
+    # the README says why this licence fits every dependency
+    assert "Apache-2.0" in (REPO / "README.md").read_text()

@@ -62,7 +62,7 @@ def test_local_command_line_keeps_every_option_given() -> None:
     bare = _local(["local", "--disk", "d", "--buffer", "b"])
     assert local.command_line(bare) == [
         "local", "--disk", "d", "--buffer", "b", "--control", "/run/mirrorunit/local.sock",
-        "--cache-mode", "write-back", "--high-water", "0.8"]
+        "--cache-mode", "write-through", "--high-water", "0.8"]
 
 
 @pytest.mark.parametrize("bad, words", [(["--remote", "nohost"], "expected NAME=HOST:PORT"),

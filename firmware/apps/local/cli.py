@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ...local.unit import DEFAULT_CACHE_MODE
 from ...ups.service import DEFAULT_POWEROFF
 from .. import DEFAULT_CONTROL, standalone
 from ..options import ascii_text, size
@@ -37,7 +38,10 @@ def add_local_options(lo: argparse.ArgumentParser) -> None:
     lo.add_argument("--export-name", default=DEFAULT_EXPORT)
     lo.add_argument("--control", type=Path, default=Path(DEFAULT_CONTROL))
     lo.add_argument("--cache-mode", choices=("write-back", "write-through"),
-                    default="write-back")
+                    default=DEFAULT_CACHE_MODE.value,
+                    help="write-through (default) acknowledges a write once it is on the "
+                         "mirror and in the CBQ; write-back acknowledges from RAM and is "
+                         "only safe with a working UPS")
     lo.add_argument("--cache-limit", type=size, default=32 << 20)
     lo.add_argument("--high-water", type=_fraction, default=0.8,
                     help="CBQ fill at which it goes compact (default 80%%)")
@@ -86,6 +90,9 @@ def add_local_options(lo: argparse.ArgumentParser) -> None:
     lo.add_argument("--ups-config", default=None, metavar="PATH",
                     help="run the UPS monitor inside the unit with this config's ups.*")
     lo.add_argument("--ups-poweroff-command", default=DEFAULT_POWEROFF)
+    lo.add_argument("--ups-external", default=None, metavar="MODEL",
+                    help="a UPS of this model is watched for this unit by a separate "
+                         "`mirrorunit ups` process (said at start and in status)")
 
 
 def configure(lo: argparse.ArgumentParser) -> None:

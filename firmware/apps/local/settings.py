@@ -95,7 +95,7 @@ def settings_from_args(args: argparse.Namespace) -> LocalAppSettings:
         buffer_size=args.buffer_size, block_size=args.block_size,
         cache_mode=CacheMode(args.cache_mode), cache_limit=args.cache_limit,
         high_water=args.high_water, peers=tuple(args.peers or ["remote"]),
-        standby=args.standby)
+        standby=args.standby, external_ups=args.ups_external)
     usb = None
     if args.frontend == "usb":
         usb = UsbSettings(gadget=gadget_settings(args), scsi_vendor=args.scsi_vendor,
@@ -129,7 +129,9 @@ def settings_from_config(cfg: Any, *, disk: str, buffer: str, store_path: str,
     ups`, on this unit's control socket), so it does not run inside the unit as well."""
     unit = LocalSettings(disk=Path(disk), buffer=Path(buffer), control=Path(control),
                          cache_mode=CacheMode(str(cfg["cache.mode"])),
-                         high_water=float(cfg["buffer.high_water"]))
+                         high_water=float(cfg["buffer.high_water"]),
+                         external_ups=None if cfg["ups.model"] == "none"
+                         else str(cfg["ups.model"]))
     gadget = _GADGET
     if cfg["unit.serial"]:
         gadget = GadgetSettings(
@@ -220,4 +222,6 @@ def command_line(s: LocalAppSettings) -> list[str]:
         argv += ["--ups-config", s.ups.config]
         if s.ups.poweroff_command != DEFAULT_POWEROFF:
             argv += ["--ups-poweroff-command", s.ups.poweroff_command]
+    if u.external_ups is not None:
+        argv += ["--ups-external", u.external_ups]
     return argv

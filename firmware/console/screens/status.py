@@ -5,10 +5,12 @@ from __future__ import annotations
 import curses
 import time
 
-from ... import __version__
+from ... import COPYRIGHT, LICENSE, __version__
 from ...config.schema import format_size
 from ...notify.events import _links
 from ..base import ESC, ConsoleBase
+
+_ABOUT = f"MirrorUnit {__version__}  {COPYRIGHT}  ({LICENSE})"
 
 
 class StatusScreen(ConsoleBase):
@@ -22,7 +24,8 @@ class StatusScreen(ConsoleBase):
         if st is None:
             return [f"Unit        {name}   serial {serial}   console {__version__}", "",
                     "*** LOCAL UNIT NOT RUNNING ***", f"  {err}", "",
-                    "The host sees no disk and nothing is mirrored until it starts."]
+                    "The host sees no disk and nothing is mirrored until it starts.", "",
+                    _ABOUT]
         v, q = st.get("volume", {}), st.get("cbq", {})
         lines = [f"Role        {st.get('role', '?'):<10} version {st.get('version', '?'):<10}"
                  f" serial {serial}   name {name}"]
@@ -58,7 +61,7 @@ class StatusScreen(ConsoleBase):
                          f"{(ups.get('policy') or {}).get('state', '-')}")
         else:
             lines.append("UPS         not monitored")
-        return lines
+        return lines + ["", _ABOUT]
 
     def status_screen(self) -> None:
         while True:
