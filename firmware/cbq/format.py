@@ -59,6 +59,17 @@ class RecordKind(enum.IntEnum):
     SIDE = 3
     #: The rest of the ring is unused; the log continues at the ring's start.
     WRAP = 4
+    #: The host declared its writes durable (FLUSH, SYNCHRONIZE CACHE or a completed FUA
+    #: write): every write up to and including `seq` is covered.  No payload and no seq of
+    #: its own, so senders and recovery skip it like SIDE; `flags` holds the command's
+    #: nature (BARRIER_FLUSH, BARRIER_FUA).  A reader older than this kind stops the log
+    #: at the first barrier, so a queue holding one must not be opened by older firmware.
+    BARRIER = 5
+
+
+#: Barrier flags: what the host sent.
+BARRIER_FLUSH = 0x1
+BARRIER_FUA = 0x2
 
 
 #: Kinds that are writes of the volume and take a new seq.
@@ -89,6 +100,7 @@ class RecordHeader:
     cum_blocks: int
     prev_crc: int
     crc: int = 0
+    flags: int = 0
 
     @property
     def length(self) -> int:
@@ -100,7 +112,7 @@ def encode_record(h: RecordHeader,
                   payload: bytes | bytearray | memoryview = b"") -> tuple[bytes, int]:
     """Return (header bytes, crc).  The caller writes header, payload and padding."""
     assert len(payload) == h.payload_len
-    return RECORD.pack(int(h.kind), 0, h.lap, h.salt, h.seq, h.timestamp_ns, h.lbn,
+    return RECORD.pack(int(h.kind), h.flags, h.lap, h.salt, h.seq, h.timestamp_ns, h.lbn,
                        h.nblocks, h.payload_len, h.ref_seq, h.cum_blocks, h.prev_crc,
                        payload=payload)
 
@@ -108,13 +120,13 @@ def encode_record(h: RecordHeader,
 def decode_header(raw: bytes | memoryview) -> RecordHeader | None:
     """Parse a header; None when it is not a record header at all (padding, say)."""
     try:
-        (kind, _flags, lap, salt, seq, ts, lbn, nblocks, plen, ref_seq, cum_blocks,
+        (kind, flags, lap, salt, seq, ts, lbn, nblocks, plen, ref_seq, cum_blocks,
          prev_crc, crc) = RECORD.unpack(raw)
         k = RecordKind(kind)
     except (IntegrityError, ValueError):
         return None
     return RecordHeader(k, lap, salt, seq, ts, lbn, nblocks, plen, ref_seq, cum_blocks,
-                        prev_crc, crc)
+                        prev_crc, crc, flags)
 
 
 def record_crc_ok(raw_header: bytes | memoryview, payload: bytes | memoryview) -> bool:

@@ -182,6 +182,7 @@ class CircularBufferQueue:
         self.transitions: list[tuple[int, str, str]] = []
         self._since_checkpoint = 0
         self.stats_appended = 0
+        self.stats_barriers = 0
         self.recovered_records = 0
         self.recovery_seconds = 0.0
         t0 = time.monotonic()
@@ -312,7 +313,8 @@ class CircularBufferQueue:
     # ------------------------------------------------------------------ appending
 
     def _append(self, kind: RecordKind, lbn: int, nblocks: int,
-                payload: bytes | bytearray | memoryview = b"", ref_seq: int = 0) -> int:
+                payload: bytes | bytearray | memoryview = b"", ref_seq: int = 0,
+                flags: int = 0) -> int:
         g = self.geo
         length = align_up(HDR + len(payload), RECORD_ALIGN)
         pos = self._head_lin % g.ring_size
@@ -328,7 +330,7 @@ class CircularBufferQueue:
         cum = self._cum + (nblocks if kind in WRITE_KINDS else 0)
         h = RecordHeader(kind, (self._head_lin // g.ring_size) & 0xFFFFFFFF, g.salt, seq,
                          time.time_ns(), lbn, nblocks, len(payload), ref_seq, cum,
-                         self._prev_crc)
+                         self._prev_crc, 0, flags)
         raw, crc = encode_record(h, payload)
         lin = self._head_lin
         self._pending.add(lin, raw)
@@ -406,6 +408,30 @@ class CircularBufferQueue:
             if kind is RecordKind.DATA:
                 return Enqueued(self._append(RecordKind.DATA, lbn, nblocks, data), True)
             return Enqueued(self._append(RecordKind.COMPACT, lbn, nblocks), False)
+
+    def append_barrier(self, flags: int) -> int | None:
+        """Record that the host declared every write so far durable; return the seq covered.
+
+        None when nothing is recorded: no write queued yet, or the queue is in overflow or
+        paused (the dirty map, not the log, then holds what peers need, and no instant
+        inside it is consistent until the resync completes).
+        """
+        if self.read_only:
+            raise CbqUsageError("queue is open read-only")
+        with self._lock:
+            if self.mode is Mode.OVERFLOW or self.enqueue_paused or self._next_seq <= 1:
+                return None
+            if not self._ensure_space([align_up(HDR, RECORD_ALIGN)]):
+                return None
+            self.stats_barriers += 1
+            return self._append(RecordKind.BARRIER, 0, 0, flags=flags)
+
+    def barriers(self) -> list[tuple[int, int, int]]:
+        """(seq covered, timestamp_ns, flags) of every durable barrier still queued."""
+        with self._lock:
+            return [(h.seq, h.timestamp_ns, h.flags)
+                    for _, h, _ in self._ring.walk(self._tail_lin(), self._durable_lin)
+                    if h.kind is RecordKind.BARRIER]
 
     def _cow_ranges(self, lbn: int, nblocks: int) -> list[tuple[int, int, int]]:
         """Runs of blocks in the range whose newest queued write is an unprotected COMPACT."""

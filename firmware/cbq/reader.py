@@ -97,7 +97,12 @@ class RingReader:
                 return "payload length does not match block count"
         elif h.payload_len != 0:
             return "unexpected payload"
-        if h.kind is not RecordKind.WRAP:
+        if h.kind is RecordKind.BARRIER:
+            if h.lbn != 0 or h.nblocks != 0:
+                return "barrier with blocks"
+            if pos + h.length > g.ring_size:
+                return "record crosses the end of the ring"
+        elif h.kind is not RecordKind.WRAP:
             if h.nblocks == 0 or h.lbn + h.nblocks > g.volume_blocks:
                 return f"blocks {h.lbn}+{h.nblocks} outside the volume"
             if pos + h.length > g.ring_size:

@@ -15,6 +15,7 @@ from firmware.cbq import (
     NeedsReclaim,
     create,
 )
+from firmware.cbq.format import BARRIER_FLUSH, BARRIER_FUA
 from firmware.cbq.queue import MAX_DISCARDS
 from firmware.storage import CrashSimStorage
 
@@ -40,6 +41,7 @@ class CbqMachine(RuleBasedStateMachine):
         self.last_seq = 0
         self.must_be_dirty: set[int] = set()
         self.resync_pending: set[str] = set()
+        self.barriers_made = 0
         self.q = self._open()
 
     def _open(self) -> CircularBufferQueue:
@@ -91,6 +93,20 @@ class CbqMachine(RuleBasedStateMachine):
     @rule()
     def sync(self) -> None:
         self._sync()
+
+    @rule(flags=st.sampled_from((BARRIER_FLUSH, BARRIER_FUA)))
+    def barrier(self, flags: int) -> None:
+        got = self.q.append_barrier(flags)
+        if got is not None:
+            # A barrier covers every write so far and takes no seq of its own.
+            assert got == self.last_seq
+            self.barriers_made += 1
+
+    @invariant()
+    def barriers_in_order(self) -> None:
+        seqs = [s for s, _, _ in self.q.barriers()]
+        assert seqs == sorted(seqs)
+        assert all(s <= self.durable or s <= self.last_seq for s in seqs)
 
     @rule(peer=st.sampled_from(PEERS), k=st.integers(1, 8))
     def read(self, peer: str, k: int) -> None:
