@@ -31,6 +31,8 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from firmware.errors import MirrorUnitError
+
 __all__ = ["CborDecodeError", "DEFAULT_MAX_DEPTH", "loads"]
 
 #: Containers nested deeper than this are refused unless the caller says otherwise.
@@ -65,7 +67,7 @@ _TAG_NAMES = {
 }
 
 
-class CborDecodeError(ValueError):
+class CborDecodeError(MirrorUnitError, ValueError):
     """Input outside the strict subset; `offset` is where in the input it was found."""
 
     def __init__(self, reason: str, offset: int) -> None:

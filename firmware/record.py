@@ -24,6 +24,8 @@ from typing import Any
 
 import crc32c as _crc32c
 
+from firmware.errors import MirrorUnitError
+
 Buffer = bytes | bytearray | memoryview
 
 _CRC = struct.Struct("<I")
@@ -37,7 +39,7 @@ def crc32c(data: Buffer, value: int = 0) -> int:
     return int(_crc32c.crc32c(data, value))
 
 
-class IntegrityError(Exception):
+class IntegrityError(MirrorUnitError):
     """Stored bytes failed a check: where (`path`, `offset`; either may be unknown) and why.
 
     Domain errors (`CbqCorruption`, `JournalCorruption`) derive from it, so one except

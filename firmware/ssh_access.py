@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from firmware.errors import MirrorUnitError
+
 from .fsutil import fsync_dir, write_atomic
 
 log = logging.getLogger("mirrorunit.ssh")
@@ -34,7 +36,7 @@ Runner = Callable[[Sequence[str]], None]
 Remount = Callable[[bool], None]
 
 
-class SshSetupError(Exception):
+class SshSetupError(MirrorUnitError):
     """Refused input or a failed write; the message says which."""
 
 

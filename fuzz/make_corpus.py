@@ -13,12 +13,12 @@ import cbor2  # noqa: E402
 
 from firmware.config.schema import Config  # noqa: E402
 from firmware.config.store import encode_slot  # noqa: E402
-from firmware.link.frames import Bye, Error, Ping, Pong, encode_frame  # noqa: E402
+from firmware.link.frames import Bye, ErrorFrame, Ping, Pong, encode_frame  # noqa: E402
 from firmware.nbd import protocol as p  # noqa: E402
 
 
 def seeds() -> dict[str, list[bytes]]:
-    frames = [encode_frame(f) for f in (Ping(7), Pong(7), Bye(), Error("busy", "try later"))]
+    frames = [encode_frame(f) for f in (Ping(7), Pong(7), Bye(), ErrorFrame("busy", "try later"))]
     link = [b"\x00" + f for f in frames] + [b"\x01" + f[4:] for f in frames]
     link.append(b"\x01" + cbor2.dumps({"type": "pair_offer", "unit": "u1"}))
     link.append(b"\x01" + cbor2.dumps({"type": "recover_hello", "unit": "u1"}))

@@ -27,12 +27,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from firmware.errors import MirrorUnitError
+
 U64_MAX = (1 << 64) - 1
 #: entries kept behind the current one; older ones are dropped (their child keeps the id)
 MAX_HISTORY = 64
 
 
-class LineageError(ValueError):
+class LineageError(MirrorUnitError, ValueError):
     """A lineage that does not hold together: bad field, broken chain, misuse of an operation."""
 
 

@@ -23,7 +23,7 @@ from firmware.link.frames import (
     Bye,
     ConfigBlob,
     ConfigGet,
-    Error,
+    ErrorFrame,
     Frame,
     FrameDecoder,
     Paired,
@@ -64,7 +64,7 @@ class _ShortClient(Generic[T]):
         for frame in self._decoder.receive_data(data):
             if self._finished:
                 return
-            if isinstance(frame, Error):
+            if isinstance(frame, ErrorFrame):
                 raise LinkRefused(frame.code, frame.text)
             self._on_frame(frame)
 

@@ -187,7 +187,7 @@ class Pong:
 
 
 @dataclass(frozen=True)
-class Error:
+class ErrorFrame:
     code: str
     text: str
 
@@ -324,7 +324,7 @@ class Paired:
 
 
 Frame = (
-    Hello | HelloAck | Writes | Ack | Digest | Commit | Abort | Ping | Pong | Error | Bye
+    Hello | HelloAck | Writes | Ack | Digest | Commit | Abort | Ping | Pong | ErrorFrame | Bye
     | ResyncStart | DigestRequest | ChunkDigests | ChunkData | ResyncEnd | ResyncDone
     | ConfigPut | ConfigGet | ConfigBlob | RecoverHello | RecoverChallenge | RecoverProof
     | PairOffer | Paired
@@ -476,7 +476,7 @@ def _frame_map(frame: Frame) -> dict[str, Any]:
         return {"type": "PING", "nonce": frame.nonce}
     if isinstance(frame, Pong):
         return {"type": "PONG", "nonce": frame.nonce}
-    if isinstance(frame, Error):
+    if isinstance(frame, ErrorFrame):
         return {"type": "ERROR", "code": frame.code, "text": frame.text}
     if isinstance(frame, Bye):
         return {"type": "BYE"}
@@ -788,7 +788,8 @@ _DECODERS: dict[str, Callable[[dict[Any, Any]], Frame]] = {
     ),
     "PING": lambda m: Ping(nonce=_u64(m, "nonce", "PING")),
     "PONG": lambda m: Pong(nonce=_u64(m, "nonce", "PONG")),
-    "ERROR": lambda m: Error(code=_text(m, "code", "ERROR", 64), text=_text(m, "text", "ERROR")),
+    "ERROR": lambda m: ErrorFrame(code=_text(m, "code", "ERROR", 64),
+                                  text=_text(m, "text", "ERROR")),
     "BYE": lambda m: Bye(),
     "RESYNC_START": _decode_resync_start,
     "DIGEST_REQ": lambda m: DigestRequest(

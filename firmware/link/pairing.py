@@ -35,7 +35,7 @@ from firmware.link.errors import LinkProtocolError, TlsIdentityError
 from firmware.link.frames import (
     MAX_ANONYMOUS_BODY,
     Bye,
-    Error,
+    ErrorFrame,
     Frame,
     FrameDecoder,
     Paired,
@@ -143,7 +143,7 @@ class PairingServerSession:
         return out
 
     def _deny(self, offer: PairOffer, fp: str, code: str, text: str) -> list[PairEvent]:
-        self._out += encode_frame(Error(code=code, text=text))
+        self._out += encode_frame(ErrorFrame(code=code, text=text))
         self.state = PairState.FAILED
         return [PairDenied(offer.unit_id, fp, code, text)]
 
@@ -154,7 +154,7 @@ class PairingServerSession:
             self.state = PairState.DONE
             return []
         if not isinstance(frame, PairOffer):
-            self._out += encode_frame(Error(code=ERR_PROTOCOL, text="expected PAIR_OFFER"))
+            self._out += encode_frame(ErrorFrame(code=ERR_PROTOCOL, text="expected PAIR_OFFER"))
             self.state = PairState.FAILED
             raise LinkProtocolError(f"{type(frame).__name__} frame in the pairing exchange")
         return self._on_offer(frame)
@@ -231,7 +231,7 @@ class AnonymousServerSession:
         return out
 
     def _refuse(self, reason: str) -> LinkProtocolError:
-        self._out += encode_frame(Error(code=ERR_PROTOCOL, text=reason))
+        self._out += encode_frame(ErrorFrame(code=ERR_PROTOCOL, text=reason))
         self._failed = True
         return LinkProtocolError(reason)
 
@@ -255,7 +255,7 @@ class AnonymousServerSession:
                 elif isinstance(frame, PairOffer) and self._pairing is not None:
                     chosen = self.chosen = self._pairing
                 elif isinstance(frame, PairOffer):
-                    self._out += encode_frame(Error(
+                    self._out += encode_frame(ErrorFrame(
                         code=ERR_NOT_PAIRING,
                         text="this unit pairs no peer from its config (no --config given)"))
                     self._failed = True

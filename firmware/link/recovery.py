@@ -37,7 +37,7 @@ from firmware.link.frames import (
     RECOVER_NONCE_BYTES,
     Bye,
     ConfigBlob,
-    Error,
+    ErrorFrame,
     Frame,
     FrameDecoder,
     RecoverChallenge,
@@ -203,7 +203,7 @@ class RecoveryServerSession:
         self._out += encode_frame(frame)
 
     def _deny(self, unit: str | None, code: str, text: str) -> list[RecoveryEvent]:
-        self._send(Error(code=code, text=text))
+        self._send(ErrorFrame(code=code, text=text))
         self.state = RecoveryState.FAILED
         self._challenge = None
         return [RecoveryDenied(unit, code, text)]
@@ -227,7 +227,7 @@ class RecoveryServerSession:
 
     def _fail(self, exc: LinkProtocolError) -> None:
         if self.state is not RecoveryState.FAILED:
-            self._send(Error(code=ERR_PROTOCOL, text=exc.reason))
+            self._send(ErrorFrame(code=ERR_PROTOCOL, text=exc.reason))
             self.state = RecoveryState.FAILED
         self._challenge = None
 

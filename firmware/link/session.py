@@ -42,7 +42,7 @@ from firmware.link.frames import (
     ConfigPut,
     Digest,
     DigestRequest,
-    Error,
+    ErrorFrame,
     Frame,
     FrameDecoder,
     Hello,
@@ -213,7 +213,7 @@ class Refused:
 
 
 @dataclass(frozen=True)
-class PeerError:
+class PeerRefusal:
     """The peer sent ERROR: it refused us or failed."""
 
     code: str
@@ -267,7 +267,7 @@ class ConfigServed:
 
 
 SessionEvent = (
-    Established | Acknowledged | BatchApplied | BatchAborted | Refused | PeerError | PeerClosed
+    Established | Acknowledged | BatchApplied | BatchAborted | Refused | PeerRefusal | PeerClosed
     | PongReceived | ResyncStarted | ResyncFinished | ConfigReceived | ConfigServed
 )
 
@@ -288,15 +288,15 @@ class Role(enum.Enum):
 
 # Which frames each role accepts in each state; anything else is a protocol error.
 _ALLOWED: dict[tuple[Role, SessionState], tuple[type, ...]] = {
-    (Role.SENDER, SessionState.HELLO_SENT): (HelloAck, Error, Ping, Pong, Bye),
+    (Role.SENDER, SessionState.HELLO_SENT): (HelloAck, ErrorFrame, Ping, Pong, Bye),
     (Role.SENDER, SessionState.STREAMING): (
-        Ack, Digest, ChunkDigests, ResyncDone, ConfigPut, Error, Ping, Pong, Bye,
+        Ack, Digest, ChunkDigests, ResyncDone, ConfigPut, ErrorFrame, Ping, Pong, Bye,
     ),
     # CONFIG_GET before HELLO: a unit recovering its config has no volume to announce.
-    (Role.RECEIVER, SessionState.AWAIT_HELLO): (Hello, ConfigGet, Error, Ping, Bye),
+    (Role.RECEIVER, SessionState.AWAIT_HELLO): (Hello, ConfigGet, ErrorFrame, Ping, Bye),
     (Role.RECEIVER, SessionState.STREAMING): (
         Writes, Commit, Abort, ResyncStart, DigestRequest, ChunkData, ResyncEnd,
-        ConfigPut, ConfigGet, Error, Ping, Pong, Bye,
+        ConfigPut, ConfigGet, ErrorFrame, Ping, Pong, Bye,
     ),
 }
 
@@ -372,7 +372,7 @@ class _Session:
 
     def _fail_with(self, code: str, text: str) -> None:
         if self.state is not SessionState.FAILED:
-            self._send(Error(code=code, text=text))
+            self._send(ErrorFrame(code=code, text=text))
             self.state = SessionState.FAILED
 
     def _dispatch(self, frame: Frame) -> list[SessionEvent]:
@@ -387,9 +387,9 @@ class _Session:
             return []
         if isinstance(frame, Pong):
             return [PongReceived(nonce=frame.nonce)]
-        if isinstance(frame, Error):
+        if isinstance(frame, ErrorFrame):
             self.state = SessionState.FAILED
-            return [PeerError(code=frame.code, text=frame.text)]
+            return [PeerRefusal(code=frame.code, text=frame.text)]
         if isinstance(frame, Bye):
             self.state = SessionState.CLOSED
             return [PeerClosed()]

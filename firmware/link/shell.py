@@ -52,7 +52,7 @@ from firmware.link.session import (
     ConfigServed,
     Established,
     PeerClosed,
-    PeerError,
+    PeerRefusal,
     ReceiverConfig,
     ReceiverSession,
     Refused,
@@ -492,7 +492,7 @@ class LinkClient:
         elif isinstance(event, Refused):
             self.stats.refusals += 1
             log.error("link to %s:%d given up: %s: %s", *self.address, event.code, event.text)
-        elif isinstance(event, PeerError):
+        elif isinstance(event, PeerRefusal):
             self.stats.refusals += 1
             log.error("remote %s:%d refused: %s: %s", *self.address, event.code, event.text)
             raise LinkClosed(f"remote refused: {event.code}: {event.text}")
@@ -878,7 +878,7 @@ class LinkServer:
                     log.info("unit %s from %s: v%d, %s, signature=%s, resuming after seq %d",
                              event.unit_id, peer, event.version, event.compression,
                              event.signature, event.durable_seq)
-                elif isinstance(event, PeerError):
+                elif isinstance(event, PeerRefusal):
                     log.warning("unit at %s reported %s: %s", peer, event.code, event.text)
                 elif isinstance(event, ResyncStarted):
                     log.warning("unit at %s: %s %d started (local seq %d, %d chunks)", peer,

@@ -34,7 +34,7 @@ from firmware.link.session import (
     BatchAborted,
     ConfigReceived,
     Established,
-    PeerError,
+    PeerRefusal,
     ResyncFinished,
     ResyncPlan,
     SenderConfig,
@@ -474,7 +474,7 @@ class LinkService:
                 peer.aborted += 1
             elif isinstance(event, ConfigReceived):
                 self._keep_peer_backup(peer.spec.name, event.blob)
-            elif isinstance(event, PeerError) and event.code in LINEAGE_REFUSALS:
+            elif isinstance(event, PeerRefusal) and event.code in LINEAGE_REFUSALS:
                 self._refused(peer, event.code, event.text)
             elif isinstance(event, Established) and peer.refused is not None:
                 log.warning("remote %s takes this copy's writes again", peer.spec.name)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from firmware.errors import MirrorUnitError
+
 from .. import COPYRIGHT, LICENSE, __version__
 from ..blockdev import DeviceState
 from ..cbq import CbqFormatError, CircularBufferQueue, create
@@ -33,7 +35,7 @@ log = logging.getLogger("mirrorunit.local")
 DEFAULT_CACHE_MODE = CacheMode.WRITE_THROUGH
 
 
-class LocalUnitError(Exception):
+class LocalUnitError(MirrorUnitError):
     """The unit cannot start as configured; the message says why and what to do."""
 
 

@@ -9,7 +9,7 @@ I/O shell decides how bytes travel and how requests are executed.
 Everything a client can get wrong is reported as an event, never raised: a
 request the protocol can answer becomes ``InvalidRequest`` carrying the NBD
 errno to reply with; a stream the protocol cannot resynchronise on (bad magic,
-unknown client flags, an oversized option) becomes ``ProtocolError`` and the
+unknown client flags, an oversized option) becomes ``ProtocolViolation`` and the
 connection is closed.  Exceptions (``LocalProtocolError``) are reserved for
 misuse by the server code itself.
 
@@ -34,6 +34,8 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from firmware.errors import MirrorUnitError
 
 # --- magics ------------------------------------------------------------------
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC", also the INIT_PASSWD
@@ -175,7 +177,7 @@ assert SIMPLE_REPLY.size == 16
 _DISCARD_CHUNK = 64 * 1024
 
 
-class NbdError(Exception):
+class NbdError(MirrorUnitError):
     """Base of errors raised by the NBD package."""
 
 
@@ -254,7 +256,7 @@ class Disconnect:
 
 
 @dataclass(frozen=True, slots=True)
-class ProtocolError:
+class ProtocolViolation:
     """The stream cannot continue; send ``data_to_send()`` and close."""
 
     reason: str
@@ -269,7 +271,7 @@ Event = (
     | WriteZeroesRequest
     | InvalidRequest
     | Disconnect
-    | ProtocolError
+    | ProtocolViolation
 )
 Request = ReadRequest | WriteRequest | FlushRequest | TrimRequest | WriteZeroesRequest
 
@@ -528,7 +530,7 @@ class NbdServerConnection:
         self._inbuf.clear()
         self._write = None
         self._discard = None
-        events.append(ProtocolError(reason))
+        events.append(ProtocolViolation(reason))
 
     def _take(self, n: int) -> bytes | None:
         if len(self._inbuf) < n:

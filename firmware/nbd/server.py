@@ -65,7 +65,7 @@ from firmware.nbd.protocol import (
     InvalidRequest,
     NbdError,
     NbdServerConnection,
-    ProtocolError,
+    ProtocolViolation,
     ReadRequest,
     State,
     TrimRequest,
@@ -646,7 +646,7 @@ class NbdServer:
             return None
         if isinstance(event, Disconnect):
             return event.reason
-        assert isinstance(event, ProtocolError)
+        assert isinstance(event, ProtocolViolation)
         self.log.warning("NBD client %s: protocol error: %s", peer, event.reason)
         return f"protocol error: {event.reason}"
 

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from firmware.errors import MirrorUnitError
+
 from ..config.schema import split_host_port
 from .events import TRAP_NUMBER, Event
 
@@ -29,7 +31,7 @@ TRAP_BASE = "1.3.6.1.3.8472"
 SEND_TIMEOUT_S = 10.0
 
 
-class NotifyError(Exception):
+class NotifyError(MirrorUnitError):
     """An event could not be delivered to one target."""
 
 

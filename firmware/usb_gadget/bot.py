@@ -38,6 +38,7 @@ import enum
 import struct
 from dataclasses import dataclass
 
+from firmware.errors import MirrorUnitError
 from firmware.scsi import Command, DataDirection, ScsiTarget
 
 # -- wire formats (BOT 5.1, 5.2) -------------------------------------------------------
@@ -233,7 +234,7 @@ class BotState(enum.Enum):
     NEEDS_RESET = "needs-reset"
 
 
-class BotUsageError(Exception):
+class BotUsageError(MirrorUnitError):
     """The shell called the machine out of turn (a bug in the shell, never host input)."""
 
 

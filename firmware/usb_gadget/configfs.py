@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from firmware.errors import MirrorUnitError
 from firmware.usb_gadget.functionfs import umount_functionfs
 
 log = logging.getLogger("mirrorunit.gadget")
@@ -28,7 +29,7 @@ LANG_EN_US = "0x409"
 CONFIG_DIR = "c.1"
 
 
-class GadgetError(Exception):
+class GadgetError(MirrorUnitError):
     """configfs refused a gadget operation; the message names the path."""
 
 

@@ -38,6 +38,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from firmware.errors import MirrorUnitError
+
 log = logging.getLogger("mirrorunit.gadget")
 
 # -- include/uapi/linux/usb/functionfs.h -----------------------------------------------
@@ -108,7 +110,7 @@ MAX_PACKET = {"fs": 64, "hs": 512, "ss": 1024}
 SS_MAX_BURST = 15
 
 
-class FunctionFsError(Exception):
+class FunctionFsError(MirrorUnitError):
     """FunctionFS refused an operation or sent something unexpected."""
 
 

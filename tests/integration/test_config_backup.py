@@ -28,7 +28,7 @@ from firmware.link.frames import (
     ConfigBlob,
     ConfigGet,
     ConfigPut,
-    Error,
+    ErrorFrame,
     FrameDecoder,
     Hello,
     encode_body,
@@ -129,13 +129,13 @@ def test_nobody_gets_or_overwrites_another_units_backup() -> None:
     r = receiver(b)
     r.receive_data(encode_frame(ConfigGet("unit-b")))
     [err] = answers(r)
-    assert isinstance(err, Error) and err.code == "identity"
+    assert isinstance(err, ErrorFrame) and err.code == "identity"
     assert r.is_finished
     r = receiver(b)
     r.receive_data(encode_frame(Hello((1,), "unit-a", 4096, 512, 0, (), False)))
     r.receive_data(encode_frame(ConfigPut("unit-b", b"forged")))
     assert b.blobs == {"unit-b": b"sealed b"}
-    assert isinstance(answers(r)[-1], Error)
+    assert isinstance(answers(r)[-1], ErrorFrame)
 
 
 def test_put_after_hello_is_kept_and_the_remote_hands_over_its_own() -> None:

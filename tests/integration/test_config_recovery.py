@@ -31,7 +31,7 @@ from firmware.link.errors import LinkProtocolError
 from firmware.link.frames import (
     ConfigBlob,
     ConfigGet,
-    Error,
+    ErrorFrame,
     FrameDecoder,
     Hello,
     RecoverChallenge,
@@ -196,7 +196,7 @@ def test_refusals(blobs: dict[str, bytes], unit: str | None, code: str) -> None:
     s = RecoveryServerSession(Backups(blobs), PEER_FP, "a", RecoveryLimiter())
     s.receive_data(encode_frame(RecoverHello(unit)))
     [err] = _answers(s)
-    assert isinstance(err, Error) and err.code == code and s.is_finished
+    assert isinstance(err, ErrorFrame) and err.code == code and s.is_finished
 
 
 @pytest.mark.parametrize("frame", [
@@ -211,7 +211,7 @@ def test_anything_but_the_exchange_is_refused(tmp_path: Path, frame: Any) -> Non
     with pytest.raises(LinkProtocolError, match="not allowed"):
         s.receive_data(encode_frame(frame))
     out = s.data_to_send()
-    assert blob not in out and isinstance(FrameDecoder().receive_data(out)[0], Error)
+    assert blob not in out and isinstance(FrameDecoder().receive_data(out)[0], ErrorFrame)
 
 
 # --------------------------------------------------------------------------- processes
@@ -321,7 +321,7 @@ def test_replaced_local_unit_recovers_from_its_remote(make_pair: MakePair, tmp_p
                       ConfigGet(p.unit_id)):
             reply = _anonymous(remote.port, encode_frame(frame))
             frames = FrameDecoder().receive_data(reply)
-            assert len(frames) == 1 and isinstance(frames[0], Error)
+            assert len(frames) == 1 and isinstance(frames[0], ErrorFrame)
             assert "not allowed" in frames[0].text and good not in reply
 
         # Two more wrong passwords use up the three attempts; then even the right

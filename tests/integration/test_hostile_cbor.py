@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 
-from firmware.link.frames import Error, FrameDecoder, Hello, HelloAck, encode_body, encode_frame
+from firmware.link.frames import (
+    ErrorFrame,
+    FrameDecoder,
+    Hello,
+    HelloAck,
+    encode_body,
+    encode_frame,
+)
 from firmware.link.tls import PeerStore, anonymous_client_context, client_context, unit_identity
 from tests.support.hostile_cbor import shared_body
 from tests.support.replication import RemoteProc, wait_for
@@ -46,7 +53,7 @@ def test_certificate_less_hostile_body_is_refused_and_an_honest_client_follows(
         reply = read_until_closed(sock, timeout=10)
         elapsed = time.monotonic() - start
     frames = FrameDecoder().receive_data(reply)
-    assert len(frames) == 1 and isinstance(frames[0], Error), reply
+    assert len(frames) == 1 and isinstance(frames[0], ErrorFrame), reply
     assert "tag 28" in frames[0].text
     assert elapsed < 5
     line = wait_for(lambda: [x for x in remote.log.read_text().splitlines()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from firmware.link.errors import LinkError, LinkRefused, PeerNotPinned, TlsIdentityError
-from firmware.link.frames import CODEC_NONE, Error, FrameDecoder, Hello
+from firmware.link.frames import CODEC_NONE, ErrorFrame, FrameDecoder, Hello
 from firmware.link.memory import MemorySink, MemorySource
 from firmware.link.session import ReceiverConfig, SenderConfig
 from firmware.link.shell import Backoff, LinkClient, LinkServer, TokenBucket
@@ -445,7 +445,7 @@ def test_malformed_frame_from_an_authenticated_peer_closes_with_a_logged_reason(
                     break
                 reply += chunk
     frames = FrameDecoder().receive_data(reply)
-    assert len(frames) == 1 and isinstance(frames[0], Error) and frames[0].code == "protocol"
+    assert len(frames) == 1 and isinstance(frames[0], ErrorFrame) and frames[0].code == "protocol"
     assert "CRC32C mismatch" in frames[0].text
     assert _wait_for(lambda: remote.server.stats.protocol_errors == 1)
     assert "protocol error: frame 0 CRC32C mismatch" in caplog.text

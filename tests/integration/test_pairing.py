@@ -32,7 +32,7 @@ from firmware.link.pairing import (
     PairingServerSession,
 )
 from firmware.link.recovery import RecoveryLimiter
-from firmware.link.session import Error
+from firmware.link.session import ErrorFrame
 from firmware.link.shell import pair_offer_exchange
 from firmware.link.tls import PEERS_FILE, PeerStore, anonymous_client_context, unit_identity
 from firmware.nbd.client import NbdClient
@@ -193,7 +193,7 @@ def test_garbage_and_oversized_offers_are_refused(units: Units, payload: bytes,
     with anonymous(remote) as sock:
         sock.sendall(payload)
         frames = answer(sock)
-    assert len(frames) == 1 and isinstance(frames[0], Error)
+    assert len(frames) == 1 and isinstance(frames[0], ErrorFrame)
     assert reason in frames[0].text
     wait_for(lambda: "closing connection" in remote.log.read_text(), 10, "logged")
     assert pins(remote.state_dir) == {}

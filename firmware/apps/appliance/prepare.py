@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from firmware.errors import MirrorUnitError
+
 from ...fsutil import write_atomic
 
 log = logging.getLogger("mirrorunit.appliance")
@@ -46,7 +48,7 @@ BLANK_PROBE_BYTES = 1 << 20
 Runner = Callable[[Sequence[str]], None]
 
 
-class ApplianceError(Exception):
+class ApplianceError(MirrorUnitError):
     """A role cannot start from this configuration; the message says why."""
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from firmware.link.frames import FRAME_LENGTH, FrameDecoder, Writes, encode_body
 from firmware.link.memory import MemorySource
-from firmware.link.session import Error, SenderConfig
+from firmware.link.session import ErrorFrame, SenderConfig
 from firmware.link.shell import Backoff, LinkClient
 from firmware.link.tls import PeerStore, client_context, unit_identity
 from tests.support.replication import RemoteProc, local_link_args, wait_for
@@ -118,7 +118,7 @@ def test_garbage_and_oversized_frames_close_the_connection_with_a_logged_reason(
         sock.sendall(payload)
         reply = read_until_closed(sock)
     frames = FrameDecoder().receive_data(reply)
-    assert frames and isinstance(frames[-1], Error) and reason in frames[-1].text
+    assert frames and isinstance(frames[-1], ErrorFrame) and reason in frames[-1].text
     wait_for(lambda: "protocol error" in remote.log.read_text(), 10, "logged")
     line = [x for x in remote.log.read_text().splitlines() if "protocol error" in x][-1]
     assert reason in line
@@ -133,7 +133,7 @@ def test_writes_before_hello_are_refused(remote: RemoteProc, tmp_path: Path) -> 
         sock.sendall(encode_frame(Writes(1, "none", (WriteRecord(1, 0, b"\x01" * 512, 1),))))
         reply = read_until_closed(sock)
     frames = FrameDecoder().receive_data(reply)
-    assert isinstance(frames[-1], Error) and "not allowed" in frames[-1].text
+    assert isinstance(frames[-1], ErrorFrame) and "not allowed" in frames[-1].text
     _nothing_stored(remote)
 
 
@@ -148,7 +148,7 @@ def test_a_client_without_a_certificate_gets_nothing_but_the_recovery_exchange(
         sock.sendall(encode_frame(Writes(1, "none", (WriteRecord(1, 0, b"\x01" * 512, 1),))))
         reply = read_until_closed(sock)
     frames = FrameDecoder().receive_data(reply)
-    assert len(frames) == 1 and isinstance(frames[0], Error)
+    assert len(frames) == 1 and isinstance(frames[0], ErrorFrame)
     assert "only the recovery exchange" in frames[0].text
     wait_for(lambda: "recovery: closing connection" in remote.log.read_text(), 10, "logged")
     _nothing_stored(remote)

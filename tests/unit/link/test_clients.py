@@ -12,7 +12,7 @@ from firmware.link.frames import (
     ConfigBlob,
     ConfigGet,
     ConfigPut,
-    Error,
+    ErrorFrame,
     FrameDecoder,
     Paired,
     PairOffer,
@@ -53,7 +53,7 @@ def test_config_fetch_of_a_unit_the_peer_keeps_nothing_of() -> None:
 def test_an_error_answer_is_a_refusal_with_its_code() -> None:
     s = RecoveryClientSession(None, lambda ch: b"p" * 32)
     with pytest.raises(LinkRefused) as err:
-        s.receive_data(encode_frame(Error("rate-limited", "wait")))
+        s.receive_data(encode_frame(ErrorFrame("rate-limited", "wait")))
     assert (err.value.code, err.value.text) == ("rate-limited", "wait")
 
 

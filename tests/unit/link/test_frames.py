@@ -31,7 +31,7 @@ from firmware.link.frames import (
     Bye,
     Commit,
     Digest,
-    Error,
+    ErrorFrame,
     Frame,
     FrameDecoder,
     Hello,
@@ -50,7 +50,7 @@ from firmware.link.session import (
     Acknowledged,
     BatchAborted,
     Established,
-    PeerError,
+    PeerRefusal,
     ReceiverConfig,
     ReceiverSession,
     Refused,
@@ -81,7 +81,7 @@ FRAMES: list[Frame] = [
     Abort(9, "digest mismatch"),
     Ping(3),
     Pong(3),
-    Error("unknown-unit", "unit 'x' is not known here"),
+    ErrorFrame("unknown-unit", "unit 'x' is not known here"),
     Bye(),
 ]
 
@@ -117,7 +117,7 @@ frame_st: st.SearchStrategy[Frame] = st.one_of(
     st.builds(Commit, u64),
     st.builds(Abort, u64, st.text(max_size=50)),
     st.builds(Digest, u64, st.binary(min_size=DIGEST_SIZE, max_size=DIGEST_SIZE)),
-    st.builds(Error, st.text(max_size=20), st.text(max_size=100)),
+    st.builds(ErrorFrame, st.text(max_size=20), st.text(max_size=100)),
     st.just(Bye()),
     st.builds(
         Hello,
@@ -473,7 +473,7 @@ def test_highest_common_version_is_chosen_and_none_is_refused() -> None:
     receiver = ReceiverSession(ReceiverConfig({"unit-a"}), lambda h: sink)
     s_ev, r_ev = run_pair(sender, receiver)
     assert r_ev == [Refused("version", "no common protocol version: (9,) vs (1,)")]
-    assert isinstance(s_ev[0], PeerError) and s_ev[0].code == "version"
+    assert isinstance(s_ev[0], PeerRefusal) and s_ev[0].code == "version"
     assert sender.is_finished and receiver.is_finished and sink.applied_log == []
 
 
@@ -492,7 +492,7 @@ def test_unit_id_is_checked_before_anything_is_written(
     s_ev, r_ev = run_pair(sender, receiver)
     assert len(r_ev) == 1 and isinstance(r_ev[0], Refused) and r_ev[0].code == code
     assert unit in r_ev[0].text
-    assert isinstance(s_ev[0], PeerError) and s_ev[0].code == code
+    assert isinstance(s_ev[0], PeerRefusal) and s_ev[0].code == code
     assert sink.applied_log == [] and src.acked_seq == 0
 
 
@@ -505,7 +505,7 @@ def test_open_sink_refusal_reaches_the_sender() -> None:
     sender = SenderSession(SenderConfig("unit-a", VOLUME, BS), src)
     receiver = ReceiverSession(ReceiverConfig({"unit-a"}), busy)
     s_ev, _ = run_pair(sender, receiver)
-    assert s_ev == [PeerError("busy", "unit unit-a is already connected")]
+    assert s_ev == [PeerRefusal("busy", "unit unit-a is already connected")]
 
 
 def test_resume_after_reconnect_starts_after_the_remote_durable_seq() -> None:
@@ -664,7 +664,7 @@ def test_too_many_aborts_give_up_with_an_error() -> None:
     sender, receiver = pair(src, sink, signature=True, max_aborts=2)
     s_ev, r_ev = run_pair(sender, receiver, to_sender=_corrupt_digests([100]))
     assert any(isinstance(e, Refused) and e.code == "too-many-aborts" for e in s_ev)
-    assert any(isinstance(e, PeerError) and e.code == "too-many-aborts" for e in r_ev)
+    assert any(isinstance(e, PeerRefusal) and e.code == "too-many-aborts" for e in r_ev)
     assert sink.applied_log == [] and src.acked_seq == 0
 
 

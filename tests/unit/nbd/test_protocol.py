@@ -17,7 +17,7 @@ from firmware.nbd.protocol import (
     InvalidRequest,
     LocalProtocolError,
     NbdServerConnection,
-    ProtocolError,
+    ProtocolViolation,
     ReadRequest,
     State,
     TrimRequest,
@@ -100,7 +100,7 @@ def test_client_flags(client_flags: int, accepted: bool) -> None:
     if accepted:
         assert events == [] and conn.state is State.AWAIT_OPTION
     else:
-        assert len(events) == 1 and isinstance(events[0], ProtocolError)
+        assert len(events) == 1 and isinstance(events[0], ProtocolViolation)
         assert conn.state is State.CLOSED
 
 
@@ -128,7 +128,7 @@ def test_export_name(client_flags: int, name: str, zero_pad: bool) -> None:
 def test_export_name_unknown_closes_without_reply() -> None:
     conn = connect()
     events = conn.receive_data(build_option(p.NBD_OPT_EXPORT_NAME, b"other"))
-    assert len(events) == 1 and isinstance(events[0], ProtocolError)
+    assert len(events) == 1 and isinstance(events[0], ProtocolViolation)
     assert conn.data_to_send() == b""
     assert conn.receive_data(build_request(p.NBD_CMD_READ, 1, 0, 512)) == []
 
@@ -241,7 +241,7 @@ def test_option_over_length_limit_is_refused_and_closed() -> None:
     conn = connect()
     header = p.OPTION_HEADER.pack(p.IHAVEOPT, p.NBD_OPT_GO, p.MAX_OPTION_LENGTH + 1)
     events = conn.receive_data(header)
-    assert len(events) == 1 and isinstance(events[0], ProtocolError)
+    assert len(events) == 1 and isinstance(events[0], ProtocolViolation)
     [(opt, rtype, _)] = option_replies(conn.data_to_send())
     assert (opt, rtype) == (p.NBD_OPT_GO, p.NBD_REP_ERR_TOO_BIG)
 
@@ -255,14 +255,14 @@ def test_option_at_length_limit_is_parsed() -> None:
 def test_bad_option_magic_closes() -> None:
     conn = connect()
     events = conn.receive_data(p.OPTION_HEADER.pack(0x1234, p.NBD_OPT_GO, 0))
-    assert len(events) == 1 and isinstance(events[0], ProtocolError)
+    assert len(events) == 1 and isinstance(events[0], ProtocolViolation)
     assert "magic" in events[0].reason
 
 
 def test_too_many_options_closes() -> None:
     conn = connect()
     events = conn.receive_data(build_option(p.NBD_OPT_LIST) * (p.MAX_OPTIONS + 1))
-    assert isinstance(events[-1], ProtocolError)
+    assert isinstance(events[-1], ProtocolViolation)
     assert len(option_replies(conn.data_to_send())) == 2 * p.MAX_OPTIONS
 
 
@@ -482,7 +482,7 @@ def test_bad_request_magic_closes(magic: int) -> None:
     conn = transmission()
     raw = p.REQUEST_HEADER.pack(magic, 0, p.NBD_CMD_READ, 1, 0, 512)
     [event] = conn.receive_data(build_request(p.NBD_CMD_FLUSH, 1) + raw)[1:]
-    assert isinstance(event, ProtocolError) and f"{magic:#010x}" in event.reason
+    assert isinstance(event, ProtocolViolation) and f"{magic:#010x}" in event.reason
     assert conn.state is State.CLOSED
     assert conn.receive_data(build_request(p.NBD_CMD_FLUSH, 2)) == []
 
@@ -491,9 +491,9 @@ def test_bad_request_magic_closes(magic: int) -> None:
     ("stream", "expected"),
     [
         (b"", Disconnect),
-        (build_request(p.NBD_CMD_READ, 1, 0, 512)[:27], ProtocolError),
-        (build_request(p.NBD_CMD_WRITE, 1, 0, 512) + bytes(511), ProtocolError),
-        (build_request(p.NBD_CMD_WRITE, 1, 0, 5 * 1024), ProtocolError),
+        (build_request(p.NBD_CMD_READ, 1, 0, 512)[:27], ProtocolViolation),
+        (build_request(p.NBD_CMD_WRITE, 1, 0, 512) + bytes(511), ProtocolViolation),
+        (build_request(p.NBD_CMD_WRITE, 1, 0, 5 * 1024), ProtocolViolation),
     ],
 )
 def test_eof(stream: bytes, expected: type) -> None:
@@ -509,7 +509,7 @@ def test_eof_mid_option() -> None:
     conn = connect()
     conn.receive_data(build_option(p.NBD_OPT_LIST, b"abc")[:-1])
     [event] = conn.receive_data(b"")
-    assert isinstance(event, ProtocolError)
+    assert isinstance(event, ProtocolViolation)
 
 
 # --- replies -------------------------------------------------------------------
@@ -626,7 +626,7 @@ def test_whole_vs_byte_at_a_time_vs_random_chunks(stream: bytes, data: st.DataOb
     pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
     assert _run([piece for piece in pieces if piece]) == whole
     # Whatever happened, the stream ends in exactly one terminal event.
-    terminal = [e for e in whole[0] if isinstance(e, Disconnect | ProtocolError)]
+    terminal = [e for e in whole[0] if isinstance(e, Disconnect | ProtocolViolation)]
     assert len(terminal) == 1 and whole[0][-1] is terminal[0]
 
 
