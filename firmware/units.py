@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from firmware.errors import MirrorUnitError
+
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -23,3 +25,67 @@ def format_size(n: int) -> str:
         if n >= _SUFFIX[unit] and n % (_SUFFIX[unit] // 1024 or 1) == 0:
             return f"{n / _SUFFIX[unit]:.1f} {unit}iB"
     return f"{n} B"
+
+
+class AddressError(MirrorUnitError, ValueError):
+    """An address an operator typed is not HOST:PORT; the message says what is wrong."""
+
+
+def split_host_port(text: str, default_port: int | None = None, *,
+                    empty_host: bool = False) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6ADDR]:PORT``, and where allowed ``HOST`` (given a default port)
+    or ``:PORT`` (with `empty_host`: every interface).  The one grammar every command, the
+    config and the NBD server read addresses with; ports 0..65535 (0: let the system pick)."""
+    s = text.strip()
+    if not s:
+        raise AddressError("empty address: expected host:port")
+    if s.startswith("["):
+        close = s.find("]")
+        if close < 0:
+            raise AddressError(f"{text!r}: missing ']' after an IPv6 address")
+        host, rest = s[1:close], s[close + 1:]
+        if not host:
+            raise AddressError(f"{text!r}: empty IPv6 address")
+        if rest and not rest.startswith(":"):
+            raise AddressError(f"{text!r}: expected ':PORT' after ']'")
+        port_text = rest[1:] if rest else None
+    elif s.count(":") > 1:
+        raise AddressError(f"{text!r}: write IPv6 addresses as [address]:port")
+    elif ":" in s:
+        host, port_text = s.split(":", 1)
+    else:
+        host, port_text = s, None
+    if not host and not empty_host:
+        raise AddressError(f"{text!r}: expected host:port (the host is missing)")
+    if port_text is None:
+        if default_port is None:
+            raise AddressError(f"{text!r}: expected host:port (the port is missing)")
+        return host, default_port
+    if not port_text.isdigit():
+        raise AddressError(f"{text!r}: port must be a number up to 65535, not {port_text!r}")
+    port = int(port_text)
+    if port > 65535:
+        raise AddressError(f"{text!r}: port must be a number up to 65535, not {port}")
+    return host, port
+
+
+def join_host_port(host: str, port: int) -> str:
+    """The inverse of `split_host_port`: IPv6 addresses in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class FingerprintError(MirrorUnitError, ValueError):
+    """Text that is not a SHA-256 fingerprint."""
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def fingerprint_hex(text: str) -> str:
+    """A SHA-256 certificate fingerprint as typed (any case, colons or spaces optional)
+    -> 64 lowercase hex digits.  The one normaliser the config, pairing and recovery use."""
+    s = re.sub(r"[\s:]", "", str(text)).lower()
+    if not _HEX64.fullmatch(s):
+        raise FingerprintError(
+            f"a SHA-256 fingerprint has 64 hex digits (colons optional), got {text!r}")
+    return s

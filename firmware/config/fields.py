@@ -10,12 +10,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from .. import units
+from ..units import join_host_port
 from .errors import ConfigError
 from .kdf import parse_password_hash, parse_seal_key_text
 
 _HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _EMAIL = re.compile(r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class FieldType:
@@ -328,35 +329,15 @@ def _check_host(key: str, host: str) -> str:
 
 
 def split_host_port(key: str, text: str, default_port: int | None = None) -> tuple[str, int]:
-    """'host:port', '[v6]:port', or a bare host when a default port is allowed."""
-    s = text.strip()
-    if s.startswith("["):
-        end = s.find("]")
-        if end < 0:
-            raise ConfigError(key, f"{s!r}: missing ']' after an IPv6 address")
-        host, rest = s[1:end], s[end + 1:]
-        if rest and not rest.startswith(":"):
-            raise ConfigError(key, f"{s!r}: expected ':port' after ']'")
-        port_text = rest[1:] if rest else ""
-    elif s.count(":") == 1:
-        host, port_text = s.split(":")
-    elif s.count(":") > 1:
-        raise ConfigError(key, f"{s!r}: write IPv6 addresses as [address]:port")
-    else:
-        host, port_text = s, ""
-    if not port_text:
-        if default_port is None:
-            raise ConfigError(key, f"{s!r}: expected host:port")
-        port = default_port
-    elif not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ConfigError(key, f"{s!r}: port must be 1..65535")
-    else:
-        port = int(port_text)
+    """'host:port', '[v6]:port', or a bare host when a default port is allowed (the grammar
+    of `firmware.units.split_host_port`, with the host checked and port 0 refused)."""
+    try:
+        host, port = units.split_host_port(text, default_port)
+    except units.AddressError as exc:
+        raise ConfigError(key, str(exc)) from None
+    if port == 0:
+        raise ConfigError(key, f"{text.strip()!r}: port must be 1..65535")
     return _check_host(key, host), port
-
-
-def join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class HostPort(FieldType):
@@ -375,10 +356,11 @@ class HostPort(FieldType):
 
 def normalise_fingerprint(key: str, value: Any) -> str:
     """SHA-256 hex, colons optional, any case -> 64 lowercase hex digits."""
-    s = _need_str(key, value).replace(":", "").strip().lower()
-    if not _HEX64.match(s):
-        raise ConfigError(key, "must be a SHA-256 fingerprint: 64 hex digits, colons optional")
-    return s
+    try:
+        return units.fingerprint_hex(_need_str(key, value))
+    except units.FingerprintError:
+        raise ConfigError(
+            key, "must be a SHA-256 fingerprint: 64 hex digits, colons optional") from None
 
 
 class Record(FieldType):

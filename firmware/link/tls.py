@@ -37,6 +37,7 @@ from cryptography.x509.oid import NameOID
 
 from firmware.fsutil import write_atomic
 from firmware.link.errors import LinkError, PeerNotPinned, TlsIdentityError
+from firmware.units import fingerprint_hex
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,7 @@ def fingerprint(cert_der: bytes) -> str:
 
 
 def normalize_fingerprint(text: str) -> str:
-    hexdigits = "".join(ch for ch in text.lower() if ch in "0123456789abcdef")
-    if len(hexdigits) != 64:
-        raise ValueError(f"a SHA-256 fingerprint has 64 hex digits, got {len(hexdigits)}")
+    hexdigits = fingerprint_hex(text)
     return ":".join(hexdigits[i : i + 2] for i in range(0, 64, 2))
 
 

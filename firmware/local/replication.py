@@ -42,6 +42,7 @@ from firmware.link.session import (
 )
 from firmware.link.shell import Backoff, LinkClient
 from firmware.link.tls import Identity, PeerStore
+from firmware.units import AddressError, split_host_port
 
 log = logging.getLogger("mirrorunit.link")
 
@@ -376,10 +377,13 @@ class RemoteSpec:
     @classmethod
     def parse(cls, text: str) -> RemoteSpec:
         name, sep, addr = text.partition("=")
-        host, sep2, port = addr.rpartition(":")
-        if not sep or not sep2 or not name or not host or not port.isdigit():
+        try:
+            host, port = split_host_port(addr)
+        except AddressError as exc:
+            raise ValueError(f"--remote {text!r}: expected NAME=HOST:PORT ({exc})") from None
+        if not sep or not name:
             raise ValueError(f"--remote {text!r}: expected NAME=HOST:PORT")
-        return cls(name, host.strip("[]"), int(port))
+        return cls(name, host, port)
 
 
 @dataclass

@@ -72,6 +72,7 @@ from firmware.nbd.protocol import (
     WriteRequest,
     WriteZeroesRequest,
 )
+from firmware.units import split_host_port
 
 DEFAULT_PORT = 10809
 DEFAULT_EXPORT_NAME = "mirrorunit"
@@ -105,33 +106,7 @@ def parse_hostport(s: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
 
     An empty host means every interface.  Raises ValueError naming what is wrong.
     """
-    text = s.strip()
-    if not text:
-        raise ValueError("empty address")
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0:
-            raise ValueError(f"{s!r}: unterminated '[' in IPv6 address")
-        host, rest = text[1:close], text[close + 1 :]
-        if not host:
-            raise ValueError(f"{s!r}: empty IPv6 address")
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"{s!r}: expected ':PORT' after ']'")
-        port_text = rest[1:] if rest else None
-    elif text.count(":") > 1:
-        raise ValueError(f"{s!r}: IPv6 addresses must be written as [ADDR]:PORT")
-    elif ":" in text:
-        host, port_text = text.split(":", 1)
-    else:
-        host, port_text = text, None
-    if port_text is None:
-        return host, default_port
-    if not port_text.isdigit():
-        raise ValueError(f"{s!r}: port {port_text!r} is not a number")
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"{s!r}: port {port} is out of range")
-    return host, port
+    return split_host_port(s, default_port, empty_host=True)
 
 
 def export_info_for(device: BlockDevice, name: str, description: str = "") -> ExportInfo:
@@ -532,12 +507,14 @@ class NbdServer:
                     # (or a client gone quiet after it) holds nothing.
                     if not conn.buffered_input and not select.select([sock], [], [], idle)[0]:
                         return f"idle for {idle}s in the middle of a write"
-                    # Twice the idle timeout: long enough for a stalled holder to be
-                    # dropped, so only live writers make a write wait that long.
-                    if not self.write_budget.acquire(wanted, 2 * idle):
+                    # The idle timeout and then some: long enough for a stalled holder
+                    # to be dropped even on a loaded unit, so only live writers make a
+                    # write wait that long (a refusal costs the client its connection).
+                    budget_wait = max(2 * idle, idle + 5.0)
+                    if not self.write_budget.acquire(wanted, budget_wait):
                         self._ratelog.warning(
                             "budget", "NBD client %s: no write budget for %d bytes in %ss",
-                            peer, wanted, 2 * idle)
+                            peer, wanted, budget_wait)
                         return "write budget exhausted"
                     held = wanted
                     events = conn.grant_payload()

@@ -26,6 +26,7 @@ from firmware.link.tls import (
     normalize_fingerprint,
     unit_identity,
 )
+from firmware.units import split_host_port
 
 DEFAULT_CONTROL = "/run/mirrorunit/local.sock"
 
@@ -68,9 +69,9 @@ def _pair(args: argparse.Namespace) -> int:
             text = Path(args.cert).read_text() if args.cert != "-" else sys.stdin.read()
             der = ssl.PEM_cert_to_DER_cert(text)
         else:  # fetch
-            host, _, port = args.address.rpartition(":")
+            host, port = split_host_port(args.address)
             identity, _ = unit_identity(state_dir)
-            der = fetch_certificate(host.strip("[]"), int(port), identity=identity)
+            der = fetch_certificate(host, port, identity=identity)
         fp = fingerprint(der)
         name = args.name or certificate_name(der)
         expected = args.fingerprint

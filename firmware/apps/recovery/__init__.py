@@ -29,6 +29,7 @@ from firmware.recovery import (
     fetch_own_backup,
     seal_into_state_dir,
 )
+from firmware.units import AddressError, split_host_port
 
 
 def read_password(use_stdin: bool, prompt: str = "Admin password: ") -> str:
@@ -72,10 +73,10 @@ def cmd_seal_config(args: argparse.Namespace) -> int:
 
 
 def _address(text: str) -> tuple[str, int] | None:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
+    try:
+        return split_host_port(text)
+    except AddressError:
         return None
-    return host.strip("[]"), int(port)
 
 
 def cmd_recover(args: argparse.Namespace) -> int:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from firmware.units import AddressError, split_host_port
+
 from .. import standalone
 from ..options import size
 
@@ -123,10 +125,11 @@ def parse_time(text: str) -> int:
 
 
 def _hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not port.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    try:
+        host, port = split_host_port(text, empty_host=True)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return host or "0.0.0.0", port
 
 
 def register(sub: Any) -> None:
