@@ -8,9 +8,11 @@ import argparse
 import logging
 from collections.abc import Callable, Sequence
 
+from firmware.control import LOCAL_SOCKET
+
 #: The local unit's control socket, where the operator commands and the helper processes
 #: (UPS, notifications, console) reach it.
-DEFAULT_CONTROL = "/run/mirrorunit/local.sock"
+DEFAULT_CONTROL = LOCAL_SOCKET
 
 
 def run_parser(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..blockdev import DeviceState
 from ..config import ConfigStore, StoreState
-from ..control import ControlError, ControlServer, call
+from ..control import UPS_SOCKET, ControlError, ControlServer, call
 from ..volume.volume import CacheMode, Volume
 from .drivers import SMBusLike
 from .monitor import UpsMonitor, monitor_from_config
@@ -31,7 +31,7 @@ from .monitor import UpsMonitor, monitor_from_config
 log = logging.getLogger("mirrorunit.ups")
 
 Caller = Callable[..., Any]
-DEFAULT_UPS_CONTROL = "/run/mirrorunit/ups.sock"
+DEFAULT_UPS_CONTROL = UPS_SOCKET
 DEFAULT_POWEROFF = "systemctl poweroff"
 
 

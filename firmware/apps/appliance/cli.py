@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from firmware.control import socket_path
+
 from .. import local, remote, standalone
 from ..config import add_config_option
 from .prepare import (
@@ -56,14 +58,14 @@ def role_settings(args: argparse.Namespace, role: str) -> tuple[
         try:
             settings = local.settings_from_config(
                 cfg, disk=storage.data, buffer=storage.buffer, store_path=store_path,
-                state_dir=work, control=str(Path(args.run_dir) / "local.sock"), peers=peers)
+                state_dir=work, control=str(socket_path("local", args.run_dir)), peers=peers)
         except ValueError as e:
             raise ApplianceError(str(e)) from None
     else:
         store_dir = mount_store(storage.data, Path(args.run_dir) / "store")
         settings = remote.settings_from_config(
             cfg, store_path=store_path, state_dir=work, store_dir=store_dir,
-            control=str(Path(args.run_dir) / "remote.sock"), listen_port=args.link_port)
+            control=str(socket_path("remote", args.run_dir)), listen_port=args.link_port)
     return settings, PinKeeper(work, persistent, remount)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware.apps.recovery import cmd_seal_config
-from firmware.control import ControlError, call
+from firmware.control import LOCAL_SOCKET, ControlError, call
 from firmware.link.errors import LinkError
 from firmware.link.tls import (
     PeerStore,
@@ -28,7 +28,7 @@ from firmware.link.tls import (
 )
 from firmware.units import split_host_port
 
-DEFAULT_CONTROL = "/run/mirrorunit/local.sock"
+DEFAULT_CONTROL = LOCAL_SOCKET
 
 
 # --------------------------------------------------------------------------- pair

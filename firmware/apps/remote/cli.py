@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from firmware.control import REMOTE_SOCKET
 from firmware.units import AddressError, split_host_port
 
 from .. import standalone
 from ..options import size
 
-DEFAULT_REMOTE_CONTROL = "/run/mirrorunit/remote.sock"
+DEFAULT_REMOTE_CONTROL = REMOTE_SOCKET
 #: The journey-link port a remote unit listens on (peers name it in their address).
 DEFAULT_LINK_PORT = 7310
 log = logging.getLogger("mirrorunit.remote")

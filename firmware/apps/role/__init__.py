@@ -18,9 +18,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from firmware.control import ControlError, call
+from firmware.control import REMOTE_SOCKET, ControlError, call
 
-DEFAULT_CONTROL = "/run/mirrorunit/remote.sock"
+DEFAULT_CONTROL = REMOTE_SOCKET
 
 
 def register(sub: Any) -> None:
