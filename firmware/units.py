@@ -6,25 +6,42 @@ import re
 
 from firmware.errors import MirrorUnitError
 
-_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"\s*(\d+)(?:\.(\d+))?\s*([KMGTP]?)(?:i?B)?\s*", re.IGNORECASE)
+_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}
 
 
 def parse_size(text: str) -> int:
-    """'512', '64K', '1.5G', '2TiB' -> bytes (binary multiples)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    """'512', '64K', '1.5G', '2TiB' -> bytes (binary multiples: G = 2**30).  The one size
+    grammar of every command line and the config; exact (no float), and a size that is not
+    a whole number of bytes is refused rather than rounded."""
+    m = _SIZE.fullmatch(str(text))
     if not m:
-        raise ValueError(f"not a size: {text!r} (use e.g. 512, 64K, 1G)")
-    value = float(m.group(1)) * _SUFFIX[m.group(2).upper()]
-    if value != int(value):
+        raise ValueError(f"{text!r} is not a size (examples: 4096, 512M, 64G, 2T)")
+    whole, frac, unit = m.group(1), m.group(2) or "", m.group(3).upper()
+    scale = 1 << _SHIFT[unit]
+    numerator = int(whole + frac) * scale
+    value, rest = divmod(numerator, 10 ** len(frac))
+    if rest:
         raise ValueError(f"size {text!r} is not a whole number of bytes")
-    return int(value)
+    return value
 
 
 def format_size(n: int) -> str:
+    """For people: '1.5 GiB'."""
     for unit in ("T", "G", "M", "K"):
-        if n >= _SUFFIX[unit] and n % (_SUFFIX[unit] // 1024 or 1) == 0:
-            return f"{n / _SUFFIX[unit]:.1f} {unit}iB"
+        scale = 1 << _SHIFT[unit]
+        if n >= scale and n % (scale // 1024 or 1) == 0:
+            return f"{n / scale:.1f} {unit}iB"
     return f"{n} B"
+
+
+def format_size_exact(n: int) -> str:
+    """For config text that must read back as the same number: '64G', '1536K', '4097'."""
+    for unit in ("T", "G", "M", "K"):
+        shift = _SHIFT[unit]
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
 
 
 class AddressError(MirrorUnitError, ValueError):

@@ -155,30 +155,13 @@ class Boolean(FieldType):
         return value
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
-_SIZE_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}
-
-
 def parse_size(text: str) -> int:
-    """'64G', '512MiB', '1.5T', '4096' -> bytes (suffixes are binary: G = 2**30)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"{text!r} is not a size (examples: 4096, 512M, 64G, 2T)")
-    number, unit = m.group(1), m.group(2).upper()
-    scale = 1 << _SIZE_SHIFT[unit]
-    if "." in number:
-        whole, frac = number.split(".")
-        value = int(whole) * scale + int(frac) * scale // 10 ** len(frac)
-    else:
-        value = int(number) * scale
-    return value
+    """The size grammar of `firmware.units` (one for the config and every command line)."""
+    return units.parse_size(text)
 
 
 def format_size(n: int) -> str:
-    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
-        if n and n % (1 << shift) == 0:
-            return f"{n >> shift}{unit}"
-    return str(n)
+    return units.format_size_exact(n)
 
 
 class Size(FieldType):

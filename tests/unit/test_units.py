@@ -69,3 +69,31 @@ def test_fingerprint_refuses(text: str) -> None:
         fingerprint_hex(text)
     with pytest.raises(ConfigError):
         normalise_fingerprint("k", text)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("4096", 4096), ("64K", 64 << 10), ("1.5G", 3 << 29), ("2TiB", 2 << 40), ("1p", 1 << 50),
+    (" 512 MB ", 512 << 20), ("0.5K", 512),
+])
+def test_one_size_grammar(text: str, expected: int) -> None:
+    from firmware.apps.options import size as cli_size
+    from firmware.config.fields import parse_size as config_size
+    from firmware.units import parse_size
+    assert parse_size(text) == config_size(text) == cli_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "K", "1.5", "0.1K", "-1", "1X", "1e3"])
+def test_sizes_refused(text: str) -> None:
+    from firmware.units import parse_size
+    if text == "1.5":
+        with pytest.raises(ValueError, match="whole number"):
+            parse_size(text)
+        return
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("n", [0, 1, 4097, 1536 << 10, 64 << 30, 3 << 40])
+def test_exact_size_text_reads_back(n: int) -> None:
+    from firmware.units import format_size_exact, parse_size
+    assert parse_size(format_size_exact(n)) == n
