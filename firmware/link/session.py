@@ -333,10 +333,6 @@ class _Session:
         return out
 
     @property
-    def pending_output(self) -> int:
-        return len(self._out)
-
-    @property
     def is_finished(self) -> bool:
         return self.state in (SessionState.CLOSED, SessionState.FAILED)
 

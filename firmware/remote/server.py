@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
 import threading
 import time
@@ -600,8 +599,3 @@ def _addr(address: tuple[str, int]) -> str:
 
 def default_remote_state_dir(store: Path) -> Path:
     return store / ".link-state"
-
-
-def ensure_dir(path: Path) -> Path:
-    os.makedirs(path, exist_ok=True)
-    return path
