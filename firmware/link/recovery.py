@@ -27,11 +27,14 @@ import enum
 import hashlib
 import hmac
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from firmware.limits import source_prefix
 from firmware.link.errors import LinkProtocolError
 from firmware.link.frames import (
     RECOVER_NONCE_BYTES,
@@ -101,8 +104,17 @@ class _Window:
 
 @dataclass
 class RecoveryLimiter:
-    """Per source address: at most `max_failures` wrong proofs and `max_attempts`
-    challenges per `window_s`; the window starts at the first attempt."""
+    """Guesses are limited twice over.
+
+    Per source network (its /24 or /64, `firmware.limits.source_prefix`, so one host
+    cannot spread its guesses over its neighbours' addresses): at most `max_failures`
+    wrong proofs and `max_attempts` challenges per `window_s`, the window starting at the
+    first attempt.  And for the whole unit: more than `unit_max_failures` wrong proofs
+    from all sources together inside one window lock every source out, for `window_s`
+    the first time and twice as long each time after (a distributed guesser gains
+    nothing from more addresses).  The table holds at most `max_sources` networks; it
+    expires and evicts from its oldest end, so a call costs O(1) however many sources
+    have come by, and a lock makes it safe from every connection thread."""
 
     max_failures: int = 5
     max_attempts: int = 30
@@ -110,34 +122,70 @@ class RecoveryLimiter:
     clock: Callable[[], float] = time.monotonic
     #: The exchange it limits, for the refusal text.
     what: str = "recovery"
-    _windows: dict[str, _Window] = field(default_factory=dict)
+    unit_max_failures: int = 50
+    max_sources: int = 65536
+    #: Oldest window first: every window has the same length, so the front ends first.
+    _windows: OrderedDict[str, _Window] = field(default_factory=OrderedDict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _unit_window: _Window | None = None
+    _lockouts: int = 0
+    _locked_until: float = 0.0
 
-    def _window(self, source: str) -> _Window:
-        now = self.clock()
-        w = self._windows.get(source)
-        if w is None or now - w.started >= self.window_s:
-            w = self._windows[source] = _Window(now)
-        # Forget other sources whose windows ended, so the table stays small.
-        for k in [k for k, v in self._windows.items() if now - v.started >= self.window_s]:
-            del self._windows[k]
-        self._windows[source] = w
+    @property
+    def lockouts(self) -> int:
+        """How many times the unit-wide budget has locked every source out."""
+        return self._lockouts
+
+    @property
+    def locked_until(self) -> float:
+        """Until when (on `clock`) every source is locked out; 0 when it is not."""
+        return self._locked_until if self._locked_until > self.clock() else 0.0
+
+    def _window(self, source: str, now: float) -> _Window:
+        while self._windows:
+            oldest = next(iter(self._windows.values()))
+            if now - oldest.started < self.window_s:
+                break
+            self._windows.popitem(last=False)
+        key = source_prefix(source)
+        w = self._windows.get(key)
+        if w is None:
+            if len(self._windows) >= self.max_sources:
+                self._windows.popitem(last=False)
+            w = self._windows[key] = _Window(now)
         return w
 
     def admit(self, source: str) -> str | None:
         """None and the attempt counted, or why `source` must wait."""
-        w = self._window(source)
-        if w.failures >= self.max_failures or w.attempts >= self.max_attempts:
-            wait = max(0.0, self.window_s - (self.clock() - w.started))
-            return (f"too many {self.what} attempts from {source}; try again in "
-                    f"{wait:.0f} s")
-        w.attempts += 1
-        return None
+        with self._lock:
+            now = self.clock()
+            if now < self._locked_until:
+                return (f"too many failed {self.what} attempts on this unit; every source "
+                        f"waits {self._locked_until - now:.0f} s")
+            w = self._window(source, now)
+            if w.failures >= self.max_failures or w.attempts >= self.max_attempts:
+                wait = max(0.0, self.window_s - (now - w.started))
+                return (f"too many {self.what} attempts from {source_prefix(source)}; try "
+                        f"again in {wait:.0f} s")
+            w.attempts += 1
+            return None
 
     def failed(self, source: str) -> int:
         """Count a wrong proof; the attempts `source` has left in this window."""
-        w = self._window(source)
-        w.failures += 1
-        return max(0, self.max_failures - w.failures)
+        with self._lock:
+            now = self.clock()
+            w = self._window(source, now)
+            w.failures += 1
+            u = self._unit_window
+            if u is None or now - u.started >= self.window_s:
+                u = self._unit_window = _Window(now)
+            u.failures += 1
+            if u.failures > self.unit_max_failures:
+                self._locked_until = now + self.window_s * (2 ** self._lockouts)
+                self._lockouts += 1
+                self._unit_window = None
+                return 0
+            return max(0, self.max_failures - w.failures)
 
 
 @dataclass(frozen=True)

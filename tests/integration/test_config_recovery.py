@@ -163,8 +163,12 @@ def test_the_right_password_gets_the_blob_and_nothing_else_leaks(tmp_path: Path)
     s.receive_data(encode_frame(RecoverHello("unit-a")))
     [err] = _answers(s)
     assert err.code == ERR_RATE_LIMITED and s.is_finished
-    # Another address is not held up by this one.
+    # Its neighbours in the same /24 wait with it; another network is not held up.
     s = RecoveryServerSession(Backups({"unit-a": blob}), PEER_FP, "10.0.0.10", limiter)
+    s.receive_data(encode_frame(RecoverHello("unit-a")))
+    [err] = _answers(s)
+    assert err.code == ERR_RATE_LIMITED and "10.0.0.0/24" in err.text
+    s = RecoveryServerSession(Backups({"unit-a": blob}), PEER_FP, "10.0.1.10", limiter)
     s.receive_data(encode_frame(RecoverHello("unit-a")))
     assert isinstance(_answers(s)[0], RecoverChallenge)
 
