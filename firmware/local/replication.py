@@ -92,6 +92,7 @@ class CbqSource:
         self.volume = volume
         self.state_dir = state_dir
         self.chunk_size = cbq.geo.chunk_size
+        self.block_size = cbq.geo.block_size
         self._read_records = read_records
         self._lock = threading.Lock()
         self._handed: deque[WriteRecord] = deque()
@@ -106,6 +107,10 @@ class CbqSource:
         self.resync: dict[str, Any] | None = None
         self.resyncs_done = 0
         self.resync_bytes_sent = 0
+        #: Logical blocks of queued writes handed to the link (a resend after a reconnect
+        #: counts again) and acknowledged by the remote as durable; resync chunks apart.
+        self.blocks_sent = 0
+        self.blocks_acked = 0
 
     # ---------------------------------------------------------------- WriteSource
 
@@ -222,6 +227,7 @@ class CbqSource:
                 if total >= max_bytes:
                     break
             self._handed.extend(out)
+            self.blocks_sent += sum(len(r.data) for r in out) // self.block_size
             return out
 
     def ack(self, seq: int) -> None:
@@ -232,7 +238,7 @@ class CbqSource:
             except CbqError as exc:
                 raise LinkError(f"CBQ refused ack {seq} for {self.name}: {exc}") from None
             while self._handed and self._handed[0].last_seq <= seq:
-                self._handed.popleft()
+                self.blocks_acked += len(self._handed.popleft().data) // self.block_size
             if self._ledger and self._ledger[0][0] <= seq:
                 self._ledger = [(max(a, seq + 1), b) for a, b in self._ledger if b > seq]
                 self._save_ledger()
@@ -631,6 +637,8 @@ class LinkService:
             "signature": session.signature if session is not None else self.signature,
             "batches_aborted": peer.aborted,
             "skips_sent": peer.source.skips_sent,
+            "blocks_sent": peer.source.blocks_sent,
+            "blocks_acked": peer.source.blocks_acked,
             "sent_seq": session.last_sent_seq if session is not None else c.get("acked_seq"),
             "acked_seq": c.get("acked_seq"),
             "last_seq": stats["last_seq"],

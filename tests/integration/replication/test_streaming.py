@@ -91,12 +91,16 @@ def test_link_pause_resume_and_status(pair: Pair, tmp_path: Path) -> None:
     s = peer_status(local)
     assert s["state"] == "paused"
     assert s["lag_seqs"] >= 1 and s["lag_bytes"] >= 65536
+    assert s["blocks_sent"] == s["blocks_acked"] == 0
     time.sleep(0.5)
     assert peer_status(local)["lag_seconds"] > 0.3
     assert remote.unit(pair.unit_id).get("last_applied_seq", 0) == 0
     local.call("link.resume", name="remote")
     wait_caught_up(local, remote, pair.unit_id)
     assert peer_status(local)["lag_seconds"] == 0.0
+    # The buffer's statistics in the volume's own unit: 64 KiB is 128 blocks of 512.
+    wait_for(lambda: peer_status(local)["blocks_acked"] == 128, 30, "blocks acknowledged")
+    assert peer_status(local)["blocks_sent"] >= 128
     assert_same_image(local, remote, pair.unit_id, tmp_path)
     # Verify compares without moving data: equal now, then one chunk differs on
     # the remote side only after a rollback of the last write.
