@@ -19,6 +19,7 @@ from typing import Any
 from firmware.scsi import LogicalUnit, ScsiTarget
 from firmware.usb_gadget.configfs import GadgetSettings
 from firmware.usb_gadget.server import UsbFrontEnd
+from firmware.usb_gadget.udc import UdcWatcher
 
 log = logging.getLogger("mirrorunit.gadget")
 
@@ -32,12 +33,18 @@ class UsbService:
         self.target = ScsiTarget([logical_unit])
         self.front = UsbFrontEnd(self.target, settings)
         self._stopped = threading.Event()
+        self.host = UdcWatcher(self._bound_udc)
+
+    def _bound_udc(self) -> str | None:
+        gadget = self.front.gadget
+        return gadget.bound_udc() if gadget is not None else None
 
     def start(self) -> None:
         # The gadget comes up in run_main: configfs, FunctionFS and the UDC binding
         # belong to the thread that serves them, so they go down with it.
         log.info("USB front end configured: gadget %s, serial %s", self.settings.gadget_name,
                  self.logical_unit.serial.decode())
+        self.host.start()
 
     def run_main(self, stop_event: threading.Event) -> None:
         def relay() -> None:
@@ -56,6 +63,7 @@ class UsbService:
 
     def stop(self) -> None:
         self.front.stop()
+        self.host.stop()
 
     def status(self) -> dict[str, Any]:
         gadget = self.front.gadget
@@ -66,6 +74,7 @@ class UsbService:
             "serving": self.front.ready.is_set() and not self._stopped.is_set(),
             "read_only": self.logical_unit.read_only,
             "bot_state": self.front.bot.state.value,
+            "host": self.host.status(),
             **self.front.counters(),
         }
 

@@ -43,10 +43,12 @@ def test_gadget_commands_in_the_guest(guest_vm: GuestVM) -> None:
     """`mirrorunit gadget up|status|down` against the guest's real configfs."""
     out = run(
         guest_vm,
-        """
+        f"""
 mu gadget up --udc dummy_udc.0 --serial GADGET01; echo "up=$?"
 mu gadget up --udc dummy_udc.0 --serial GADGET01; echo "up-again=$?"
 mu gadget status --json
+cd {REPO} && {PYTHON} -c "from firmware.usb_gadget.udc import read_udc_state as r; \
+print('udc-unbound=' + repr(r('dummy_udc.0')))"
 cat /sys/kernel/config/usb_gadget/mirrorunit/strings/0x409/serialnumber
 mu gadget down; echo "down=$?"
 mu gadget down; echo "down-again=$?"
@@ -59,6 +61,8 @@ true
     status = json.loads(out[out.index("{"):out.index("}") + 1])
     assert status["exists"] and status["functionfs_mounted"] and status["udc"] is None, out
     assert "GADGET01" in out
+    # Nothing bound yet: the UDC, read through pyudev, has no host attached.
+    assert "udc-unbound='not attached'" in out, out
     assert "down=0" in out and "down-again=0" in out, out
     assert "gadget-left" not in out and "ffs-left" not in out, out
 
@@ -94,6 +98,7 @@ sg_turs -v $SG 2>&1; echo "turs-standby=$?"
 sg_dd if=$SG of=/dev/null bs=512 count=8 2>&1; echo "read-standby=$?"
 dd if={disk} of=/dev/null bs=4096 count=1 iflag=direct 2>&1; echo "dd-standby=$?"
 mu status --control {CTL} --json > /tmp/st.json; grep -o '"state": "[a-z]*"' /tmp/st.json
+grep -o '"connection": "[a-z-]*"' /tmp/st.json
 mu promote --control {CTL}
 sg_turs -v $SG 2>&1; echo "turs-first=$?"
 sg_turs $SG; echo "turs-ready=$?"
@@ -106,6 +111,8 @@ dd if={disk} of=/dev/null bs=64k count=16 iflag=direct 2>&1; echo "dd-ready=$?"
     assert re.search(r"standby", out, re.I), out  # 02/04/0B decoded by sg3_utils
     assert "read-standby=0" not in out and "dd-standby=0" not in out, out
     assert '"state": "standby"' in out, out
+    # The host's usb-storage configured the device: the UDC says so, read through pyudev.
+    assert '"connection": "configured"' in out, out
     assert "volume is ready" in out, out
     # promotion is announced once with a unit attention (sg3_utils exit 6), then access
     assert "turs-first=6" in out, out
@@ -128,8 +135,9 @@ sg_verify --lba=0 --count=64 $SG && echo "verify-ok"
     )
     assert "Vendor identification: MirrorUn" in out
     assert f"Unit serial number: {SERIAL}" in out
-    # caching page: code 08, length 0x12, then WCE (0x04) set for the write-back cache
-    assert re.search(r"00\s+08 12 04", out), out
+    # caching page: code 08, length 0x12, then WCE (0x04) clear: the unit runs in its
+    # default write-through mode and says so
+    assert re.search(r"00\s+08 12 00", out), out
     assert "sync-ok" in out and "verify-ok" in out
 
 
