@@ -203,7 +203,8 @@ def test_package_and_pinned_dependencies_import_on_aarch64(rootfs: Path) -> None
     assert got["pins"] == pins
     r = subprocess.run(["chroot", str(rootfs), "/usr/bin/mirrorunit", "--version"],
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.split()[-1] == got["firmware"]
+    assert r.returncode == 0 and r.stdout.splitlines()[0].split()[-1] == got["firmware"]
+    assert "Copyright" in r.stdout
     # what the unit reports is the image's stamp, not only the package version
     assert got["firmware"] == (rootfs / "usr/share/mirrorunit/version").read_text().strip()
 
