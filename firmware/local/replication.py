@@ -22,6 +22,7 @@ from typing import Any
 
 from firmware.cbq import CircularBufferQueue
 from firmware.cbq.errors import CbqError
+from firmware.control.status import ConsumerStats, LinkStatus, PeerLinkStatus, RefusalStatus
 from firmware.fsutil import write_atomic
 from firmware.lineage import Lineage, Role
 from firmware.lineage import store as lineage_store
@@ -404,7 +405,7 @@ class _Peer:
     #: The remote refused this copy on the two lineages: {"code", "reason", "since_ns"}.
     #: Kept until a session is established again; the host is served meanwhile and
     #: its writes keep queueing.
-    refused: dict[str, Any] | None = None
+    refused: RefusalStatus | None = None
 
 
 class LinkService:
@@ -586,7 +587,7 @@ class LinkService:
             raise ValueError(f"no remote named {name!r}; known: "
                              + ", ".join(sorted(self._peers))) from None
 
-    def pause(self, name: str) -> dict[str, Any]:
+    def pause(self, name: str) -> PeerLinkStatus:
         peer = self._peer(name)
         peer.paused = True
         if peer.client is not None:
@@ -595,7 +596,7 @@ class LinkService:
         log.warning("link to %s paused by the operator", name)
         return self.peer_status(name)
 
-    def resume(self, name: str) -> dict[str, Any]:
+    def resume(self, name: str) -> PeerLinkStatus:
         peer = self._peer(name)
         if peer.paused:
             peer.paused = False
@@ -604,14 +605,14 @@ class LinkService:
             log.warning("link to %s resumed by the operator", name)
         return self.peer_status(name)
 
-    def verify(self, name: str) -> dict[str, Any]:
+    def verify(self, name: str) -> PeerLinkStatus:
         self._peer(name).source.request_verify()
         return self.peer_status(name)
 
-    def peer_status(self, name: str) -> dict[str, Any]:
+    def peer_status(self, name: str) -> PeerLinkStatus:
         peer = self._peer(name)
         stats = self.cbq.stats()
-        c = stats["consumers"].get(name, {})
+        c: ConsumerStats | None = stats["consumers"].get(name)
         client = peer.client
         session = client.session if client is not None else None
         refused = peer.refused
@@ -623,8 +624,10 @@ class LinkService:
             state = "resyncing" if peer.source.resync is not None else "connected"
         else:
             state = "retrying"
-        oldest = c.get("oldest_pending_ns")
-        pending = c.get("pending_records", 0)
+        # a peer whose consumer is not (yet) in the queue has nothing pending
+        oldest = c["oldest_pending_ns"] if c is not None else None
+        pending = c["pending_records"] if c is not None else 0
+        acked = c["acked_seq"] if c is not None else None
         return {
             "remote": f"{peer.spec.host}:{peer.spec.port}",
             "state": state,
@@ -639,14 +642,14 @@ class LinkService:
             "skips_sent": peer.source.skips_sent,
             "blocks_sent": peer.source.blocks_sent,
             "blocks_acked": peer.source.blocks_acked,
-            "sent_seq": session.last_sent_seq if session is not None else c.get("acked_seq"),
-            "acked_seq": c.get("acked_seq"),
+            "sent_seq": session.last_sent_seq if session is not None else acked,
+            "acked_seq": acked,
             "last_seq": stats["last_seq"],
             "lag_seqs": pending,
-            "lag_bytes": c.get("pending_bytes", 0),
+            "lag_bytes": c["pending_bytes"] if c is not None else 0,
             "lag_seconds": round((time.time_ns() - oldest) / 1e9, 3)
             if pending and oldest else 0.0,
-            "needs_resync": c.get("needs_resync", False),
+            "needs_resync": c["needs_resync"] if c is not None else False,
             "resync": peer.source.resync,
             "resyncs_done": peer.source.resyncs_done,
             "last_resync": peer.last_resync,
@@ -654,10 +657,10 @@ class LinkService:
             "fenced": refused["reason"] if refused and refused["code"] == ERR_FENCED else None,
             "split_brain": refused["reason"]
             if refused and refused["code"] == ERR_SPLIT_BRAIN else None,
-            "refused": dict(refused) if refused is not None else None,
+            "refused": RefusalStatus(**refused) if refused is not None else None,
         }
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> LinkStatus:
         lin = self.lineage
         fenced = [p.refused["reason"] for p in self._peers.values()
                   if p.refused and p.refused["code"] == ERR_FENCED]

@@ -31,7 +31,6 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TypedDict
 
 from ..blockdev import (
     BlockDeviceError,
@@ -42,6 +41,7 @@ from ..blockdev import (
     WriteProtected,
 )
 from ..cbq import MIRROR_CONSUMER, CircularBufferQueue, NeedsReclaim, RecordKind
+from ..control.status import VolumeStatus
 from ..storage import ReadIntoStorage, Storage
 
 log = logging.getLogger("mirrorunit.volume")
@@ -56,27 +56,6 @@ class CacheMode(enum.Enum):
     WRITE_THROUGH = "write-through"
     #: A write completes from RAM; durable at FLUSH/FUA, on the timer or on flush_cache().
     WRITE_BACK = "write-back"
-
-
-class VolumeStatus(TypedDict):
-    size: int
-    block_size: int
-    state: str
-    read_only: bool
-    #: The configured mode; `write_cache_enabled` says whether the cache is in use.
-    cache_mode: str
-    cache_bytes: int
-    cache_limit: int
-    applied_seq: int
-    write_cache_enabled: bool
-    #: Why the write cache was turned off, if a commit failed.
-    commit_failure: str | None
-    reads: int
-    writes: int
-    bytes_read: int
-    bytes_written: int
-    flushes: int
-    commits: int
 
 
 @dataclass
