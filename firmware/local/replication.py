@@ -26,10 +26,13 @@ from firmware.control.status import ConsumerStats, LinkStatus, PeerLinkStatus, R
 from firmware.fsutil import write_atomic
 from firmware.lineage import Lineage, Role
 from firmware.lineage import store as lineage_store
-from firmware.link.errors import LinkError, SourceGap
+from firmware.link.clients import FailbackClientSession
+from firmware.link.errors import LinkError, LinkRefused, SourceGap
 from firmware.link.frames import WriteRecord, available_codecs, skip_record
 from firmware.link.session import (
+    ERR_DIVERGED,
     ERR_FENCED,
+    ERR_HANDED_BACK,
     ERR_SPLIT_BRAIN,
     LINEAGE_REFUSALS,
     BatchAborted,
@@ -41,8 +44,9 @@ from firmware.link.session import (
     SenderConfig,
     SessionEvent,
 )
-from firmware.link.shell import Backoff, LinkClient
+from firmware.link.shell import Backoff, LinkClient, failback_exchange
 from firmware.link.tls import Identity, PeerStore
+from firmware.local.failback import FailbackError, LocalFailback
 from firmware.units import AddressError, split_host_port
 
 log = logging.getLogger("mirrorunit.link")
@@ -605,6 +609,81 @@ class LinkService:
             log.warning("link to %s resumed by the operator", name)
         return self.peer_status(name)
 
+    def failback(self, name: str) -> dict[str, Any]:
+        """Give up this copy's writes since remote `name` was promoted off it (they are
+        kept as a conflict image), take the remote's image moving only the chunks that
+        differ, and become the primary again with the remote following this copy
+        (docs/failover.md).  The host sees NOT READY while it runs."""
+        peer = self._peer(name)
+        refused = peer.refused
+        if self.lineage is None:
+            raise FailbackError("this copy's lineage is unknown (see the log): no failback")
+        if refused is None or refused["code"] not in (ERR_FENCED, ERR_SPLIT_BRAIN,
+                                                      ERR_DIVERGED):
+            state = self.peer_status(name)["state"]
+            raise FailbackError(f"remote {name} does not refuse this copy (its link is "
+                                f"{state}): there is nothing to fail back")
+        others = sorted(n for n in self._peers if n != name)
+        if others:
+            raise FailbackError(f"this copy also replicates to {', '.join(others)}: a "
+                                "failback with more than one remote is not supported")
+        if peer.client is not None:
+            peer.client.stop()
+            peer.client = None
+        fb = LocalFailback(volume=self.volume, cbq=self.cbq, consumer=name,
+                           lineage=self.lineage, state_dir=self.state_dir)
+        t0 = time.monotonic()
+        fb.stop_host()
+        session = FailbackClientSession(self.unit_id, self.lineage, self.compression, fb)
+        try:
+            result = failback_exchange((peer.spec.host, peer.spec.port), self.identity,
+                                       self.peers, name, session)
+        except LinkRefused as exc:
+            pending = fb.pending()
+            if exc.code != ERR_HANDED_BACK or pending is None:
+                self._failback_failed(peer, fb)
+                raise FailbackError(f"remote {name} refused the failback: {exc.code}: "
+                                    f"{exc.text}") from None
+            # The remote took the commit of an earlier failback whose answer was lost.
+            fb.committed(pending.current.fork_seq, pending)
+            self.lineage = pending
+            log.warning("failback: remote %s had already taken this copy's commit", name)
+            return self._failback_done(peer, {"seq": pending.current.fork_seq,
+                                              "generation": f"{pending.generation:016x}",
+                                              "completed_earlier": True}, t0)
+        except (OSError, LinkError, CbqError, FailbackError) as exc:
+            self._failback_failed(peer, fb)
+            kept = fb.chunks_taken > 0 or fb.new_lineage is not None
+            raise FailbackError(
+                f"failback from {name} did not complete: {exc}; " + (
+                    "this copy already took some of the remote's chunks, so the host stays "
+                    "kept out (NOT READY): run the failback again" if kept else
+                    "nothing changed here and the host is served again")) from None
+        self.lineage = result.lineage
+        conflict = fb.conflict.describe() if fb.conflict is not None else None
+        return self._failback_done(peer, {
+            "seq": result.seq, "generation": f"{result.lineage.generation:016x}",
+            "chunks_compared": result.chunks_compared, "chunks_moved": result.chunks_moved,
+            "bytes_moved": result.bytes_moved,
+            "chunks_changed_remote": result.chunks_changed_remote,
+            "chunks_changed_here": result.chunks_changed_here,
+            "conflict": conflict, "completed_earlier": False}, t0)
+
+    def _failback_failed(self, peer: _Peer, fb: LocalFailback) -> None:
+        if fb.chunks_taken == 0 and fb.new_lineage is None:
+            fb.resume_host()
+        peer.client = self._make_client(peer)
+        peer.client.start()
+
+    def _failback_done(self, peer: _Peer, report: dict[str, Any], t0: float) -> dict[str, Any]:
+        peer.refused = None
+        peer.client = self._make_client(peer)
+        peer.client.start()
+        report["seconds"] = round(time.monotonic() - t0, 3)
+        log.warning("failback from %s done in %.1f s: %s", peer.spec.name, report["seconds"],
+                    json.dumps(report))
+        return report
+
     def verify(self, name: str) -> PeerLinkStatus:
         self._peer(name).source.request_verify()
         return self.peer_status(name)
@@ -682,5 +761,6 @@ class LinkService:
             "link.pause": self.pause,
             "link.resume": self.resume,
             "link.verify": self.verify,
+            "link.failback": self.failback,
             "link.seal_config": self.seal_config,
         }
