@@ -42,6 +42,11 @@ from firmware.remote.unit import Retention, UnitStore, validate_unit_id
 
 log = logging.getLogger("mirrorunit.remote")
 
+#: Rows of the decision table where a split-brain policy makes this copy the target: a
+#: promoted unit then gives up its writes on its own (firmware.lineage.decide).
+POLICY_GIVE_UP_RULES = frozenset({"forced-zero-changes", "forced-younger",
+                                  "diverged-zero-changes", "diverged-younger"})
+
 #: Per-unit log of the seq ranges handed to the store, one "FIRST LAST" line per
 #: batch ("FIRST LAST skip" for seqs the local discarded; tests check from it that
 #: every seq arrived once, in order).
@@ -415,6 +420,16 @@ class RemoteServer:
         verdict = meet(mine, unit.copy_seq, peer, peer_seq, told=hello.lineage is not None,
                        policy=self.policy)
         d = verdict.decision
+        if unit.promoted and d.rule in POLICY_GIVE_UP_RULES:
+            # The split-brain policy chose this copy as the one that gives up its writes
+            # (they are kept as a conflict image): it follows the local again.
+            log.warning("unit %s: split brain resolved by policy %s (%s): this unit gives "
+                        "up its writes", unit.unit_id, self.policy.value, d.rule)
+            self.resolve(unit.unit_id)
+            mine = unit.lineage
+            verdict = meet(mine, unit.copy_seq, peer, peer_seq,
+                           told=hello.lineage is not None, policy=self.policy)
+            d = verdict.decision
         sink.meeting = {"outcome": d.outcome.value, "rule": d.rule, "reason": d.reason,
                         "peer_seq": peer_seq, "at_ns": time.time_ns(),
                         "refused": verdict.code or None}
@@ -491,6 +506,15 @@ class RemoteServer:
                 "generation": f"{r.generation:016x}", "forced": r.forced,
                 "undone": r.undone, "dropped_pending": r.dropped_pending,
                 "connected_from": holder}
+
+    def resolve(self, unit_id: str) -> dict[str, Any]:
+        """The promoted unit gives up its own writes (kept as a conflict image) and
+        follows its local again, after a checksum resync (see `UnitStore.give_up`)."""
+        r = self.unit(unit_id).give_up()
+        self._handed_back(unit_id)
+        return {"unit": unit_id, "generation": f"{r.generation:016x}", "writes": r.writes,
+                "chunks": r.chunks, "conflict_image": r.conflict_image,
+                "conflict_listing": r.conflict_listing}
 
     def role_status(self, unit_id: str | None = None) -> dict[str, Any]:
         busy = self.link.busy_units()
@@ -663,6 +687,7 @@ class RemoteServer:
             return self.role_status(unit)
 
         return {"role.promote": promote, "role.status": role_status,
+                "role.resolve": lambda unit: self.resolve(unit),
                 "status": self.status, "remote.export": export, "remote.nbd_start": nbd_start,
                 "remote.nbd_stop": nbd_stop, "remote.rollback": rollback,
                 "remote.drop": drop, "remote.read": read}

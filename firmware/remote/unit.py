@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import random
@@ -152,6 +153,16 @@ class HandBackPlan:
     dropped: bytes
     chunk_size: int
     chunk_count: int
+
+
+@dataclass(frozen=True)
+class GiveUpReport:
+    #: the generation the unit follows again
+    generation: int
+    writes: int
+    chunks: int
+    conflict_image: str
+    conflict_listing: str
 
 
 @dataclass(frozen=True)
@@ -473,14 +484,20 @@ class UnitStore:
             self._save_state()
             log.warning("unit %s: finished its promotion at seq %d", self.unit_id,
                         g.fork_seq)
-        if self._st.promoted is not None and not lineage.writer:
-            # A hand-back cut short after its lineage was recorded: the local holds this
-            # unit's image as of the promotion's last write, and the unit follows it.
-            seq = max(self._durable + 1, g.fork_seq + self._st.seq_offset)
+        p = self._st.promoted
+        if p is not None and not lineage.writer:
             self._dirty = DirtyMap.load(ops, self.directory, self.chunk_count)
-            self._finish_hand_back(seq, seq - g.fork_seq)
-            log.warning("unit %s: finished handing its role back at seq %d", self.unit_id,
-                        g.fork_seq)
+            if g.parent == p.get("generation", g.parent):
+                # A hand-back cut short after its lineage was recorded: the local holds
+                # this unit's image as of the promotion's last write; the unit follows it.
+                seq = max(self._durable + 1, g.fork_seq + self._st.seq_offset)
+                self._finish_hand_back(seq, seq - g.fork_seq)
+                log.warning("unit %s: finished handing its role back at seq %d",
+                            self.unit_id, g.fork_seq)
+            else:
+                # Giving up its writes, cut short after the lineage went back.
+                self._finish_give_up()
+                log.warning("unit %s: finished giving up its writes", self.unit_id)
         if self._st.promoted is not None:
             self._dirty = DirtyMap.load(ops, self.directory, self.chunk_count)
             if self._dirty is None:
@@ -1115,7 +1132,8 @@ class UnitStore:
             self._lineage, self._dirty = lineage, dirty
             st.promoted = {"seq": target, "fork_seq": fork_seq, "at_ns": now,
                            "forced": forced, "writes": 0,
-                           "dropped_chunks": _ranges(sorted(lost))}
+                           "dropped_chunks": _ranges(sorted(lost)),
+                           "generation": lineage.generation}
             self._event("promote", seq=target, fork_seq=fork_seq, forced=forced,
                         generation=lineage.generation, undone=undone, dropped=dropped)
             self._save_state()
@@ -1255,6 +1273,88 @@ class UnitStore:
             self._dirty.remove()
             self._dirty = None
         self._handing_back = False
+        self._trim_segments()
+
+    def give_up(self) -> GiveUpReport:
+        """The promoted unit gives up the writes its own host made (a split brain
+        resolved for the other copy): they are kept as a conflict image in the unit's
+        directory, the unit follows the generation it was promoted off again, and its
+        next session with that local starts with a checksum resync (its mirror was
+        written in place, so only digests and differing chunks cross the link)."""
+        with self._lock:
+            self._check_open()
+            st = self._st
+            p = st.promoted
+            if p is None or self._dirty is None:
+                raise StoreUsageError(f"unit {self.unit_id!r} is not promoted: it has no "
+                                      "writes of its own to give up")
+            if self._handing_back:
+                raise StoreUsageError(f"unit {self.unit_id!r} is handing its role back")
+            chain = self._lineage.chain
+            parents = [i for i, g in enumerate(chain) if g.generation ==
+                       self._lineage.current.parent]
+            if not parents:
+                raise StoreUsageError("the generation this unit was promoted off is not in "
+                                      "its lineage")
+            assert self._mirror is not None
+            self._mirror.sync()
+            chunks = self._dirty.dirty_chunks()
+            name = f"conflict-{self._lineage.generation:016x}"
+            image, listing = (os.path.join(self.directory, name + ext)
+                              for ext in (".img", ".json"))
+            # The writes first, durably, then the lineage, then the state that says so.
+            h = self._ops.open(image, create=True)
+            try:
+                h.truncate(self.volume_size)
+                for c in chunks:
+                    off, n = self._chunk_range(c)
+                    h.pwrite(off, self._mirror.pread(off, n))
+                h.sync()
+            finally:
+                h.close()
+            ranges = _ranges(chunks)
+            tmp = listing + ".tmp"
+            h = self._ops.open(tmp, create=True)
+            try:
+                h.truncate(0)
+                h.pwrite(0, json.dumps({"generation": f"{self._lineage.generation:016x}",
+                                        "chunk_size": CHUNK_SIZE, "chunks": ranges,
+                                        "volume_size": self.volume_size}).encode())
+                h.sync()
+            finally:
+                h.close()
+            self._ops.rename(tmp, listing)
+            i = parents[-1]
+            back = Lineage(chain[i], chain[:i], writer=False)
+            self._write_lineage(back)
+            self._lineage = back
+            writes = int(p["writes"])
+            self._finish_give_up()
+            log.warning("unit %s: gave up %d host writes in %d chunks (kept in %s); it "
+                        "follows generation %016x again and resyncs by checksum",
+                        self.unit_id, writes, len(chunks), image, back.generation)
+            return GiveUpReport(back.generation, writes, len(chunks), image, listing)
+
+    def _finish_give_up(self) -> None:
+        st = self._st
+        assert self._hj is not None
+        now = self._clock()
+        st.promoted = None
+        # The mirror differs from what the seqs say: only a full checksum resync with
+        # the local may follow (check_queue asks for one when the queue is not known).
+        st.queue_id = None
+        st.equal_to_local = False
+        self._hist_base += len(self._hist)
+        self._hist = []
+        self._hist_bytes = 0
+        st.floor_seq, st.floor_ts = self._durable, now
+        st.floor_segment, st.floor_offset = self._hj.end_position
+        st.resyncs, st.rolled_back = [], []
+        self._event("give-up", generation=self._lineage.generation)
+        self._save_state()
+        if self._dirty is not None:
+            self._dirty.remove()
+            self._dirty = None
         self._trim_segments()
 
     def _host_flush(self) -> None:

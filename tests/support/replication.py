@@ -81,7 +81,8 @@ def wait_caught_up(local: LocalProc, remote: RemoteProc, unit_id: str, name: str
         if p["acked_seq"] != last or p["needs_resync"] or p["resync"] is not None:
             return None
         u = remote.unit(unit_id)
-        if u.get("last_applied_seq") != last or u.get("resync"):
+        # the unit's seqs are the local queue's plus its offset (a re-queued unit)
+        if u.get("last_applied_seq", 0) - u.get("seq_offset", 0) != last or u.get("resync"):
             return None
         return last or -1
 

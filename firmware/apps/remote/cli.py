@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware.control import REMOTE_SOCKET
+from firmware.lineage import Policy
 from firmware.units import AddressError, split_host_port
 
 from .. import standalone
@@ -54,6 +55,8 @@ class RemoteSettings:
     recovery_window: float = 600.0
     pairing_max_failures: int = 5
     pairing_window: float = 600.0
+    #: firmware.lineage.Policy value
+    split_brain_policy: str = "manual"
 
 
 def settings_from_args(args: argparse.Namespace) -> RemoteSettings:
@@ -64,7 +67,8 @@ def settings_from_args(args: argparse.Namespace) -> RemoteSettings:
         retention_age=args.retention_age, control=args.control, config=args.config,
         recovery_max_failures=args.recovery_max_failures,
         recovery_window=args.recovery_window,
-        pairing_max_failures=args.pairing_max_failures, pairing_window=args.pairing_window)
+        pairing_max_failures=args.pairing_max_failures, pairing_window=args.pairing_window,
+        split_brain_policy=args.split_brain_policy)
 
 
 def settings_from_config(cfg: Any, *, store_path: str, state_dir: Path, store_dir: Path,
@@ -72,9 +76,9 @@ def settings_from_config(cfg: Any, *, store_path: str, state_dir: Path, store_di
     """What the appliance runs: the link on every address, the store on the data
     partition, this unit's config sealed for its locals.  Nothing else in the Config
     concerns the daemon's start (the peers it lists are read as they connect)."""
-    del cfg
     return RemoteSettings(listen=("0.0.0.0", listen_port), store=store_dir,
-                          state_dir=state_dir, config=Path(store_path), control=Path(control))
+                          state_dir=state_dir, config=Path(store_path), control=Path(control),
+                          split_brain_policy=cfg["remote.split_brain_policy"])
 
 
 def command_line(s: RemoteSettings) -> list[str]:
@@ -96,7 +100,8 @@ def command_line(s: RemoteSettings) -> list[str]:
             ("--recovery-max-failures", s.recovery_max_failures, d.recovery_max_failures),
             ("--recovery-window", s.recovery_window, d.recovery_window),
             ("--pairing-max-failures", s.pairing_max_failures, d.pairing_max_failures),
-            ("--pairing-window", s.pairing_window, d.pairing_window)):
+            ("--pairing-window", s.pairing_window, d.pairing_window),
+            ("--split-brain-policy", s.split_brain_policy, d.split_brain_policy)):
         if value != default:
             argv += [opt, str(value)]
     return argv
@@ -167,6 +172,11 @@ def configure(rp: argparse.ArgumentParser) -> None:
     rp.add_argument("--pairing-max-failures", type=int, default=5, metavar="N",
                     help="pairing offers of certificates the config does not list, "
                          "allowed per source address and window")
+    rp.add_argument("--split-brain-policy", default="manual",
+                    choices=[p.value for p in Policy],
+                    help="how a split brain may resolve itself: manual (an operator "
+                         "chooses), discard-zero-changes, discard-younger-primary "
+                         "(docs/failover.md)")
     rp.add_argument("--pairing-window", type=float, default=600.0, metavar="S",
                     help="length of that window in seconds")
     rs = rp.add_subparsers(dest="remote_command")
@@ -336,7 +346,8 @@ def serve(s: RemoteSettings) -> int:
                                                    window_s=s.recovery_window),
                           pairing_limiter=RecoveryLimiter(
                               max_failures=s.pairing_max_failures,
-                              window_s=s.pairing_window, what="pairing"))
+                              window_s=s.pairing_window, what="pairing"),
+                          policy=Policy(s.split_brain_policy))
     host, port = server.start()
     control = ControlServer(s.control, server.handlers())
     control.start()

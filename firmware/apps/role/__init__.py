@@ -4,6 +4,7 @@
     mirrorunit role promote UNIT [--seq N] [--force] --control SOCK
     mirrorunit role serve UNIT --nbd HOST:PORT --control SOCK
     mirrorunit role failback [--peer NAME] [--control LOCAL_SOCK] [--json]
+    mirrorunit role resolve UNIT --give-up-here --control SOCK     (on the remote)
 
 They talk to the running remote unit through its control socket (`role.status`,
 `role.promote`, `remote.nbd_start`); `failback` talks to the local unit
@@ -55,6 +56,15 @@ def register(sub: Any) -> None:
     fb.add_argument("--control", type=Path, default=Path(LOCAL_SOCKET),
                     help="the local unit's control socket")
     fb.add_argument("--json", action="store_true")
+    rv = rs.add_parser("resolve", parents=[common],
+                       help="on the remote: a promoted unit gives up its own writes (kept "
+                            "as a conflict image) and follows its local again after a "
+                            "checksum resync; on the local side, `role failback` is the "
+                            "same choice the other way")
+    rv.add_argument("unit")
+    rv.add_argument("--give-up-here", action="store_true", required=True,
+                    help="say that this unit's writes since its promotion are the ones "
+                         "given up")
     rp.set_defaults(func=main)
 
 
@@ -94,6 +104,13 @@ def _run(args: argparse.Namespace) -> int:
             print(f"this copy's own writes since the promotion ({c['bytes']} bytes in "
                   f"{c['extents']} extents) are kept in {c['image']} (extents listed in "
                   f"{c['extents_file']})")
+        return 0
+    if cmd == "resolve":
+        r = call(args.control, "role.resolve", timeout=600.0, unit=args.unit)
+        print(f"unit {r['unit']} gave up {r['writes']} host writes in {r['chunks']} chunks, "
+              f"kept in {r['conflict_image']} (chunks listed in {r['conflict_listing']}); it "
+              f"follows generation {r['generation']} again and resyncs by checksum when its "
+              "local connects")
         return 0
     if cmd == "promote":
         r = call(args.control, "role.promote", unit=args.unit, seq=args.seq, force=args.force)
