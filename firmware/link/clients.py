@@ -46,6 +46,8 @@ from firmware.link.frames import (
     RecoverHello,
     RecoverProof,
     ResyncDone,
+    SwitchoverDone,
+    SwitchoverStart,
     encode_frame,
 )
 
@@ -272,3 +274,19 @@ class FailbackClientSession(_ShortClient[FailbackResult]):
             self._commit = self.target.commit_point(plan)
             self._committing = True
             self._send(FailbackCommit(plan.resync_id, *self._commit))
+
+
+class SwitchoverClientSession(_ShortClient[SwitchoverDone]):
+    """Asks the remote to become the primary at exactly `seq` (this copy drained its
+    queue up to it and stopped its host); `result` is the remote's answer."""
+
+    def __init__(self, unit_id: str, lineage: Lineage, seq: int) -> None:
+        super().__init__(SwitchoverStart(unit_id, lineage, seq))
+        self.unit_id, self.seq = unit_id, seq
+
+    def _on_frame(self, frame: Frame) -> None:
+        if not isinstance(frame, SwitchoverDone) or frame.unit_id != self.unit_id \
+                or frame.seq != self.seq:
+            raise LinkProtocolError(f"unexpected {type(frame).__name__} in answer to "
+                                    "SWITCHOVER_START")
+        self._finish(frame)

@@ -307,6 +307,26 @@ class FailbackCommit:
 
 
 @dataclass(frozen=True)
+class SwitchoverStart:
+    """Local -> remote, before any HELLO: a planned role reversal.  The local has stopped
+    its host and drained its queue up to `seq`; the remote is to become the primary at
+    exactly that seq (docs/failover.md)."""
+
+    unit_id: str
+    lineage: Lineage
+    seq: int
+
+
+@dataclass(frozen=True)
+class SwitchoverDone:
+    """Remote -> local: promoted at `seq`; `lineage` is the remote's, the local follows it."""
+
+    unit_id: str
+    seq: int
+    lineage: Lineage
+
+
+@dataclass(frozen=True)
 class ConfigPut:
     """Keep this sealed config backup of unit `unit_id` (the sender's own: a unit
     only ever stores its own backup with a peer)."""
@@ -380,6 +400,7 @@ Frame = (
     | ResyncStart | DigestRequest | ChunkDigests | ChunkData | ResyncEnd | ResyncDone
     | ConfigPut | ConfigGet | ConfigBlob | RecoverHello | RecoverChallenge | RecoverProof
     | PairOffer | Paired | FailbackStart | FailbackPlan | ChunkWant | FailbackCommit
+    | SwitchoverStart | SwitchoverDone
 )
 
 #: Sizes in the recovery exchange.
@@ -581,6 +602,10 @@ def _frame_map(frame: Frame) -> dict[str, Any]:
                 "dropped": frame.dropped, "codec": frame.codec}
     if isinstance(frame, ChunkWant):
         return {"type": "CHUNK_WANT", "rid": frame.resync_id, "chunks": list(frame.chunks)}
+    if isinstance(frame, SwitchoverStart | SwitchoverDone):
+        return {"type": "SWITCHOVER_START" if isinstance(frame, SwitchoverStart)
+                else "SWITCHOVER_DONE", "unit": frame.unit_id, "seq": frame.seq,
+                "lineage": frame.lineage.to_dict()}
     if isinstance(frame, FailbackCommit):
         return {"type": "FAILBACK_COMMIT", "rid": frame.resync_id, "seq": frame.seq,
                 "lineage": frame.lineage.to_dict()}
@@ -910,6 +935,12 @@ _DECODERS: dict[str, Callable[[dict[Any, Any]], Frame]] = {
     "PAIR_OFFER": _decode_pair_offer,
     "PAIRED": lambda m: Paired(_config_unit(m, "PAIRED")),
     "FAILBACK_START": _decode_failback_start,
+    "SWITCHOVER_START": lambda m: SwitchoverStart(
+        _config_unit(m, "SWITCHOVER_START"), _lineage(m, "SWITCHOVER_START"),
+        _u64(m, "seq", "SWITCHOVER_START")),
+    "SWITCHOVER_DONE": lambda m: SwitchoverDone(
+        _config_unit(m, "SWITCHOVER_DONE"), _u64(m, "seq", "SWITCHOVER_DONE"),
+        _lineage(m, "SWITCHOVER_DONE")),
     "FAILBACK_PLAN": _decode_failback_plan,
     "CHUNK_WANT": lambda m: ChunkWant(
         resync_id=_u64(m, "rid", "CHUNK_WANT"), chunks=_chunk_list(m, "CHUNK_WANT")),

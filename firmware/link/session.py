@@ -56,6 +56,8 @@ from firmware.link.frames import (
     ResyncDone,
     ResyncEnd,
     ResyncStart,
+    SwitchoverDone,
+    SwitchoverStart,
     WriteRecord,
     Writes,
     available_codecs,
@@ -287,6 +289,12 @@ class FailbackCommitted:
 
 
 @dataclass(frozen=True)
+class SwitchedOver:
+    unit_id: str
+    seq: int
+
+
+@dataclass(frozen=True)
 class ConfigReceived:
     """The peer handed over its sealed config backup (CONFIG_PUT) to keep."""
 
@@ -305,7 +313,7 @@ class ConfigServed:
 SessionEvent = (
     Established | Acknowledged | BatchApplied | BatchAborted | Refused | PeerRefusal | PeerClosed
     | PongReceived | ResyncStarted | ResyncFinished | ConfigReceived | ConfigServed
-    | FailbackStarted | FailbackCommitted
+    | FailbackStarted | FailbackCommitted | SwitchedOver
 )
 
 
@@ -333,8 +341,8 @@ _ALLOWED: dict[tuple[Role, SessionState], tuple[type, ...]] = {
     ),
     # CONFIG_GET before HELLO: a unit recovering its config has no volume to announce.
     # FAILBACK_START before HELLO too: a fenced local is refused at HELLO.
-    (Role.RECEIVER, SessionState.AWAIT_HELLO): (Hello, ConfigGet, FailbackStart, ErrorFrame,
-                                                Ping, Bye),
+    (Role.RECEIVER, SessionState.AWAIT_HELLO): (Hello, ConfigGet, FailbackStart,
+                                                SwitchoverStart, ErrorFrame, Ping, Bye),
     (Role.RECEIVER, SessionState.FAILBACK): (DigestRequest, ChunkWant, FailbackCommit,
                                              ErrorFrame, Ping, Pong, Bye),
     (Role.RECEIVER, SessionState.STREAMING): (
@@ -852,6 +860,7 @@ class ReceiverSession(_Session):
         backups: ConfigBackups | None = None,
         own_backup: tuple[str, bytes] | None = None,
         open_failback: Callable[[FailbackStart], FailbackSource] | None = None,
+        switchover: Callable[[SwitchoverStart], SwitchoverDone] | None = None,
     ) -> None:
         """`open_sink` resolves the unit's sink (and may claim it); it raises
         `LinkRefused` to turn the peer away.  `authenticated_unit` is the unit id the
@@ -881,6 +890,7 @@ class ReceiverSession(_Session):
         #: The sink holds another queue's seqs: nothing but a full resync until done.
         self.requeue = False
         self._open_failback = open_failback
+        self._switchover = switchover
         #: The promoted unit handing its role back, while a failback runs.
         self.failback: FailbackSource | None = None
         self.failback_unit = ""
@@ -891,6 +901,8 @@ class ReceiverSession(_Session):
             return self._on_hello(frame)
         if isinstance(frame, FailbackStart):
             return self._on_failback_start(frame)
+        if isinstance(frame, SwitchoverStart):
+            return self._on_switchover(frame)
         if self.state is SessionState.FAILBACK:
             return self._on_failback_frame(frame)
         if isinstance(frame, Writes):
@@ -1018,6 +1030,23 @@ class ReceiverSession(_Session):
         self._send(plan)
         changed = sum(bin(b).count("1") for b in plan.changed)
         return [FailbackStarted(frame.unit_id, changed)]
+
+    def _on_switchover(self, frame: SwitchoverStart) -> list[SessionEvent]:
+        if frame.unit_id not in self.config.known_units:
+            return self._refuse(ERR_UNKNOWN_UNIT, f"unit {frame.unit_id!r} is not known here")
+        if self.authenticated_unit is not None and frame.unit_id != self.authenticated_unit:
+            return self._refuse(ERR_IDENTITY, f"certificate belongs to unit "
+                                f"{self.authenticated_unit!r}, SWITCHOVER_START claims "
+                                f"{frame.unit_id!r}")
+        if self._switchover is None:
+            return self._refuse(ERR_FAILBACK, "this peer takes no switchover")
+        try:
+            done = self._switchover(frame)
+        except LinkRefused as exc:
+            return self._refuse(exc.code, exc.text)
+        self._send(done)
+        self.state = SessionState.CLOSED
+        return [SwitchedOver(frame.unit_id, done.seq)]
 
     def _on_failback_frame(self, frame: Frame) -> list[SessionEvent]:
         source = self.failback

@@ -30,12 +30,15 @@ from firmware.link.clients import (
     FailbackResult,
     PairOfferSession,
     RecoveryClientSession,
+    SwitchoverClientSession,
 )
 from firmware.link.errors import LinkError, LinkProtocolError, LinkRefused, PeerNotPinned
 from firmware.link.frames import (
     FailbackStart,
     Hello,
     RecoverChallenge,
+    SwitchoverDone,
+    SwitchoverStart,
 )
 from firmware.link.pairing import (
     AnonymousServerSession,
@@ -72,6 +75,7 @@ from firmware.link.session import (
     SenderSession,
     SessionEvent,
     SessionState,
+    SwitchedOver,
     WriteSink,
     WriteSource,
 )
@@ -563,6 +567,7 @@ class LinkServer:
         pairing: PairingPolicy | None = None,
         limits: ListenerLimits | None = None,
         open_failback: Callable[[FailbackStart], FailbackSource] | None = None,
+        switchover: Callable[[SwitchoverStart], SwitchoverDone] | None = None,
     ) -> None:
         """With `recovery` (and `backups` that can list their units), a client
         without a certificate is let in for the recovery exchange only; with
@@ -574,6 +579,7 @@ class LinkServer:
         self.config = config
         self.open_sink = open_sink
         self.open_failback = open_failback
+        self.switchover = switchover
         # `handshake_timeout` and `dead_after`, when given, override `limits`.
         limits = limits or ListenerLimits()
         if handshake_timeout is not None:
@@ -778,7 +784,8 @@ class LinkServer:
             session = ReceiverSession(
                 self.config, claim_and_open, authenticated_unit=unit, backups=self.backups,
                 own_backup=self.own_backup() if self.own_backup is not None else None,
-                open_failback=claim_for_failback if self.open_failback is not None else None)
+                open_failback=claim_for_failback if self.open_failback is not None else None,
+                switchover=self.switchover)
             try:
                 self._receive(sock, session, peer)
             finally:
@@ -921,6 +928,9 @@ class LinkServer:
                     log.warning("unit at %s: %s %d finished at seq %d", peer,
                                 "verify" if event.verify else "checksum resync",
                                 event.resync_id, event.seq)
+                elif isinstance(event, SwitchedOver):
+                    log.warning("unit %s from %s: switchover: this unit is the primary from "
+                                "seq %d", event.unit_id, peer, event.seq)
                 elif isinstance(event, FailbackStarted):
                     log.warning("unit %s from %s: failback started; this unit's host writes "
                                 "are stopped; %d chunks changed here since the promotion",
@@ -956,7 +966,7 @@ def _short_connection(address: tuple[str, int], ctx: ssl.SSLContext,
 
 
 _Exchange = ConfigFetchSession | RecoveryClientSession | PairOfferSession \
-    | FailbackClientSession
+    | FailbackClientSession | SwitchoverClientSession
 
 
 def _run_exchange(sock: ssl.SSLSocket, session: _Exchange) -> None:
@@ -987,6 +997,18 @@ def fetch_config_backup(address: tuple[str, int], identity: Identity, peers: Pee
                            timeout) as sock:
         peer_identity(sock, peers, expected=remote_name)
         session = ConfigFetchSession(unit_id)
+        _run_exchange(sock, session)
+    return session.result
+
+
+def switchover_exchange(address: tuple[str, int], identity: Identity, peers: PeerStore,
+                        remote_name: str, session: SwitchoverClientSession,
+                        timeout: float = 60.0) -> SwitchoverDone:
+    """Ask the pinned peer `remote_name` to become the primary (SWITCHOVER_START)."""
+    peers.refresh()
+    with _short_connection(address, client_context(identity, peers, remote_name),
+                           timeout) as sock:
+        peer_identity(sock, peers, expected=remote_name)
         _run_exchange(sock, session)
     return session.result
 

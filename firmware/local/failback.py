@@ -210,6 +210,10 @@ class LocalFailback:
     def _fork_of(self, remote: Lineage) -> Any:
         """The remote's promotion off this copy's generation."""
         mine = self.lineage.generation
+        if remote.generation == mine and not self.lineage.writer:
+            # This copy is the remote's standby since a switchover: it wrote nothing of
+            # its own in that generation, which began at the switchover's seq.
+            return remote.current
         for g in (*remote.history, remote.current):
             if g.parent == mine and g.role is Role.PRIMARY:
                 return g

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from firmware.blockdev import DeviceState
 from firmware.cbq import CircularBufferQueue
 from firmware.cbq.errors import CbqError
 from firmware.control.status import ConsumerStats, LinkStatus, PeerLinkStatus, RefusalStatus
 from firmware.fsutil import write_atomic
 from firmware.lineage import Lineage, Role
 from firmware.lineage import store as lineage_store
-from firmware.link.clients import FailbackClientSession
+from firmware.link.clients import FailbackClientSession, SwitchoverClientSession
 from firmware.link.errors import LinkError, LinkRefused, SourceGap
 from firmware.link.frames import WriteRecord, available_codecs, skip_record
 from firmware.link.session import (
@@ -44,7 +45,7 @@ from firmware.link.session import (
     SenderConfig,
     SessionEvent,
 )
-from firmware.link.shell import Backoff, LinkClient, failback_exchange
+from firmware.link.shell import Backoff, LinkClient, failback_exchange, switchover_exchange
 from firmware.link.tls import Identity, PeerStore
 from firmware.local.failback import FailbackError, LocalFailback
 from firmware.units import AddressError, split_host_port
@@ -568,9 +569,22 @@ class LinkService:
 
     # ---------------------------------------------------------------- Service
 
+    @property
+    def standby(self) -> bool:
+        """This copy follows its remote's generation since a switchover: the remote is
+        the primary, the host here sees NOT READY, nothing is sent."""
+        return self.lineage is not None and not self.lineage.writer
+
     def start(self) -> None:
         if self.sealer is not None:
             self.sealer.start()
+        if self.standby:
+            assert self.lineage is not None
+            self.volume.set_state(DeviceState.STANDBY)
+            log.warning("this copy is the standby of its remote's generation %016x since a "
+                        "switchover: its host sees NOT READY until `mirrorunit role "
+                        "switchover` makes it the primary again", self.lineage.generation)
+            return
         for peer in self._peers.values():
             if not peer.paused:
                 peer.client = self._make_client(peer)
@@ -618,8 +632,8 @@ class LinkService:
         refused = peer.refused
         if self.lineage is None:
             raise FailbackError("this copy's lineage is unknown (see the log): no failback")
-        if refused is None or refused["code"] not in (ERR_FENCED, ERR_SPLIT_BRAIN,
-                                                      ERR_DIVERGED):
+        if not self.standby and (refused is None or refused["code"] not in (
+                ERR_FENCED, ERR_SPLIT_BRAIN, ERR_DIVERGED)):
             state = self.peer_status(name)["state"]
             raise FailbackError(f"remote {name} does not refuse this copy (its link is "
                                 f"{state}): there is nothing to fail back")
@@ -669,9 +683,73 @@ class LinkService:
             "chunks_changed_here": result.chunks_changed_here,
             "conflict": conflict, "completed_earlier": False}, t0)
 
+    def switchover(self, name: str, drain_timeout: float = 600.0) -> dict[str, Any]:
+        """Planned role reversal with remote `name` (docs/failover.md).  From the primary:
+        stop the host (NOT READY), drain the queue, have the remote promoted at exactly
+        the drained seq, and follow it as its standby; nothing is resynced.  From the
+        standby: take the remote's changes since (a failback with nothing of this copy's
+        to keep) and become the primary again."""
+        peer = self._peer(name)
+        if self.lineage is None:
+            raise FailbackError("this copy's lineage is unknown (see the log): no switchover")
+        if self.standby:
+            report = self.failback(name)
+            report["direction"] = "to-here"
+            return report
+        others = sorted(n for n in self._peers if n != name)
+        if others:
+            raise FailbackError(f"this copy also replicates to {', '.join(others)}: a "
+                                "switchover with more than one remote is not supported")
+        if peer.refused is not None or peer.paused or peer.client is None \
+                or not peer.client.connected:
+            raise FailbackError(f"remote {name} is not following this copy now (its link is "
+                                f"{self.peer_status(name)['state']}): a switchover needs "
+                                "a connected remote; after a promotion, see failback")
+        t0 = time.monotonic()
+        before = self.cbq.stats()["consumers"][name]
+        fb = LocalFailback(volume=self.volume, cbq=self.cbq, consumer=name,
+                           lineage=self.lineage, state_dir=self.state_dir)
+        fb.stop_host()
+        last = self.cbq.last_seq
+        deadline = t0 + drain_timeout
+        while self.cbq.consumers[name].acked_seq < last:
+            if time.monotonic() > deadline:
+                fb.resume_host()
+                raise FailbackError(f"remote {name} did not take the queue up to seq {last} "
+                                    f"within {drain_timeout:.0f} s; the host is served again")
+            time.sleep(0.02)
+        drained = time.monotonic()
+        peer.client.stop()
+        peer.client = None
+        session = SwitchoverClientSession(self.unit_id, self.lineage, last)
+        try:
+            done = switchover_exchange((peer.spec.host, peer.spec.port), self.identity,
+                                       self.peers, name, session)
+        except (LinkError, OSError) as exc:
+            fb.resume_host()
+            peer.client = self._make_client(peer)
+            peer.client.start()
+            raise FailbackError(f"remote {name} did not take the primary role: {exc}; this "
+                                "copy stays the primary and serves its host again") from None
+        lineage = self.lineage.adopt(done.lineage)
+        lineage_store.save(self.state_dir / lineage_store.FILE_NAME, lineage)
+        self.lineage = lineage
+        report = {"direction": "to-remote", "seq": last,
+                  "generation": f"{lineage.generation:016x}",
+                  "records_moved": before["pending_records"],
+                  "bytes_moved": before["pending_bytes"],
+                  "drain_seconds": round(drained - t0, 3),
+                  "seconds": round(time.monotonic() - t0, 3)}
+        log.warning("switchover to %s done in %.2f s: the remote is the primary from seq %d; "
+                    "this copy is its standby (%s)", name, report["seconds"], last,
+                    json.dumps(report))
+        return report
+
     def _failback_failed(self, peer: _Peer, fb: LocalFailback) -> None:
         if fb.chunks_taken == 0 and fb.new_lineage is None:
             fb.resume_host()
+        if self.standby:
+            return
         peer.client = self._make_client(peer)
         peer.client.start()
 
@@ -695,7 +773,9 @@ class LinkService:
         client = peer.client
         session = client.session if client is not None else None
         refused = peer.refused
-        if peer.paused:
+        if self.standby:
+            state = "standby"
+        elif peer.paused:
             state = "paused"
         elif refused is not None:
             state = str(refused["code"])
@@ -762,5 +842,6 @@ class LinkService:
             "link.resume": self.resume,
             "link.verify": self.verify,
             "link.failback": self.failback,
+            "link.switchover": self.switchover,
             "link.seal_config": self.seal_config,
         }

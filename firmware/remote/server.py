@@ -25,6 +25,8 @@ from firmware.link.frames import (
     FailbackPlan,
     FailbackStart,
     Hello,
+    SwitchoverDone,
+    SwitchoverStart,
     WriteRecord,
     available_codecs,
 )
@@ -255,8 +257,9 @@ class UnitFailbackSource:
         return self.unit.read_mirror(off, min(CHUNK_SIZE, self.unit.volume_size - off))
 
     def commit(self, seq: int, lineage: Lineage) -> None:
+        before = self.unit.last_durable_seq() - self.unit.seq_offset
         self.unit.hand_back(seq, lineage)
-        self.server._handed_back(self.unit.unit_id)
+        self.server._handed_back(self.unit.unit_id, before, seq)
 
     def abort(self) -> None:
         self.unit.end_hand_back()
@@ -304,7 +307,7 @@ class RemoteServer:
             self._open_sink, dead_after=dead_after, backups=self.backups,
             own_backup=self._own_backup,
             recovery=recovery if recovery is not None else RecoveryLimiter(),
-            pairing=pairing, open_failback=self._open_failback)
+            pairing=pairing, open_failback=self._open_failback, switchover=self._switchover)
         #: Seals this remote's own config (its --config) whenever it changes.
         self.sealer: Any = None
         if config_path is not None:
@@ -465,7 +468,8 @@ class RemoteServer:
                                   f"generation {mine.generation:016x}")
             raise LinkRefused(ERR_FAILBACK, f"unit {start.unit_id!r} is not promoted here: "
                               "it has no role to hand back")
-        if start.lineage.generation not in ancestors:
+        standby = start.lineage.generation == mine.generation and not start.lineage.writer
+        if start.lineage.generation not in ancestors and not standby:
             raise LinkRefused(ERR_FAILBACK, f"unit {start.unit_id!r} was not promoted off "
                               f"generation {start.lineage.generation:016x}; a failback "
                               "needs the copy it was promoted from")
@@ -479,8 +483,40 @@ class RemoteServer:
                     len(unit.dirty_chunks()))
         return source
 
-    def _handed_back(self, unit_id: str) -> None:
-        """The unit follows its local again: its writable exports end."""
+    def _switchover(self, start: SwitchoverStart) -> SwitchoverDone:
+        """A planned role reversal asked by the unit's local, which has stopped its host
+        and drained its queue: promote at exactly the drained seq (docs/failover.md)."""
+        try:
+            unit = self.unit(start.unit_id)
+        except RemoteError as exc:
+            raise LinkRefused(ERR_FAILBACK, str(exc)) from None
+        if unit.promoted:
+            raise LinkRefused(ERR_FAILBACK, f"unit {start.unit_id!r} is already promoted")
+        if unit.lineage.generation != start.lineage.generation:
+            raise LinkRefused(ERR_FAILBACK, f"unit {start.unit_id!r} holds generation "
+                              f"{unit.lineage.generation:016x}, the local "
+                              f"{start.lineage.generation:016x}: not a copy of it to switch to")
+        holder = self.link.busy_units().get(start.unit_id)
+        if holder is not None:
+            raise LinkRefused(ERR_FAILBACK, f"unit {start.unit_id!r} still has a session "
+                              f"from {holder}")
+        have = unit.last_durable_seq() - unit.seq_offset
+        if have != start.seq:
+            raise LinkRefused(ERR_FAILBACK, f"not drained: unit {start.unit_id!r} holds the "
+                              f"local's writes up to seq {have}, the local's queue up to "
+                              f"seq {start.seq}")
+        try:
+            r = unit.promote(start.seq + unit.seq_offset, forced=False)
+        except RemoteError as exc:
+            raise LinkRefused(ERR_FAILBACK, str(exc)) from None
+        log.warning("unit %s: switchover: promoted at the local's seq %d (generation %016x)",
+                    unit.unit_id, r.fork_seq, r.generation)
+        return SwitchoverDone(start.unit_id, start.seq, unit.lineage)
+
+    def _handed_back(self, unit_id: str, before: int | None = None,
+                     seq: int | None = None) -> None:
+        """The unit follows its local again: its writable exports end.  The local's seqs
+        before..seq came with the image it took, not as writes: the arrivals log says so."""
         for key in [k for k in self.nbd_exports if k.startswith(f"{unit_id}@primary:")]:
             server = self.nbd_exports.pop(key)
             server.stop()
@@ -489,6 +525,8 @@ class RemoteServer:
             sink = self._sinks.get(unit_id)
         if sink is not None:
             sink.meeting = None
+            if before is not None and seq is not None and seq > before:
+                sink._log(before + 1, seq, "hand-back")
 
     def promote(self, unit_id: str, *, at_seq: int | None = None,
                 force: bool = False) -> dict[str, Any]:

@@ -5,6 +5,7 @@
     mirrorunit role serve UNIT --nbd HOST:PORT --control SOCK
     mirrorunit role failback [--peer NAME] [--control LOCAL_SOCK] [--json]
     mirrorunit role resolve UNIT --give-up-here --control SOCK     (on the remote)
+    mirrorunit role switchover [--peer NAME] [--control LOCAL_SOCK] [--json]
 
 They talk to the running remote unit through its control socket (`role.status`,
 `role.promote`, `remote.nbd_start`); `failback` talks to the local unit
@@ -56,6 +57,15 @@ def register(sub: Any) -> None:
     fb.add_argument("--control", type=Path, default=Path(LOCAL_SOCKET),
                     help="the local unit's control socket")
     fb.add_argument("--json", action="store_true")
+    so = rs.add_parser("switchover",
+                       help="on the local: planned role reversal; from the primary the "
+                            "remote takes over at the drained seq (no resync) and this "
+                            "copy becomes its standby; from the standby it takes the "
+                            "remote's changes back and becomes the primary")
+    so.add_argument("--peer", default="remote", help="the remote to switch with")
+    so.add_argument("--control", type=Path, default=Path(LOCAL_SOCKET),
+                    help="the local unit's control socket")
+    so.add_argument("--json", action="store_true")
     rv = rs.add_parser("resolve", parents=[common],
                        help="on the remote: a promoted unit gives up its own writes (kept "
                             "as a conflict image) and follows its local again after a "
@@ -84,6 +94,21 @@ def _run(args: argparse.Namespace) -> int:
             print(json.dumps(result, indent=2, default=str))
         else:
             _print_status(result)
+        return 0
+    if cmd == "switchover":
+        r = call(args.control, "link.switchover", timeout=24 * 3600.0, name=args.peer)
+        if args.json:
+            print(json.dumps(r, indent=2))
+        elif r["direction"] == "to-remote":
+            print(f"switched over to {args.peer} in {r['seconds']:.2f} s (queue drained in "
+                  f"{r['drain_seconds']:.2f} s, {r['records_moved']} writes, "
+                  f"{r['bytes_moved']} bytes): the remote is the primary from seq "
+                  f"{r['seq']}; this copy is its standby (its host sees NOT READY)")
+        else:
+            print(f"switched back from {args.peer} in {r['seconds']:.2f} s: "
+                  f"{r['chunks_moved']} chunks ({r['bytes_moved']} bytes) the remote "
+                  f"changed were taken; this copy is the primary of generation "
+                  f"{r['generation']} from seq {r['seq']}")
         return 0
     if cmd == "failback":
         r = call(args.control, "link.failback", timeout=24 * 3600.0, name=args.peer)

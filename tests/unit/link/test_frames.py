@@ -97,6 +97,8 @@ FRAMES: list[Frame] = [
     FailbackPlan(5, 80, FORKED, 65536, 20, b"\x01\x80\x0f", b"\x00\x80\x00", CODEC_ZSTD),
     ChunkWant(5, (0, 15, 19)),
     FailbackCommit(5, 90, FORKED),
+    SwitchoverStart("unit-a", FORKED, 77),
+    SwitchoverDone("unit-a", 77, FORKED),
 ]
 
 
