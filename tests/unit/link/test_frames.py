@@ -42,6 +42,8 @@ from firmware.link.frames import (
     HelloAck,
     Ping,
     Pong,
+    SwitchoverDone,
+    SwitchoverStart,
     WriteRecord,
     Writes,
     decode_body,
