@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from collections.abc import Sequence
+
+from zxcvbn import zxcvbn
 
 from .errors import ConfigError
 from .kdf import PASSWORD_SCHEME, ScryptParams, format_derived, parse_password_hash
@@ -15,6 +18,13 @@ from .schema import Config
 
 MIN_PASSWORD_LENGTH = 10
 MAX_PASSWORD_LENGTH = 1024
+#: zxcvbn's score (0-4): 3 is "safely unguessable: moderate protection from offline
+#: slow-hash scenario" (about 10^10 guesses), which is the threat a sealed backup faces
+#: on a stolen peer.
+MIN_STRENGTH_SCORE = 3
+#: zxcvbn's own input limit; its matching cost grows with the length, so a longer
+#: password is judged on its first characters (a strong start stays strong).
+STRENGTH_CHECK_CHARS = 72
 KEY = "admin.password_hash"
 
 SALT_BYTES = 16
@@ -25,7 +35,21 @@ def check_hash_format(key: str, stored: str) -> None:
     parse_password_hash(key, stored)
 
 
-def check_password_policy(clear: str) -> None:
+def check_password_strength(clear: str, user_inputs: Sequence[str] = ()) -> None:
+    """Refuse a password zxcvbn scores below `MIN_STRENGTH_SCORE`, with its warning and
+    suggestions as the reason (never the password)."""
+    result = zxcvbn(clear[:STRENGTH_CHECK_CHARS],
+                    user_inputs=[u for u in user_inputs if u])
+    if result["score"] >= MIN_STRENGTH_SCORE:
+        return
+    feedback = result.get("feedback") or {}
+    why = [feedback.get("warning") or "", *(feedback.get("suggestions") or [])]
+    reason = " ".join(w for w in why if w) or "It would be guessed too easily."
+    raise ConfigError(KEY, f"the password is too weak (score {result['score']} of 4, "
+                           f"{MIN_STRENGTH_SCORE} needed): {reason}")
+
+
+def check_password_policy(clear: str, user_inputs: Sequence[str] = ()) -> None:
     # The message never includes the password itself.
     if not isinstance(clear, str):
         raise ConfigError(KEY, "the password must be text")
@@ -36,10 +60,12 @@ def check_password_policy(clear: str) -> None:
     if clear.strip() != clear or any(ord(c) < 0x20 for c in clear):
         raise ConfigError(KEY, "the password must not start or end with blanks "
                                "or contain control characters")
+    check_password_strength(clear, user_inputs)
 
 
-def hash_password(clear: str, params: ScryptParams | None = None) -> str:
-    check_password_policy(clear)
+def hash_password(clear: str, params: ScryptParams | None = None,
+                  user_inputs: Sequence[str] = ()) -> str:
+    check_password_policy(clear, user_inputs)
     params = params or ScryptParams()
     salt = secrets.token_bytes(SALT_BYTES)
     digest = params.derive(clear.encode("utf-8"), salt, HASH_BYTES)
@@ -59,7 +85,9 @@ def set_admin_password(cfg: Config, clear: str) -> Config:
     with the seal key derived from it so peer backups are re-sealed unattended."""
     from .seal import SEAL_KEY_FIELD, make_seal_key
 
-    hashed = hash_password(clear)
+    # The unit's own names are the first thing an attacker would try.
+    hashed = hash_password(clear, user_inputs=(cfg["unit.name"], cfg["unit.serial"],
+                                               "mirrorunit"))
     return cfg.replace({KEY: hashed, SEAL_KEY_FIELD: make_seal_key(clear).encode()})
 
 

@@ -96,6 +96,12 @@ def test_first_boot_forces_the_admin_password(env: dict[str, Any]) -> None:
     t.line("short")
     t.wait("Refused: admin.password_hash: the password must have at least 10 characters")
     assert store(env["cfg"]).load().config is None  # nothing written
+    t.line("password1234")
+    t.wait("Repeat it:")
+    t.line("password1234")
+    t.wait("Refused: admin.password_hash: the password is too weak (score ")
+    t.wait("This is a very common")
+    assert store(env["cfg"]).load().config is None
     t.line(PASSWORD)
     t.line("something different")
     t.wait("The two entries differ")

@@ -323,12 +323,24 @@ def test_admin_password() -> None:
 
 @pytest.mark.parametrize("clear,reason", [
     ("short", "at least 10"), (" padded password ", "blanks"), ("pass\x00word12", "control"),
+    # Long enough but guessed in a few thousand tries: zxcvbn's reason is given.
+    ("password123", "This is a very common password"),
+    ("aaaaaaaaaaaaaaaa", "Repeats like"), ("qwertyuiop12", "similar to a commonly used"),
+    # The unit's own name is among the first guesses.
+    ("mirrorunit1", "too weak"), ("a" * 80 + "x9$Lq", "too weak"),
 ])
 def test_password_policy(clear: str, reason: str) -> None:
     with pytest.raises(ConfigError) as info:
         set_admin_password(Config.defaults(), clear)
     assert info.value.field == "admin.password_hash"
     assert reason in info.value.message and clear not in str(info.value)
+
+
+def test_password_strength_uses_the_unit_name() -> None:
+    cfg = Config.defaults().replace({"unit.name": "vaultkeeper7"})
+    assert set_admin_password(Config.defaults(), "vaultkeeper7!")["admin.password_hash"]
+    with pytest.raises(ConfigError, match="too weak"):
+        set_admin_password(cfg, "vaultkeeper7!")
 
 
 def test_stored_hash_is_checked() -> None:
