@@ -185,6 +185,55 @@ class AutoSealer:
             self._thread.join(5)
 
 
+class BackupKeepers:
+    """The peers this unit's config names as keepers of its sealed backup
+    (`backup.keepers`), re-read when the config partition changes.
+
+    The blob carries the unit's TLS private key: a peer not named gets nothing, and
+    so does every peer while the config cannot be read."""
+
+    def __init__(self, store: ConfigStore) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._names: frozenset[str] = frozenset()
+        self._said: str | None = None
+
+    def _once(self, why: str) -> None:
+        if self._said != why:
+            self._said = why
+            log.warning("config backup: %s", why)
+
+    def names(self) -> frozenset[str]:
+        try:
+            st = os.stat(self.store.settings.path)
+            stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_ino, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        with self._lock:
+            if stamp == self._stamp and stamp is not None:
+                return self._names
+            self._stamp = stamp
+            try:
+                loaded = self.store.load()
+            except ConfigStoreError as e:
+                self._names = frozenset()
+                self._once(f"cannot read the config partition ({e}): sent to no peer")
+                return self._names
+            if loaded.state is not StoreState.OK or loaded.config is None:
+                self._names = frozenset()
+                self._once(f"config not readable ({loaded.describe()}): sent to no peer")
+            else:
+                self._names = frozenset(loaded.config["backup.keepers"])
+                self._once("kept by " + ", ".join(sorted(self._names)) if self._names else
+                           "backup.keepers names no peer: this unit's sealed config is "
+                           "sent to no peer")
+            return self._names
+
+    def allows(self, peer: str) -> bool:
+        return peer in self.names()
+
+
 def check_restorable(store: ConfigStore, *, force: bool = False) -> None:
     """Refuse (before anything is fetched or written) to replace a working config."""
     loaded = store.load()
