@@ -21,7 +21,6 @@ from pathlib import Path
 
 from ..fsutil import write_atomic
 from .errors import ConfigError, ConfigStoreError, WrongPassword
-from .password import check_admin_password
 from .schema import Config
 from .seal import (
     SEAL_KEY_FIELD,
@@ -63,9 +62,9 @@ def seal_config(store: ConfigStore, admin_password: str,
     loaded = store.load()
     if loaded.state is not StoreState.OK or loaded.config is None:
         raise ConfigStoreError(f"no config to back up: {loaded.describe()}")
-    cfg = loaded.config
-    if not check_admin_password(cfg, admin_password):
+    if not store.login(admin_password):
         raise WrongPassword("that is not the admin password of this unit")
+    cfg = store.load().config or loaded.config  # as upgraded by the login, if it was
     sk = stored_seal_key(cfg)
     if sk is None or not seal_key_matches(sk, admin_password):
         sk = make_seal_key(admin_password)

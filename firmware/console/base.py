@@ -155,11 +155,19 @@ class ConsoleBase:
         if pw is None:
             self.say("Cancelled: nothing changed.")
             return False
-        if not check_admin_password(cfg, pw):
+        if not self.login(cfg, pw):
             self.say("Wrong password: nothing changed.")
             return False
         self.unlocked_at = time.monotonic()
         return True
+
+    def login(self, cfg: Config, pw: str) -> bool:
+        """Check the admin password; a hash of older parameters is upgraded on the way
+        (the store does it; a partition that cannot be read is only checked)."""
+        try:
+            return self.s.store.login(pw)
+        except ConfigStoreError:
+            return check_admin_password(cfg, pw)
 
     # ---------------------------------------------------------------- data
 

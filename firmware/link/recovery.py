@@ -8,8 +8,9 @@ that proves it knows the admin password::
 
     client                                  peer (holds the sealed blob)
     RECOVER_HELLO {unit or null}    ->
-                                    <-      RECOVER_CHALLENGE {unit, ln, r, p, salt, nonce}
-    (scrypt(password, salt) -> key check: what the blob's header holds)
+                                    <-      RECOVER_CHALLENGE {unit, kdf cost, salt, nonce}
+    (KDF(password, salt) -> key check: what the blob's header holds; the cost is
+     {ln, r, p} for scrypt blobs, {kdf: "argon2id", m, t, p} for Argon2id ones)
     RECOVER_PROOF {HMAC(check, nonce, peer fingerprint, unit)}  ->
                                     <-      CONFIG_BLOB {unit, blob}  or  ERROR
 
@@ -73,12 +74,12 @@ def recovery_proof(check: bytes, nonce: bytes, peer_fingerprint: str, unit_id: s
 
 @dataclass(frozen=True, slots=True)
 class BackupKey:
-    """What a sealed backup says of its key: the scrypt parameters and salt the
-    client derives the key check with, and the check itself (never sent)."""
+    """What a sealed backup says of its key: the key derivation ("scrypt" or
+    "argon2id") and its three cost numbers (see RecoverChallenge) and salt the client
+    derives the key check with, and the check itself (never sent)."""
 
-    log2_n: int
-    r: int
-    p: int
+    kdf: str
+    cost: tuple[int, int, int]
     salt: bytes
     check: bytes
 
@@ -326,7 +327,7 @@ class RecoveryServerSession:
             return self._deny(unit, ERR_DAMAGED, f"the backup kept here is damaged: {exc}")
         nonce = self._nonce(RECOVER_NONCE_BYTES)
         self._challenge = (unit, nonce, key.check, blob)
-        self._send(RecoverChallenge(unit, key.log2_n, key.r, key.p, key.salt, nonce))
+        self._send(RecoverChallenge(unit, key.kdf, key.cost, key.salt, nonce))
         self.state = RecoveryState.CHALLENGED
         return [RecoveryChallenged(unit)]
 

@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from firmware.config import ConfigStore, StoreSettings, StoreState, unseal
-from firmware.config.kdf import ScryptParams
+from firmware.config.kdf import Argon2Params, ScryptParams, params_from_cost
 from firmware.config.seal import (
     SEAL_HEADER,
     SEAL_MAGIC,
@@ -61,7 +61,9 @@ from tests.support.terminal import DOWN, ENTER, Term
 from tests.support.unitproc import read_until_closed
 
 PASSWORD = "correct horse battery"
-FAST = ScryptParams(log2_n=4, r=8, p=1)
+#: Small costs keep the tests quick; the schemes are the real ones.
+FAST = Argon2Params(memory_kib=64, time_cost=1)
+FAST_SCRYPT = ScryptParams(log2_n=4, r=8, p=1)
 PEER_FP = ":".join(["ab"] * 32)
 
 
@@ -71,7 +73,7 @@ PEER_FP = ":".join(["ab"] * 32)
 def test_a_stored_key_reseals_without_the_password(tmp_path: Path) -> None:
     store = ConfigStore(StoreSettings(str(tmp_path / "c.slots")))
     cfg = store.set_admin_password(PASSWORD).config
-    assert cfg["admin.seal_key"].startswith("$sealkey$v1$")
+    assert cfg["admin.seal_key"].startswith("$sealkey$v2$m=131072,t=3,p=1$")
     assert "sealkey" not in repr(cfg) and "admin.seal_key" not in store.export().decode()
     assert store.show()["admin.seal_key"] == "set"
     from firmware.config.peer_backup import AutoSealer
@@ -96,15 +98,16 @@ def test_a_stored_key_reseals_without_the_password(tmp_path: Path) -> None:
 def test_version_1_blobs_still_open(tmp_path: Path) -> None:
     store = ConfigStore(StoreSettings(str(tmp_path / "c.slots")))
     cfg = store.set_admin_password(PASSWORD).config
-    sk = make_seal_key(PASSWORD, FAST)
+    sk = make_seal_key(PASSWORD, FAST_SCRYPT)
     nonce = b"\x01" * 12
-    header = SEAL_HEADER.pack(SEAL_MAGIC, 1, FAST.log2_n, FAST.r, FAST.p, sk.salt, nonce,
-                              sk.check)
+    header = SEAL_HEADER.pack(SEAL_MAGIC, 1, FAST_SCRYPT.log2_n, FAST_SCRYPT.r, FAST_SCRYPT.p,
+                              sk.salt, nonce, sk.check)
     body = cbor2.dumps(cfg.to_document(include_secrets=True), canonical=True)
     v1 = header + AESGCM(sk.key).encrypt(nonce, body, header)
     got = unseal_bundle(v1, PASSWORD)
     assert got.version == 1 and got.identity is None and got.config == cfg
-    assert struct.unpack_from("<H", seal(cfg, PASSWORD, params=FAST), 8)[0] == 2
+    assert struct.unpack_from("<H", seal(cfg, PASSWORD, params=FAST_SCRYPT), 8)[0] == 2
+    assert struct.unpack_from("<H", seal(cfg, PASSWORD, params=FAST), 8)[0] == 3
 
 
 # --------------------------------------------------------------------------- the exchange
@@ -134,7 +137,7 @@ def _answers(s: RecoveryServerSession) -> list[Any]:
 
 
 def _prove(ch: RecoverChallenge, password: str) -> bytes:
-    check = key_check(password, ch.salt, ScryptParams(ch.log2_n, ch.r, ch.p))
+    check = key_check(password, ch.salt, params_from_cost(ch.kdf, ch.cost, "seal"))
     return recovery_proof(check, ch.nonce, PEER_FP, ch.unit_id)
 
 

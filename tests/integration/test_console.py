@@ -109,7 +109,7 @@ def test_first_boot_forces_the_admin_password(env: dict[str, Any]) -> None:
     t.line(PASSWORD)
     t.wait("main menu", "1  Status", " 0  Log", "Admin password saved")
     cfg = store(env["cfg"]).load().config
-    assert cfg is not None and cfg["admin.password_hash"].startswith("$scrypt$")
+    assert cfg is not None and cfg["admin.password_hash"].startswith("$argon2id$")
 
 
 def test_status_screen_not_running_then_running(env: dict[str, Any]) -> None:

@@ -316,7 +316,7 @@ def test_admin_password() -> None:
     assert not check_admin_password(cfg, PASSWORD)
     cfg = set_admin_password(cfg, PASSWORD)
     stored = cfg["admin.password_hash"]
-    assert stored.startswith("$scrypt$ln=14,r=8,p=1$") and PASSWORD not in stored
+    assert stored.startswith("$argon2id$v=19$m=65536,t=3,p=1$") and PASSWORD not in stored
     assert check_admin_password(cfg, PASSWORD)
     assert not check_admin_password(cfg, PASSWORD + "x")
     assert not check_admin_password(cfg, "")
@@ -693,7 +693,7 @@ def test_seal_round_trip_wrong_password_and_tampering() -> None:
     assert seal(cfg, PASSWORD) != blob  # fresh salt and nonce
     with pytest.raises(WrongPassword):
         unseal(blob, PASSWORD + "!")
-    for pos in (len(blob) - 1, 80, 8 + 2 + 3 + 3 + 16 + 2):  # tag, ciphertext, nonce
+    for pos in (len(blob) - 1, 80, 8 + 2 + 4 + 1 + 1 + 16 + 2):  # tag, ciphertext, nonce
         damaged = bytearray(blob)
         damaged[pos] ^= 0x01
         with pytest.raises(SealTampered):
@@ -705,7 +705,7 @@ def test_seal_round_trip_wrong_password_and_tampering() -> None:
     with pytest.raises(SealFormatError):
         unseal(blob[:40], PASSWORD)
     with pytest.raises(SealFormatError, match="parameters"):
-        unseal(blob[:10] + bytes([40]) + blob[11:], PASSWORD)
+        unseal(blob[:12] + bytes([0x40]) + blob[13:], PASSWORD)  # 4 GiB of Argon2id
 
 
 # ------------------------------------------------------------------ secrets stay in

@@ -38,6 +38,7 @@ from firmware.link.frames import (
     HelloAck,
     Ping,
     Pong,
+    RecoverChallenge,
     WriteRecord,
     Writes,
     decode_body,
@@ -83,6 +84,8 @@ FRAMES: list[Frame] = [
     Pong(3),
     ErrorFrame("unknown-unit", "unit 'x' is not known here"),
     Bye(),
+    RecoverChallenge("unit-a", "scrypt", (15, 8, 1), b"s" * 16, b"n" * 32),
+    RecoverChallenge("unit-a", "argon2id", (131072, 3, 1), b"s" * 16, b"n" * 32),
 ]
 
 
