@@ -34,6 +34,7 @@ class EventKind(enum.Enum):
     MAINS_RESTORED = "mains-restored"
     UNIT_UNREACHABLE = "unit-unreachable"
     UNIT_REACHABLE = "unit-reachable"
+    GUESS_LOCKOUT = "guess-lockout"
     TEST = "test"
 
 
@@ -43,7 +44,7 @@ TRAP_NUMBER = {
     EventKind.LINK_RESTORED: 4, EventKind.REMOTE_OUT_OF_SYNC: 5,
     EventKind.RESYNC_FINISHED: 6, EventKind.ON_BATTERY: 7, EventKind.LOW_BATTERY: 8,
     EventKind.MAINS_RESTORED: 9, EventKind.UNIT_UNREACHABLE: 10,
-    EventKind.UNIT_REACHABLE: 11, EventKind.TEST: 99,
+    EventKind.UNIT_REACHABLE: 11, EventKind.GUESS_LOCKOUT: 12, EventKind.TEST: 99,
 }
 
 
@@ -144,7 +145,28 @@ class EventDetector:
         ups = status.get("ups")
         if isinstance(ups, Mapping):
             events += self._ups(ups, now)
+        limits = status.get("guess_limits")
+        if isinstance(limits, Mapping):
+            events += self._guess_limits(limits, now)
         return events
+
+    def _guess_limits(self, limits: Mapping[str, Any], now: float) -> list[Event]:
+        """A lockout of a unit-wide guess budget (recovery or pairing): someone may be
+        guessing the admin password.  Edge: on each new lockout; one already in force
+        when the notifier starts is reported too."""
+        out: list[Event] = []
+        for what, snap in limits.items():
+            if not isinstance(snap, Mapping) or not isinstance(snap.get("lockouts"), int):
+                continue
+            count = snap["lockouts"]
+            changed, prev = self._edge(("lockout", str(what)), count)
+            if not changed or count <= (prev or 0):
+                continue
+            if prev is None and not snap.get("locked_for_s"):
+                continue  # an old lockout, over before the notifier started
+            out.append(Event(EventKind.GUESS_LOCKOUT, Severity.CRITICAL,
+                             _lockout_text(str(what), snap), subject=str(what), time=now))
+        return out
 
     def _buffer(self, cbq: Mapping[str, Any], now: float) -> list[Event]:
         out: list[Event] = []
@@ -222,6 +244,28 @@ class EventDetector:
                              f"Battery low ({charge_txt}): the unit stops accepting writes, "
                              "flushes and powers off.", time=now))
         return out
+
+
+#: Source networks named in a lockout notice; the rest are counted.
+LOCKOUT_PREFIXES_SHOWN = 10
+
+
+def _lockout_text(what: str, snap: Mapping[str, Any]) -> str:
+    raw = snap.get("last_lockout")
+    last: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+    prefixes = [p for p in last.get("prefixes", []) if isinstance(p, list | tuple)
+                and len(p) == 2]
+    shown = ", ".join(f"{p}: {n}" for p, n in prefixes[:LOCKOUT_PREFIXES_SHOWN])
+    more = len(prefixes) - LOCKOUT_PREFIXES_SHOWN
+    if more > 0:
+        shown += f" and {more} more"
+    length = last.get("length_s", snap.get("locked_for_s", "?"))
+    return (f"Too many wrong admin-password proofs in the {what} exchange: "
+            f"{last.get('failures', '?')} within {snap.get('window_s', '?')} s from "
+            f"{len(prefixes)} source network(s) ({shown or 'unknown'}). Every source is "
+            f"refused for {length} s (lockout {last.get('number', snap['lockouts'])}; "
+            "each next one lasts twice as long). Someone may be guessing the admin "
+            "password: check who can reach the journey-link port.")
 
 
 @dataclass

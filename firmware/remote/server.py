@@ -516,7 +516,18 @@ class RemoteServer:
         return {"role": "remote", "fingerprint": self.identity.fingerprint,
                 "listen": _addr(self.link_address), "store": self.store.root_dir,
                 "link": dataclasses.asdict(s), "units": out,
-                "nbd_exports": {k: _addr(v.address) for k, v in self.nbd_exports.items()}}
+                "nbd_exports": {k: _addr(v.address) for k, v in self.nbd_exports.items()},
+                "guess_limits": self._guess_limits()}
+
+    def _guess_limits(self) -> dict[str, Any]:
+        """The unit-wide guess budgets of the certificate-less exchanges (the notifier
+        reports each lockout, see firmware/notify/events.py)."""
+        out: dict[str, Any] = {}
+        if self.link.recovery is not None:
+            out["recovery"] = self.link.recovery.snapshot()
+        if self.link.pairing is not None:
+            out["pairing"] = self.link.pairing.limiter.snapshot()
+        return out
 
     def _sinks_get(self, unit_id: str) -> UnitSink:
         with self._lock:
