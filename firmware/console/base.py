@@ -47,6 +47,9 @@ class ConsoleSettings:
     ssh_dir: Path | None = None
     #: Start/stop ssh.service after a change (None: files only, e.g. in tests).
     ssh_runner: Callable[[Sequence[str]], None] | None = None
+    #: The one-time erase code on the boot partition (console.presence.PresenceCode);
+    #: None: an unreadable config cannot be erased here, only recovered from a peer.
+    presence: Any = None
 
 
 def _cursor(visibility: int) -> None:

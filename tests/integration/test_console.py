@@ -57,10 +57,13 @@ class FakeUnit:
 @pytest.fixture()
 def env(tmp_path: Path) -> Iterator[dict[str, Any]]:
     d: dict[str, Any] = {"tmp": tmp_path, "cfg": tmp_path / "config.slots",
-                         "sock": tmp_path / "unit.sock", "terms": []}
+                         "sock": tmp_path / "unit.sock", "terms": [],
+                         "code": tmp_path / "boot" / "mirrorunit-erase-code.txt"}
+    d["code"].parent.mkdir()
 
     def start(*extra: str) -> Term:
         t = Term(["--config", str(d["cfg"]), "--control", str(d["sock"]),
+                  "--erase-code-file", str(d["code"]),
                   "--reboot-command", f"touch {tmp_path / 'rebooted'}",
                   "--poweroff-command", f"touch {tmp_path / 'powered-off'}",
                   "--log-file", str(tmp_path / "unit.log"), *extra], tmp_path)
@@ -301,6 +304,56 @@ def test_peers_pairing_and_log(env: dict[str, Any]) -> None:
         t.wait("log line 50")
     finally:
         unit.server.stop()
+
+
+def test_the_log_needs_the_admin_password(env: dict[str, Any]) -> None:
+    with_password(env["cfg"])
+    (env["tmp"] / "unit.log").write_text("peer 192.0.2.10 refused: secret detail\n")
+    t = env["start"]()
+    t.wait("main menu")
+    t.send("0")
+    t.wait("Admin password:")
+    assert "secret detail" not in t.text
+    t.line("not the password")
+    t.wait("Wrong password: nothing changed", "main menu")
+    assert "secret detail" not in t.text
+    t.send("0")
+    t.wait("Admin password:")
+    t.line(PASSWORD)
+    t.wait("log", "secret detail")
+
+
+def _code(path: Path) -> str:
+    return next(line.split(": ", 1)[1] for line in path.read_text().splitlines()
+                if line.startswith("code: "))
+
+
+def test_a_corrupt_config_is_erased_only_with_the_code_from_the_card(
+        env: dict[str, Any]) -> None:
+    env["cfg"].write_bytes(b"\xde\xad" * 70000)  # a corrupt partition
+    before = env["cfg"].read_bytes()
+    t = env["start"]()
+    t.wait("recovery", "cannot be read", "2  Start with a new configuration")
+    t.send("2")
+    t.wait("erase the configuration", "mirrorunit-erase-code.txt", "Erase code:")
+    code = _code(env["code"])
+    assert code not in t.text and code.replace("-", "") not in t.text
+    t.send("y" + ENTER)  # what one y/N used to take
+    t.wait("Wrong erase code: nothing erased", "recovery")
+    assert env["cfg"].read_bytes() == before
+    # The console is restarted (or the unit power-cycled to read the card): the code
+    # in the file still holds.
+    t.close()
+    t = env["start"]()
+    t.wait("recovery", "cannot be read")
+    t.send("2")
+    t.wait("Erase code:")
+    assert _code(env["code"]) == code
+    t.line(code.lower())
+    t.wait("set admin password", "First start: choose the admin password")
+    assert not env["code"].exists()  # used up
+    loaded = store(env["cfg"]).load()
+    assert loaded.config is not None and not loaded.config["admin.password_hash"]
 
 
 def test_recovery_from_a_peer_backup(env: dict[str, Any]) -> None:
