@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import re
+import secrets
 from dataclasses import dataclass
 
 import argon2
@@ -192,8 +194,6 @@ def _argon2_hasher(params: Argon2Params) -> argon2.PasswordHasher:
 
 def hash_password_text(clear: str, params: KdfParams = PASSWORD_PARAMS) -> str:
     """The stored form of the admin password under `params` (no policy check here)."""
-    import secrets
-
     params.check("admin.password_hash")
     if isinstance(params, Argon2Params):
         return _argon2_hasher(params).hash(clear)
@@ -229,8 +229,6 @@ def check_password_hash(key: str, stored: str) -> KdfParams:
 
 def verify_password_text(key: str, stored: str, clear: str) -> bool:
     """True when `clear` matches `stored` (either scheme; parameters bounded first)."""
-    import hmac
-
     if stored.startswith(ARGON2_PASSWORD_PREFIX):
         params = parse_argon2_hash(key, stored)
         try:

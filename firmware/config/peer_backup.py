@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -191,10 +192,17 @@ class BackupKeepers:
     The blob carries the unit's TLS private key: a peer not named gets nothing, and
     so does every peer while the config cannot be read."""
 
-    def __init__(self, store: ConfigStore) -> None:
+    #: The link asks on every pass of its session loop: look at the partition at most
+    #: this often (the sealer polls it at the same pace).
+    RECHECK_S = 0.5
+
+    def __init__(self, store: ConfigStore,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
+        self.clock = clock
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
+        self._checked: float | None = None
         self._names: frozenset[str] = frozenset()
         self._said: str | None = None
 
@@ -204,12 +212,16 @@ class BackupKeepers:
             log.warning("config backup: %s", why)
 
     def names(self) -> frozenset[str]:
-        try:
-            st = os.stat(self.store.settings.path)
-            stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_ino, st.st_size)
-        except FileNotFoundError:
-            stamp = None
         with self._lock:
+            now = self.clock()
+            if self._checked is not None and now - self._checked < self.RECHECK_S:
+                return self._names
+            self._checked = now
+            try:
+                st = os.stat(self.store.settings.path)
+                stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_ino, st.st_size)
+            except FileNotFoundError:
+                stamp = None
             if stamp == self._stamp and stamp is not None:
                 return self._names
             self._stamp = stamp
