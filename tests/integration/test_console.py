@@ -323,6 +323,23 @@ def test_the_log_needs_the_admin_password(env: dict[str, Any]) -> None:
     t.wait("log", "secret detail")
 
 
+def test_unlocking_upgrades_an_old_scrypt_hash(env: dict[str, Any]) -> None:
+    from firmware.config.kdf import ScryptParams, hash_password_text
+    from firmware.config.schema import Config
+
+    old = hash_password_text(PASSWORD, ScryptParams())
+    store(env["cfg"]).save(Config.defaults().replace({"admin.password_hash": old}))
+    (env["tmp"] / "unit.log").write_text("a line\n")
+    t = env["start"]()
+    t.wait("main menu")
+    t.send("0")
+    t.wait("Admin password:")
+    t.line(PASSWORD)
+    t.wait("a line")
+    cfg = store(env["cfg"]).load().config
+    assert cfg is not None and cfg["admin.password_hash"].startswith("$argon2id$v=19$")
+
+
 def _code(path: Path) -> str:
     return next(line.split(": ", 1)[1] for line in path.read_text().splitlines()
                 if line.startswith("code: "))
