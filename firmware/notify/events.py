@@ -260,12 +260,16 @@ def _lockout_text(what: str, snap: Mapping[str, Any]) -> str:
     if more > 0:
         shown += f" and {more} more"
     length = last.get("length_s", snap.get("locked_for_s", "?"))
-    return (f"Too many wrong admin-password proofs in the {what} exchange: "
+    recovery = what == "recovery"
+    failed = "wrong admin-password proofs" if recovery else "refused offers"
+    who = ("Someone may be guessing the admin password" if recovery else
+           "Someone may be offering certificates this unit's config does not list")
+    return (f"Too many {failed} in the {what} exchange: "
             f"{last.get('failures', '?')} within {snap.get('window_s', '?')} s from "
             f"{len(prefixes)} source network(s) ({shown or 'unknown'}). Every source is "
             f"refused for {length} s (lockout {last.get('number', snap['lockouts'])}; "
-            "each next one lasts twice as long). Someone may be guessing the admin "
-            "password: check who can reach the journey-link port.")
+            f"each next one lasts twice as long). {who}: check who can reach the "
+            "journey-link port.")
 
 
 @dataclass
