@@ -431,6 +431,18 @@ def test_a_lockout_of_the_recovery_budget_is_mailed(tmp_path: Path,
         remote.stop()
 
 
+def test_the_notifier_watches_the_role_its_config_names(tmp_path: Path) -> None:
+    from firmware.apps.notify.cli import default_control
+    from firmware.control import LOCAL_SOCKET, REMOTE_SOCKET
+
+    store = ConfigStore(StoreSettings(str(tmp_path / "c.slots")))
+    assert default_control(store) == LOCAL_SOCKET  # blank: the local's, as before
+    store.set("role", "remote")
+    assert default_control(store) == REMOTE_SOCKET
+    store.set("role", "local")
+    assert default_control(store) == LOCAL_SOCKET
+
+
 def test_notify_test_command(tmp_path: Path, smtp: tuple[Mailbox, int]) -> None:
     box, port = smtp
     cfg = tmp_path / "c.slots"
