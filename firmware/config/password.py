@@ -25,7 +25,7 @@ from .schema import Config
 MIN_PASSWORD_LENGTH = 10
 MAX_PASSWORD_LENGTH = 1024
 #: zxcvbn's score (0-4): 3 is "safely unguessable: moderate protection from offline
-#: slow-hash scenario" (about 10^10 guesses), which is the threat a sealed backup faces
+#: slow-hash scenario" (at least 10^8 guesses), which is the threat a sealed backup faces
 #: on a stolen peer.
 MIN_STRENGTH_SCORE = 3
 #: zxcvbn's own input limit; its matching cost grows with the length, so a longer
