@@ -294,9 +294,21 @@ def test_peers_pairing_and_log(env: dict[str, Any]) -> None:
         peers = store(env["cfg"]).load().config["peers"]  # type: ignore[index]
         assert peers == [{"name": "remote-1", "address": "192.0.2.10:7443",
                           "fingerprint": "12" * 32}]
+        # Chosen as keeper of this unit's sealed config: none is by default.
+        assert store(env["cfg"]).load().config["backup.keepers"] == []  # type: ignore[index]
+        t.send("k")
+        t.wait("remote-1         192.0.2.10:7443  [keeps this unit's backup]")
+        assert store(env["cfg"]).load().config["backup.keepers"] == \
+            ["remote-1"]  # type: ignore[index]
+        t.send("d")
+        t.wait("Remove peer remote-1?")
+        t.send("y")
+        t.wait("No peers paired.")
+        cfg = store(env["cfg"]).load().config
+        assert cfg is not None and cfg["peers"] == [] and cfg["backup.keepers"] == []
         t.send(ESC)
         t.wait("main menu")
-        t.send("0")
+        t.send("0")  # unlocked already by the saves above
         t.wait("log line 99")
         assert "log line 50" not in t.text
         for _ in range(30):
