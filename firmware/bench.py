@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 MiB = 1 << 20
-BENCH_EXTENSIONS = ("firmware.usb_gadget.bench", "firmware.apps.link.bench")
+BENCH_EXTENSIONS = ("firmware.usb_gadget.bench", "firmware.apps.link.bench",
+                    "firmware.config.bench")
 
 
 def _drop_caches() -> bool:

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ConfigStoreError, WrongPassword
-from .password import check_admin_password
 from .schema import Config
 from .seal import seal, unseal
 from .store import ConfigStore, SetResult, StoreState
@@ -25,9 +24,9 @@ BackupSource = Callable[[Config], bytes]
 
 def backup_blob(store: ConfigStore, admin_password: str) -> bytes:
     """The current config sealed under the admin password (refused if the password is wrong)."""
-    cfg, _ = store._editable()
-    if not check_admin_password(cfg, admin_password):
+    if not store.login(admin_password):
         raise WrongPassword("that is not the admin password of this unit")
+    cfg, _ = store._editable()
     return seal(cfg, admin_password)
 
 

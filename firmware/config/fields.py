@@ -13,7 +13,7 @@ from typing import Any
 from .. import units
 from ..units import join_host_port
 from .errors import ConfigError
-from .kdf import parse_password_hash, parse_seal_key_text
+from .kdf import check_password_hash, parse_seal_key_text
 
 _HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _EMAIL = re.compile(r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+$")
@@ -417,7 +417,7 @@ class PasswordHash(_PasswordDerived):
     refusal = "cannot be set directly; use the admin password command"
 
     def _validate(self, key: str, value: str) -> None:
-        parse_password_hash(key, value)
+        check_password_hash(key, value)
 
 
 class SealKeyText(_PasswordDerived):

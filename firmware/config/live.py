@@ -32,6 +32,7 @@ REREAD_BY = {
     "ups.low_battery_percent": "the ups process uses it from its next poll",
     "admin.password_hash": "in effect at once",
     "admin.seal_key": "the link re-seals the peer backup with it at once",
+    "backup.keepers": "the link sends the backup only to these peers from its next poll",
     "unit.name": "used in notifications from the next poll; host name at next boot",
 }
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from ..fsutil import write_atomic
 from .errors import ConfigError, ConfigStoreError, WrongPassword
-from .password import check_admin_password
 from .schema import Config
 from .seal import (
     SEAL_KEY_FIELD,
@@ -63,9 +63,9 @@ def seal_config(store: ConfigStore, admin_password: str,
     loaded = store.load()
     if loaded.state is not StoreState.OK or loaded.config is None:
         raise ConfigStoreError(f"no config to back up: {loaded.describe()}")
-    cfg = loaded.config
-    if not check_admin_password(cfg, admin_password):
+    if not store.login(admin_password):
         raise WrongPassword("that is not the admin password of this unit")
+    cfg = store.load().config or loaded.config  # as upgraded by the login, if it was
     sk = stored_seal_key(cfg)
     if sk is None or not seal_key_matches(sk, admin_password):
         sk = make_seal_key(admin_password)
@@ -183,6 +183,66 @@ class AutoSealer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+
+
+class BackupKeepers:
+    """The peers this unit's config names as keepers of its sealed backup
+    (`backup.keepers`), re-read when the config partition changes.
+
+    The blob carries the unit's TLS private key: a peer not named gets nothing, and
+    so does every peer while the config cannot be read."""
+
+    #: The link asks on every pass of its session loop: look at the partition at most
+    #: this often (the sealer polls it at the same pace).
+    RECHECK_S = 0.5
+
+    def __init__(self, store: ConfigStore,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._checked: float | None = None
+        self._names: frozenset[str] = frozenset()
+        self._said: str | None = None
+
+    def _once(self, why: str) -> None:
+        if self._said != why:
+            self._said = why
+            log.warning("config backup: %s", why)
+
+    def names(self) -> frozenset[str]:
+        with self._lock:
+            now = self.clock()
+            if self._checked is not None and now - self._checked < self.RECHECK_S:
+                return self._names
+            self._checked = now
+            try:
+                st = os.stat(self.store.settings.path)
+                stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_ino, st.st_size)
+            except FileNotFoundError:
+                stamp = None
+            if stamp == self._stamp and stamp is not None:
+                return self._names
+            self._stamp = stamp
+            try:
+                loaded = self.store.load()
+            except ConfigStoreError as e:
+                self._names = frozenset()
+                self._once(f"cannot read the config partition ({e}): sent to no peer")
+                return self._names
+            if loaded.state is not StoreState.OK or loaded.config is None:
+                self._names = frozenset()
+                self._once(f"config not readable ({loaded.describe()}): sent to no peer")
+            else:
+                self._names = frozenset(loaded.config["backup.keepers"])
+                self._once("kept by " + ", ".join(sorted(self._names)) if self._names else
+                           "backup.keepers names no peer: this unit's sealed config is "
+                           "sent to no peer")
+            return self._names
+
+    def allows(self, peer: str) -> bool:
+        return peer in self.names()
 
 
 def check_restorable(store: ConfigStore, *, force: bool = False) -> None:

@@ -104,6 +104,12 @@ FIELDS: tuple[Field, ...] = (
     Field("remote.split_brain_policy",
           Choice("manual", "discard-zero-changes", "discard-younger-primary"), "manual",
           "on a remote: how a split brain may resolve itself (docs/failover.md)", live=False),
+    # Empty by default: the blob holds this unit's TLS private key, so no peer gets
+    # it unless named here (docs/config.md, "Backup keepers").
+    Field("backup.keepers", ListOf(Text(63, min_len=1, pattern=_HOSTNAME_LABEL,
+                                        what="a peer name"), max_items=8), [],
+          "peers (names as pinned here) sent this unit's sealed config backup",
+          live=True),
     Field("admin.password_hash", PasswordHash(), "", "administrator password (hashed)",
           live=True, secret=True),
     Field("admin.seal_key", SealKeyText(), "",

@@ -3,15 +3,20 @@
 A unit hands its sealed config to its peers so a replacement unit can be
 restored from them; the peers never see anything in clear.
 
-Blob: SEAL_HEADER (magic, version, scrypt parameters, salt, nonce, key check)
-followed by AES-256-GCM(CBOR body) with the header as associated data, so any
-change to header or ciphertext fails authentication.  scrypt yields 64 bytes:
-the first 32 are the AES key, a hash of the last 32 is the key check that tells
-a wrong password apart from a damaged blob.
+Blob: a 76-byte header (magic, version, key derivation parameters, salt, nonce,
+key check) followed by AES-256-GCM(CBOR body) with the header as associated data,
+so any change to header or ciphertext fails authentication.  The key derivation
+yields 64 bytes: the first 32 are the AES key, a hash of the last 32 is the key
+check that tells a wrong password apart from a damaged blob.
 
 Version 1 bodies are the config document alone.  Version 2 bodies are a map
 ``{"config": document, "identity": {"key", "cert", "peers"}}`` so a replaced
-unit comes back with the TLS identity its peers pinned.
+unit comes back with the TLS identity its peers pinned.  Versions 1 and 2 derive
+the key with scrypt (SEAL_HEADER: log2 N, r, p); version 3 has the version 2 body
+and derives it with Argon2id (SEAL_HEADER_V3: memory in KiB, passes, lanes).  New
+blobs are version 3 unless the stored seal key is an old scrypt one (it is
+replaced at the next login, see password.upgraded_password).  The parameters of
+every header are bounded (kdf.py) before any derivation.
 
 The derived key, its salt and check can be kept in the config itself
 (``admin.seal_key``, a secret field): the unit then re-seals every new config
@@ -34,24 +39,33 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import ConfigError, SealFormatError, SealTampered, WrongPassword
 from .kdf import (
-    SEAL_KEY_SCHEME,
+    SEAL_KEY_PARAMS,
     SEAL_SALT_BYTES,
+    Argon2Params,
+    KdfParams,
     ScryptParams,
     format_derived,
     parse_seal_key_text,
+    seal_key_scheme,
 )
 from .schema import BoardLimits, Config, from_document
 
 SEAL_MAGIC = b"MUSEALED"
-SEAL_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
-#: magic, version, log2(N), r, p, reserved, salt, nonce, key check
+#: The version of a blob sealed with scrypt (a seal key from before Argon2id).
+SEAL_VERSION_SCRYPT = 2
+#: The version of a blob sealed with Argon2id: what new seal keys give.
+SEAL_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
+#: Versions 1 and 2: magic, version, log2(N), r, p, reserved, salt, nonce, key check
 SEAL_HEADER = struct.Struct("<8sHBBB3x16s12s32s")
 assert SEAL_HEADER.size == 76
+#: Version 3: magic, version, memory (KiB), passes, lanes, salt, nonce, key check
+SEAL_HEADER_V3 = struct.Struct("<8sHIBB16s12s32s")
+assert SEAL_HEADER_V3.size == SEAL_HEADER.size
 SALT_BYTES = SEAL_SALT_BYTES
 NONCE_BYTES = 12
-#: 2**15: a blob sits on other units for years, so it gets a higher cost than a login.
-SEAL_PARAMS = ScryptParams(log2_n=15, r=8, p=1)
+#: A blob sits on other units for years, so it gets a higher cost than a login.
+SEAL_PARAMS: KdfParams = SEAL_KEY_PARAMS
 _CHECK_LABEL = b"mirrorunit seal key check v1"
 SEAL_KEY_FIELD = "admin.seal_key"
 
@@ -59,7 +73,7 @@ SEAL_KEY_FIELD = "admin.seal_key"
 @dataclass(frozen=True)
 class SealHeader:
     version: int
-    params: ScryptParams
+    params: KdfParams
     salt: bytes
     nonce: bytes
     check: bytes
@@ -69,13 +83,14 @@ class SealHeader:
 class SealKey:
     """What sealing needs besides the config: derived once from the password."""
 
-    params: ScryptParams
+    params: KdfParams
     salt: bytes
     key: bytes
     check: bytes
 
     def encode(self) -> str:
-        return format_derived(SEAL_KEY_SCHEME, self.params, self.salt, self.key, self.check)
+        return format_derived(seal_key_scheme(self.params), self.params, self.salt, self.key,
+                              self.check)
 
     def __repr__(self) -> str:
         # Keeps the key out of tracebacks and logs.
@@ -102,18 +117,18 @@ class Unsealed:
     version: int
 
 
-def _material(password: str, salt: bytes, params: ScryptParams) -> tuple[bytes, bytes]:
+def _material(password: str, salt: bytes, params: KdfParams) -> tuple[bytes, bytes]:
     material = params.derive(password.encode("utf-8"), salt, 64)
     return material[:32], hashlib.sha256(_CHECK_LABEL + material[32:]).digest()
 
 
-def key_check(password: str, salt: bytes, params: ScryptParams) -> bytes:
+def key_check(password: str, salt: bytes, params: KdfParams) -> bytes:
     """The key check a blob sealed under `password` with this salt carries."""
     params.check("seal")
     return _material(password, salt, params)[1]
 
 
-def make_seal_key(password: str, params: ScryptParams = SEAL_PARAMS,
+def make_seal_key(password: str, params: KdfParams = SEAL_PARAMS,
                   salt: bytes | None = None) -> SealKey:
     if not password:
         raise ConfigError("admin.password_hash", "an admin password is needed to seal a backup")
@@ -142,12 +157,16 @@ def seal_with_key(cfg: Config, sk: SealKey, identity: SealedIdentity | None = No
     """Seal with stored key material: a fresh nonce every time, the key's salt."""
     nonce = secrets.token_bytes(NONCE_BYTES)
     p = sk.params
-    header = SEAL_HEADER.pack(SEAL_MAGIC, SEAL_VERSION, p.log2_n, p.r, p.p, sk.salt, nonce,
-                              sk.check)
+    if isinstance(p, Argon2Params):
+        header = SEAL_HEADER_V3.pack(SEAL_MAGIC, SEAL_VERSION, p.memory_kib, p.time_cost,
+                                     p.parallelism, sk.salt, nonce, sk.check)
+    else:
+        header = SEAL_HEADER.pack(SEAL_MAGIC, SEAL_VERSION_SCRYPT, p.log2_n, p.r, p.p,
+                                  sk.salt, nonce, sk.check)
     return header + AESGCM(sk.key).encrypt(nonce, _body(cfg, identity), header)
 
 
-def seal(cfg: Config, admin_password: str, *, params: ScryptParams = SEAL_PARAMS,
+def seal(cfg: Config, admin_password: str, *, params: KdfParams = SEAL_PARAMS,
          identity: SealedIdentity | None = None) -> bytes:
     return seal_with_key(cfg, make_seal_key(admin_password, params), identity)
 
@@ -157,12 +176,17 @@ def read_header(blob: bytes) -> SealHeader:
     the password does that)."""
     if len(blob) < SEAL_HEADER.size + 16:
         raise SealFormatError(f"blob of {len(blob)} bytes is too short")
-    magic, version, log2_n, r, p, salt, nonce, check = SEAL_HEADER.unpack_from(blob)
+    magic, version, a, b, c, salt, nonce, check = SEAL_HEADER.unpack_from(blob)
     if magic != SEAL_MAGIC:
         raise SealFormatError("not a sealed MirrorUnit config (bad magic)")
     if version not in SUPPORTED_VERSIONS:
         raise SealFormatError(f"sealed config version {version} is not supported")
-    params = ScryptParams(log2_n, r, p)
+    params: KdfParams
+    if version >= 3:
+        _, _, memory_kib, passes, lanes, salt, nonce, check = SEAL_HEADER_V3.unpack_from(blob)
+        params = Argon2Params(memory_kib, passes, lanes)
+    else:
+        params = ScryptParams(a, b, c)
     try:
         params.check("seal")
     except ConfigError as e:

@@ -31,7 +31,7 @@ import cbor2
 from ..record import HeaderFormat, IntegrityError
 from ..storage import FileStorage
 from .errors import ConfigError, ConfigStoreError
-from .password import set_admin_password
+from .password import check_admin_password, set_admin_password, upgraded_password
 from .schema import (
     SCHEMA,
     BoardLimits,
@@ -345,6 +345,21 @@ class ConfigStore:
         old, loaded = self._editable()
         new = set_admin_password(old, clear)
         return self._commit(old, new, loaded, "admin password changed")
+
+    def login(self, clear: str) -> bool:
+        """True when `clear` is the admin password.  A hash (or seal key) of older,
+        cheaper parameters is then replaced by one at today's (Argon2id); a save that
+        fails is logged and does not fail the login."""
+        cfg, loaded = self._editable()
+        if not check_admin_password(cfg, clear):
+            return False
+        new = upgraded_password(cfg, clear)
+        if new is not None:
+            try:
+                self._commit(cfg, new, loaded, "admin password hash upgraded to argon2id")
+            except ConfigStoreError as e:
+                log.error("config: could not store the upgraded password hash: %s", e)
+        return True
 
     def export(self, fmt: ExportFormat = "json", *, include_secrets: bool = False) -> bytes:
         cfg, _ = self._editable()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import curses
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError, ConfigStoreError, StoreState
@@ -105,11 +106,45 @@ class Console(StatusScreen, NetworkScreen, PeersScreen, BufferScreen, CacheScree
         if k == ord("2"):
             if blank:
                 self.new_unit = True
-            elif self.confirm("Erase and start with a new configuration?"):
-                self.s.store.reset()
-                self.say("New configuration written.")
+            else:
+                self.erase_with_presence()
         elif k == ord("1"):
             self.recover_from_peer()
+
+    def erase_with_presence(self) -> None:
+        """Erase an unreadable config only for someone holding the unit's card: the
+        one-time code is on its boot partition, never on this screen (presence.py)."""
+        presence = self.s.presence
+        if presence is None:
+            self.say("Erasing needs the code on the boot partition, which this unit "
+                     "lacks: recover from a peer instead.")
+            return
+        try:
+            presence.issue()
+        except OSError as e:
+            self.say(f"Cannot write the erase code to the boot partition: {e}")
+            return
+        self.frame("erase the configuration", "Enter: check the code   Esc: cancel")
+        name = Path(presence.path).name
+        lines = ["Erasing needs a one-time code, written just now to the file",
+                 f"  {name}",
+                 "on the SD card's boot partition. To read it: power the unit off,",
+                 "take the card out, open that file on another computer, put the",
+                 "card back and start the unit (the code stays valid for 24 hours).",
+                 "", "Nothing is erased without it. Esc leaves."]
+        for i, line in enumerate(lines):
+            self.put(2 + i, 2, line[:self.w - 3])
+        label = "Erase code:"
+        self.put(10, 2, label)
+        typed = self.edit_line(10, 2 + len(label) + 1, width=20)
+        if typed is None:
+            self.say("Cancelled: nothing erased.")
+            return
+        if not presence.check(typed):
+            self.say("Wrong erase code: nothing erased.")
+            return
+        self.s.store.reset()
+        self.say("New configuration written.")
 
     def _recovery_form(self, with_unit: bool) -> tuple[Config, dict[str, str]] | None:
         """Network settings and the peer, typed and checked; None when left."""

@@ -48,6 +48,9 @@ class ConsoleSettings:
     ssh_dir: Path | None = None
     #: Start/stop ssh.service after a change (None: files only, e.g. in tests).
     ssh_runner: Callable[[Sequence[str]], None] | None = None
+    #: The one-time erase code on the boot partition (console.presence.PresenceCode);
+    #: None: an unreadable config cannot be erased here, only recovered from a peer.
+    presence: Any = None
 
 
 def _cursor(visibility: int) -> None:
@@ -156,11 +159,19 @@ class ConsoleBase:
         if pw is None:
             self.say("Cancelled: nothing changed.")
             return False
-        if not check_admin_password(cfg, pw):
+        if not self.login(cfg, pw):
             self.say("Wrong password: nothing changed.")
             return False
         self.unlocked_at = time.monotonic()
         return True
+
+    def login(self, cfg: Config, pw: str) -> bool:
+        """Check the admin password; a hash of older parameters is upgraded on the way
+        (the store does it; a partition that cannot be read is only checked)."""
+        try:
+            return self.s.store.login(pw)
+        except ConfigStoreError:
+            return check_admin_password(cfg, pw)
 
     # ---------------------------------------------------------------- data
 

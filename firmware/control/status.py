@@ -18,7 +18,7 @@ from __future__ import annotations
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, NotRequired, TypedDict, TypeVar, Union, cast
+from typing import Any, NotRequired, TypedDict, TypeGuard, TypeVar, Union, cast
 
 from ..errors import MirrorUnitError
 
@@ -205,7 +205,51 @@ class LocalStatus(TypedDict):
     ups: NotRequired[UpsReport]
 
 
+class LockoutReport(TypedDict):
+    length_s: float
+    failures: int
+    number: int
+    #: [source network, wrong tries] pairs
+    prefixes: list[Any]
+
+
+class GuessBudget(TypedDict):
+    """A unit-wide budget of wrong tries in a certificate-less exchange (recovery,
+    pairing) on a remote (firmware/link/recovery.py RecoveryLimiter.snapshot)."""
+
+    what: str
+    lockouts: int
+    locked_for_s: float
+    unit_max_failures: int
+    window_s: float
+    last_lockout: LockoutReport | None
+
+
+class RemoteStatus(TypedDict):
+    """A remote unit's `status` answer, as far as its readers (the notifier) rely on it."""
+
+    role: str
+    fingerprint: str
+    listen: str
+    store: str
+    link: Any
+    units: dict[str, Any]
+    nbd_exports: dict[str, str]
+    guess_limits: dict[str, GuessBudget]
+
+
 T = TypeVar("T")
+
+
+def read_unit_status(obj: object) -> LocalStatus | RemoteStatus:
+    """A local's or a remote's `status` answer, told apart by its role."""
+    if isinstance(obj, Mapping) and obj.get("role") == "remote":
+        return check_shape(obj, RemoteStatus, "status")
+    return read_local_status(obj)
+
+
+def is_remote_status(status: LocalStatus | RemoteStatus) -> TypeGuard[RemoteStatus]:
+    return status["role"] == "remote"
 
 
 def read_local_status(obj: object) -> LocalStatus:

@@ -358,15 +358,21 @@ class RecoverHello:
     unit_id: str | None
 
 
+KDF_SCRYPT = "scrypt"
+KDF_ARGON2ID = "argon2id"
+#: The most memory a RECOVER_CHALLENGE may name (KiB); the KDF's own bound is lower.
+MAX_RECOVER_KDF_KIB = 1 << 22
+
+
 @dataclass(frozen=True)
 class RecoverChallenge:
     """The sealed backup's key derivation inputs (its header's, never its key
     check) and a fresh nonce the proof must cover."""
 
     unit_id: str
-    log2_n: int
-    r: int
-    p: int
+    #: "scrypt" (cost: log2 N, r, p) or "argon2id" (cost: memory KiB, passes, lanes).
+    kdf: str
+    cost: tuple[int, int, int]
     salt: bytes
     nonce: bytes
 
@@ -584,8 +590,12 @@ def _frame_map(frame: Frame) -> dict[str, Any]:
     if isinstance(frame, RecoverHello):
         return {"type": "RECOVER_HELLO", "unit": frame.unit_id}
     if isinstance(frame, RecoverChallenge):
-        return {"type": "RECOVER_CHALLENGE", "unit": frame.unit_id, "ln": frame.log2_n,
-                "r": frame.r, "p": frame.p, "salt": frame.salt, "nonce": frame.nonce}
+        a, b, c = frame.cost
+        # scrypt challenges keep the keys units understood before Argon2id.
+        cost: dict[str, Any] = {"ln": a, "r": b, "p": c} if frame.kdf == KDF_SCRYPT \
+            else {"kdf": frame.kdf, "m": a, "t": b, "p": c}
+        return {"type": "RECOVER_CHALLENGE", "unit": frame.unit_id, **cost,
+                "salt": frame.salt, "nonce": frame.nonce}
     if isinstance(frame, RecoverProof):
         return {"type": "RECOVER_PROOF", "proof": frame.proof}
     if isinstance(frame, PairOffer):
@@ -886,9 +896,19 @@ def _decode_recover_hello(m: dict[Any, Any]) -> RecoverHello:
 
 def _decode_recover_challenge(m: dict[Any, Any]) -> RecoverChallenge:
     f = "RECOVER_CHALLENGE"
+    kdf = m.get("kdf", KDF_SCRYPT)
+    if kdf == KDF_SCRYPT and "kdf" not in m:
+        cost = (_small(m, "ln", f, 24), _small(m, "r", f, 64), _small(m, "p", f, 16))
+    elif kdf == KDF_ARGON2ID:
+        # Wire bounds only; the recovering unit checks the tighter ones of its KDF
+        # (memory, passes) before it derives anything.
+        cost = (_small(m, "m", f, MAX_RECOVER_KDF_KIB), _small(m, "t", f, 255),
+                _small(m, "p", f, 16))
+    else:
+        raise LinkProtocolError(f"{f} names an unknown key derivation")
     return RecoverChallenge(
-        unit_id=_config_unit(m, f), log2_n=_small(m, "ln", f, 24), r=_small(m, "r", f, 64),
-        p=_small(m, "p", f, 16), salt=_sized_bytes(m, "salt", f, RECOVER_SALT_BYTES),
+        unit_id=_config_unit(m, f), kdf=kdf, cost=cost,
+        salt=_sized_bytes(m, "salt", f, RECOVER_SALT_BYTES),
         nonce=_sized_bytes(m, "nonce", f, RECOVER_NONCE_BYTES))
 
 

@@ -8,8 +8,9 @@ that proves it knows the admin password::
 
     client                                  peer (holds the sealed blob)
     RECOVER_HELLO {unit or null}    ->
-                                    <-      RECOVER_CHALLENGE {unit, ln, r, p, salt, nonce}
-    (scrypt(password, salt) -> key check: what the blob's header holds)
+                                    <-      RECOVER_CHALLENGE {unit, kdf cost, salt, nonce}
+    (KDF(password, salt) -> key check: what the blob's header holds; the cost is
+     {ln, r, p} for scrypt blobs, {kdf: "argon2id", m, t, p} for Argon2id ones)
     RECOVER_PROOF {HMAC(check, nonce, peer fingerprint, unit)}  ->
                                     <-      CONFIG_BLOB {unit, blob}  or  ERROR
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import logging
 import secrets
 import threading
 import time
@@ -51,6 +53,8 @@ from firmware.link.frames import (
 
 PROOF_LABEL = b"mirrorunit recovery proof v1"
 
+log = logging.getLogger("mirrorunit.link")
+
 ERR_PROTOCOL = "protocol"
 ERR_NO_BACKUP = "no-backup"
 ERR_NAME_UNIT = "name-the-unit"
@@ -73,12 +77,12 @@ def recovery_proof(check: bytes, nonce: bytes, peer_fingerprint: str, unit_id: s
 
 @dataclass(frozen=True, slots=True)
 class BackupKey:
-    """What a sealed backup says of its key: the scrypt parameters and salt the
-    client derives the key check with, and the check itself (never sent)."""
+    """What a sealed backup says of its key: the key derivation ("scrypt" or
+    "argon2id") and its three cost numbers (see RecoverChallenge) and salt the client
+    derives the key check with, and the check itself (never sent)."""
 
-    log2_n: int
-    r: int
-    p: int
+    kdf: str
+    cost: tuple[int, int, int]
     salt: bytes
     check: bytes
 
@@ -100,6 +104,21 @@ class _Window:
     started: float
     attempts: int = 0
     failures: int = 0
+
+
+@dataclass(frozen=True)
+class Lockout:
+    """One trip of the unit-wide budget: what an administrator is told.  Holds
+    counts and source networks only; a proof is an HMAC, no password is ever seen."""
+
+    #: How long every source is refused, in seconds.
+    length_s: float
+    #: Wrong proofs inside the window that tripped it.
+    failures: int
+    #: (source network, wrong proofs from it), most first.
+    prefixes: tuple[tuple[str, int], ...]
+    #: 1 for the first lockout since the process started, then 2, 3...
+    number: int
 
 
 @dataclass
@@ -128,8 +147,29 @@ class RecoveryLimiter:
     _windows: OrderedDict[str, _Window] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _unit_window: _Window | None = None
+    #: Wrong proofs per source network inside the unit window (at most
+    #: unit_max_failures + 1 entries: it is cleared with the window).
+    _unit_prefixes: dict[str, int] = field(default_factory=dict)
     _lockouts: int = 0
     _locked_until: float = 0.0
+    _last_lockout: Lockout | None = None
+
+    @property
+    def last_lockout(self) -> Lockout | None:
+        return self._last_lockout
+
+    def snapshot(self) -> dict[str, object]:
+        """The budget's state for a status report (and the notifier)."""
+        with self._lock:
+            last = self._last_lockout
+            left = max(0.0, self._locked_until - self.clock())
+            return {"what": self.what, "lockouts": self._lockouts,
+                    "locked_for_s": round(left, 1),
+                    "unit_max_failures": self.unit_max_failures, "window_s": self.window_s,
+                    "last_lockout": None if last is None else {
+                        "length_s": last.length_s, "failures": last.failures,
+                        "number": last.number,
+                        "prefixes": [[p, n] for p, n in last.prefixes]}}
 
     @property
     def lockouts(self) -> int:
@@ -179,11 +219,24 @@ class RecoveryLimiter:
             u = self._unit_window
             if u is None or now - u.started >= self.window_s:
                 u = self._unit_window = _Window(now)
+                self._unit_prefixes.clear()
             u.failures += 1
+            prefix = source_prefix(source)
+            self._unit_prefixes[prefix] = self._unit_prefixes.get(prefix, 0) + 1
             if u.failures > self.unit_max_failures:
-                self._locked_until = now + self.window_s * (2 ** self._lockouts)
+                length = self.window_s * (2 ** self._lockouts)
+                self._locked_until = now + length
                 self._lockouts += 1
+                self._last_lockout = Lockout(
+                    length, u.failures,
+                    tuple(sorted(self._unit_prefixes.items(), key=lambda kv: (-kv[1], kv[0]))),
+                    self._lockouts)
                 self._unit_window = None
+                self._unit_prefixes.clear()
+                log.error("%s: %d wrong proofs on this unit within %.0f s from %d source "
+                          "networks: every source is locked out for %.0f s (lockout %d)",
+                          self.what, u.failures, self.window_s,
+                          len(self._last_lockout.prefixes), length, self._lockouts)
                 return 0
             return max(0, self.max_failures - w.failures)
 
@@ -326,7 +379,7 @@ class RecoveryServerSession:
             return self._deny(unit, ERR_DAMAGED, f"the backup kept here is damaged: {exc}")
         nonce = self._nonce(RECOVER_NONCE_BYTES)
         self._challenge = (unit, nonce, key.check, blob)
-        self._send(RecoverChallenge(unit, key.log2_n, key.r, key.p, key.salt, nonce))
+        self._send(RecoverChallenge(unit, key.kdf, key.cost, key.salt, nonce))
         self.state = RecoveryState.CHALLENGED
         return [RecoveryChallenged(unit)]
 

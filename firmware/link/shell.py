@@ -562,14 +562,17 @@ class LinkServer:
         dead_after: float | None = None,
         durable_poll: float = 0.1,
         backups: ConfigBackups | None = None,
-        own_backup: Callable[[], tuple[str, bytes] | None] | None = None,
+        own_backup: Callable[[str], tuple[str, bytes] | None] | None = None,
         recovery: RecoveryLimiter | None = None,
         pairing: PairingPolicy | None = None,
         limits: ListenerLimits | None = None,
         open_failback: Callable[[FailbackStart], FailbackSource] | None = None,
         switchover: Callable[[SwitchoverStart], SwitchoverDone] | None = None,
     ) -> None:
-        """With `recovery` (and `backups` that can list their units), a client
+        """`own_backup(peer)` is this unit's own sealed config for the pinned peer
+        `peer` (unit id, blob), or None when that peer is not to keep it.
+
+        With `recovery` (and `backups` that can list their units), a client
         without a certificate is let in for the recovery exchange only; with
         `pairing`, also for a PAIR_OFFER (pairing.py).  With `open_failback`, a pinned
         local may pull a promoted unit's image back (FAILBACK_START)."""
@@ -783,11 +786,11 @@ class LinkServer:
 
             session = ReceiverSession(
                 self.config, claim_and_open, authenticated_unit=unit, backups=self.backups,
-                own_backup=self.own_backup() if self.own_backup is not None else None,
+                own_backup=self.own_backup(unit) if self.own_backup is not None else None,
                 open_failback=claim_for_failback if self.open_failback is not None else None,
                 switchover=self.switchover)
             try:
-                self._receive(sock, session, peer)
+                self._receive(sock, session, peer, unit)
             finally:
                 if session.failback is not None:
                     # The local went away before FAILBACK_COMMIT: the unit stays primary.
@@ -873,7 +876,8 @@ class LinkServer:
                     log.warning("recovery: refused %s (unit %s): %s: %s", peer,
                                 event.unit_id or "-", event.code, event.text)
 
-    def _receive(self, sock: ssl.SSLSocket, session: ReceiverSession, peer: str) -> None:
+    def _receive(self, sock: ssl.SSLSocket, session: ReceiverSession, peer: str,
+                 unit: str) -> None:
         last_rx = time.monotonic()
         sent_backup = session.own_backup
         while not self._stop.is_set():
@@ -902,7 +906,7 @@ class LinkServer:
                 return
             if self.own_backup is not None and session.state is SessionState.STREAMING:
                 # A config change sealed since this session began reaches the peer now.
-                own = self.own_backup()
+                own = self.own_backup(unit)
                 if own is not None and own != sent_backup:
                     session.put_own_backup(*own)
                     sent_backup = own

@@ -450,6 +450,13 @@ class LinkService:
 
             self.sealer = AutoSealer(open_store(config_path), self.own_backup_path,
                                      self._sealed_identity, on_sealed=self._backup_sealed)
+        #: Who may receive this unit's sealed config (its `backup.keepers`).
+        self.keepers: Any = None
+        if config_path is not None:
+            from firmware.config.peer_backup import BackupKeepers
+            from firmware.config.store import open_store
+
+            self.keepers = BackupKeepers(open_store(config_path))
         #: This copy's generations, in the state dir beside the queue (the CBQ's own
         #: superblock keeps no lineage); None when unknown (see load_local_lineage).
         self.lineage = load_local_lineage(
@@ -497,7 +504,15 @@ class LinkService:
                 peer.refused = None
 
         client.listeners.append(on_event)
-        client.config_backup = self.own_backup
+        name = peer.spec.name
+
+        def backup_for_peer() -> bytes | None:
+            # The blob holds this unit's TLS key: only a named keeper receives it.
+            if self.keepers is None or not self.keepers.allows(name):
+                return None
+            return self.own_backup()
+
+        client.config_backup = backup_for_peer
         return client
 
     def _refused(self, peer: _Peer, code: str, text: str) -> None:

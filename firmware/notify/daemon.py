@@ -11,11 +11,18 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from ..config import Config, ConfigStore, StoreState
 from ..control import ControlError, call
-from ..control.status import LocalStatus, StatusShapeError, read_local_status, read_ups_report
+from ..control.status import (
+    LocalStatus,
+    RemoteStatus,
+    StatusShapeError,
+    is_remote_status,
+    read_unit_status,
+    read_ups_report,
+)
 from .events import Event, EventDetector, EventKind, RateLimiter, Severity
 from .senders import Sender, build_senders, deliver
 
@@ -69,17 +76,20 @@ class Notifier:
                  "; ".join(s.target for s in self.senders) or "no targets")
         return True
 
-    def _status(self) -> LocalStatus:
-        """The unit's status, with a separate UPS monitor's merged in; StatusShapeError
-        when either answer does not have the documented shape."""
-        status = read_local_status(self.caller(self.control, "status", timeout=10.0))
-        if self.ups_control is not None and "ups" not in status:
+    def _status(self) -> LocalStatus | RemoteStatus:
+        """The unit's status (a local's, with a separate UPS monitor's merged in, or a
+        remote's); StatusShapeError when an answer does not have the documented shape."""
+        status = read_unit_status(self.caller(self.control, "status", timeout=10.0))
+        if is_remote_status(status):
+            return status
+        local = cast(LocalStatus, status)
+        if self.ups_control is not None and "ups" not in local:
             try:
-                status["ups"] = read_ups_report(
+                local["ups"] = read_ups_report(
                     self.caller(self.ups_control, "status", timeout=10.0))
             except ControlError as e:
                 log.debug("notify: no UPS monitor: %s", e)
-        return status
+        return local
 
     def poll_once(self) -> list[Event]:
         """One check; returns the events that passed the rate limiter (and were sent)."""

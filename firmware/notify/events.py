@@ -14,9 +14,17 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from ..control.status import CbqStats, LocalStatus, PeerLinkStatus, UpsReport
+from ..control.status import (
+    CbqStats,
+    GuessBudget,
+    LocalStatus,
+    PeerLinkStatus,
+    RemoteStatus,
+    UpsReport,
+    is_remote_status,
+)
 
 
 class Severity(enum.Enum):
@@ -37,6 +45,7 @@ class EventKind(enum.Enum):
     MAINS_RESTORED = "mains-restored"
     UNIT_UNREACHABLE = "unit-unreachable"
     UNIT_REACHABLE = "unit-reachable"
+    GUESS_LOCKOUT = "guess-lockout"
     TEST = "test"
 
 
@@ -46,7 +55,7 @@ TRAP_NUMBER = {
     EventKind.LINK_RESTORED: 4, EventKind.REMOTE_OUT_OF_SYNC: 5,
     EventKind.RESYNC_FINISHED: 6, EventKind.ON_BATTERY: 7, EventKind.LOW_BATTERY: 8,
     EventKind.MAINS_RESTORED: 9, EventKind.UNIT_UNREACHABLE: 10,
-    EventKind.UNIT_REACHABLE: 11, EventKind.TEST: 99,
+    EventKind.UNIT_REACHABLE: 11, EventKind.GUESS_LOCKOUT: 12, EventKind.TEST: 99,
 }
 
 
@@ -115,18 +124,38 @@ class EventDetector:
                       f"The local unit does not answer on its control socket ({reason}); "
                       "the host's data may not be mirrored.", time=now)]
 
-    def feed(self, status: LocalStatus, now: float) -> list[Event]:
+    def feed(self, status: LocalStatus | RemoteStatus, now: float) -> list[Event]:
+        """Events from a local unit's status or, on a remote appliance, a remote's."""
         events: list[Event] = []
         if self._reachable is False:
             events.append(Event(EventKind.UNIT_REACHABLE, Severity.INFO,
-                                "The local unit answers again.", time=now))
+                                "The unit answers again.", time=now))
         self._reachable = True
-        events += self._buffer(status["cbq"], now)
-        events += self._link_events(status, now)
-        ups = status.get("ups")
+        if is_remote_status(status):
+            return events + self._guess_limits(status["guess_limits"], now)
+        local = cast(LocalStatus, status)
+        events += self._buffer(local["cbq"], now)
+        events += self._link_events(local, now)
+        ups = local.get("ups")
         if ups is not None:
             events += self._ups(ups, now)
         return events
+
+    def _guess_limits(self, limits: dict[str, GuessBudget], now: float) -> list[Event]:
+        """A lockout of a unit-wide guess budget (recovery or pairing): someone may be
+        guessing the admin password.  Edge: on each new lockout; one already in force
+        when the notifier starts is reported too."""
+        out: list[Event] = []
+        for what, snap in limits.items():
+            count = snap["lockouts"]
+            changed, prev = self._edge(("lockout", what), count)
+            if not changed or count <= (prev or 0):
+                continue
+            if prev is None and not snap["locked_for_s"]:
+                continue  # an old lockout, over before the notifier started
+            out.append(Event(EventKind.GUESS_LOCKOUT, Severity.CRITICAL,
+                             _lockout_text(what, snap), subject=what, time=now))
+        return out
 
     def _buffer(self, cbq: CbqStats, now: float) -> list[Event]:
         out: list[Event] = []
@@ -201,6 +230,32 @@ class EventDetector:
                              f"Battery low ({charge_txt}): the unit stops accepting writes, "
                              "flushes and powers off.", time=now))
         return out
+
+
+#: Source networks named in a lockout notice; the rest are counted.
+LOCKOUT_PREFIXES_SHOWN = 10
+
+
+def _lockout_text(what: str, snap: GuessBudget) -> str:
+    raw = snap["last_lockout"]
+    last: dict[str, Any] = dict(raw) if raw is not None else {}
+    prefixes = [p for p in last.get("prefixes", []) if isinstance(p, list | tuple)
+                and len(p) == 2]
+    shown = ", ".join(f"{p}: {n}" for p, n in prefixes[:LOCKOUT_PREFIXES_SHOWN])
+    more = len(prefixes) - LOCKOUT_PREFIXES_SHOWN
+    if more > 0:
+        shown += f" and {more} more"
+    length = last.get("length_s", snap.get("locked_for_s", "?"))
+    recovery = what == "recovery"
+    failed = "wrong admin-password proofs" if recovery else "refused offers"
+    who = ("Someone may be guessing the admin password" if recovery else
+           "Someone may be offering certificates this unit's config does not list")
+    return (f"Too many {failed} in the {what} exchange: "
+            f"{last.get('failures', '?')} within {snap.get('window_s', '?')} s from "
+            f"{len(prefixes)} source network(s) ({shown or 'unknown'}). Every source is "
+            f"refused for {length} s (lockout {last.get('number', snap['lockouts'])}; "
+            f"each next one lasts twice as long). {who}: check who can reach the "
+            "journey-link port.")
 
 
 @dataclass

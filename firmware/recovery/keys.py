@@ -13,4 +13,4 @@ def backup_key(blob: bytes) -> BackupKey:
         h = read_header(blob)
     except SealFormatError as exc:
         raise ValueError(str(exc)) from None
-    return BackupKey(h.params.log2_n, h.params.r, h.params.p, h.salt, h.check)
+    return BackupKey(h.params.kdf, h.params.cost, h.salt, h.check)

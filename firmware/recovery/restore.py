@@ -14,7 +14,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from firmware.config.kdf import ScryptParams
+from firmware.config.errors import ConfigError, SealFormatError
+from firmware.config.kdf import KdfParams, params_from_cost
 from firmware.config.peer_backup import check_restorable, write_restored
 from firmware.config.seal import key_check, unseal_bundle
 from firmware.config.store import ConfigStore
@@ -80,10 +81,16 @@ class PeerRecovery:
                 unit_id: str | None = None, *, force: bool = False) -> RestoreResult:
         check_restorable(self.store, force=force)
         fp = normalize_fingerprint(peer_fingerprint)
-        checks: dict[tuple[bytes, ScryptParams], bytes] = {}
+        checks: dict[tuple[bytes, KdfParams], bytes] = {}
 
         def prove(ch: RecoverChallenge) -> bytes:
-            params = ScryptParams(ch.log2_n, ch.r, ch.p)
+            # Bounded before anything is derived: even a genuine peer's blob header
+            # could have been altered on its disk.
+            try:
+                params = params_from_cost(ch.kdf, ch.cost, "seal")
+            except ConfigError as exc:
+                raise SealFormatError(f"the peer's backup asks for an unacceptable key "
+                                      f"derivation: {exc.message}") from None
             check = checks.get((ch.salt, params))
             if check is None:
                 check = checks[(ch.salt, params)] = key_check(password, ch.salt, params)

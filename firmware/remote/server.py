@@ -321,6 +321,13 @@ class RemoteServer:
 
             self.sealer = AutoSealer(open_store(config_path), self.state_dir / OWN_BACKUP_NAME,
                                      identity_now)
+        #: Who may receive this remote's own sealed config (its `backup.keepers`).
+        self.keepers: Any = None
+        if config_path is not None:
+            from firmware.config.peer_backup import BackupKeepers
+            from firmware.config.store import open_store
+
+            self.keepers = BackupKeepers(open_store(config_path))
 
     def _configured_peers(self) -> list[ConfiguredPeer]:
         """The locals this remote's config lists, read afresh for every offer (a
@@ -336,12 +343,16 @@ class RemoteServer:
             return []
         return [ConfiguredPeer(p["name"], p["fingerprint"]) for p in loaded.config["peers"]]
 
-    def _own_backup(self) -> tuple[str, bytes] | None:
+    def _own_backup(self, peer: str) -> tuple[str, bytes] | None:
         """This remote's own sealed config (sealed on each change of its --config, or
-        by `mirrorunit link seal-config`), handed to every local that connects and
-        again to connected ones when it changes."""
+        by `mirrorunit link seal-config`), handed to the connected local `peer` when
+        the config names it in `backup.keepers` (and again when the blob changes);
+        None for every other peer, and for all of them without a --config."""
         from firmware.config.peer_backup import OWN_BACKUP_NAME, read_blob
         from firmware.link.tls import certificate_name
+
+        if self.keepers is None or not self.keepers.allows(peer):
+            return None
 
         path = self.state_dir / OWN_BACKUP_NAME
         try:
@@ -642,7 +653,18 @@ class RemoteServer:
         return {"role": "remote", "fingerprint": self.identity.fingerprint,
                 "listen": _addr(self.link_address), "store": self.store.root_dir,
                 "link": dataclasses.asdict(s), "units": out,
-                "nbd_exports": {k: _addr(v.address) for k, v in self.nbd_exports.items()}}
+                "nbd_exports": {k: _addr(v.address) for k, v in self.nbd_exports.items()},
+                "guess_limits": self._guess_limits()}
+
+    def _guess_limits(self) -> dict[str, Any]:
+        """The unit-wide guess budgets of the certificate-less exchanges (the notifier
+        reports each lockout, see firmware/notify/events.py)."""
+        out: dict[str, Any] = {}
+        if self.link.recovery is not None:
+            out["recovery"] = self.link.recovery.snapshot()
+        if self.link.pairing is not None:
+            out["pairing"] = self.link.pairing.limiter.snapshot()
+        return out
 
     def _sinks_get(self, unit_id: str) -> UnitSink:
         with self._lock:

@@ -201,7 +201,7 @@ def test_recover_the_config_from_the_peer(make_pair: MakePair, tmp_path: Path) -
     config = tmp_path / "config.slots"
     store = make_config(config)
     # A password set before units sealed on their own: no key, no automatic backup.
-    store.update({"admin.seal_key": ""})
+    store.update({"admin.seal_key": "", "backup.keepers": ["remote"]})
     with make_pair(size="8M", buffer_size="8M", local_extra=("--config", str(config))) as p:
         local, remote = p.local, p.remote
         kept = remote.store / p.unit_id / CONFIG_BACKUP_NAME
@@ -220,18 +220,17 @@ def test_recover_the_config_from_the_peer(make_pair: MakePair, tmp_path: Path) -
                  == read_blob(p.local_state / OWN_BACKUP_NAME), 30,
                  "the remote to keep the backup")
 
-        # The remote's own sealed config reaches the local on its next session.
+        # The remote's own config sealed offline (this remote runs without --config,
+        # so it names no keeper and hands it to nobody: see test_config_recovery).
         remote_config = tmp_path / "remote-config.slots"
         make_config(remote_config).set("unit.name", "vault")
         r = mirrorunit("link", "seal-config", "--state-dir", str(remote.state_dir),
                        "--config", str(remote_config), "--password-stdin",
                        stdin=PASSWORD + "\n")
         assert r.returncode == 0, r.stderr
-        p.proxy.reset_all()
-        theirs = p.local_state / peer_backup_name("remote")
-        wait_for(lambda: read_blob(theirs), 30, "the local to keep the remote's backup")
+        assert not (p.local_state / peer_backup_name("remote")).exists()
         target = ConfigStore(StoreSettings(str(tmp_path / "restored.slots")))
-        restore_config(target, theirs.read_bytes(), PASSWORD)
+        restore_config(target, (remote.state_dir / OWN_BACKUP_NAME).read_bytes(), PASSWORD)
         assert target.show()["unit.name"] == "vault"
 
         # The local unit's config partition is lost; it asks the remote for its copy.

@@ -90,6 +90,12 @@ def test_passwd_and_backup_restore(cfgpath: Path, tmp_path: Path,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     rc, _, err = run(["config", "passwd", "--stdin"], capsys, "short\nshort\n", monkeypatch)
     assert rc == 1 and "at least 10 characters" in err
+    # Long enough but weak: refused with zxcvbn's reason, nothing written.
+    rc, _, err = run(["config", "passwd", "--stdin"], capsys, "password1234\npassword1234\n",
+                     monkeypatch)
+    assert rc == 1 and "too weak (score " in err and "3 needed" in err
+    assert "This is a very common password" in err and "password1234" not in err
+    assert not cfgpath.exists()
     rc, _, err = run(["config", "passwd", "--stdin"], capsys,
                      f"{PASSWORD}\nsomething else 1\n", monkeypatch)
     assert rc == 1 and "differ" in err

@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from firmware.config import ConfigStore, StoreSettings, StoreState, unseal
-from firmware.config.kdf import ScryptParams
+from firmware.config.kdf import Argon2Params, ScryptParams, params_from_cost
 from firmware.config.seal import (
     SEAL_HEADER,
     SEAL_MAGIC,
@@ -61,7 +61,9 @@ from tests.support.terminal import DOWN, ENTER, Term
 from tests.support.unitproc import read_until_closed
 
 PASSWORD = "correct horse battery"
-FAST = ScryptParams(log2_n=4, r=8, p=1)
+#: Small costs keep the tests quick; the schemes are the real ones.
+FAST = Argon2Params(memory_kib=64, time_cost=1)
+FAST_SCRYPT = ScryptParams(log2_n=4, r=8, p=1)
 PEER_FP = ":".join(["ab"] * 32)
 
 
@@ -71,7 +73,7 @@ PEER_FP = ":".join(["ab"] * 32)
 def test_a_stored_key_reseals_without_the_password(tmp_path: Path) -> None:
     store = ConfigStore(StoreSettings(str(tmp_path / "c.slots")))
     cfg = store.set_admin_password(PASSWORD).config
-    assert cfg["admin.seal_key"].startswith("$sealkey$v1$")
+    assert cfg["admin.seal_key"].startswith("$sealkey$v2$m=131072,t=3,p=1$")
     assert "sealkey" not in repr(cfg) and "admin.seal_key" not in store.export().decode()
     assert store.show()["admin.seal_key"] == "set"
     from firmware.config.peer_backup import AutoSealer
@@ -96,15 +98,16 @@ def test_a_stored_key_reseals_without_the_password(tmp_path: Path) -> None:
 def test_version_1_blobs_still_open(tmp_path: Path) -> None:
     store = ConfigStore(StoreSettings(str(tmp_path / "c.slots")))
     cfg = store.set_admin_password(PASSWORD).config
-    sk = make_seal_key(PASSWORD, FAST)
+    sk = make_seal_key(PASSWORD, FAST_SCRYPT)
     nonce = b"\x01" * 12
-    header = SEAL_HEADER.pack(SEAL_MAGIC, 1, FAST.log2_n, FAST.r, FAST.p, sk.salt, nonce,
-                              sk.check)
+    header = SEAL_HEADER.pack(SEAL_MAGIC, 1, FAST_SCRYPT.log2_n, FAST_SCRYPT.r, FAST_SCRYPT.p,
+                              sk.salt, nonce, sk.check)
     body = cbor2.dumps(cfg.to_document(include_secrets=True), canonical=True)
     v1 = header + AESGCM(sk.key).encrypt(nonce, body, header)
     got = unseal_bundle(v1, PASSWORD)
     assert got.version == 1 and got.identity is None and got.config == cfg
-    assert struct.unpack_from("<H", seal(cfg, PASSWORD, params=FAST), 8)[0] == 2
+    assert struct.unpack_from("<H", seal(cfg, PASSWORD, params=FAST_SCRYPT), 8)[0] == 2
+    assert struct.unpack_from("<H", seal(cfg, PASSWORD, params=FAST), 8)[0] == 3
 
 
 # --------------------------------------------------------------------------- the exchange
@@ -134,7 +137,7 @@ def _answers(s: RecoveryServerSession) -> list[Any]:
 
 
 def _prove(ch: RecoverChallenge, password: str) -> bytes:
-    check = key_check(password, ch.salt, ScryptParams(ch.log2_n, ch.r, ch.p))
+    check = key_check(password, ch.salt, params_from_cost(ch.kdf, ch.cost, "seal"))
     return recovery_proof(check, ch.nonce, PEER_FP, ch.unit_id)
 
 
@@ -237,7 +240,7 @@ def test_replaced_local_unit_recovers_from_its_remote(make_pair: MakePair, tmp_p
     config = tmp_path / "local-config.slots"
     store = ConfigStore(StoreSettings(str(config)))
     store.set_admin_password(PASSWORD)
-    store.set("unit.name", "front-desk")
+    store.update({"unit.name": "front-desk", "backup.keepers": ["remote"]})
     with make_pair(size="8M", buffer_size="8M", local_extra=("--config", str(config)),
                    remote_extra=("--recovery-max-failures", "3")) as p:
         local, remote = p.local, p.remote
@@ -348,11 +351,72 @@ def test_a_remote_seals_its_own_config_and_pushes_each_change(make_pair: MakePai
     rstore.set_admin_password(PASSWORD)
     rstore.set_many({"role": "remote", "unit.name": "vault"})
     with make_pair(size="4M", buffer_size="4M", remote_extra=("--config", str(rconfig))) as p:
+        rstore.update({"backup.keepers": [p.unit_id]})
         theirs = p.local_state / peer_backup_name("remote")
         first = wait_for(lambda: theirs.exists() and theirs.read_bytes(), 30, "remote backup")
         sessions = p.local.call("link.status")["peers"]["remote"]["sessions"]
         rstore.set("unit.name", "vault-2")
-        wait_for(lambda: theirs.read_bytes() != first, 30, "the re-sealed remote backup")
-        assert unseal(theirs.read_bytes(), PASSWORD)["unit.name"] == "vault-2"
+        # (the generation naming the keeper may arrive first: wait for the change)
+        wait_for(lambda: theirs.read_bytes() != first
+                 and unseal(theirs.read_bytes(), PASSWORD)["unit.name"] == "vault-2", 30,
+                 "the re-sealed remote backup")
         # Pushed on the running session, not on a reconnect.
         assert p.local.call("link.status")["peers"]["remote"]["sessions"] == sessions
+
+
+def test_a_sealed_config_goes_only_to_the_keepers_its_config_names(tmp_path: Path) -> None:
+    """A remote with two pinned locals, only one of them its keeper; each local names
+    (or not) the remote as its own keeper.  The blobs carry TLS private keys."""
+    from firmware.config.peer_backup import OWN_BACKUP_NAME, peer_backup_name
+    from firmware.demo import pair_both_ways
+    from tests.support.replication import RemoteProc, local_link_args
+    from tests.support.unitproc import LocalProc
+
+    rconfig = tmp_path / "remote-config.slots"
+    rstore = ConfigStore(StoreSettings(str(rconfig)))
+    rstore.set_admin_password(PASSWORD)
+    rstore.set_many({"role": "remote", "unit.name": "vault"})
+    (tmp_path / "remote").mkdir()
+    remote = RemoteProc(tmp_path / "remote", extra=("--config", str(rconfig)))
+    locals_: dict[str, tuple[LocalProc, Path, str]] = {}
+    for name, keepers in (("keeper", ["remote"]), ("other", [])):
+        work = tmp_path / name
+        work.mkdir()
+        state = work / "link"
+        unit_id, _ = pair_both_ways(state, remote.state_dir)
+        config = work / "config.slots"
+        store = ConfigStore(StoreSettings(str(config)))
+        store.set_admin_password(PASSWORD)
+        store.update({"unit.name": name, "backup.keepers": keepers})
+        locals_[name] = (LocalProc(work, size="4M", buffer_size="4M", extra=local_link_args(
+            "remote", ("127.0.0.1", remote.port), state, "--config", str(config))),
+            state, unit_id)
+    rstore.update({"backup.keepers": [locals_["keeper"][2]]})
+    remote.start()
+    try:
+        for proc, _, _ in locals_.values():
+            proc.start()
+        keeper_state, other_state = locals_["keeper"][1], locals_["other"][1]
+        keeper_id, other_id = locals_["keeper"][2], locals_["other"][2]
+        theirs = keeper_state / peer_backup_name("remote")
+        wait_for(lambda: theirs.exists(), 30, "the keeper to get the remote's backup")
+        assert unseal_bundle(theirs.read_bytes(), PASSWORD).config["unit.name"] == "vault"
+        kept = remote.store / keeper_id / CONFIG_BACKUP_NAME
+        wait_for(lambda: kept.exists(), 30, "the remote to keep its keeper's backup")
+        # Both sessions are up and both locals sealed their configs; the other local
+        # has had the time the keeper needed and more.
+        for name, (proc, state, _) in locals_.items():
+            wait_for(lambda s=state: (s / OWN_BACKUP_NAME).exists(), 30, f"{name} sealed")
+            wait_for(lambda p=proc: p.call("link.status")["peers"]["remote"]["state"]
+                     == "connected", 30, f"{name} connected")
+        rstore.set("unit.name", "vault-2")
+        wait_for(lambda: unseal(theirs.read_bytes(), PASSWORD)["unit.name"] == "vault-2", 30,
+                 "the keeper to get the re-sealed backup")
+        assert not (other_state / peer_backup_name("remote")).exists()
+        assert not (remote.store / other_id / CONFIG_BACKUP_NAME).exists()
+        assert "backup.keepers names no peer" in locals_["other"][0].log.read_text()
+    finally:
+        for proc, _, _ in locals_.values():
+            if proc.proc is not None and proc.proc.poll() is None:
+                proc.stop()
+        remote.stop()

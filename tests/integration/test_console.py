@@ -55,10 +55,13 @@ class FakeUnit:
 @pytest.fixture()
 def env(tmp_path: Path) -> Iterator[dict[str, Any]]:
     d: dict[str, Any] = {"tmp": tmp_path, "cfg": tmp_path / "config.slots",
-                         "sock": tmp_path / "unit.sock", "terms": []}
+                         "sock": tmp_path / "unit.sock", "terms": [],
+                         "code": tmp_path / "boot" / "mirrorunit-erase-code.txt"}
+    d["code"].parent.mkdir()
 
     def start(*extra: str) -> Term:
         t = Term(["--config", str(d["cfg"]), "--control", str(d["sock"]),
+                  "--erase-code-file", str(d["code"]),
                   "--reboot-command", f"touch {tmp_path / 'rebooted'}",
                   "--poweroff-command", f"touch {tmp_path / 'powered-off'}",
                   "--log-file", str(tmp_path / "unit.log"), *extra], tmp_path)
@@ -94,6 +97,12 @@ def test_first_boot_forces_the_admin_password(env: dict[str, Any]) -> None:
     t.line("short")
     t.wait("Refused: admin.password_hash: the password must have at least 10 characters")
     assert store(env["cfg"]).load().config is None  # nothing written
+    t.line("password1234")
+    t.wait("Repeat it:")
+    t.line("password1234")
+    t.wait("Refused: admin.password_hash: the password is too weak (score ")
+    t.wait("This is a very common")
+    assert store(env["cfg"]).load().config is None
     t.line(PASSWORD)
     t.line("something different")
     t.wait("The two entries differ")
@@ -101,7 +110,7 @@ def test_first_boot_forces_the_admin_password(env: dict[str, Any]) -> None:
     t.line(PASSWORD)
     t.wait("main menu", "1  Status", " 0  Log", "Admin password saved")
     cfg = store(env["cfg"]).load().config
-    assert cfg is not None and cfg["admin.password_hash"].startswith("$scrypt$")
+    assert cfg is not None and cfg["admin.password_hash"].startswith("$argon2id$")
 
 
 def test_status_screen_not_running_then_running(env: dict[str, Any]) -> None:
@@ -283,9 +292,21 @@ def test_peers_pairing_and_log(env: dict[str, Any]) -> None:
         peers = store(env["cfg"]).load().config["peers"]  # type: ignore[index]
         assert peers == [{"name": "remote-1", "address": "192.0.2.10:7443",
                           "fingerprint": "12" * 32}]
+        # Chosen as keeper of this unit's sealed config: none is by default.
+        assert store(env["cfg"]).load().config["backup.keepers"] == []  # type: ignore[index]
+        t.send("k")
+        t.wait("remote-1         192.0.2.10:7443  [keeps this unit's backup]")
+        assert store(env["cfg"]).load().config["backup.keepers"] == \
+            ["remote-1"]  # type: ignore[index]
+        t.send("d")
+        t.wait("Remove peer remote-1?")
+        t.send("y")
+        t.wait("No peers paired.")
+        cfg = store(env["cfg"]).load().config
+        assert cfg is not None and cfg["peers"] == [] and cfg["backup.keepers"] == []
         t.send(ESC)
         t.wait("main menu")
-        t.send("0")
+        t.send("0")  # unlocked already by the saves above
         t.wait("log line 99")
         assert "log line 50" not in t.text
         for _ in range(30):
@@ -293,6 +314,73 @@ def test_peers_pairing_and_log(env: dict[str, Any]) -> None:
         t.wait("log line 50")
     finally:
         unit.server.stop()
+
+
+def test_the_log_needs_the_admin_password(env: dict[str, Any]) -> None:
+    with_password(env["cfg"])
+    (env["tmp"] / "unit.log").write_text("peer 192.0.2.10 refused: secret detail\n")
+    t = env["start"]()
+    t.wait("main menu")
+    t.send("0")
+    t.wait("Admin password:")
+    assert "secret detail" not in t.text
+    t.line("not the password")
+    t.wait("Wrong password: nothing changed", "main menu")
+    assert "secret detail" not in t.text
+    t.send("0")
+    t.wait("Admin password:")
+    t.line(PASSWORD)
+    t.wait("log", "secret detail")
+
+
+def test_unlocking_upgrades_an_old_scrypt_hash(env: dict[str, Any]) -> None:
+    from firmware.config.kdf import ScryptParams, hash_password_text
+    from firmware.config.schema import Config
+
+    old = hash_password_text(PASSWORD, ScryptParams())
+    store(env["cfg"]).save(Config.defaults().replace({"admin.password_hash": old}))
+    (env["tmp"] / "unit.log").write_text("a line\n")
+    t = env["start"]()
+    t.wait("main menu")
+    t.send("0")
+    t.wait("Admin password:")
+    t.line(PASSWORD)
+    t.wait("a line")
+    cfg = store(env["cfg"]).load().config
+    assert cfg is not None and cfg["admin.password_hash"].startswith("$argon2id$v=19$")
+
+
+def _code(path: Path) -> str:
+    return next(line.split(": ", 1)[1] for line in path.read_text().splitlines()
+                if line.startswith("code: "))
+
+
+def test_a_corrupt_config_is_erased_only_with_the_code_from_the_card(
+        env: dict[str, Any]) -> None:
+    env["cfg"].write_bytes(b"\xde\xad" * 70000)  # a corrupt partition
+    before = env["cfg"].read_bytes()
+    t = env["start"]()
+    t.wait("recovery", "cannot be read", "2  Start with a new configuration")
+    t.send("2")
+    t.wait("erase the configuration", "mirrorunit-erase-code.txt", "Erase code:")
+    code = _code(env["code"])
+    assert code not in t.text and code.replace("-", "") not in t.text
+    t.send("y" + ENTER)  # what one y/N used to take
+    t.wait("Wrong erase code: nothing erased", "recovery")
+    assert env["cfg"].read_bytes() == before
+    # The console is restarted (or the unit power-cycled to read the card): the code
+    # in the file still holds.
+    t.close()
+    t = env["start"]()
+    t.wait("recovery", "cannot be read")
+    t.send("2")
+    t.wait("Erase code:")
+    assert _code(env["code"]) == code
+    t.line(code.lower())
+    t.wait("set admin password", "First start: choose the admin password")
+    assert not env["code"].exists()  # used up
+    loaded = store(env["cfg"]).load()
+    assert loaded.config is not None and not loaded.config["admin.password_hash"]
 
 
 def test_recovery_from_a_peer_backup(env: dict[str, Any]) -> None:

@@ -20,8 +20,20 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from firmware.config import ConfigStore, StoreSettings
+from firmware.config.kdf import Argon2Params
+from firmware.config.schema import Config
+from firmware.config.seal import seal
 from firmware.control import ControlServer
-from firmware.control.status import LocalStatus
+from firmware.control.status import LocalStatus, RemoteStatus, read_unit_status
+from firmware.link.frames import (
+    ErrorFrame,
+    FrameDecoder,
+    RecoverChallenge,
+    RecoverHello,
+    RecoverProof,
+    encode_frame,
+)
+from firmware.link.tls import anonymous_client_context
 from firmware.notify import (
     EmailSender,
     Event,
@@ -33,8 +45,11 @@ from firmware.notify import (
     SnmpTrapSender,
 )
 from firmware.notify.senders import build_senders, engine_id_for
+from firmware.remote.server import CONFIG_BACKUP_NAME
 from tests.support import REPO as ROOT
-from tests.support.status import local_status, peer
+from tests.support.replication import RemoteProc
+from tests.support.status import local_status, peer, remote_status
+from tests.support.unitproc import read_until_closed
 
 K = EventKind
 
@@ -115,6 +130,39 @@ def test_unreachable_unit() -> None:
     assert kinds(d.unreachable("refused", 0)) == [(K.UNIT_UNREACHABLE, "")]
     assert d.unreachable("refused", 1) == []
     assert kinds(d.feed(status(), 2)) == [(K.UNIT_REACHABLE, "")]
+
+
+def guess_limits(lockouts: int, locked_for: float = 0.0) -> dict[str, Any]:
+    return {"recovery": {"what": "recovery", "lockouts": lockouts, "locked_for_s": locked_for,
+                         "window_s": 600.0, "unit_max_failures": 50,
+                         "last_lockout": None if not lockouts else {
+                             "length_s": 600.0 * 2 ** (lockouts - 1), "failures": 51,
+                             "number": lockouts,
+                             "prefixes": [[f"10.0.{i}.0/24", 12 - i] for i in range(12)]}}}
+
+
+def remote(limits: Any) -> RemoteStatus:
+    """A remote's status answer, checked as the notifier checks it."""
+    st = read_unit_status(remote_status(limits))
+    assert st["role"] == "remote"
+    return st  # type: ignore[return-value]
+
+
+def test_a_guess_lockout_is_reported_once_per_lockout() -> None:
+    d = EventDetector()
+    assert d.feed(remote(guess_limits(0)), 0) == []
+    ev = d.feed(remote(guess_limits(1, 599.0)), 1)
+    assert kinds(ev) == [(K.GUESS_LOCKOUT, "recovery")] and ev[0].severity is Severity.CRITICAL
+    assert "refused for 600.0 s" in ev[0].text and "51 within 600.0 s" in ev[0].text
+    assert "12 source network(s) (10.0.0.0/24: 12, 10.0.1.0/24: 11" in ev[0].text
+    assert "10.0.10.0/24" not in ev[0].text and "and 2 more" in ev[0].text
+    assert d.feed(remote(guess_limits(1, 500.0)), 2) == []
+    ev = d.feed(remote(guess_limits(2, 1200.0)), 3)
+    assert kinds(ev) == [(K.GUESS_LOCKOUT, "recovery")] and "1200.0 s" in ev[0].text
+    # A notifier started during a lockout reports it; one long over is history.
+    assert kinds(EventDetector().feed(remote(guess_limits(3, 10.0)), 0)) == \
+        [(K.GUESS_LOCKOUT, "recovery")]
+    assert EventDetector().feed(remote(guess_limits(3, 0.0)), 0) == []
 
 
 def test_rate_limiter_counts_what_it_dropped() -> None:
@@ -332,6 +380,72 @@ def test_notifier_polls_a_unit_and_sends(tmp_path: Path, smtp: tuple[Mailbox, in
         assert kinds(n.poll_once()) == [(K.UNIT_REACHABLE, "")]
     finally:
         unit.server.stop()
+
+
+def _wrong_proof(port: int, source: str, unit: str) -> list[Any]:
+    """One recovery attempt with a wrong proof from `source`; the frames answered."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10,
+                                   source_address=(source, 0))
+    with anonymous_client_context().wrap_socket(raw) as sock:
+        sock.sendall(encode_frame(RecoverHello(unit)))
+        decoder = FrameDecoder()
+        frames: list[Any] = []
+        while not frames:
+            data = sock.recv(65536)
+            assert data, "closed before the challenge"
+            frames += decoder.receive_data(data)
+        if isinstance(frames[0], RecoverChallenge):
+            sock.sendall(encode_frame(RecoverProof(os.urandom(32))))
+            frames += decoder.receive_data(read_until_closed(sock))
+        return frames
+
+
+def test_a_lockout_of_the_recovery_budget_is_mailed(tmp_path: Path,
+                                                   smtp: tuple[Mailbox, int]) -> None:
+    """A real remote whose unit-wide budget trips, and the notifier polling it."""
+    box, smtp_port = smtp
+    store = configured_store(tmp_path / "c.slots", smtp_port, None)
+    (tmp_path / "remote").mkdir()
+    remote = RemoteProc(tmp_path / "remote", extra=(
+        "--recovery-max-failures", "2", "--recovery-unit-max-failures", "3"))
+    kept = remote.store / "unit-a" / CONFIG_BACKUP_NAME
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(seal(Config.defaults(), "correct horse battery",
+                          params=Argon2Params(memory_kib=64, time_cost=1)))
+    remote.start()
+    try:
+        n = Notifier(store, remote.control, rate_limit_s=60)
+        assert n.poll_once() == []
+        # Two networks, two wrong proofs each: four on the unit, over its budget of 3.
+        codes = [f.code for src in ("127.0.1.1", "127.0.2.1") for _ in range(2)
+                 for f in _wrong_proof(remote.port, src, "unit-a") if isinstance(f, ErrorFrame)]
+        assert codes == ["wrong-password"] * 4
+        [refused] = _wrong_proof(remote.port, "127.0.3.1", "unit-a")
+        assert isinstance(refused, ErrorFrame) and refused.code == "rate-limited"
+        assert "every source waits" in refused.text
+        sent = n.poll_once()
+        assert kinds(sent) == [(K.GUESS_LOCKOUT, "recovery")]
+        msg = box.wait(1)[0]
+        assert msg["Subject"] == "[lab-1] CRITICAL: guess-lockout (recovery)"
+        body = msg.get_content()  # type: ignore[attr-defined]
+        assert "refused for 600.0 s (lockout 1" in body and "4 within 600.0 s" in body
+        assert "127.0.1.0/24: 2, 127.0.2.0/24: 2" in body
+        assert n.poll_once() == []  # said once
+        assert "every source is locked out for 600 s (lockout 1)" in remote.log.read_text()
+    finally:
+        remote.stop()
+
+
+def test_the_notifier_watches_the_role_its_config_names(tmp_path: Path) -> None:
+    from firmware.apps.notify.cli import default_control
+    from firmware.control import LOCAL_SOCKET, REMOTE_SOCKET
+
+    store = ConfigStore(StoreSettings(str(tmp_path / "c.slots")))
+    assert default_control(store) == LOCAL_SOCKET  # blank: the local's, as before
+    store.set("role", "remote")
+    assert default_control(store) == REMOTE_SOCKET
+    store.set("role", "local")
+    assert default_control(store) == LOCAL_SOCKET
 
 
 def test_notify_test_command(tmp_path: Path, smtp: tuple[Mailbox, int]) -> None:

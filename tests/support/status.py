@@ -7,8 +7,10 @@ from __future__ import annotations
 from firmware.control.status import (
     CbqStats,
     ConsumerStats,
+    GuessBudget,
     LocalStatus,
     PeerLinkStatus,
+    RemoteStatus,
     UpsReport,
     VolumeStatus,
 )
@@ -72,3 +74,10 @@ def local_status(fill: float = 0.1, mode: str = "normal", needs_resync: bool = F
         s["ups"] = ups(ups_flags, charge)
     return s
 
+
+
+def remote_status(guess_limits: dict[str, GuessBudget]) -> RemoteStatus:
+    """A remote unit's status answer with the guess budgets given."""
+    return {"role": "remote", "fingerprint": "cd" * 32, "listen": "0.0.0.0:7788",
+            "store": "store", "link": {}, "units": {}, "nbd_exports": {},
+            "guess_limits": guess_limits}

@@ -47,6 +47,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="change the SSH files only; do not start or stop ssh.service")
     p.add_argument("--cert", default=None, metavar="PEM",
                    help="this unit's certificate, to show its fingerprint")
+    p.add_argument("--erase-code-file", default=None, metavar="PATH",
+                   help="where the one-time code that allows erasing an unreadable config "
+                        "is written (default: mirrorunit-erase-code.txt on the boot "
+                        "partition)")
     from ..config import add_network_options
 
     add_network_options(p)
@@ -90,7 +94,13 @@ def settings_from_args(args: argparse.Namespace) -> ConsoleSettings:
         recovery: Any = PeerRecovery(store, state_dir)
     except ImportError:  # a build without the journey link
         recovery = None
+    from ...config.mount import RemountHook
+    from ...console.presence import DEFAULT_CODE_FILE, PresenceCode
+
+    code_file = args.erase_code_file or DEFAULT_CODE_FILE
+    presence = PresenceCode(Path(code_file), remount=RemountHook(code_file))
     return ConsoleSettings(
+        presence=presence,
         store=store, control=args.control, ups_control=args.ups_control, peer_recovery=recovery,
         reboot=shlex.split(args.reboot_command), poweroff=shlex.split(args.poweroff_command),
         log_lines=file_log(args.log_file) if args.log_file else command_log(args.log_command),

@@ -17,7 +17,8 @@ from .. import DEFAULT_CONTROL, standalone
 
 @dataclass(frozen=True, slots=True)
 class NotifySettings:
-    control: str = DEFAULT_CONTROL
+    #: the unit's control socket; None: the local's or the remote's, by the config's role
+    control: str | None = None
     #: the UPS monitor's socket, when it runs as its own process
     ups_control: str | None = None
     #: the config partition (None: the default one)
@@ -40,8 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--control", default=DEFAULT_CONTROL, metavar="SOCKET",
-                   help="the local unit's control socket")
+    p.add_argument("--control", default=None, metavar="SOCKET",
+                   help="the unit's control socket (default: the local's, or the "
+                        "remote's when the config's role is remote)")
     p.add_argument("--ups-control", default=None, metavar="SOCKET",
                    help="the UPS monitor's socket, when it runs as its own process")
     p.add_argument("--config", default=None, metavar="PATH", help="config partition")
@@ -58,11 +60,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(settings_from_args(args))
 
 
+def default_control(store: Any) -> str:
+    """The control socket of the role the config names (a remote reports its own
+    events, e.g. guess lockouts); the local's when the config cannot be read."""
+    from ...control import REMOTE_SOCKET
+
+    try:
+        loaded = store.load()
+    except Exception:  # noqa: BLE001 - an unreadable partition: the notifier says so later
+        return DEFAULT_CONTROL
+    if loaded.state is StoreState.OK and loaded.config is not None \
+            and loaded.config["role"] == "remote":
+        return REMOTE_SOCKET
+    return DEFAULT_CONTROL
+
+
 def run(s: NotifySettings) -> int:
     from ...config.store import open_store
 
-    notifier = Notifier(open_store(s.config), s.control, ups_control=s.ups_control,
-                        rate_limit_s=s.rate_limit_s)
+    store = open_store(s.config)
+    notifier = Notifier(store, s.control or default_control(store),
+                        ups_control=s.ups_control, rate_limit_s=s.rate_limit_s)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: notifier.stop())
     notifier.run()

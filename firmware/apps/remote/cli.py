@@ -53,6 +53,9 @@ class RemoteSettings:
     config: Path | None = None
     recovery_max_failures: int = 5
     recovery_window: float = 600.0
+    #: Wrong proofs from all sources together in one window before every source is
+    #: locked out (and the administrator notified).
+    recovery_unit_max_failures: int = 50
     pairing_max_failures: int = 5
     pairing_window: float = 600.0
     #: firmware.lineage.Policy value
@@ -67,6 +70,7 @@ def settings_from_args(args: argparse.Namespace) -> RemoteSettings:
         retention_age=args.retention_age, control=args.control, config=args.config,
         recovery_max_failures=args.recovery_max_failures,
         recovery_window=args.recovery_window,
+        recovery_unit_max_failures=args.recovery_unit_max_failures,
         pairing_max_failures=args.pairing_max_failures, pairing_window=args.pairing_window,
         split_brain_policy=args.split_brain_policy)
 
@@ -99,6 +103,8 @@ def command_line(s: RemoteSettings) -> list[str]:
             ("--retention-age", s.retention_age, d.retention_age),
             ("--recovery-max-failures", s.recovery_max_failures, d.recovery_max_failures),
             ("--recovery-window", s.recovery_window, d.recovery_window),
+            ("--recovery-unit-max-failures", s.recovery_unit_max_failures,
+             d.recovery_unit_max_failures),
             ("--pairing-max-failures", s.pairing_max_failures, d.pairing_max_failures),
             ("--pairing-window", s.pairing_window, d.pairing_window),
             ("--split-brain-policy", s.split_brain_policy, d.split_brain_policy)):
@@ -169,6 +175,10 @@ def configure(rp: argparse.ArgumentParser) -> None:
                          "window in the recovery exchange")
     rp.add_argument("--recovery-window", type=float, default=600.0, metavar="S",
                     help="length of that window in seconds")
+    rp.add_argument("--recovery-unit-max-failures", type=int, default=50, metavar="N",
+                    help="wrong proofs from all sources together per window before every "
+                         "source is locked out (twice as long each time) and the "
+                         "administrator is notified")
     rp.add_argument("--pairing-max-failures", type=int, default=5, metavar="N",
                     help="pairing offers of certificates the config does not list, "
                          "allowed per source address and window")
@@ -342,8 +352,10 @@ def serve(s: RemoteSettings) -> int:
     server = RemoteServer(store_dir=s.store, listen=s.listen, identity=identity,
                           peers=PeerStore.in_dir(state_dir), commit_delay_s=s.commit_delay,
                           retention=retention, state_dir=state_dir, config_path=s.config,
-                          recovery=RecoveryLimiter(max_failures=s.recovery_max_failures,
-                                                   window_s=s.recovery_window),
+                          recovery=RecoveryLimiter(
+                              max_failures=s.recovery_max_failures,
+                              window_s=s.recovery_window,
+                              unit_max_failures=s.recovery_unit_max_failures),
                           pairing_limiter=RecoveryLimiter(
                               max_failures=s.pairing_max_failures,
                               window_s=s.pairing_window, what="pairing"),

@@ -36,6 +36,9 @@ class LogScreen(ConsoleBase):
     """The unit's log, scrollable."""
 
     def log_screen(self) -> None:
+        # The journal names peers, addresses and what failed: it is for the admin.
+        if not self.unlock():
+            return
         lines = self.s.log_lines() or ["(the log is empty)"]
         rows = self.h - 4
         top = max(0, len(lines) - rows)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from ...config import ConfigError, ConfigStoreError
-from ...config.password import check_admin_password
 from ..base import ConsoleBase
 
 
@@ -45,7 +44,7 @@ class PasswordScreen(ConsoleBase):
             return
         if cfg["admin.password_hash"]:
             pw = self.ask_password("admin password", "Current password:")
-            if pw is None or not check_admin_password(cfg, pw):
+            if pw is None or not self.login(cfg, pw):
                 self.say("Wrong password: nothing changed." if pw is not None
                          else "Cancelled: nothing changed.")
                 return

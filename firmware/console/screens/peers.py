@@ -29,8 +29,11 @@ class PeersScreen(Forms):
             if cfg is None:
                 return
             peers: list[dict[str, Any]] = [dict(p) for p in cfg["peers"]]
-            self.frame("peers and pairing",
-                       "a: add   e/Enter: edit   d: delete   arrows: move   Esc: back")
+            # The peers sent this unit's sealed config (it holds the TLS key): none
+            # unless chosen here or with `config set backup.keepers`.
+            keepers: list[str] = list(cfg["backup.keepers"])
+            self.frame("peers and pairing", "a: add   e/Enter: edit   d: delete   "
+                       "k: keeps this unit's backup   Esc: back")
             st, _ = self.unit_status()
             own = self.s.own_fingerprint
             link = st.get("link") if st is not None else None
@@ -40,7 +43,8 @@ class PeersScreen(Forms):
             self.put(3, 3, colon_fp(own) if own else "not available (no link service)")
             self.put(5, 1, "Paired peers:" if peers else "No peers paired.")
             for i, p in enumerate(peers):
-                self.put(6 + 2 * i, 3, f"{p['name']:<16} {p['address']}",
+                keeps = "  [keeps this unit's backup]" if p["name"] in keepers else ""
+                self.put(6 + 2 * i, 3, f"{p['name']:<16} {p['address']}{keeps}",
                          curses.A_REVERSE if i == sel else 0)
                 self.put(7 + 2 * i, 5, colon_fp(p["fingerprint"]))
             self.scr.refresh()
@@ -51,10 +55,15 @@ class PeersScreen(Forms):
                 sel = (sel - 1) % len(peers)
             elif k in DOWN_KEYS and peers:
                 sel = (sel + 1) % len(peers)
+            elif k == ord("k") and peers:
+                name = peers[sel]["name"]
+                self.save({"backup.keepers": [n for n in keepers if n != name]
+                           if name in keepers else keepers + [name]})
             elif k == ord("d") and peers:
                 if self.confirm(f"Remove peer {peers[sel]['name']}?"):
-                    del peers[sel]
-                    self.save({"peers": peers})
+                    gone = peers.pop(sel)["name"]
+                    self.save({"peers": peers,
+                               "backup.keepers": [n for n in keepers if n != gone]})
                     sel = 0
             elif k == ord("a") or (k in (ord("e"), *ENTER_KEYS) and peers):
                 editing = k != ord("a")
@@ -70,4 +79,9 @@ class PeersScreen(Forms):
                     new[sel] = entry
                 else:
                     new.append(entry)
-                self.save({"peers": new})
+                changes: dict[str, Any] = {"peers": new}
+                if editing and base["name"] in keepers and entry["name"] != base["name"]:
+                    # A renamed keeper stays a keeper.
+                    changes["backup.keepers"] = [entry["name"] if n == base["name"] else n
+                                                 for n in keepers]
+                self.save(changes)

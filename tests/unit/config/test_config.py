@@ -67,6 +67,8 @@ GOOD: list[tuple[str, str, Any]] = [
     ("network.dns", "1.1.1.1, 9.9.9.9", ["1.1.1.1", "9.9.9.9"]),
     ("network.dns", "", []),
     ("network.dns", '["2001:db8::53"]', ["2001:db8::53"]),
+    ("backup.keepers", "remote1, dr", ["remote1", "dr"]),
+    ("backup.keepers", "", []),
     ("peers", json.dumps([{"name": "remote1", "address": "10.0.0.9:7070", "fingerprint": FP}]),
      [{"name": "remote1", "address": "10.0.0.9:7070", "fingerprint": FP_NORM}]),
     ("peers", json.dumps([{"name": "r6", "address": "[2001:db8::9]:7070",
@@ -132,6 +134,7 @@ BAD: list[tuple[str, str, str]] = [
     ("network.dns", "1.1.1.1,2.2.2.2,3.3.3.3,4.4.4.4", "at most 3"),
     ("network.dns", "1.1.1.1,nameserver", "not an IP address"),
     ("network.dns", "8.8.8.8,8.8.8.8", "duplicate"),
+    ("backup.keepers", "not_a_name", "a peer name"),
     ("peers", json.dumps([{"name": "r", "address": "10.0.0.9", "fingerprint": FP}]),
      "expected host:port"),
     ("peers", json.dumps([{"name": "r", "address": "10.0.0.9:70000", "fingerprint": FP}]),
@@ -315,7 +318,7 @@ def test_admin_password() -> None:
     assert not check_admin_password(cfg, PASSWORD)
     cfg = set_admin_password(cfg, PASSWORD)
     stored = cfg["admin.password_hash"]
-    assert stored.startswith("$scrypt$ln=14,r=8,p=1$") and PASSWORD not in stored
+    assert stored.startswith("$argon2id$v=19$m=65536,t=3,p=1$") and PASSWORD not in stored
     assert check_admin_password(cfg, PASSWORD)
     assert not check_admin_password(cfg, PASSWORD + "x")
     assert not check_admin_password(cfg, "")
@@ -325,12 +328,24 @@ def test_admin_password() -> None:
 
 @pytest.mark.parametrize("clear,reason", [
     ("short", "at least 10"), (" padded password ", "blanks"), ("pass\x00word12", "control"),
+    # Long enough but guessed in a few thousand tries: zxcvbn's reason is given.
+    ("password123", "This is a very common password"),
+    ("aaaaaaaaaaaaaaaa", "Repeats like"), ("qwertyuiop12", "similar to a commonly used"),
+    # The unit's own name is among the first guesses.
+    ("mirrorunit1", "too weak"), ("a" * 80 + "x9$Lq", "too weak"),
 ])
 def test_password_policy(clear: str, reason: str) -> None:
     with pytest.raises(ConfigError) as info:
         set_admin_password(Config.defaults(), clear)
     assert info.value.field == "admin.password_hash"
     assert reason in info.value.message and clear not in str(info.value)
+
+
+def test_password_strength_uses_the_unit_name() -> None:
+    cfg = Config.defaults().replace({"unit.name": "vaultkeeper7"})
+    assert set_admin_password(Config.defaults(), "vaultkeeper7!")["admin.password_hash"]
+    with pytest.raises(ConfigError, match="too weak"):
+        set_admin_password(cfg, "vaultkeeper7!")
 
 
 def test_stored_hash_is_checked() -> None:
@@ -680,7 +695,7 @@ def test_seal_round_trip_wrong_password_and_tampering() -> None:
     assert seal(cfg, PASSWORD) != blob  # fresh salt and nonce
     with pytest.raises(WrongPassword):
         unseal(blob, PASSWORD + "!")
-    for pos in (len(blob) - 1, 80, 8 + 2 + 3 + 3 + 16 + 2):  # tag, ciphertext, nonce
+    for pos in (len(blob) - 1, 80, 8 + 2 + 4 + 1 + 1 + 16 + 2):  # tag, ciphertext, nonce
         damaged = bytearray(blob)
         damaged[pos] ^= 0x01
         with pytest.raises(SealTampered):
@@ -692,7 +707,7 @@ def test_seal_round_trip_wrong_password_and_tampering() -> None:
     with pytest.raises(SealFormatError):
         unseal(blob[:40], PASSWORD)
     with pytest.raises(SealFormatError, match="parameters"):
-        unseal(blob[:10] + bytes([40]) + blob[11:], PASSWORD)
+        unseal(blob[:12] + bytes([0x40]) + blob[13:], PASSWORD)  # 4 GiB of Argon2id
 
 
 # ------------------------------------------------------------------ secrets stay in

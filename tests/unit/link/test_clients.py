@@ -22,7 +22,7 @@ from firmware.link.frames import (
     encode_frame,
 )
 
-CHALLENGE = RecoverChallenge("unit-a", 4, 8, 1, b"s" * 16, b"n" * 32)
+CHALLENGE = RecoverChallenge("unit-a", "scrypt", (4, 8, 1), b"s" * 16, b"n" * 32)
 
 
 def sent(session: ConfigFetchSession | RecoveryClientSession | PairOfferSession) -> list[object]:

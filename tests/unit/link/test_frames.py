@@ -42,6 +42,7 @@ from firmware.link.frames import (
     HelloAck,
     Ping,
     Pong,
+    RecoverChallenge,
     SwitchoverDone,
     SwitchoverStart,
     WriteRecord,
@@ -101,6 +102,8 @@ FRAMES: list[Frame] = [
     FailbackCommit(5, 90, FORKED),
     SwitchoverStart("unit-a", FORKED, 77),
     SwitchoverDone("unit-a", 77, FORKED),
+    RecoverChallenge("unit-a", "scrypt", (15, 8, 1), b"s" * 16, b"n" * 32),
+    RecoverChallenge("unit-a", "argon2id", (131072, 3, 1), b"s" * 16, b"n" * 32),
 ]
 
 

@@ -94,3 +94,28 @@ def test_concurrent_failures_are_all_counted() -> None:
         t.join()
     assert sum(w.failures for w in limiter._windows.values()) == 16_000
     assert limiter._unit_window is not None and limiter._unit_window.failures == 16_000
+
+
+def test_a_lockout_records_its_length_and_the_wrong_proofs_per_network() -> None:
+    clock = Clock()
+    limiter = RecoveryLimiter(max_failures=100, window_s=60, unit_max_failures=3, clock=clock)
+    assert limiter.last_lockout is None and limiter.snapshot()["lockouts"] == 0
+    for source in ("192.0.2.1", "192.0.2.9", "198.51.100.7", "2001:db8::1"):
+        limiter.failed(source)
+    lockout = limiter.last_lockout
+    assert lockout is not None and lockout.length_s == 60.0 and lockout.number == 1
+    assert lockout.failures == 4
+    assert lockout.prefixes == (("192.0.2.0/24", 2), ("198.51.100.0/24", 1),
+                                ("2001:db8::/64", 1))
+    snap = limiter.snapshot()
+    assert snap["lockouts"] == 1 and snap["locked_for_s"] == 60.0
+    assert snap["last_lockout"] == {"length_s": 60.0, "failures": 4, "number": 1,
+                                    "prefixes": [["192.0.2.0/24", 2], ["198.51.100.0/24", 1],
+                                                 ["2001:db8::/64", 1]]}
+    # The next window counts afresh: the networks of the first do not carry over.
+    clock.now += 61
+    for source in ("203.0.113.1",) * 4:
+        limiter.failed(source)
+    second = limiter.last_lockout
+    assert second is not None and second.number == 2 and second.length_s == 120.0
+    assert second.prefixes == (("203.0.113.0/24", 4),)
