@@ -5,14 +5,13 @@
 # into text, with LED changes, on stdout:
 #   SCREEN {"lines": [...], "hi": row}      LEDS <activity><link><fault>
 
-import framebuf
 import json
+import logging
 import os
 import select
 import sys
-import time
 
-import logging
+import framebuf
 
 LOG_LEVEL = logging.INFO
 WIDTH = 128
@@ -109,7 +108,7 @@ class Leds:
         self.state = None
 
     def set(self, activity, link, fault):
-        s = "%d%d%d" % (activity, link, fault)
+        s = f"{int(activity)}{int(link)}{int(fault)}"
         if s != self.state:
             self.state = s
             print("LEDS " + s)
