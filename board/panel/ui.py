@@ -291,9 +291,14 @@ class Panel:
         return self._menu_view("Network", NET_MENU)
 
     def _view_address(self):
+        # 18 characters do not fit 16 columns: the prefix goes on a line of its own
         i = _digit_positions(self.address)[self.addr_pos]
-        return ["Static address", self.address, " " * i + "^",
-                "up/dn digit", "sel next"], -1
+        ip, prefix = self.address.split("/")
+        pre = "prefix /"
+        at_ip = i < len(ip)
+        return ["Static address", ip, " " * i + "^" if at_ip else "", pre + prefix,
+                "" if at_ip else " " * (len(pre) + i - len(ip) - 1) + "^",
+                "up/dn: digit", "sel: next"], -1
 
     def _view_confirm(self):
         q = CONFIRM.get(self.action, self.action)
