@@ -51,7 +51,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="the UPS monitor's socket, when it runs as its own process")
     p.add_argument("--config", default=None, metavar="PATH", help="config partition")
     p.add_argument("--cert", default=None, metavar="PEM",
-                   help="this unit's certificate, to show its fingerprint")
+                   help="this unit's certificate, to show its fingerprint (default: the "
+                        "link identity beside the config partition)")
     p.add_argument("--poweroff-command", default="systemctl poweroff")
     p.add_argument("--heartbeat", type=float, default=1.0, metavar="S",
                    help="heartbeat and status interval")
@@ -76,13 +77,17 @@ def cmd_panel(args: argparse.Namespace) -> int:
 
 def run(s: PanelSettings) -> int:
     from ...config.store import open_store
+    from ...link.tls import CERT_FILE
     from ...panel.actions import ActionSettings, PanelActions
     from ...panel.service import LinkSettings, PanelLink
+    from ..appliance.prepare import link_dir_of
     from ..console.cli import _fingerprint
 
+    store = open_store(s.config)
+    cert = s.cert or str(link_dir_of(store.settings.path) / CERT_FILE)
     actions = PanelActions(ActionSettings(
-        control=s.control, store=open_store(s.config), ups_control=s.ups_control,
-        fingerprint=_fingerprint(s.cert), apply_network=s.apply_network,
+        control=s.control, store=store, ups_control=s.ups_control,
+        fingerprint=_fingerprint(cert), apply_network=s.apply_network,
         poweroff=s.poweroff))
     link = PanelLink(LinkSettings(device=s.device, baud=s.baud, heartbeat_s=s.heartbeat_s),
                      actions)
