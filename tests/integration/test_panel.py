@@ -4,6 +4,7 @@ read back into text) and fake buttons; the appliance side drives a real local un
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -16,7 +17,7 @@ import pytest
 from firmware import COPYRIGHT, __version__
 from firmware.config import ConfigStore, StoreSettings
 from firmware.link.tls import load_or_create_identity
-from firmware.panel.codec import FrameType, encode_frame
+from firmware.panel.codec import Frame, FrameDecoder, FrameType, encode_frame
 from tests.support.panelproc import (
     PANEL_SOURCE,
     ApplianceProc,
@@ -120,6 +121,27 @@ def test_mpy_cross_compiles_every_panel_module(rig: dict[str, Any]) -> None:
     assert "micropython-ssd1306 0.3" in (bundle / "VENDORED.txt").read_text()
 
 
+def test_both_implementations_of_the_protocol_agree() -> None:
+    """board/panel/proto.py on the Unix port and firmware/panel/codec.py, each way."""
+    body = {"name": "unit-\u00e9", "n": 7, "ok": True, "none": None, "fill": 0.25,
+            "long": "y" * 300}
+    ours = encode_frame(FrameType.STATUS, body)
+    script = (
+        "import binascii, json, sys, proto\n"
+        "d = proto.Decoder()\n"
+        f"got = d.feed(binascii.unhexlify('{(b'junk' + ours[:9] + ours).hex()}'))\n"
+        "print(json.dumps([[t, o] for t, o in got]), d.errors)\n"
+        f"print(binascii.hexlify(proto.encode(3, json.loads({json.dumps(json.dumps(body))})"
+        ")).decode())\n")
+    r = subprocess.run([micropython(), "-c", script], capture_output=True, text=True,
+                       timeout=20, env=dict(os.environ, MICROPYPATH=str(PANEL_SOURCE)))
+    assert r.returncode == 0, r.stderr
+    decoded, theirs = r.stdout.splitlines()
+    frames, errors = decoded.rsplit(" ", 1)
+    assert json.loads(frames) == [[FrameType.STATUS, body]] and int(errors) == 2
+    assert FrameDecoder().feed(bytes.fromhex(theirs)) == [Frame(FrameType.REQUEST, body)]
+
+
 def test_status_frames_are_drawn(rig: dict[str, Any]) -> None:
     panel: PanelProc = rig["panel"]
     lines = panel.wait_text("panel-lab", "local ready", "cbq", timeout=15.0)
@@ -131,6 +153,26 @@ def test_status_frames_are_drawn(rig: dict[str, Any]) -> None:
     lines = panel.wait_text("MirrorUnit", f"version {__version__}", "panel ")
     drawn = [line for line in lines if line]
     assert " ".join(drawn[2:-1]) == COPYRIGHT  # wrapped at 16 columns
+
+
+def test_a_fault_is_shown_and_blinks_the_fault_led(rig: dict[str, Any]) -> None:
+    panel: PanelProc = rig["panel"]
+    unit: LocalProc = rig["unit"]
+    home(panel)
+    unit.call("volume.set_state", state="offline")
+    try:
+        panel.wait_text("local offline", "FAULT", "volume offline", timeout=ONE_BEAT)
+        t0 = time.monotonic()
+
+        def blinked() -> bool:
+            with panel._lock:
+                seen = {state[2] for at, state in panel.leds if at >= t0}
+            return seen == {"0", "1"}
+        wait_for("the fault LED blinking", blinked, 2.0)
+    finally:
+        unit.call("volume.set_state", state="ready")
+    panel.wait_text("local ready", timeout=ONE_BEAT)
+    assert "FAULT" not in panel.text()
 
 
 def test_wrong_pin_is_refused(rig: dict[str, Any]) -> None:
