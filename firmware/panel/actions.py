@@ -33,6 +33,10 @@ log = logging.getLogger("mirrorunit.panel")
 FREE_ATTEMPTS = 3
 LOCKOUT_S = 30.0
 LOCKOUT_MAX_S = 900.0
+#: How long a switchover waits for the peers to acknowledge every write, and how often
+#: it looks.
+SWITCHOVER_WAIT_S = 60.0
+SWITCHOVER_POLL_S = 0.5
 #: Longest text of one status field the panel is sent (its screen has 16 columns).
 MAX_FIELD = 48
 
@@ -62,10 +66,14 @@ def _short(value: Any) -> str:
 class PanelActions:
     def __init__(self, settings: ActionSettings, caller: Caller = call,
                  clock: Callable[[], float] = time.monotonic,
-                 runner: Callable[[Sequence[str]], None] | None = None) -> None:
+                 runner: Callable[[Sequence[str]], None] | None = None,
+                 sleep: Callable[[float], None] = time.sleep,
+                 switchover_wait_s: float = SWITCHOVER_WAIT_S) -> None:
         self.s = settings
         self.caller = caller
         self.clock = clock
+        self.sleep = sleep
+        self.switchover_wait_s = switchover_wait_s
         self.runner = runner or _run
         self.failures = 0
         self.locked_until = 0.0
@@ -196,10 +204,33 @@ class PanelActions:
         return f"Volume is {self._unit('volume.set_state', state='ready')}."
 
     def switchover(self) -> str:
-        # A switchover is the role's own recorded transition (ARCHITECTURE §7); the
-        # panel only asks for it, and shows the unit's answer.
-        result = self._unit("role.switchover")
-        return f"Switchover: {result}."
+        """This unit's half of a planned switchover: stop the host's writes (standby),
+        flush, and wait until every peer has acknowledged every write; then the peer
+        can be promoted with nothing lost.  A peer that does not catch up within
+        `switchover_wait_s` puts the volume back to ready."""
+        peers = self._peers()
+        if not peers:
+            raise Refused("no peer to hand the volume to")
+        self._unit("volume.set_state", state="standby")
+        self._unit("volume.flush")
+        deadline = self.clock() + self.switchover_wait_s
+        while True:
+            behind = {name: c for name, c in self._peers().items()
+                      if c.get("pending_records") or c.get("needs_resync")}
+            if not behind:
+                return f"Standby; {', '.join(sorted(peers))} has every write: promote it."
+            if self.clock() >= deadline:
+                self._unit("volume.set_state", state="ready")
+                name, c = sorted(behind.items())[0]
+                why = "needs a resync" if c.get("needs_resync") else \
+                    f"is {c.get('pending_records')} writes behind"
+                raise Refused(f"{name} {why}; volume back to ready")
+            self.sleep(SWITCHOVER_POLL_S)
+
+    def _peers(self) -> dict[str, dict[str, Any]]:
+        consumers = (self._unit("status").get("cbq") or {}).get("consumers") or {}
+        return {str(k): v for k, v in consumers.items()
+                if not str(k).startswith("@") and isinstance(v, dict)}
 
     def shutdown(self) -> str:
         seconds = self._unit("volume.flush")

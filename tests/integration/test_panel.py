@@ -17,6 +17,7 @@ import pytest
 from firmware import COPYRIGHT, __version__
 from firmware.config import ConfigStore, StoreSettings
 from firmware.link.tls import load_or_create_identity
+from firmware.nbd.client import NbdClient
 from firmware.panel.codec import Frame, FrameDecoder, FrameType, encode_frame
 from tests.support.panelproc import (
     PANEL_SOURCE,
@@ -36,6 +37,7 @@ HEARTBEAT_S = 1.0
 #: One heartbeat, plus the status poll that may have just missed a change, plus slack
 #: for two busy cores.
 ONE_BEAT = HEARTBEAT_S * 2 + 0.5
+SWITCHOVER_WAIT_S = 1.5
 
 MENU_DOWN = {"Network": 0, "Fingerprint": 1, "Standby": 2, "Promote": 3, "Switchover": 4,
              "Shutdown": 5, "About": 6}
@@ -62,6 +64,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     cable = Cable()
     args = ["--device", cable.unit_end, "--control", str(unit.control), "--config", str(cfg),
             "--cert", str(ident.cert_path), "--heartbeat", str(HEARTBEAT_S),
+            "--switchover-wait", str(SWITCHOVER_WAIT_S),
             "--poweroff-command", f"touch {tmp / 'powered-off'}",
             "--apply-network", "--network-file", str(tmp / "10-mirrorunit.network"),
             "--networkctl", str(networkctl), "--sys-class-net", str(net)]
@@ -211,6 +214,28 @@ def test_standby_and_promote_reach_the_unit(rig: dict[str, Any]) -> None:
     _act(panel, "Promote", "Promote volume?")
     panel.wait_text("Volume is ready", timeout=10.0)
     assert volume_state(unit) == "ready"
+
+
+def test_switchover_hands_over_once_the_peer_has_every_write(rig: dict[str, Any]) -> None:
+    panel: PanelProc = rig["panel"]
+    unit: LocalProc = rig["unit"]
+    peers = [k for k in unit.call("status")["cbq"]["consumers"] if not k.startswith("@")]
+    assert peers == ["remote"]  # the local unit's peer, no link running in this test
+    with NbdClient("127.0.0.1", unit.port, "mirrorunit") as c:
+        c.write(0, b"\x5a" * 4096, fua=True)
+    # the peer is behind: after the wait the volume goes back to ready
+    _act(panel, "Switchover", "Switch over?")
+    panel.wait_text("Refused:", "remote is 1", "writes behind", "volume back to",
+                    timeout=SWITCHOVER_WAIT_S + 10)
+    assert volume_state(unit) == "ready"
+    # the peer acknowledges everything: the switchover goes through
+    unit.call("cbq.ack", consumer="remote", seq=unit.call("status")["cbq"]["last_seq"])
+    _act(panel, "Switchover", "Switch over?")
+    panel.wait_text("Standby; remote", "every write:", timeout=10.0)
+    try:
+        assert volume_state(unit) == "standby"
+    finally:
+        unit.call("volume.set_state", state="ready")
 
 
 def test_network_change_is_saved_and_applied(rig: dict[str, Any]) -> None:

@@ -27,6 +27,8 @@ class PanelSettings:
     cert: str | None = None
     poweroff: tuple[str, ...] = ("systemctl", "poweroff")
     heartbeat_s: float = 1.0
+    #: how long a switchover waits for the peers to acknowledge every write
+    switchover_wait_s: float = 60.0
     #: applies network.* to this machine; None stores them only (see `config set`)
     apply_network: Callable[[Any], str] | None = None
 
@@ -56,6 +58,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poweroff-command", default="systemctl poweroff")
     p.add_argument("--heartbeat", type=float, default=1.0, metavar="S",
                    help="heartbeat and status interval")
+    p.add_argument("--switchover-wait", type=float, default=60.0, metavar="S",
+                   help="how long a switchover waits for the peers to have every write")
     from ..config import add_network_options
 
     add_network_options(p)
@@ -68,7 +72,8 @@ def settings_from_args(args: argparse.Namespace) -> PanelSettings:
     return PanelSettings(device=args.device, baud=args.baud, control=args.control,
                          ups_control=args.ups_control, config=args.config, cert=args.cert,
                          poweroff=tuple(shlex.split(args.poweroff_command)),
-                         heartbeat_s=args.heartbeat, apply_network=network_hook(args))
+                         heartbeat_s=args.heartbeat, switchover_wait_s=args.switchover_wait,
+                         apply_network=network_hook(args))
 
 
 def cmd_panel(args: argparse.Namespace) -> int:
@@ -88,7 +93,7 @@ def run(s: PanelSettings) -> int:
     actions = PanelActions(ActionSettings(
         control=s.control, store=store, ups_control=s.ups_control,
         fingerprint=_fingerprint(cert), apply_network=s.apply_network,
-        poweroff=s.poweroff))
+        poweroff=s.poweroff), switchover_wait_s=s.switchover_wait_s)
     link = PanelLink(LinkSettings(device=s.device, baud=s.baud, heartbeat_s=s.heartbeat_s),
                      actions)
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -19,6 +19,7 @@ class FakeUnit:
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.up = True
+        self.consumers: dict[str, Any] = {"r1": {"needs_resync": True}}
 
     def __call__(self, path: str, op: str, timeout: float = 0, **args: Any) -> Any:
         if not self.up:
@@ -26,12 +27,13 @@ class FakeUnit:
         self.calls.append((op, args))
         if op == "status":
             return {"role": "local", "volume": {"state": "ready"},
-                    "cbq": {"fill": 0.25, "mode": "normal",
-                            "consumers": {"r1": {"needs_resync": True}}},
+                    "cbq": {"fill": 0.25, "mode": "normal", "consumers": self.consumers},
                     "link": {"peers": {"r1": {"state": "up", "lag_seconds": 1.25}}},
                     "ups": {"status": "on_battery"}}
         if op == "volume.set_state":
             return args["state"]
+        if op == "volume.flush":
+            return 0.01
         raise ControlError(f"unknown operation {op!r}")
 
 
@@ -41,9 +43,16 @@ def rig(tmp_path: Path) -> tuple[PanelActions, FakeUnit, list[float]]:
     store.set_admin_password(PASSWORD)
     unit = FakeUnit()
     now = [1000.0]
+    def sleep(s: float) -> None:
+        now[0] += s
+        # the peer acknowledges one more write each time the panel looks
+        for c in unit.consumers.values():
+            if c.get("pending_records"):
+                c["pending_records"] -= 1
     actions = PanelActions(ActionSettings(control="unit.sock", store=store,
                                           fingerprint="ab" * 32),
-                           caller=unit, clock=lambda: now[0])
+                           caller=unit, clock=lambda: now[0], sleep=sleep,
+                           switchover_wait_s=5.0)
     return actions, unit, now
 
 
@@ -116,3 +125,25 @@ def test_status_summary_names_the_faults(rig: Any) -> None:
     unit.up = False
     st = actions.status()
     assert st["vol"] == "down" and st["fault"].startswith("unit not running")
+
+
+def _states(unit: FakeUnit) -> list[str]:
+    return [a["state"] for op, a in unit.calls if op == "volume.set_state"]
+
+
+def test_switchover_waits_for_the_peer_to_have_every_write(rig: Any) -> None:
+    actions, unit, now = rig
+    unit.consumers.clear()
+    r = actions.handle({"id": 1, "op": "switchover", "args": {}, "pin": PASSWORD})
+    assert r["msg"] == "no peer to hand the volume to" and _states(unit) == []
+    unit.consumers.update({"@mirror": {"pending_records": 9}, "r1": {"pending_records": 3}})
+    t0 = now[0]
+    r = actions.handle({"id": 2, "op": "switchover", "args": {}, "pin": PASSWORD})
+    assert r == {"id": 2, "ok": True, "msg": "Standby; r1 has every write: promote it."}
+    assert _states(unit) == ["standby"] and now[0] - t0 == 1.5
+    # a peer that does not catch up in time: the volume goes back to ready
+    unit.calls.clear()
+    unit.consumers["r1"] = {"pending_records": 500}
+    r = actions.handle({"id": 3, "op": "switchover", "args": {}, "pin": PASSWORD})
+    assert not r["ok"] and r["msg"] == "r1 is 490 writes behind; volume back to ready"
+    assert _states(unit) == ["standby", "ready"]
