@@ -273,6 +273,15 @@ def test_network_change_is_saved_and_applied(rig: dict[str, Any]) -> None:
     assert cfg is not None and cfg["network.mode"] == "dhcp"
 
 
+def test_shutdown_flushes_then_powers_off(rig: dict[str, Any]) -> None:
+    panel: PanelProc = rig["panel"]
+    marker: Path = rig["tmp"] / "powered-off"
+    assert not marker.exists()
+    _act(panel, "Shutdown", "Shut down?")
+    panel.wait_text("Flushed in", "powering off.", timeout=10.0)
+    assert marker.exists()  # the --poweroff-command ran
+
+
 def test_fingerprint_is_shown(rig: dict[str, Any]) -> None:
     panel: PanelProc = rig["panel"]
     fp = rig["ident"].fingerprint.replace(":", "")
