@@ -124,6 +124,59 @@ def test_mpy_cross_compiles_every_panel_module(rig: dict[str, Any]) -> None:
     assert "micropython-ssd1306 0.3" in (bundle / "VENDORED.txt").read_text()
 
 
+HW_SCRIPT = """
+import json, machine, hw, render, boardprofile as P
+d = hw.Display()
+bus = machine.I2C.last
+render.draw(d, ["hello", "world"], 1)
+addr, data = bus.data[-1]
+assert data[0] == 0x40 and data[1:] == bytes(d.buffer), "framebuffer not sent"
+b = hw.Buttons()
+sel = machine.Pin.pins[dict(P.BUTTONS)["select"]]
+presses = [b.poll(100)]
+sel.value(0)                      # pressed
+presses += [b.poll(200), b.poll(210)]
+sel.value(1)                      # bounce: released 10 ms later
+presses.append(b.poll(220))
+sel.value(0)
+presses.append(b.poll(225))
+sel.value(1)
+presses.append(b.poll(300))       # released for good
+sel.value(0)
+presses.append(b.poll(400))       # pressed again
+leds = hw.Leds()
+leds.set(True, False, True)
+lit = [machine.Pin.pins[n].value() for n in (P.LED_ACTIVITY, P.LED_LINK, P.LED_FAULT)]
+u = hw._UartLink()
+machine.UART.last.incoming += b"abc"
+got = u.read()
+u.write(b"xyz")
+print(json.dumps({"i2c": [bus.bus, bus.pins, bus.freq, addr], "cmds": len(bus.commands),
+                  "presses": presses, "lit": lit, "uart": list(machine.UART.last.args),
+                  "read": got.decode(), "written": bytes(machine.UART.last.written).decode(),
+                  "none": u.read()}))
+"""
+
+
+def test_the_real_hw_module_drives_display_buttons_leds_and_uart(
+        rig: dict[str, Any]) -> None:
+    """board/panel/hw.py itself (compiled), over a fake `machine` module: the SSD1306
+    driver sends the framebuffer on the profile's I2C pins, buttons are debounced
+    active-low, LEDs follow, the UART link passes bytes."""
+    fake_machine = PANEL_SOURCE.parents[1] / "tests" / "support" / "panel_machine"
+    r = subprocess.run([micropython(), "-c", HW_SCRIPT], capture_output=True, text=True,
+                       timeout=20, cwd=rig["tmp"],
+                       env=dict(os.environ, MICROPYPATH=f"{fake_machine}:{rig['bundle']}"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["i2c"] == [0, [4, 5], 400000, 0x3C]
+    assert out["cmds"] > 20  # the init sequence and each show()'s addressing
+    assert out["presses"] == [[], ["select"], [], [], [], [], ["select"]]
+    assert out["lit"] == [1, 0, 1]
+    assert out["uart"] == [0, 115200, 0, 1]
+    assert (out["read"], out["written"], out["none"]) == ("abc", "xyz", None)
+
+
 def test_both_implementations_of_the_protocol_agree() -> None:
     """board/panel/proto.py on the Unix port and firmware/panel/codec.py, each way."""
     body = {"name": "unit-\u00e9", "n": 7, "ok": True, "none": None, "fill": 0.25,
