@@ -116,11 +116,15 @@ class PanelLink:
         assert self._fd is not None
         fd = self._fd
         next_beat = time.monotonic()
+        heard = False
         while not self._stopping.is_set():
             now = time.monotonic()
             if now >= next_beat or self._status_changed.is_set():
                 self._beat()
                 next_beat = now + self.s.heartbeat_s
+                if heard != self.panel_up:
+                    heard = self.panel_up
+                    log.info("panel: controller %s", "heard" if heard else "silent")
             wait = max(0.0, min(next_beat - time.monotonic(), 0.1))
             r, _, x = select.select([fd], [], [fd], wait)
             if not r and not x:

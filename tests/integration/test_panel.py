@@ -411,16 +411,26 @@ def test_appliance_restart_recovers(rig: dict[str, Any]) -> None:
     panel.wait_text("panel-lab", "local ready")
 
 
+def _boots(cable: Cable, since: float = 0.0) -> list[int]:
+    return [f.body["boot"] for f in cable.frames(to_panel=False, since=since)
+            if f.type is FrameType.HEARTBEAT]
+
+
 def test_panel_restart_recovers(rig: dict[str, Any]) -> None:
     cable: Cable = rig["cable"]
+    log: Path = rig["appliance"].log
+    old = _boots(cable)[-1]
+    # the appliance (restarted by the test before) has met the running controller since
+    # it opened the line
+    wait_for("appliance meets the controller",
+             lambda: f"(boot {old})" in log.read_text().rsplit(" open\n", 1)[-1], ONE_BEAT)
     rig["panel"].stop()
     panel = PanelProc(rig["bundle"], cable.panel_end, rig["tmp"])
     rig["panel"] = panel
     t0 = time.monotonic()
     panel.start()
     panel.wait_text("panel-lab", "local ready", timeout=ONE_BEAT + 2)
-    # the appliance saw the new boot id and sent the status without waiting
-    boots = {f.body.get("boot") for f in cable.frames(to_panel=False, since=t0)
-             if f.type is FrameType.HEARTBEAT}
-    assert len(boots) == 1
-    assert os.path.exists(rig["tmp"] / "panel.log")
+    new = {b for b in _boots(cable, since=t0) if b != old}
+    assert len(new) == 1  # a boot id of its own
+    wait_for("appliance sees the restart", lambda: f"controller restarted (boot "
+             f"{next(iter(new))})" in log.read_text(), ONE_BEAT)
