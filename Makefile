@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # the board whose card image `make image`, `make image-test` and `make test` build
 BOARD  ?= pi4
 
-.PHONY: setup run test test-quick bench lint clean fuzz
+.PHONY: setup run test test-quick bench lint clean fuzz panel
 
 setup: $(STAMP)
 
@@ -48,6 +48,12 @@ bench: setup
 FUZZ_RUNS ?= 1000000
 fuzz: setup
 	$(PY) fuzz/run_all.py --runs $(FUZZ_RUNS) --out var/fuzz
+
+# The front-panel controller's bundle (board/panel): every module compiled by mpy-cross
+# for the RP2040 (-march=armv6m) into build/panel/*.mpy, with main.py and the vendored
+# MicroPython packages (ssd1306, logging; fetched once into build/panel-vendor).
+panel: setup
+	$(PY) scripts/build_panel.py --out build/panel
 
 clean:
 	rm -rf var .pytest_cache

@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         link,
         local,
         notify,
+        panel,
         remote,
         role,
         ssh,
@@ -35,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     # the order of `mirrorunit --help`
-    for app in (local, gadget, link, role, remote, config, ups, console, notify, appliance,
-                ssh):
+    for app in (local, gadget, link, role, remote, config, ups, console, panel, notify,
+                appliance, ssh):
         app.register(sub)
     return p
 

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,16 @@ ENABLED_UNITS = [
     "systemd-networkd.service", "systemd-resolved.service", "systemd-timesyncd.service",
     "ssh.service",
 ]
+#: units enabled only on boards whose profile asks for them
+BOARD_UNITS: dict[str, Callable[[profile.Board], bool]] = {
+    "mirrorunit-panel.service": lambda board: board.panel is not None,
+}
+
+
+def enabled_units(board: profile.Board) -> list[str]:
+    return ENABLED_UNITS + [u for u, wanted in BOARD_UNITS.items() if wanted(board)]
+
+
 #: never at boot: they write to the root, prompt on the console, or are replaced by ours
 DISABLED_UNITS = ["apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer",
                   "e2scrub_reap.service", "wpa_supplicant.service"]
@@ -179,7 +190,10 @@ def install_python(ctx: Context) -> None:
 
 
 def _subst(text: str, board: profile.Board) -> str:
+    panel = board.panel or profile.Panel()
     return (text.replace("@PYLIB@", PYLIB)
+            .replace("@PANEL_DEVICE@", panel.device)
+            .replace("@PANEL_BAUD@", str(panel.baud))
             .replace("@I2C_BUS@", str(board.i2c_bus))
             .replace("@USB_MODULES@", " ".join(board.usb_device.modules)))
 
@@ -279,7 +293,8 @@ def install_console_dropins(ctx: Context) -> None:
 
 def configure_units(ctx: Context) -> None:
     root = str(ctx.root)
-    sh(["systemctl", f"--root={root}", "enable", *ENABLED_UNITS], capture_output=True)
+    sh(["systemctl", f"--root={root}", "enable", *enabled_units(ctx.board)],
+       capture_output=True)
     sh(["systemctl", f"--root={root}", "disable", *DISABLED_UNITS], capture_output=True)
     sh(["systemctl", f"--root={root}", "mask", *MASKED_UNITS], capture_output=True)
 

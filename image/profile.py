@@ -57,6 +57,13 @@ class Storage:
 
 
 @dataclass(frozen=True)
+class Panel:
+    """The front-panel controller (board/panel) on a serial port of the board."""
+    device: str = "/dev/ttyACM0"
+    baud: int = 115200
+
+
+@dataclass(frozen=True)
 class Board:
     name: str
     title: str
@@ -73,6 +80,7 @@ class Board:
     i2c_dt_node: str
     gpio: dict[str, int]
     storage: Storage
+    panel: Panel | None = None
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -144,7 +152,17 @@ def load(name: str, board_dir: Path = BOARD_DIR) -> Board:
         i2c_bus=_get(i2c, "bus", int, where + ".i2c"),
         i2c_dt_node=_get(i2c, "dt_node", str, where + ".i2c"),
         gpio={str(k): int(v) for k, v in _get(raw, "gpio", dict, where).items()},
-        storage=storage, raw=raw)
+        storage=storage, panel=_panel(raw, where), raw=raw)
+
+
+def _panel(raw: dict[str, Any], where: str) -> Panel | None:
+    if "panel" not in raw:
+        return None
+    p = _get(raw, "panel", dict, where)
+    device = _get(p, "device", str, where + ".panel")
+    if not device.startswith("/dev/"):
+        raise ProfileError(f"{where}.panel.device: {device!r} is not under /dev")
+    return Panel(device=device, baud=_get(p, "baud", int, where + ".panel"))
 
 
 def patched_dtb_name(board: Board, dtb: str) -> str:

@@ -22,6 +22,7 @@ ROLE_UNITS = {
     "mirrorunit-remote.service": "mirrorunit appliance remote",
     "mirrorunit-ups.service": "mirrorunit ups",
     "mirrorunit-notify.service": "mirrorunit notify",
+    "mirrorunit-panel.service": "mirrorunit panel",
 }
 
 
@@ -54,7 +55,7 @@ def test_role_unit_runs_its_command_and_cannot_crash_loop(unit: str, command: st
     if restart != "no":
         assert int(top["StartLimitBurst"][-1]) <= 5
         assert "2" in svc["RestartPreventExitStatus"][-1].split()
-    assert unit in build.ENABLED_UNITS
+    assert unit in build.ENABLED_UNITS or unit in build.BOARD_UNITS
 
 
 def test_gadget_is_a_oneshot_skipped_without_a_udc() -> None:
@@ -96,7 +97,22 @@ def test_var_overlay_keeps_its_upper_layer_in_ram() -> None:
 def test_every_shipped_unit_is_enabled_or_deliberately_not() -> None:
     shipped = {p.name for p in UNITS.glob("*.*")}
     helpers = {"mirrorunit-overlay-dirs.service"}  # pulled in by var.mount
-    assert shipped - helpers <= set(build.ENABLED_UNITS)
+    assert shipped - helpers <= set(build.ENABLED_UNITS) | set(build.BOARD_UNITS)
+
+
+def test_panel_unit_is_enabled_only_where_the_board_has_a_panel() -> None:
+    from image import profile
+
+    pi4 = profile.load("pi4")
+    assert pi4.panel == profile.Panel("/dev/ttyACM0", 115200)
+    assert "mirrorunit-panel.service" in build.enabled_units(pi4)
+    boards = [profile.load(p.stem) for p in (REPO / "board").glob("*.toml")
+              if "supported = true" in p.read_text()]
+    for board in boards:
+        if board.panel is None:
+            assert "mirrorunit-panel.service" not in build.enabled_units(board), board.name
+    text = build._subst((UNITS / "mirrorunit-panel.service").read_text(), pi4)
+    assert "--device /dev/ttyACM0 --baud 115200" in text and "@PANEL" not in text
 
 
 #: unit -> the capabilities it keeps (docs/image.md, "Locked down")
@@ -105,7 +121,11 @@ SANDBOXED = {
     "mirrorunit-remote.service": {"CAP_SYS_ADMIN"},
     "mirrorunit-notify.service": set(),
     "mirrorunit-ups.service": set(),
+    "mirrorunit-panel.service": set(),
 }
+
+
+EXTRA_WRITABLE = {"mirrorunit-panel.service": ["-/run/systemd/network"]}
 
 
 @pytest.mark.parametrize("unit", sorted(SANDBOXED))
@@ -119,8 +139,11 @@ def test_role_unit_is_sandboxed(unit: str) -> None:
     assert "AmbientCapabilities" not in svc or svc["AmbientCapabilities"] == [""]
     assert 0 < int(svc["TasksMax"][-1]) <= 1024
     assert 0 < int(svc["LimitNOFILE"][-1]) <= 8192
-    # only the config partition is writable beyond the unit's runtime directory
-    assert svc.get("ReadWritePaths", []) in ([], ["/config"])
+    # only the config partition is writable beyond the unit's runtime directory (and,
+    # for the panel, which applies a network change as the console does, networkd's
+    # runtime file)
+    allowed = EXTRA_WRITABLE.get(unit, [])
+    assert svc.get("ReadWritePaths", []) in ([], ["/config"], ["/config", *allowed])
 
 
 def test_shadow_check_refuses_open_accounts() -> None:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2] / "firmware"
 LAYERS: dict[str, int] = {
     "apps": 1, "cli": 1, "__main__": 1, "demo": 1, "bench": 1,
     "local": 2, "remote": 2, "usb_gadget": 2, "nbd": 2, "ups": 2, "notify": 2,
-    "console": 2, "recovery": 2, "ssh_access": 2,
+    "console": 2, "recovery": 2, "ssh_access": 2, "panel": 2,
     "scsi": 3, "link": 3, "cbq": 3, "volume": 3, "config": 3, "lineage": 3, "control": 3,
     "storage": 3,
     "record": 4, "units": 4, "fsutil": 4, "blockdev": 4, "errors": 4, "cbor_strict": 4,
