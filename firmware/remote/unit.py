@@ -41,6 +41,7 @@ from typing import Any
 
 import cbor2
 
+from firmware.cbq.format import BARRIER_IN_RESYNC, split_barrier_flags
 from firmware.lineage import Lineage, Role
 from firmware.lineage import store as lineage_store
 from firmware.link.frames import WriteRecord, skip_record
@@ -71,6 +72,7 @@ from firmware.remote.format import (
 )
 from firmware.remote.journal import LogEntry, NewRecord, SegmentLog
 from firmware.remote.pit import PointInTimeDevice
+from firmware.remote.points import Point, PointLog
 from firmware.remote.promoted import PromotedDevice
 
 log = logging.getLogger("mirrorunit.remote")
@@ -238,6 +240,8 @@ class _State:
     #: "forced", "writes" (host writes since)}.  Its mirror is then written in place
     #: by its own host, the chunks it touched in `dirty.map`.
     promoted: dict[str, Any] | None = None
+    #: The number the next consistent point gets (points.log holds the points).
+    points_next: int = 1
 
     def encode(self) -> bytes:
         body = cbor2.dumps(dataclasses.asdict(self))
@@ -328,6 +332,7 @@ class UnitStore:
         self._mirror: FileHandle | None = None
         self._rj: SegmentLog | None = None
         self._hj: SegmentLog | None = None
+        self._points: PointLog | None = None
 
         self._ops.makedirs(self.directory)
         lock_path = os.path.join(self.directory, LOCK_NAME)
@@ -400,6 +405,8 @@ class UnitStore:
                               RECEIVE_SEGMENT_MAGIC, self._segment_bytes, self._clock)
         self._hj = SegmentLog(ops, os.path.join(self.directory, "history"), "hj",
                               HISTORY_SEGMENT_MAGIC, self._segment_bytes, self._clock)
+        self._points = PointLog(ops, self.directory)
+        self._points.open(self._st.points_next)
         received = self._rj.open()
         history = self._hj.open()
         if new:
@@ -563,8 +570,16 @@ class UnitStore:
             self._check_not_promoted("takes no replication")
             assert self._rj is not None
             fresh: list[WriteRecord] = []
+            barriers: list[WriteRecord] = []
             expect = self._durable + 1
             for r in records:
+                if r.barrier:
+                    # It covers the writes before it: none it names may be missing.
+                    if r.seq >= expect:
+                        raise SeqGap(f"unit {self.unit_id!r}: a barrier at seq {r.seq} "
+                                     f"arrived where write {expect} was due")
+                    barriers.append(r)
+                    continue
                 if r.last_seq < expect:
                     continue
                 if r.is_skip and r.seq < expect:
@@ -593,8 +608,25 @@ class UnitStore:
                         self._note_skip(r.seq, r.skip_last)
                 self._bytes_received += sum(len(r.data) for r in fresh)
                 self._newest_ts = max(self._newest_ts, max(r.ts for r in fresh))
+            if barriers:
+                self._note_barriers(barriers)
             self.apply_due(self._clock())
             return self._durable
+
+    def _note_barriers(self, barriers: Sequence[WriteRecord]) -> None:
+        """Record the barriers as consistent points, durably (after the writes they
+        cover are: the receive journal was synced first)."""
+        assert self._points is not None
+        added = 0
+        for r in barriers:
+            kind, front, opcode = split_barrier_flags(r.flags)
+            in_resync = bool(r.flags & BARRIER_IN_RESYNC) or self._st.resync is not None
+            if self._points.add(r.seq, r.ts, kind & ~BARRIER_IN_RESYNC, front, opcode,
+                                r.connection, r.cum_blocks, self.block_size,
+                                in_resync) is not None:
+                added += 1
+        if added:
+            self._points.sync()
 
     def last_durable_seq(self) -> int:
         with self._lock:
@@ -707,6 +739,8 @@ class UnitStore:
         st.checkpoint_seq, st.checkpoint_ts = self._applied, self._applied_ts
         st.durable_seq = self._durable
         st.bytes_received, st.newest_ts = self._bytes_received, self._newest_ts
+        if self._points is not None:
+            st.points_next = self._points.next_number
         st.events = st.events[-MAX_EVENTS:]
         tmp = self._state_path + ".tmp"
         h = self._ops.open(tmp, create=True)
@@ -741,6 +775,9 @@ class UnitStore:
         self._prune(now, exact)
         self._save_state()
         self._trim_segments()
+        if self._points is not None:
+            # After the state: its points_next already counts every point dropped here.
+            self._points.prune(self._st.floor_seq)
 
     def checkpoint(self) -> None:
         """Save the state now (bounds the redo work of a recovery) and trim journals."""
@@ -883,6 +920,29 @@ class UnitStore:
                     break
                 i -= 1
         return (point if point is not None else oldest), i
+
+    def points(self, lo_ns: int | None = None, hi_ns: int | None = None) -> list[Point]:
+        """The consistent points (barriers) still restorable, oldest first, with a time
+        in [lo_ns, hi_ns] where given."""
+        with self._lock:
+            self._check_open()
+            assert self._points is not None
+            floor = self._st.floor_seq
+            return [p for p in self._points.between(lo_ns, hi_ns) if p.seq >= floor]
+
+    def point(self, number: int) -> Point:
+        """Consistent point `number`; NotRestorable if it is not (or no longer) kept, or
+        lies inside a resync."""
+        with self._lock:
+            self._check_open()
+            assert self._points is not None
+            p = self._points.find(number)
+            if p is None or p.seq < self._st.floor_seq:
+                raise NotRestorable(f"unit {self.unit_id!r} keeps no point {number}")
+            if p.in_resync:
+                raise NotRestorable(f"point {number} (seq {p.seq}) lies inside a resync: "
+                                    "the image there is not consistent")
+            return p
 
     def resolve(self, at: int | None = None, *, seq: int | None = None) -> PointInTime:
         """The restorable point `image_at(at)` / `image_at_seq(seq)` would give."""
@@ -1433,6 +1493,8 @@ class UnitStore:
         for j in (self._rj, self._hj):
             if j is not None:
                 j.close()
+        if self._points is not None:
+            self._points.close()
         if self._mirror is not None:
             self._mirror.close()
         self._lock_handle.release()

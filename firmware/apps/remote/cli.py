@@ -184,9 +184,17 @@ def configure(rp: argparse.ArgumentParser) -> None:
     g = ex.add_mutually_exclusive_group()
     g.add_argument("--at", type=parse_time, help="instant (ISO 8601, epoch s, ns:N)")
     g.add_argument("--seq", type=int, help="right after write SEQ")
+    g.add_argument("--point", type=int, metavar="N",
+                   help="at consistent point N (see `remote points`)")
     o = ex.add_mutually_exclusive_group(required=True)
     o.add_argument("--output", type=Path, help="image file to write")
     o.add_argument("--nbd", metavar="HOST:PORT", help="serve read-only over NBD until Ctrl-C")
+    pt = op("points", "the consistent points (host flushes and FUA writes) of a unit")
+    pt.add_argument("unit", nargs="?", metavar="UNIT")
+    pt.add_argument("--unit", dest="unit_option", metavar="UNIT", help=argparse.SUPPRESS)
+    pt.add_argument("--from", dest="t_from", type=parse_time, help="from this instant")
+    pt.add_argument("--to", dest="t_to", type=parse_time, help="up to this instant")
+    pt.add_argument("--json", action="store_true")
     rb = op("rollback", "rewind a unit's mirror itself to a point in time")
     rb.add_argument("--unit", required=True)
     g = rb.add_mutually_exclusive_group(required=True)
@@ -208,6 +216,11 @@ def cmd_remote(args: argparse.Namespace) -> int:
         return serve(settings_from_args(args))
     from firmware.control import ControlError, call
 
+    if args.remote_command == "points":
+        args.unit = args.unit or args.unit_option
+        if args.unit is None:
+            print("mirrorunit remote points: name the UNIT", file=sys.stderr)
+            return 2
     try:
         call(args.control, "status", timeout=5)
         online = True
@@ -246,17 +259,39 @@ def _print_status(result: dict[str, Any], as_json: bool) -> None:
               + ("" if u["equal_to_local"] else ", differs from local (drop/rollback)"))
 
 
+_FRONT_ENDS = {1: "nbd", 2: "scsi"}
+_BARRIER_KINDS = {1: "flush", 2: "fua", 3: "flush+fua"}
+
+
+def _print_points(points: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(points, indent=2))
+        return
+    print(f"{'point':>7} {'seq':>10}  {'time (UTC)':<29} {'bytes since':>12}  "
+          f"{'barrier':<14} notes")
+    for p in points:
+        what = (f"{_FRONT_ENDS.get(p['front_end'], '?')} "
+                f"{_BARRIER_KINDS.get(p['kind'], '?')} {p['opcode']:#04x}")
+        notes = ", ".join(n for n, on in (("inside resync: not consistent", p["in_resync"]),
+                                          ("not on the mirror yet", not p["applied"])) if on)
+        print(f"{p['number']:>7} {p['seq']:>10}  {_fmt(p['ts']):<29} {p['bytes_since']:>12}  "
+              f"{what:<14} {notes}")
+
+
 def _online(args: argparse.Namespace, call: Any) -> int:
     cmd = args.remote_command
     if cmd == "status":
         _print_status(call("status"), args.json)
+    elif cmd == "points":
+        _print_points(call("remote.points", unit=args.unit, from_ns=args.t_from,
+                           to_ns=args.t_to), args.json)
     elif cmd == "export" and args.output is not None:
         r = call("remote.export", unit=args.unit, output=str(args.output.resolve()),
-                 at_ns=args.at, seq=args.seq)
+                 at_ns=args.at, seq=args.seq, point=args.point)
         print(f"exported unit {args.unit} at seq {r['seq']} ({_fmt(r['ts'])}) to {args.output}")
     elif cmd == "export":
         r = call("remote.nbd_start", unit=args.unit, address=args.nbd, at_ns=args.at,
-                 seq=args.seq)
+                 seq=args.seq, point=args.point)
         print(f"serving unit {args.unit} at seq {r['seq']} ({_fmt(r['ts'])}) read-only: "
               f"nbd://{r['address']}/{r['export']}  (Ctrl-C to stop)", flush=True)
         stop = threading.Event()
