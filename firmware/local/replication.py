@@ -248,7 +248,10 @@ class CbqSource:
                 self.cbq.ack(self.name, seq)
             except CbqError as exc:
                 raise LinkError(f"CBQ refused ack {seq} for {self.name}: {exc}") from None
-            while self._handed and self._handed[0].last_seq <= seq:
+            # A barrier at the acknowledged seq itself stays: it may have gone in a later
+            # batch than its write, and a rewind to `seq` must send it again.
+            while self._handed and (self._handed[0].seq < seq if self._handed[0].barrier
+                                    else self._handed[0].last_seq <= seq):
                 self.blocks_acked += len(self._handed.popleft().data) // self.block_size
             if self._ledger and self._ledger[0][0] <= seq:
                 self._ledger = [(max(a, seq + 1), b) for a, b in self._ledger if b > seq]
