@@ -325,7 +325,9 @@ class CbqSource:
                             "local resumes after %d)", self.name, len(chunks),
                             "volume" if full else "dirty", remote_durable, seq)
                 return ResyncPlan(verify=False, seq=seq, chunks=chunks)
-            if self._verify_requested and not self._handed and not self._stash:
+            # Nothing in flight but barriers kept back at the acknowledged seq (see ack).
+            idle = all(r.barrier and r.seq <= c.acked_seq for r in self._handed)
+            if self._verify_requested and idle and not self._stash:
                 self._verify_requested = False
                 self.resync = {"kind": "verify", "chunks": self.cbq.geo.chunks,
                                "seq": remote_durable, "started_ns": time.time_ns()}

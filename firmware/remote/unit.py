@@ -177,6 +177,9 @@ class UnitStatus:
     generation: str = ""
     #: None, or the promotion: {"seq", "at_ns", "forced", "writes", "dirty_chunks"}.
     promoted: dict[str, Any] | None = None
+    #: Consistent points kept (see `UnitStore.points()`), and the newest one.
+    points: int = 0
+    newest_point: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -1420,6 +1423,7 @@ class UnitStore:
     def status(self) -> UnitStatus:
         with self._lock:
             st = self._st
+            pts = self._points.points if self._points is not None else []
             pending_bytes = sum(e.payload_len for e in self._pending)
             lag = self._durable - self._applied
             lag_s = 0.0
@@ -1460,6 +1464,9 @@ class UnitStore:
                 generation=f"{self._lineage.generation:016x}",
                 promoted=None if st.promoted is None else {
                     **st.promoted, "dirty_chunks": self._dirty.count if self._dirty else 0},
+                points=sum(1 for p in pts if p.seq >= st.floor_seq),
+                newest_point=None if not pts else {
+                    "number": pts[-1].number, "seq": pts[-1].seq, "ts": pts[-1].ts},
             )
 
     def _check_not_promoted(self, what: str) -> None:

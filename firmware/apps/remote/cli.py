@@ -257,6 +257,10 @@ def _print_status(result: dict[str, Any], as_json: bool) -> None:
               f"oldest restorable seq {u['oldest_restorable_seq']}"
               + (f", RESYNC since seq {u['resync']['start_seq']}" if u["resync"] else "")
               + ("" if u["equal_to_local"] else ", differs from local (drop/rollback)"))
+        newest = u.get("newest_point")
+        if newest:
+            print(f"    {u['points']} consistent points, newest {newest['number']} at seq "
+                  f"{newest['seq']} ({_fmt(newest['ts'])})")
 
 
 _FRONT_ENDS = {1: "nbd", 2: "scsi"}

@@ -108,3 +108,14 @@ def test_one_point_per_flush_each_exporting_its_image(make_pair: MakePair,
                           "--control", str(remote.control)],
                          capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 1 and "no point 999" in res.stderr
+    status = remote.unit(pair.unit_id)
+    assert status["points"] == 4 and status["newest_point"]["number"] == points[-1]["number"]
+
+    # With the daemon stopped, the same list comes from the store directory itself.
+    pair.close()
+    res = subprocess.run([sys.executable, "-m", "firmware", "remote", "points", pair.unit_id,
+                          "--json", "--store", str(remote.store),
+                          "--control", str(remote.control)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == points
