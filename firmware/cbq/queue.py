@@ -36,6 +36,7 @@ from typing import Any
 
 import cbor2
 
+from ..control.status import CbqStats, ConsumerStats
 from .errors import CbqCorruption, CbqError, CbqFormatError, CbqUsageError
 from .format import (
     BARRIER_IN_RESYNC,
@@ -877,11 +878,11 @@ class CircularBufferQueue:
 
     # ------------------------------------------------------------------ status
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> CbqStats:
         with self._lock:
             g = self.geo
             tail_lin = self._tail_lin()
-            consumers = {}
+            consumers: dict[str, ConsumerStats] = {}
             for c in self.consumers.values():
                 oldest = self._timestamp_at(c.acked_lin)
                 consumers[c.name] = {

@@ -14,6 +14,7 @@ from ..config import Config, ConfigStore, ConfigStoreError
 from ..config.backup import BackupSource
 from ..config.password import check_admin_password
 from ..control import ControlError, call
+from ..control.status import LocalStatus, StatusShapeError, read_local_status, read_ups_report
 
 IDLE_LOCK_S = 300.0
 ESC = 27
@@ -170,16 +171,19 @@ class ConsoleBase:
             self.say(str(e))
             return None
 
-    def unit_status(self) -> tuple[dict[str, Any] | None, str]:
+    def unit_status(self) -> tuple[LocalStatus | None, str]:
+        """The unit's status (a separate UPS monitor's merged in), or None and why not."""
         try:
-            st = dict(call(self.s.control, "status", timeout=3.0))
+            st = read_local_status(call(self.s.control, "status", timeout=3.0))
         except ControlError as e:
             return None, str(e)
+        except StatusShapeError as e:
+            return None, f"its status answer is malformed: {e}"
         if "ups" not in st and self.s.ups_control:
             try:
-                st["ups"] = call(self.s.ups_control, "status", timeout=3.0)
-            except ControlError:
-                pass
+                st["ups"] = read_ups_report(call(self.s.ups_control, "status", timeout=3.0))
+            except (ControlError, StatusShapeError):
+                pass  # the screen says "UPS not monitored"
         return st, ""
 
     def unit_call(self, op: str, **args: Any) -> Any:

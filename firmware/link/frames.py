@@ -295,6 +295,58 @@ class ResyncDone:
 
 
 @dataclass(frozen=True)
+class FailbackStart:
+    """Local -> remote, before any HELLO: this copy gives up its writes since the remote
+    was promoted off its generation and asks to become equal to the remote's mirror
+    (docs/failover.md).  The remote stops its own host's writes and answers a plan."""
+
+    unit_id: str
+    lineage: Lineage
+    #: Codecs the local takes for CHUNK data, in its order of preference.
+    compression: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FailbackPlan:
+    """Remote -> local: what differs may only lie in the chunks set in `changed` (the
+    remote host's writes since the promotion) or in the local's own writes after the
+    fork; `dropped` marks the chunks of writes the remote received from the local and
+    dropped or undid when it was promoted (the local's writes there are no longer in
+    the remote's image).  Bitmaps of `chunk_count` bits, chunk c in byte c // 8, bit
+    c % 8."""
+
+    resync_id: int
+    #: the remote copy's seq (in the local queue's numbering) and lineage
+    seq: int
+    lineage: Lineage
+    chunk_size: int
+    chunk_count: int
+    changed: bytes
+    dropped: bytes
+    #: the codec the remote's CHUNK frames use
+    codec: str
+
+
+@dataclass(frozen=True)
+class ChunkWant:
+    """Local -> remote, during a failback: send the contents of these chunks."""
+
+    resync_id: int
+    chunks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class FailbackCommit:
+    """Local -> remote: the local now holds the remote's image; from here on the local
+    is the primary of `lineage` (a generation forked off the remote's at `seq`) and the
+    remote follows it from `seq`.  Answered by RESYNC_DONE."""
+
+    resync_id: int
+    seq: int
+    lineage: Lineage
+
+
+@dataclass(frozen=True)
 class ConfigPut:
     """Keep this sealed config backup of unit `unit_id` (the sender's own: a unit
     only ever stores its own backup with a peer)."""
@@ -367,7 +419,7 @@ Frame = (
     Hello | HelloAck | Writes | Ack | Digest | Commit | Abort | Ping | Pong | ErrorFrame | Bye
     | ResyncStart | DigestRequest | ChunkDigests | ChunkData | ResyncEnd | ResyncDone
     | ConfigPut | ConfigGet | ConfigBlob | RecoverHello | RecoverChallenge | RecoverProof
-    | PairOffer | Paired
+    | PairOffer | Paired | FailbackStart | FailbackPlan | ChunkWant | FailbackCommit
 )
 
 #: Sizes in the recovery exchange.
@@ -391,8 +443,9 @@ MAX_DIGEST_CHUNKS = 1024
 #: of writes, each a whole number of blocks of at least 512 bytes, and at most one SKIP
 #: before each write and one at the end: 2 * 16,256 + 1 records at the very most.
 MAX_WRITES_RECORDS = 32 * 1024
-#: WRITES nests deepest: body map, record list, record.
-MAX_BODY_DEPTH = 3
+#: A lineage nests deepest: body map, lineage map, history list, generation map (a
+#: WRITES record list is three deep).
+MAX_BODY_DEPTH = 4
 #: Items in one body (every array element, map key and value): a full WRITES frame of
 #: SKIP records (six items each) and its few fields.
 MAX_BODY_ITEMS = 6 * MAX_WRITES_RECORDS + 64
@@ -565,6 +618,19 @@ def _frame_map(frame: Frame) -> dict[str, Any]:
         return {"type": "PAIR_OFFER", "unit": frame.unit_id, "cert": frame.cert_der}
     if isinstance(frame, Paired):
         return {"type": "PAIRED", "unit": frame.unit_id}
+    if isinstance(frame, FailbackStart):
+        return {"type": "FAILBACK_START", "unit": frame.unit_id,
+                "lineage": frame.lineage.to_dict(), "compression": list(frame.compression)}
+    if isinstance(frame, FailbackPlan):
+        return {"type": "FAILBACK_PLAN", "rid": frame.resync_id, "seq": frame.seq,
+                "lineage": frame.lineage.to_dict(), "chunk": frame.chunk_size,
+                "count": frame.chunk_count, "changed": frame.changed,
+                "dropped": frame.dropped, "codec": frame.codec}
+    if isinstance(frame, ChunkWant):
+        return {"type": "CHUNK_WANT", "rid": frame.resync_id, "chunks": list(frame.chunks)}
+    if isinstance(frame, FailbackCommit):
+        return {"type": "FAILBACK_COMMIT", "rid": frame.resync_id, "seq": frame.seq,
+                "lineage": frame.lineage.to_dict()}
     raise TypeError(f"not a frame: {frame!r}")
 
 
@@ -772,6 +838,39 @@ def _decode_chunk_digests(m: dict[Any, Any]) -> ChunkDigests:
     )
 
 
+def _decode_failback_start(m: dict[Any, Any]) -> FailbackStart:
+    codecs = _list(m, "compression", "FAILBACK_START", 8)
+    if any(type(c) is not str or len(c) > 32 for c in codecs):
+        raise LinkProtocolError("FAILBACK_START field 'compression' must list codec names")
+    return FailbackStart(_config_unit(m, "FAILBACK_START"), _lineage(m, "FAILBACK_START"),
+                         tuple(codecs))
+
+
+#: Largest volume a failback plan describes: its bitmaps must fit one frame.
+MAX_PLAN_CHUNKS = (MAX_FRAME_BODY - 64 * 1024) // 2 * 8
+
+
+def _decode_failback_plan(m: dict[Any, Any]) -> FailbackPlan:
+    chunk_size = _u64(m, "chunk", "FAILBACK_PLAN")
+    if not 0 < chunk_size <= MAX_CHUNK_DATA:
+        raise LinkProtocolError(
+            f"FAILBACK_PLAN chunk size {chunk_size} outside 1..{MAX_CHUNK_DATA}")
+    count = _u64(m, "count", "FAILBACK_PLAN")
+    if not 0 < count <= MAX_PLAN_CHUNKS:
+        raise LinkProtocolError(f"FAILBACK_PLAN of {count} chunks, limit {MAX_PLAN_CHUNKS}")
+    maps = []
+    for key in ("changed", "dropped"):
+        bits = _bytes(m, key, "FAILBACK_PLAN")
+        if len(bits) != (count + 7) // 8:
+            raise LinkProtocolError(
+                f"FAILBACK_PLAN bitmap {key!r} of {len(bits)} bytes for {count} chunks")
+        maps.append(bits)
+    return FailbackPlan(
+        resync_id=_u64(m, "rid", "FAILBACK_PLAN"), seq=_u64(m, "seq", "FAILBACK_PLAN"),
+        lineage=_lineage(m, "FAILBACK_PLAN"), chunk_size=chunk_size, chunk_count=count,
+        changed=maps[0], dropped=maps[1], codec=_text(m, "codec", "FAILBACK_PLAN", 32))
+
+
 def _decode_chunk(m: dict[Any, Any]) -> ChunkData:
     length = _u64(m, "len", "CHUNK")
     if not 0 < length <= MAX_CHUNK_DATA:
@@ -877,6 +976,13 @@ _DECODERS: dict[str, Callable[[dict[Any, Any]], Frame]] = {
         _sized_bytes(m, "proof", "RECOVER_PROOF", RECOVER_PROOF_BYTES)),
     "PAIR_OFFER": _decode_pair_offer,
     "PAIRED": lambda m: Paired(_config_unit(m, "PAIRED")),
+    "FAILBACK_START": _decode_failback_start,
+    "FAILBACK_PLAN": _decode_failback_plan,
+    "CHUNK_WANT": lambda m: ChunkWant(
+        resync_id=_u64(m, "rid", "CHUNK_WANT"), chunks=_chunk_list(m, "CHUNK_WANT")),
+    "FAILBACK_COMMIT": lambda m: FailbackCommit(
+        resync_id=_u64(m, "rid", "FAILBACK_COMMIT"), seq=_u64(m, "seq", "FAILBACK_COMMIT"),
+        lineage=_lineage(m, "FAILBACK_COMMIT")),
     "RESYNC_DONE": lambda m: ResyncDone(
         resync_id=_u64(m, "rid", "RESYNC_DONE"), seq=_u64(m, "seq", "RESYNC_DONE"),
         chunks_written=_u64(m, "written", "RESYNC_DONE"),

@@ -36,6 +36,7 @@ from firmware.link.frames import (
     Bye,
     ChunkData,
     ChunkDigests,
+    ChunkWant,
     Commit,
     ConfigBlob,
     ConfigGet,
@@ -43,6 +44,9 @@ from firmware.link.frames import (
     Digest,
     DigestRequest,
     ErrorFrame,
+    FailbackCommit,
+    FailbackPlan,
+    FailbackStart,
     Frame,
     FrameDecoder,
     Hello,
@@ -157,6 +161,24 @@ class ResyncSink(Protocol):
     def resync_complete(self, seq: int) -> None: ...
 
 
+class FailbackSource(Protocol):
+    """A promoted copy that hands its role back (the remote unit store, through the
+    server): opened for one FAILBACK_START, its host's writes already stopped."""
+
+    @property
+    def plan(self) -> FailbackPlan: ...
+
+    def chunk_digests(self, chunks: Sequence[int]) -> dict[int, bytes]: ...
+
+    def read_chunk(self, chunk: int) -> bytes: ...
+
+    def commit(self, seq: int, lineage: Lineage) -> None:
+        """The local holds this copy's image; follow it from `seq` as `lineage`."""
+
+    def abort(self) -> None:
+        """The exchange ended without a commit: this copy stays the primary."""
+
+
 class ConfigBackups(Protocol):
     """Where a peer keeps the sealed config backups units hand it (one per unit)."""
 
@@ -251,6 +273,20 @@ class ResyncFinished:
 
 
 @dataclass(frozen=True)
+class FailbackStarted:
+    unit_id: str
+    chunks_changed: int
+
+
+@dataclass(frozen=True)
+class FailbackCommitted:
+    unit_id: str
+    seq: int
+    chunks_sent: int
+    bytes_sent: int
+
+
+@dataclass(frozen=True)
 class ConfigReceived:
     """The peer handed over its sealed config backup (CONFIG_PUT) to keep."""
 
@@ -269,6 +305,7 @@ class ConfigServed:
 SessionEvent = (
     Established | Acknowledged | BatchApplied | BatchAborted | Refused | PeerRefusal | PeerClosed
     | PongReceived | ResyncStarted | ResyncFinished | ConfigReceived | ConfigServed
+    | FailbackStarted | FailbackCommitted
 )
 
 
@@ -277,6 +314,8 @@ class SessionState(enum.Enum):
     HELLO_SENT = "hello-sent"
     AWAIT_HELLO = "await-hello"
     STREAMING = "streaming"
+    #: the receiver hands its role back to the sender (FAILBACK_START .. FAILBACK_COMMIT)
+    FAILBACK = "failback"
     CLOSED = "closed"
     FAILED = "failed"
 
@@ -293,7 +332,11 @@ _ALLOWED: dict[tuple[Role, SessionState], tuple[type, ...]] = {
         Ack, Digest, ChunkDigests, ResyncDone, ConfigPut, ErrorFrame, Ping, Pong, Bye,
     ),
     # CONFIG_GET before HELLO: a unit recovering its config has no volume to announce.
-    (Role.RECEIVER, SessionState.AWAIT_HELLO): (Hello, ConfigGet, ErrorFrame, Ping, Bye),
+    # FAILBACK_START before HELLO too: a fenced local is refused at HELLO.
+    (Role.RECEIVER, SessionState.AWAIT_HELLO): (Hello, ConfigGet, FailbackStart, ErrorFrame,
+                                                Ping, Bye),
+    (Role.RECEIVER, SessionState.FAILBACK): (DigestRequest, ChunkWant, FailbackCommit,
+                                             ErrorFrame, Ping, Pong, Bye),
     (Role.RECEIVER, SessionState.STREAMING): (
         Writes, Commit, Abort, ResyncStart, DigestRequest, ChunkData, ResyncEnd,
         ConfigPut, ConfigGet, ErrorFrame, Ping, Pong, Bye,
@@ -314,6 +357,12 @@ ERR_FENCED = "fenced"
 ERR_SPLIT_BRAIN = "split-brain"
 ERR_UNRELATED = "unrelated"
 ERR_DIVERGED = "diverged"
+#: A failback the peer cannot do now (the unit is not promoted, busy, or not the
+#: descendant of the asking copy's generation).
+ERR_FAILBACK = "failback"
+#: FAILBACK_START for a unit that already handed its role back to the asking copy's
+#: line: the copy missed the answer to its FAILBACK_COMMIT and may complete it.
+ERR_HANDED_BACK = "handed-back"
 LINEAGE_REFUSALS = frozenset({ERR_FENCED, ERR_SPLIT_BRAIN, ERR_UNRELATED, ERR_DIVERGED})
 
 
@@ -828,10 +877,13 @@ class ReceiverSession(_Session):
         *,
         backups: ConfigBackups | None = None,
         own_backup: tuple[str, bytes] | None = None,
+        open_failback: Callable[[FailbackStart], FailbackSource] | None = None,
     ) -> None:
         """`open_sink` resolves the unit's sink (and may claim it); it raises
         `LinkRefused` to turn the peer away.  `authenticated_unit` is the unit id the
-        TLS layer bound to the peer's certificate, None when there is no TLS."""
+        TLS layer bound to the peer's certificate, None when there is no TLS.
+        `open_failback` opens a promoted unit for a FAILBACK_START the same way; None:
+        this side hands no role back."""
         super().__init__(SessionState.AWAIT_HELLO)
         self.config = config
         self._open_sink = open_sink
@@ -855,10 +907,19 @@ class ReceiverSession(_Session):
         self._chunks_written = 0
         #: The sink holds another queue's seqs: nothing but a full resync until done.
         self.requeue = False
+        self._open_failback = open_failback
+        #: The promoted unit handing its role back, while a failback runs.
+        self.failback: FailbackSource | None = None
+        self.failback_unit = ""
+        self._failback_sent = (0, 0)
 
     def _handle(self, frame: Frame) -> list[SessionEvent]:
         if isinstance(frame, Hello):
             return self._on_hello(frame)
+        if isinstance(frame, FailbackStart):
+            return self._on_failback_start(frame)
+        if self.state is SessionState.FAILBACK:
+            return self._on_failback_frame(frame)
         if isinstance(frame, Writes):
             return self._on_writes(frame)
         if isinstance(frame, Commit):
@@ -961,6 +1022,65 @@ class ReceiverSession(_Session):
     def _refuse(self, code: str, text: str) -> list[SessionEvent]:
         self._fail_with(code, text)
         return [Refused(code=code, text=text)]
+
+    # -- failback: the receiver's promoted copy goes back to the sender, which pulls
+    #    the chunks that differ (docs/failover.md)
+
+    def _on_failback_start(self, frame: FailbackStart) -> list[SessionEvent]:
+        if frame.unit_id not in self.config.known_units:
+            return self._refuse(ERR_UNKNOWN_UNIT, f"unit {frame.unit_id!r} is not known here")
+        if self.authenticated_unit is not None and frame.unit_id != self.authenticated_unit:
+            return self._refuse(ERR_IDENTITY, f"certificate belongs to unit "
+                                f"{self.authenticated_unit!r}, FAILBACK_START claims "
+                                f"{frame.unit_id!r}")
+        if self._open_failback is None:
+            return self._refuse(ERR_FAILBACK, "this peer hands no role back")
+        try:
+            source = self._open_failback(frame)
+        except LinkRefused as exc:
+            return self._refuse(exc.code, exc.text)
+        self.failback, self.failback_unit = source, frame.unit_id
+        self.state = SessionState.FAILBACK
+        plan = source.plan
+        self._send(plan)
+        changed = sum(bin(b).count("1") for b in plan.changed)
+        return [FailbackStarted(frame.unit_id, changed)]
+
+    def _on_failback_frame(self, frame: Frame) -> list[SessionEvent]:
+        source = self.failback
+        assert source is not None
+        plan = source.plan
+        if not isinstance(frame, DigestRequest | ChunkWant | FailbackCommit):
+            raise AssertionError(frame)
+        if frame.resync_id != plan.resync_id:
+            raise LinkProtocolError(f"{type(frame).__name__} for failback {frame.resync_id}, "
+                                    f"this one is {plan.resync_id}")
+        if isinstance(frame, DigestRequest | ChunkWant):
+            for c in frame.chunks:
+                if c >= plan.chunk_count:
+                    raise LinkProtocolError(f"chunk {c} outside 0..{plan.chunk_count - 1}")
+        if isinstance(frame, DigestRequest):
+            digests = source.chunk_digests(frame.chunks)
+            self._send(ChunkDigests(resync_id=plan.resync_id, chunks=frame.chunks,
+                                    digests=tuple(digests[c] for c in frame.chunks)))
+            return []
+        if isinstance(frame, ChunkWant):
+            n, nbytes = self._failback_sent
+            for c in frame.chunks:
+                data = source.read_chunk(c)
+                self._send(ChunkData(resync_id=plan.resync_id, chunk=c, codec=plan.codec,
+                                     data=data))
+                n, nbytes = n + 1, nbytes + len(data)
+            self._failback_sent = (n, nbytes)
+            return []
+        if frame.seq < plan.seq:
+            raise LinkProtocolError(f"failback commits at seq {frame.seq}, before this "
+                                    f"copy's seq {plan.seq}")
+        source.commit(frame.seq, frame.lineage)
+        self.failback = None
+        self._send(ResyncDone(plan.resync_id, frame.seq, self._failback_sent[0]))
+        self.state = SessionState.CLOSED
+        return [FailbackCommitted(self.failback_unit, frame.seq, *self._failback_sent)]
 
     def _on_hello(self, hello: Hello) -> list[SessionEvent]:
         common = set(hello.versions) & set(self.config.versions)

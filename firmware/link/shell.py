@@ -24,9 +24,16 @@ from firmware.limits import (
     RateLimitedLog,
     accept_failure_is_transient,
 )
-from firmware.link.clients import ConfigFetchSession, PairOfferSession, RecoveryClientSession
+from firmware.link.clients import (
+    ConfigFetchSession,
+    FailbackClientSession,
+    FailbackResult,
+    PairOfferSession,
+    RecoveryClientSession,
+)
 from firmware.link.errors import LinkError, LinkProtocolError, LinkRefused, PeerNotPinned
 from firmware.link.frames import (
+    FailbackStart,
     Hello,
     RecoverChallenge,
 )
@@ -51,6 +58,9 @@ from firmware.link.session import (
     ConfigReceived,
     ConfigServed,
     Established,
+    FailbackCommitted,
+    FailbackSource,
+    FailbackStarted,
     PeerClosed,
     PeerRefusal,
     ReceiverConfig,
@@ -552,15 +562,18 @@ class LinkServer:
         recovery: RecoveryLimiter | None = None,
         pairing: PairingPolicy | None = None,
         limits: ListenerLimits | None = None,
+        open_failback: Callable[[FailbackStart], FailbackSource] | None = None,
     ) -> None:
         """With `recovery` (and `backups` that can list their units), a client
         without a certificate is let in for the recovery exchange only; with
-        `pairing`, also for a PAIR_OFFER (pairing.py)."""
+        `pairing`, also for a PAIR_OFFER (pairing.py).  With `open_failback`, a pinned
+        local may pull a promoted unit's image back (FAILBACK_START)."""
         self.address = address
         self.identity = identity
         self.peers = peers
         self.config = config
         self.open_sink = open_sink
+        self.open_failback = open_failback
         # `handshake_timeout` and `dead_after`, when given, override `limits`.
         limits = limits or ListenerLimits()
         if handshake_timeout is not None:
@@ -750,10 +763,30 @@ class LinkServer:
                     claimed.append(hello.unit_id)
                 return self.open_sink(hello)
 
+            def claim_for_failback(start: FailbackStart) -> FailbackSource:
+                assert self.open_failback is not None
+                with self._lock:
+                    holder = self._busy.get(start.unit_id)
+                    if holder is not None:
+                        raise LinkRefused(
+                            ERR_BUSY, f"unit {start.unit_id!r} is already connected from "
+                                      f"{holder}")
+                    self._busy[start.unit_id] = peer
+                    claimed.append(start.unit_id)
+                return self.open_failback(start)
+
             session = ReceiverSession(
                 self.config, claim_and_open, authenticated_unit=unit, backups=self.backups,
-                own_backup=self.own_backup() if self.own_backup is not None else None)
-            self._receive(sock, session, peer)
+                own_backup=self.own_backup() if self.own_backup is not None else None,
+                open_failback=claim_for_failback if self.open_failback is not None else None)
+            try:
+                self._receive(sock, session, peer)
+            finally:
+                if session.failback is not None:
+                    # The local went away before FAILBACK_COMMIT: the unit stays primary.
+                    log.warning("failback of unit %s from %s ended before its commit; the "
+                                "unit stays the primary", session.failback_unit, peer)
+                    session.failback.abort()
         except (OSError, LinkError) as exc:
             log.info("connection from %s ended: %s", peer, exc)
         finally:
@@ -888,6 +921,15 @@ class LinkServer:
                     log.warning("unit at %s: %s %d finished at seq %d", peer,
                                 "verify" if event.verify else "checksum resync",
                                 event.resync_id, event.seq)
+                elif isinstance(event, FailbackStarted):
+                    log.warning("unit %s from %s: failback started; this unit's host writes "
+                                "are stopped; %d chunks changed here since the promotion",
+                                event.unit_id, peer, event.chunks_changed)
+                elif isinstance(event, FailbackCommitted):
+                    log.warning("unit %s from %s: failback committed at seq %d (%d chunks, "
+                                "%d bytes sent); this unit follows the local again",
+                                event.unit_id, peer, event.seq, event.chunks_sent,
+                                event.bytes_sent)
                 elif isinstance(event, ConfigReceived):
                     log.info("unit %s from %s: kept its sealed config backup (%d bytes)",
                              event.unit_id, peer, len(event.blob))
@@ -913,7 +955,8 @@ def _short_connection(address: tuple[str, int], ctx: ssl.SSLContext,
             yield sock
 
 
-_Exchange = ConfigFetchSession | RecoveryClientSession | PairOfferSession
+_Exchange = ConfigFetchSession | RecoveryClientSession | PairOfferSession \
+    | FailbackClientSession
 
 
 def _run_exchange(sock: ssl.SSLSocket, session: _Exchange) -> None:
@@ -944,6 +987,21 @@ def fetch_config_backup(address: tuple[str, int], identity: Identity, peers: Pee
                            timeout) as sock:
         peer_identity(sock, peers, expected=remote_name)
         session = ConfigFetchSession(unit_id)
+        _run_exchange(sock, session)
+    return session.result
+
+
+def failback_exchange(address: tuple[str, int], identity: Identity, peers: PeerStore,
+                      remote_name: str, session: FailbackClientSession,
+                      timeout: float = 60.0) -> FailbackResult:
+    """Run a failback (FAILBACK_START .. RESYNC_DONE) with the pinned peer
+    `remote_name` at `address` on a connection of its own.  Raises `LinkRefused` when
+    the peer refuses, `LinkError` or `OSError` when it cannot be reached or the
+    connection ends first (the peer then stays the primary)."""
+    peers.refresh()
+    with _short_connection(address, client_context(identity, peers, remote_name),
+                           timeout) as sock:
+        peer_identity(sock, peers, expected=remote_name)
         _run_exchange(sock, session)
     return session.result
 

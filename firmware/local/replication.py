@@ -22,13 +22,17 @@ from typing import Any
 
 from firmware.cbq import CircularBufferQueue
 from firmware.cbq.errors import CbqError
+from firmware.control.status import ConsumerStats, LinkStatus, PeerLinkStatus, RefusalStatus
 from firmware.fsutil import write_atomic
 from firmware.lineage import Lineage, Role
 from firmware.lineage import store as lineage_store
-from firmware.link.errors import LinkError, SourceGap
+from firmware.link.clients import FailbackClientSession
+from firmware.link.errors import LinkError, LinkRefused, SourceGap
 from firmware.link.frames import WriteRecord, available_codecs, barrier_record, skip_record
 from firmware.link.session import (
+    ERR_DIVERGED,
     ERR_FENCED,
+    ERR_HANDED_BACK,
     ERR_SPLIT_BRAIN,
     LINEAGE_REFUSALS,
     BatchAborted,
@@ -40,8 +44,9 @@ from firmware.link.session import (
     SenderConfig,
     SessionEvent,
 )
-from firmware.link.shell import Backoff, LinkClient
+from firmware.link.shell import Backoff, LinkClient, failback_exchange
 from firmware.link.tls import Identity, PeerStore
+from firmware.local.failback import FailbackError, LocalFailback
 from firmware.units import AddressError, split_host_port
 
 log = logging.getLogger("mirrorunit.link")
@@ -424,7 +429,7 @@ class _Peer:
     #: The remote refused this copy on the two lineages: {"code", "reason", "since_ns"}.
     #: Kept until a session is established again; the host is served meanwhile and
     #: its writes keep queueing.
-    refused: dict[str, Any] | None = None
+    refused: RefusalStatus | None = None
 
 
 class LinkService:
@@ -606,7 +611,7 @@ class LinkService:
             raise ValueError(f"no remote named {name!r}; known: "
                              + ", ".join(sorted(self._peers))) from None
 
-    def pause(self, name: str) -> dict[str, Any]:
+    def pause(self, name: str) -> PeerLinkStatus:
         peer = self._peer(name)
         peer.paused = True
         if peer.client is not None:
@@ -615,7 +620,7 @@ class LinkService:
         log.warning("link to %s paused by the operator", name)
         return self.peer_status(name)
 
-    def resume(self, name: str) -> dict[str, Any]:
+    def resume(self, name: str) -> PeerLinkStatus:
         peer = self._peer(name)
         if peer.paused:
             peer.paused = False
@@ -624,14 +629,89 @@ class LinkService:
             log.warning("link to %s resumed by the operator", name)
         return self.peer_status(name)
 
-    def verify(self, name: str) -> dict[str, Any]:
+    def failback(self, name: str) -> dict[str, Any]:
+        """Give up this copy's writes since remote `name` was promoted off it (they are
+        kept as a conflict image), take the remote's image moving only the chunks that
+        differ, and become the primary again with the remote following this copy
+        (docs/failover.md).  The host sees NOT READY while it runs."""
+        peer = self._peer(name)
+        refused = peer.refused
+        if self.lineage is None:
+            raise FailbackError("this copy's lineage is unknown (see the log): no failback")
+        if refused is None or refused["code"] not in (ERR_FENCED, ERR_SPLIT_BRAIN,
+                                                      ERR_DIVERGED):
+            state = self.peer_status(name)["state"]
+            raise FailbackError(f"remote {name} does not refuse this copy (its link is "
+                                f"{state}): there is nothing to fail back")
+        others = sorted(n for n in self._peers if n != name)
+        if others:
+            raise FailbackError(f"this copy also replicates to {', '.join(others)}: a "
+                                "failback with more than one remote is not supported")
+        if peer.client is not None:
+            peer.client.stop()
+            peer.client = None
+        fb = LocalFailback(volume=self.volume, cbq=self.cbq, consumer=name,
+                           lineage=self.lineage, state_dir=self.state_dir)
+        t0 = time.monotonic()
+        fb.stop_host()
+        session = FailbackClientSession(self.unit_id, self.lineage, self.compression, fb)
+        try:
+            result = failback_exchange((peer.spec.host, peer.spec.port), self.identity,
+                                       self.peers, name, session)
+        except LinkRefused as exc:
+            pending = fb.pending()
+            if exc.code != ERR_HANDED_BACK or pending is None:
+                self._failback_failed(peer, fb)
+                raise FailbackError(f"remote {name} refused the failback: {exc.code}: "
+                                    f"{exc.text}") from None
+            # The remote took the commit of an earlier failback whose answer was lost.
+            fb.committed(pending.current.fork_seq, pending)
+            self.lineage = pending
+            log.warning("failback: remote %s had already taken this copy's commit", name)
+            return self._failback_done(peer, {"seq": pending.current.fork_seq,
+                                              "generation": f"{pending.generation:016x}",
+                                              "completed_earlier": True}, t0)
+        except (OSError, LinkError, CbqError, FailbackError) as exc:
+            self._failback_failed(peer, fb)
+            kept = fb.chunks_taken > 0 or fb.new_lineage is not None
+            raise FailbackError(
+                f"failback from {name} did not complete: {exc}; " + (
+                    "this copy already took some of the remote's chunks, so the host stays "
+                    "kept out (NOT READY): run the failback again" if kept else
+                    "nothing changed here and the host is served again")) from None
+        self.lineage = result.lineage
+        conflict = fb.conflict.describe() if fb.conflict is not None else None
+        return self._failback_done(peer, {
+            "seq": result.seq, "generation": f"{result.lineage.generation:016x}",
+            "chunks_compared": result.chunks_compared, "chunks_moved": result.chunks_moved,
+            "bytes_moved": result.bytes_moved,
+            "chunks_changed_remote": result.chunks_changed_remote,
+            "chunks_changed_here": result.chunks_changed_here,
+            "conflict": conflict, "completed_earlier": False}, t0)
+
+    def _failback_failed(self, peer: _Peer, fb: LocalFailback) -> None:
+        if fb.chunks_taken == 0 and fb.new_lineage is None:
+            fb.resume_host()
+        peer.client = self._make_client(peer)
+        peer.client.start()
+
+    def _failback_done(self, peer: _Peer, report: dict[str, Any], t0: float) -> dict[str, Any]:
+        peer.refused = None
+        peer.client = self._make_client(peer)
+        peer.client.start()
+        report["seconds"] = round(time.monotonic() - t0, 3)
+        log.warning("failback from %s done in %.1f s: %s", peer.spec.name, report["seconds"],
+                    json.dumps(report))
+        return report
+
+    def verify(self, name: str) -> PeerLinkStatus:
         self._peer(name).source.request_verify()
         return self.peer_status(name)
 
-    def peer_status(self, name: str) -> dict[str, Any]:
+    def peer_status(self, name: str) -> PeerLinkStatus:
         peer = self._peer(name)
         stats = self.cbq.stats()
-        c = stats["consumers"].get(name, {})
+        c: ConsumerStats | None = stats["consumers"].get(name)
         client = peer.client
         session = client.session if client is not None else None
         refused = peer.refused
@@ -643,8 +723,10 @@ class LinkService:
             state = "resyncing" if peer.source.resync is not None else "connected"
         else:
             state = "retrying"
-        oldest = c.get("oldest_pending_ns")
-        pending = c.get("pending_records", 0)
+        # a peer whose consumer is not (yet) in the queue has nothing pending
+        oldest = c["oldest_pending_ns"] if c is not None else None
+        pending = c["pending_records"] if c is not None else 0
+        acked = c["acked_seq"] if c is not None else None
         return {
             "remote": f"{peer.spec.host}:{peer.spec.port}",
             "state": state,
@@ -659,14 +741,14 @@ class LinkService:
             "skips_sent": peer.source.skips_sent,
             "blocks_sent": peer.source.blocks_sent,
             "blocks_acked": peer.source.blocks_acked,
-            "sent_seq": session.last_sent_seq if session is not None else c.get("acked_seq"),
-            "acked_seq": c.get("acked_seq"),
+            "sent_seq": session.last_sent_seq if session is not None else acked,
+            "acked_seq": acked,
             "last_seq": stats["last_seq"],
             "lag_seqs": pending,
-            "lag_bytes": c.get("pending_bytes", 0),
+            "lag_bytes": c["pending_bytes"] if c is not None else 0,
             "lag_seconds": round((time.time_ns() - oldest) / 1e9, 3)
             if pending and oldest else 0.0,
-            "needs_resync": c.get("needs_resync", False),
+            "needs_resync": c["needs_resync"] if c is not None else False,
             "resync": peer.source.resync,
             "resyncs_done": peer.source.resyncs_done,
             "last_resync": peer.last_resync,
@@ -674,10 +756,10 @@ class LinkService:
             "fenced": refused["reason"] if refused and refused["code"] == ERR_FENCED else None,
             "split_brain": refused["reason"]
             if refused and refused["code"] == ERR_SPLIT_BRAIN else None,
-            "refused": dict(refused) if refused is not None else None,
+            "refused": RefusalStatus(**refused) if refused is not None else None,
         }
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> LinkStatus:
         lin = self.lineage
         fenced = [p.refused["reason"] for p in self._peers.values()
                   if p.refused and p.refused["code"] == ERR_FENCED]
@@ -699,5 +781,6 @@ class LinkService:
             "link.pause": self.pause,
             "link.resume": self.resume,
             "link.verify": self.verify,
+            "link.failback": self.failback,
             "link.seal_config": self.seal_config,
         }

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..config import Config, ConfigStore, StoreState
 from ..control import ControlError, call
+from ..control.status import LocalStatus, StatusShapeError, read_local_status, read_ups_report
 from .events import Event, EventDetector, EventKind, RateLimiter, Severity
 from .senders import Sender, build_senders, deliver
 
@@ -68,11 +69,14 @@ class Notifier:
                  "; ".join(s.target for s in self.senders) or "no targets")
         return True
 
-    def _status(self) -> dict[str, Any]:
-        status = dict(self.caller(self.control, "status", timeout=10.0))
+    def _status(self) -> LocalStatus:
+        """The unit's status, with a separate UPS monitor's merged in; StatusShapeError
+        when either answer does not have the documented shape."""
+        status = read_local_status(self.caller(self.control, "status", timeout=10.0))
         if self.ups_control is not None and "ups" not in status:
             try:
-                status["ups"] = self.caller(self.ups_control, "status", timeout=10.0)
+                status["ups"] = read_ups_report(
+                    self.caller(self.ups_control, "status", timeout=10.0))
             except ControlError as e:
                 log.debug("notify: no UPS monitor: %s", e)
         return status
@@ -85,6 +89,10 @@ class Notifier:
             events = self.detector.feed(self._status(), now)
         except ControlError as e:
             events = self.detector.unreachable(str(e), now)
+        except StatusShapeError as e:
+            # a unit whose answer cannot be read is as unwatched as one that does not answer
+            log.error("notify: the unit's status cannot be read: %s", e)
+            events = self.detector.unreachable(f"its status answer is malformed: {e}", now)
         sent = []
         for ev in events:
             admitted = self.limiter.admit(ev, now)

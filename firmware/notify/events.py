@@ -1,7 +1,8 @@
 """Events worth an administrator's attention, found by comparing successive statuses.
 
-Pure: `EventDetector.feed(status, now)` takes the local unit's `status` result (with
-the UPS status merged under "ups" when the monitor runs as its own process) and
+Pure: `EventDetector.feed(status, now)` takes the local unit's `status` answer, checked
+by `firmware.control.status.read_local_status` (with a separate UPS monitor's answer
+merged under "ups" when the monitor runs as its own process), and
 returns the events whose condition changed since the previous status.  Conditions
 are edge-triggered, so a buffer that stays past high-water is reported once, and
 the first status only reports what is already wrong (nothing is "restored").
@@ -11,9 +12,11 @@ the first status only reports what is already wrong (nothing is "restored").
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..control.status import CbqStats, LocalStatus, PeerLinkStatus, UpsReport
 
 
 class Severity(enum.Enum):
@@ -62,51 +65,32 @@ class Event:
         return self.kind.value + (f" ({self.subject})" if self.subject else "")
 
 
-#: link states that mean data can flow; "paused" is the operator's choice, neither.
-LINK_UP_STATES = frozenset({"connected", "resyncing", "up", "established", "streaming",
-                            "synced", "online"})
-LINK_NEUTRAL_STATES = frozenset({"paused", "disabled", "stopped"})
+#: link states (PeerLinkStatus.state) that mean data can flow; "paused" is the operator's
+#: choice, neither up nor down. Any other state (retrying, or the code of a refusal such as
+#: fenced or split-brain) means the remote is not receiving this unit's writes.
+LINK_UP_STATES = frozenset({"connected", "resyncing"})
+LINK_NEUTRAL_STATES = frozenset({"paused"})
 
 
-def _links(status: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    """(peer name, link status) from any service named link* and from a `links` key.
-
-    Tolerant of shape: a service may report {"peers": {name: {...}}}, {"links": ...}
-    as a map or a list of maps with a name, or be one link itself.
-    """
-    for key, value in status.items():
-        if not (key.startswith("link") and isinstance(value, Mapping | list)):
-            continue
-        inner: Any = value
-        if isinstance(value, Mapping):
-            inner = value.get("peers", value.get("links", value))
-        if isinstance(inner, list):
-            for i, item in enumerate(inner):
-                if isinstance(item, Mapping):
-                    yield str(item.get("peer", item.get("name", f"{key}[{i}]"))), item
-        elif isinstance(inner, Mapping):
-            if inner is value and ("state" in inner or "connected" in inner):
-                yield key, inner
-            else:
-                for name, item in inner.items():
-                    if isinstance(item, Mapping):
-                        yield str(name), item
+def links(status: LocalStatus) -> Iterator[tuple[str, PeerLinkStatus]]:
+    """(peer name, link status) of every peer of the unit's replication service."""
+    link = status.get("link")
+    if link is not None:
+        yield from link["peers"].items()
 
 
-def link_up(link: Mapping[str, Any]) -> bool | None:
-    """True when up, False when down, None when paused or unknown."""
-    if isinstance(link.get("connected"), bool) and "state" not in link:
-        return bool(link["connected"])
-    state = str(link.get("state", "")).lower()
+def link_up(link: PeerLinkStatus) -> bool | None:
+    """True when up, False when down, None when paused by the operator."""
+    state = link["state"]
     if state in LINK_UP_STATES:
         return True
-    if state in LINK_NEUTRAL_STATES or not state:
+    if state in LINK_NEUTRAL_STATES:
         return None
     return False
 
 
-def _pct(v: Any) -> str:
-    return f"{float(v):.0%}" if isinstance(v, int | float) else "?"
+def _pct(v: float) -> str:
+    return f"{v:.0%}"
 
 
 @dataclass
@@ -131,26 +115,23 @@ class EventDetector:
                       f"The local unit does not answer on its control socket ({reason}); "
                       "the host's data may not be mirrored.", time=now)]
 
-    def feed(self, status: Mapping[str, Any], now: float) -> list[Event]:
+    def feed(self, status: LocalStatus, now: float) -> list[Event]:
         events: list[Event] = []
         if self._reachable is False:
             events.append(Event(EventKind.UNIT_REACHABLE, Severity.INFO,
                                 "The local unit answers again.", time=now))
         self._reachable = True
-        cbq = status.get("cbq")
-        if isinstance(cbq, Mapping):
-            events += self._buffer(cbq, now)
+        events += self._buffer(status["cbq"], now)
         events += self._link_events(status, now)
         ups = status.get("ups")
-        if isinstance(ups, Mapping):
+        if ups is not None:
             events += self._ups(ups, now)
         return events
 
-    def _buffer(self, cbq: Mapping[str, Any], now: float) -> list[Event]:
+    def _buffer(self, cbq: CbqStats, now: float) -> list[Event]:
         out: list[Event] = []
-        fill, hw, mode = cbq.get("fill"), cbq.get("high_water"), cbq.get("mode")
-        past = (isinstance(fill, int | float) and isinstance(hw, int | float) and fill >= hw) \
-            or mode == "compact"
+        fill, hw, mode = cbq["fill"], cbq["high_water"], cbq["mode"]
+        past = fill >= hw or mode == "compact"
         changed, _ = self._edge(("buffer", "high"), past)
         if changed and past:
             out.append(Event(EventKind.BUFFER_HIGH_WATER, Severity.WARNING,
@@ -163,27 +144,25 @@ class EventDetector:
             out.append(Event(EventKind.BUFFER_OVERFLOW, Severity.CRITICAL,
                              "The buffer is full: writes are tracked only as changed areas "
                              "and the remote copy will need a checksum resync.", time=now))
-        consumers = cbq.get("consumers")
-        if isinstance(consumers, Mapping):
-            for name, c in consumers.items():
-                if str(name).startswith("@") or not isinstance(c, Mapping):
-                    continue
-                needs = bool(c.get("needs_resync"))
-                changed, prev = self._edge(("resync", str(name)), needs)
-                if changed and needs:
-                    out.append(Event(EventKind.REMOTE_OUT_OF_SYNC, Severity.CRITICAL,
-                                     f"Remote {name} is out of sync: it needs a checksum "
-                                     "resync before it again holds a consistent copy.",
-                                     subject=str(name), time=now))
-                elif changed and prev is True:
-                    out.append(Event(EventKind.RESYNC_FINISHED, Severity.INFO,
-                                     f"Remote {name} finished its resync and is consistent "
-                                     "again.", subject=str(name), time=now))
+        for name, c in cbq["consumers"].items():
+            if name.startswith("@"):  # the unit's own consumers, not remotes
+                continue
+            needs = c["needs_resync"]
+            changed, prev = self._edge(("resync", name), needs)
+            if changed and needs:
+                out.append(Event(EventKind.REMOTE_OUT_OF_SYNC, Severity.CRITICAL,
+                                 f"Remote {name} is out of sync: it needs a checksum "
+                                 "resync before it again holds a consistent copy.",
+                                 subject=name, time=now))
+            elif changed and prev is True:
+                out.append(Event(EventKind.RESYNC_FINISHED, Severity.INFO,
+                                 f"Remote {name} finished its resync and is consistent "
+                                 "again.", subject=name, time=now))
         return out
 
-    def _link_events(self, status: Mapping[str, Any], now: float) -> list[Event]:
+    def _link_events(self, status: LocalStatus, now: float) -> list[Event]:
         out: list[Event] = []
-        for name, link in _links(status):
+        for name, link in links(status):
             up = link_up(link)
             if up is None:
                 continue
@@ -191,7 +170,7 @@ class EventDetector:
             if not changed:
                 continue
             if not up:
-                why = link.get("last_error") or link.get("state")
+                why = link["last_error"] or link["state"]
                 out.append(Event(EventKind.LINK_DOWN, Severity.CRITICAL,
                                  f"The link to {name} is down ({why}); writes queue in the "
                                  "buffer until it returns.", subject=name, time=now))
@@ -200,17 +179,17 @@ class EventDetector:
                                  f"The link to {name} is up again.", subject=name, time=now))
         return out
 
-    def _ups(self, ups: Mapping[str, Any], now: float) -> list[Event]:
+    def _ups(self, ups: UpsReport, now: float) -> list[Event]:
         out: list[Event] = []
-        flags = str(ups.get("status", "")).split()
-        charge = ups.get("charge_percent")
+        flags = ups["status"].split()
+        charge = ups["charge_percent"]
         charge_txt = "unknown" if charge is None else f"{charge:.0f}%"
         ob = "OB" in flags
         changed, prev = self._edge(("ups", "OB"), ob)
         if changed and ob:
             out.append(Event(EventKind.ON_BATTERY, Severity.WARNING,
                              f"Mains power lost: running on battery (charge {charge_txt}, "
-                             f"runtime {ups.get('runtime', 'unknown')}); the write cache was "
+                             f"runtime {ups['runtime']}); the write cache was "
                              "flushed and writes go straight to disk.", time=now))
         elif changed and prev is True and "OL" in flags:
             out.append(Event(EventKind.MAINS_RESTORED, Severity.INFO,

@@ -79,6 +79,21 @@ class DirtyMap:
     def dirty_chunks(self) -> list[int]:
         return [c for c in range(self.chunks) if c in self]
 
+    @property
+    def bitmap(self) -> bytes:
+        """The map's bits: chunk c in byte c // 8, bit c % 8."""
+        return bytes(self._bits)
+
+    def set(self, chunk: int) -> None:
+        """Set one chunk in memory (durable at the next `save`)."""
+        self._bits[chunk >> 3] |= 1 << (chunk & 7)
+
+    def remove(self) -> None:
+        """Delete the map (the unit is no longer promoted)."""
+        if self._ops.exists(self.path):
+            self._ops.unlink(self.path)
+            self._ops.fsync_dir(self.directory)
+
     def mark(self, first: int, last: int) -> bool:
         """Set chunks first..last; durable when this returns.  True if any was new."""
         new = False

@@ -20,14 +20,22 @@ from typing import Any
 
 from firmware.lineage import Lineage, Policy, Role
 from firmware.link.errors import LinkProtocolError, LinkRefused
-from firmware.link.frames import Hello, WriteRecord
+from firmware.link.frames import (
+    CODEC_NONE,
+    FailbackPlan,
+    FailbackStart,
+    Hello,
+    WriteRecord,
+    available_codecs,
+)
 from firmware.link.pairing import ConfiguredPeer, PairingPolicy
 from firmware.link.recovery import BackupKey, RecoveryLimiter
-from firmware.link.session import ReceiverConfig
+from firmware.link.session import ERR_FAILBACK, ERR_HANDED_BACK, ReceiverConfig
 from firmware.link.shell import LinkServer
 from firmware.link.tls import Identity, PeerStore
 from firmware.recovery.keys import backup_key
 from firmware.remote.errors import GeometryMismatch, PromoteRefused, RemoteError, UnitBusy
+from firmware.remote.format import CHUNK_SIZE
 from firmware.remote.meeting import Action, Verdict, meet, peer_lineage_of
 from firmware.remote.store import RemoteStore
 from firmware.remote.unit import Retention, UnitStore, validate_unit_id
@@ -226,6 +234,31 @@ class _PinnedUnits:
         return len(self.peers.names())
 
 
+class UnitFailbackSource:
+    """A promoted unit handing its role back over one link session (FailbackSource)."""
+
+    def __init__(self, server: RemoteServer, unit: UnitStore, codec: str) -> None:
+        self.server = server
+        self.unit = unit
+        hb = unit.begin_hand_back()
+        self.plan = FailbackPlan(random.getrandbits(63), hb.seq, hb.lineage, hb.chunk_size,
+                                 hb.chunk_count, hb.changed, hb.dropped, codec)
+
+    def chunk_digests(self, chunks: Sequence[int]) -> dict[int, bytes]:
+        return self.unit.chunk_digests(chunks)
+
+    def read_chunk(self, chunk: int) -> bytes:
+        off = chunk * CHUNK_SIZE
+        return self.unit.read_mirror(off, min(CHUNK_SIZE, self.unit.volume_size - off))
+
+    def commit(self, seq: int, lineage: Lineage) -> None:
+        self.unit.hand_back(seq, lineage)
+        self.server._handed_back(self.unit.unit_id)
+
+    def abort(self) -> None:
+        self.unit.end_hand_back()
+
+
 class RemoteServer:
     def __init__(self, *, store_dir: Path, listen: tuple[str, int], identity: Identity,
                  peers: PeerStore, policy: Policy = Policy.MANUAL,
@@ -268,7 +301,7 @@ class RemoteServer:
             self._open_sink, dead_after=dead_after, backups=self.backups,
             own_backup=self._own_backup,
             recovery=recovery if recovery is not None else RecoveryLimiter(),
-            pairing=pairing)
+            pairing=pairing, open_failback=self._open_failback)
         #: Seals this remote's own config (its --config) whenever it changes.
         self.sealer: Any = None
         if config_path is not None:
@@ -401,6 +434,48 @@ class RemoteServer:
         return verdict
 
     # ---------------------------------------------------------------- roles
+
+    def _open_failback(self, start: FailbackStart) -> UnitFailbackSource:
+        """A fenced local asks to take this unit's image back (docs/failover.md)."""
+        try:
+            unit = self.unit(start.unit_id)
+        except RemoteError as exc:
+            raise LinkRefused(ERR_FAILBACK, str(exc)) from None
+        mine = unit.lineage
+        ancestors = {g.generation for g in mine.chain[:-1]}
+        if not unit.promoted:
+            handed = [e for e in unit.status().events if e.get("event") == "hand-back"]
+            if handed and not mine.writer and mine.current.parent in ancestors \
+                    and start.lineage.generation in ancestors:
+                raise LinkRefused(ERR_HANDED_BACK, f"unit {start.unit_id!r} already handed "
+                                  f"its role back at seq {mine.current.fork_seq} to "
+                                  f"generation {mine.generation:016x}")
+            raise LinkRefused(ERR_FAILBACK, f"unit {start.unit_id!r} is not promoted here: "
+                              "it has no role to hand back")
+        if start.lineage.generation not in ancestors:
+            raise LinkRefused(ERR_FAILBACK, f"unit {start.unit_id!r} was not promoted off "
+                              f"generation {start.lineage.generation:016x}; a failback "
+                              "needs the copy it was promoted from")
+        codec = next((c for c in start.compression if c in available_codecs()), CODEC_NONE)
+        try:
+            source = UnitFailbackSource(self, unit, codec)
+        except RemoteError as exc:
+            raise LinkRefused(ERR_FAILBACK, str(exc)) from None
+        log.warning("unit %s: failback asked by its local; its host's writes are stopped "
+                    "(%d chunks written here since the promotion)", unit.unit_id,
+                    len(unit.dirty_chunks()))
+        return source
+
+    def _handed_back(self, unit_id: str) -> None:
+        """The unit follows its local again: its writable exports end."""
+        for key in [k for k in self.nbd_exports if k.startswith(f"{unit_id}@primary:")]:
+            server = self.nbd_exports.pop(key)
+            server.stop()
+            server.device.close()
+        with self._lock:
+            sink = self._sinks.get(unit_id)
+        if sink is not None:
+            sink.meeting = None
 
     def promote(self, unit_id: str, *, at_seq: int | None = None,
                 force: bool = False) -> dict[str, Any]:

@@ -35,12 +35,13 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import cbor2
 
+from firmware.blockdev import NotReady
 from firmware.cbq.format import BARRIER_IN_RESYNC, split_barrier_flags
 from firmware.lineage import Lineage, Role
 from firmware.lineage import store as lineage_store
@@ -138,6 +139,21 @@ class RollbackReport:
     undone: int
     #: Delayed writes dropped because they would have landed on the rewound image.
     dropped_pending: int
+
+
+@dataclass(frozen=True)
+class HandBackPlan:
+    """What a failback's local must compare (see `UnitStore.begin_hand_back`)."""
+
+    #: the unit's seq in the local queue's numbering (the fork plus its host writes)
+    seq: int
+    lineage: Lineage
+    #: bitmaps of `chunk_count` bits: chunks written here since the promotion, and
+    #: chunks of the local's writes this unit received and dropped at the promotion
+    changed: bytes
+    dropped: bytes
+    chunk_size: int
+    chunk_count: int
 
 
 @dataclass(frozen=True)
@@ -327,6 +343,8 @@ class UnitStore:
         self._lock = threading.RLock()
         self._closed = False
         self._views: dict[int, int] = {}  # id(view) -> first absolute history index it needs
+        #: A failback runs: the promoted unit's host writes are refused until it ends.
+        self._handing_back = False
         self._pending: deque[LogEntry] = deque()
         self._hist: list[LogEntry] = []
         self._hist_base = 0  # absolute index of _hist[0]; grows as history is pruned
@@ -464,6 +482,14 @@ class UnitStore:
                                  "forced": g.forced, "writes": 0}
             self._save_state()
             log.warning("unit %s: finished its promotion at seq %d", self.unit_id,
+                        g.fork_seq)
+        if self._st.promoted is not None and not lineage.writer:
+            # A hand-back cut short after its lineage was recorded: the local holds this
+            # unit's image as of the promotion's last write, and the unit follows it.
+            seq = max(self._durable + 1, g.fork_seq + self._st.seq_offset)
+            self._dirty = DirtyMap.load(ops, self.directory, self.chunk_count)
+            self._finish_hand_back(seq, seq - g.fork_seq)
+            log.warning("unit %s: finished handing its role back at seq %d", self.unit_id,
                         g.fork_seq)
         if self._st.promoted is not None:
             self._dirty = DirtyMap.load(ops, self.directory, self.chunk_count)
@@ -1108,6 +1134,16 @@ class UnitStore:
                                      "image until it completes")
             target = self._applied if at_seq is None else at_seq
             undone = dropped = 0
+            # Chunks of received writes that leave the timeline here: the local's copy
+            # holds them, this image does not, so a failback compares them too.
+            lost: set[int] = set(self._chunks_of(
+                e for e in self._pending if e.kind is RecordKind.WRITE and e.seq > target))
+            if target < self._applied:
+                try:
+                    _, first_undone = self._resolve(target, None)
+                except (NotRestorable, OutsideRetention, StoreUsageError) as exc:
+                    raise PromoteRefused(f"cannot promote at seq {target}: {exc}") from None
+                lost.update(self._chunks_of(self._hist[first_undone:]))
             if target > self._applied:
                 if target > self._durable:
                     raise PromoteRefused(f"seq {target} was never received here (last "
@@ -1135,11 +1171,14 @@ class UnitStore:
             # The empty map first, then the lineage, then the state that says so: a
             # crash in between leaves a unit that reopens as the secondary it was.
             dirty = DirtyMap(self._ops, self.directory, self.chunk_count)
+            for c in lost:
+                dirty.set(c)
             dirty.save()
             self._write_lineage(lineage)
             self._lineage, self._dirty = lineage, dirty
             st.promoted = {"seq": target, "fork_seq": fork_seq, "at_ns": now,
-                           "forced": forced, "writes": 0}
+                           "forced": forced, "writes": 0,
+                           "dropped_chunks": _ranges(sorted(lost))}
             self._event("promote", seq=target, fork_seq=fork_seq, forced=forced,
                         generation=lineage.generation, undone=undone, dropped=dropped)
             self._save_state()
@@ -1163,11 +1202,21 @@ class UnitStore:
         with self._lock:
             return [] if self._dirty is None else self._dirty.dirty_chunks()
 
+    def _chunks_of(self, entries: Iterable[LogEntry]) -> Iterator[int]:
+        bs = self.block_size
+        for e in entries:
+            if e.nblocks:
+                yield from range(e.lbn * bs // CHUNK_SIZE,
+                                 ((e.lbn + e.nblocks) * bs - 1) // CHUNK_SIZE + 1)
+
     def _host_write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         with self._lock:
             self._check_open()
             p = self._st.promoted
-            assert p is not None and self._dirty is not None and self._mirror is not None
+            if p is None or self._handing_back:
+                raise NotReady(f"unit {self.unit_id!r} is handing its role back to its "
+                               "local (failback): its host's writes are stopped")
+            assert self._dirty is not None and self._mirror is not None
             first = offset // CHUNK_SIZE
             last = (offset + max(len(data), 1) - 1) // CHUNK_SIZE
             # The bit is durable before the data can reach the disk.
@@ -1178,6 +1227,98 @@ class UnitStore:
             self._mirror.pwrite(offset, bytes(data))
             if fua:
                 self._mirror.sync()
+
+    # ================================================================== failback
+
+    def begin_hand_back(self) -> HandBackPlan:
+        """Stop the promoted unit's host writes for a failback and say what the local
+        must compare: the chunks written here since the promotion (and those of the
+        local's writes dropped at it).  `end_hand_back` lets the host write again;
+        `hand_back` completes it."""
+        with self._lock:
+            self._check_open()
+            p = self._st.promoted
+            if p is None or self._dirty is None:
+                raise StoreUsageError(f"unit {self.unit_id!r} is not promoted: it has no "
+                                      "role to hand back")
+            if self._handing_back:
+                raise StoreUsageError(f"unit {self.unit_id!r} is already handing its role "
+                                      "back")
+            assert self._mirror is not None
+            self._handing_back = True
+            self._mirror.sync()
+            dropped = bytearray((self.chunk_count + 7) // 8)
+            for lo, hi in p.get("dropped_chunks", []):
+                for c in range(lo, hi + 1):
+                    dropped[c >> 3] |= 1 << (c & 7)
+            return HandBackPlan(seq=int(p["fork_seq"]) + int(p["writes"]),
+                                lineage=self._lineage, changed=self._dirty.bitmap,
+                                dropped=bytes(dropped), chunk_size=CHUNK_SIZE,
+                                chunk_count=self.chunk_count)
+
+    def end_hand_back(self) -> None:
+        """The failback did not complete: the unit stays the primary, its host writes."""
+        with self._lock:
+            if self._handing_back:
+                self._handing_back = False
+                log.warning("unit %s: failback ended without a commit; the unit stays the "
+                            "primary", self.unit_id)
+
+    def hand_back(self, local_seq: int, lineage: Lineage) -> int:
+        """The local now holds this unit's image: the unit follows the local again, as
+        `lineage` (a generation the local forked off this unit's) from the local's seq
+        `local_seq`.  The history before the promotion is dropped (the mirror was written
+        in place since, so those images cannot be rebuilt).  Returns the unit's seq."""
+        with self._lock:
+            self._check_open()
+            st = self._st
+            p = st.promoted
+            if p is None or not self._handing_back:
+                raise StoreUsageError(f"unit {self.unit_id!r} is not handing its role back")
+            if lineage.current.parent != self._lineage.generation:
+                raise StoreUsageError(
+                    f"generation {lineage.generation:016x} was not forked off this unit's "
+                    f"{self._lineage.generation:016x}")
+            assert self._mirror is not None and self._hj is not None
+            self._mirror.sync()
+            # The lineage first: a crash before the state is saved reopens as a promoted
+            # unit whose lineage already follows the local, which _open_lineage finishes.
+            self._write_lineage(self._lineage.adopt(lineage))
+            self._lineage = self._lineage.adopt(lineage)
+            offset = st.seq_offset
+            if local_seq + offset <= self._durable:
+                offset = self._durable + 1 - local_seq
+            seq = local_seq + offset
+            self._finish_hand_back(seq, offset)
+            log.warning("unit %s: handed its role back; follows the local's generation "
+                        "%016x from its seq %d", self.unit_id, lineage.generation, local_seq)
+            return seq
+
+    def _finish_hand_back(self, seq: int, offset: int) -> None:
+        st = self._st
+        assert self._hj is not None
+        now = self._clock()
+        self._pending.clear()
+        self._applied = self._durable = seq
+        self._applied_ts = now
+        st.seq_offset = offset
+        st.dropped = []
+        st.promoted = None
+        st.equal_to_local = True
+        # Nothing before this point can be rebuilt: the history starts here.
+        self._hist_base += len(self._hist)
+        self._hist = []
+        self._hist_bytes = 0
+        st.floor_seq, st.floor_ts = seq, now
+        st.floor_segment, st.floor_offset = self._hj.end_position
+        st.resyncs, st.rolled_back = [], []
+        self._event("hand-back", seq=seq, generation=self._lineage.generation)
+        self._save_state()
+        if self._dirty is not None:
+            self._dirty.remove()
+            self._dirty = None
+        self._handing_back = False
+        self._trim_segments()
 
     def _host_flush(self) -> None:
         with self._lock:
@@ -1523,3 +1664,14 @@ __all__ = [
     "PromotedDevice", "Retention",
     "RollbackReport", "UnitStatus", "UnitStore", "validate_unit_id",
 ]
+
+
+def _ranges(chunks: list[int]) -> list[list[int]]:
+    """Sorted chunk numbers as inclusive [first, last] ranges."""
+    out: list[list[int]] = []
+    for c in chunks:
+        if out and c == out[-1][1] + 1:
+            out[-1][1] = c
+        else:
+            out.append([c, c])
+    return out

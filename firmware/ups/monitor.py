@@ -9,10 +9,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..control.status import UpsReport
 from .drivers import SMBusLike, UpsDriver, build_driver
 from .errors import UpsDriverError
 from .policy import CachedVolume, PolicySettings, PolicyState, UpsPolicy
-from .status import StatusTracker, UpsStatus
+from .status import StatusTracker, UpsStatus, rounded
 
 log = logging.getLogger("mirrorunit.ups")
 
@@ -93,14 +94,15 @@ class UpsMonitor:
         self.stop()
         self.driver.close()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> UpsReport:
         last = self.tracker.last
-        out: dict[str, Any] = {"model": self.driver.name, "polls": self.polls,
-                               "interval_s": self.interval}
-        out.update(last.as_dict() if last is not None else UpsStatus(
-            frozenset(), self.policy.clock()).as_dict())
-        out["policy"] = self.policy.status()
-        return out
+        now = last if last is not None else UpsStatus(frozenset(), self.policy.clock())
+        return {"model": self.driver.name, "polls": self.polls, "interval_s": self.interval,
+                "status": now.nut(), "charge_percent": rounded(now.charge_percent, 1),
+                "voltage": rounded(now.voltage, 3), "current": rounded(now.current, 3),
+                "runtime_s": rounded(now.runtime_s, 0),
+                "runtime": "unknown" if now.runtime_s is None else f"{now.runtime_s:.0f} s",
+                "error": now.error, "policy": self.policy.status()}
 
 
 def monitor_from_config(ups: Mapping[str, Any], volume: CachedVolume, *,

@@ -24,6 +24,7 @@ from typing import Any
 from ..blockdev import DeviceState
 from ..config import ConfigStore, StoreState
 from ..control import UPS_SOCKET, ControlError, ControlServer, call
+from ..control.status import UpsReport
 from ..volume.volume import CacheMode, Volume
 from .drivers import SMBusLike
 from .monitor import UpsMonitor, monitor_from_config
@@ -146,11 +147,11 @@ class UpsProcess:
         self.volume.retry_pending()
         self.monitor.poll_once()
 
-    def poll_and_status(self) -> dict[str, Any]:
+    def poll_and_status(self) -> UpsReport:
         self.poll()
         return self.status()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> UpsReport:
         out = self.monitor.status()
         out["config_generation"] = self.generation
         out["events"] = [{"time": e.time, "step": e.step, "reason": e.reason,
@@ -219,7 +220,7 @@ class UpsService:
     def stop(self) -> None:
         self.monitor.close()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> UpsReport:
         return self.monitor.status()
 
     def handlers(self) -> dict[str, Any]:

@@ -6,7 +6,6 @@ import enum
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 
 class UpsFlag(enum.Enum):
@@ -62,19 +61,8 @@ class UpsStatus:
     def nut(self) -> str:
         return " ".join(f.value for f in _FLAG_ORDER if f in self.flags) or "UNKNOWN"
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "status": self.nut(),
-            "charge_percent": _round(self.charge_percent, 1),
-            "voltage": _round(self.voltage, 3),
-            "current": _round(self.current, 3),
-            "runtime_s": _round(self.runtime_s, 0),
-            "runtime": "unknown" if self.runtime_s is None else f"{self.runtime_s:.0f} s",
-            "error": self.error,
-        }
 
-
-def _round(v: float | None, digits: int) -> float | None:
+def rounded(v: float | None, digits: int) -> float | None:
     return None if v is None else round(v, digits)
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, cast
 
+from firmware.control.status import UsbStatus
 from firmware.scsi import LogicalUnit, ScsiTarget
 from firmware.usb_gadget.configfs import GadgetSettings
 from firmware.usb_gadget.server import UsbFrontEnd
@@ -65,9 +66,9 @@ class UsbService:
         self.front.stop()
         self.host.stop()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> UsbStatus:
         gadget = self.front.gadget
-        return {
+        out: UsbStatus = {
             "gadget": self.settings.gadget_name,
             "udc": gadget.bound_udc() if gadget is not None and not self._stopped.is_set()
             else None,
@@ -75,8 +76,10 @@ class UsbService:
             "read_only": self.logical_unit.read_only,
             "bot_state": self.front.bot.state.value,
             "host": self.host.status(),
-            **self.front.counters(),
         }
+        # the front end's counters beside them (commands, bytes, resets...), not checked
+        cast(dict[str, Any], out).update(self.front.counters())
+        return out
 
     def handlers(self) -> dict[str, Any]:
         return {"usb.status": self.status}

@@ -13,6 +13,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+from ..control.status import HostConnection
+
 log = logging.getLogger("mirrorunit.gadget")
 
 #: What the host connection is, from the kernel's usb_state_string().
@@ -91,6 +93,6 @@ class UdcWatcher:
         if self._thread is not None:
             self._thread.join(5)
 
-    def status(self) -> dict[str, str | int | None]:
+    def status(self) -> HostConnection:
         return {"connection": self.connection, "udc_state": self.state,
                 "changes": self.changes}

@@ -31,7 +31,6 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TypedDict
 
 from ..blockdev import (
     BlockDeviceError,
@@ -44,6 +43,7 @@ from ..blockdev import (
 )
 from ..cbq import MIRROR_CONSUMER, CircularBufferQueue, NeedsReclaim, RecordKind
 from ..cbq.format import BARRIER_FLUSH, BARRIER_FUA, barrier_flags
+from ..control.status import VolumeStatus
 from ..storage import ReadIntoStorage, Storage
 
 log = logging.getLogger("mirrorunit.volume")
@@ -58,31 +58,6 @@ class CacheMode(enum.Enum):
     WRITE_THROUGH = "write-through"
     #: A write completes from RAM; durable at FLUSH/FUA, on the timer or on flush_cache().
     WRITE_BACK = "write-back"
-
-
-class VolumeStatus(TypedDict):
-    size: int
-    block_size: int
-    state: str
-    read_only: bool
-    #: The configured mode; `write_cache_enabled` says whether the cache is in use.
-    cache_mode: str
-    cache_bytes: int
-    cache_limit: int
-    applied_seq: int
-    write_cache_enabled: bool
-    #: Why the write cache was turned off, if a commit failed.
-    commit_failure: str | None
-    reads: int
-    writes: int
-    bytes_read: int
-    bytes_written: int
-    flushes: int
-    commits: int
-    #: Barriers (FLUSH, SYNCHRONIZE CACHE, FUA completions) the host sent, and how
-    #: many of them the queue could not record (overflow, paused, nothing written yet).
-    barriers: int
-    barriers_unrecorded: int
 
 
 @dataclass
@@ -293,6 +268,25 @@ class Volume:
                 # Right after its data, before the commit that makes both durable.
                 self._append_barrier(barrier, BARRIER_FUA)
         self._after_write(fua)
+
+    def read_own(self, offset: int, length: int) -> bytes:
+        """Read for the unit itself, whatever the state the host sees (a failback
+        comparing chunks while the host is kept out)."""
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise OutOfRange(f"range {offset}+{length} outside volume of {self._size} bytes")
+        return self._read(offset, length)
+
+    def pwrite_own(self, offset: int, data: bytes) -> None:
+        """Write for the unit itself, whatever the state the host sees (a failback
+        taking the promoted copy's chunks): whole blocks, through the queue like a host
+        write, durable when this returns."""
+        bs = self._block_size
+        if offset % bs or len(data) % bs or offset < 0 or offset + len(data) > self._size:
+            raise OutOfRange(f"range {offset}+{len(data)} is not whole blocks inside the "
+                             f"volume of {self._size} bytes")
+        with self._lock:
+            self._write_blocks(offset, bytes(data))
+        self._commit()
 
     def _write_blocks(self, offset: int, data: bytes) -> None:
         lbn = offset // self._block_size

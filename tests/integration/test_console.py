@@ -12,6 +12,7 @@ import pytest
 from firmware import COPYRIGHT
 from firmware.config import ConfigStore, StoreSettings, seal
 from firmware.control import ControlServer
+from tests.support.status import local_status, peer
 from tests.support.terminal import DOWN, ENTER, ESC, UP, Term
 
 PASSWORD = "correct horse battery"
@@ -24,20 +25,17 @@ class FakeUnit:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.state = "ready"
         self.mode = "write-through"
-        self.status: dict[str, Any] = {
-            "role": "local", "version": "0.1.0",
-            "volume": {"size": 64 << 20, "state": "ready", "cache_mode": "write-through",
-                       "cache_bytes": 0},
-            "cbq": {"fill": 0.123, "mode": "normal", "queued_blocks": 42, "last_seq": 977,
-                    "ring_bytes": 16 << 20, "high_water": 0.8, "oldest_queued_ns": None,
-                    "dequeue_paused": False,
-                    "consumers": {"remote": {"sent_seq": 970, "acked_seq": 935,
-                                             "pending_records": 42, "needs_resync": False}}},
-            "link": {"fingerprint": "ab" * 32,
-                     "peers": {"remote": {"state": "connected", "lag_seconds": 1.5}}},
-            "ups": {"status": "OL CHRG", "charge_percent": 87.0, "runtime": "unknown",
-                    "policy": {"state": "on-mains"}},
-        }
+        st = local_status(fill=0.123, peers={"remote": peer("connected")},
+                          ups_flags="OL CHRG", charge=87.0)
+        st["version"] = "0.1.0"
+        st["volume"].update({"size": 64 << 20, "state": "ready"})
+        st["cbq"].update({"queued_blocks": 42, "last_seq": 977})
+        st["cbq"]["consumers"]["remote"].update(
+            {"sent_seq": 970, "acked_seq": 935, "pending_records": 42})
+        assert "link" in st and "ups" in st
+        st["link"]["peers"]["remote"]["lag_seconds"] = 1.5
+        st["ups"].update({"runtime": "unknown", "policy": {"state": "on-mains"}})
+        self.status: Any = st
 
         def rec(op: str, result: Any) -> Any:
             def handler(**kw: Any) -> Any:

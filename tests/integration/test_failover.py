@@ -3,6 +3,7 @@ fenced when it returns; a forced promote while the local writes is a split brain
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from tests.support.replication import (
     Pair,
     RemoteProc,
     Writer,
+    assert_same_image,
     peer_status,
     wait_caught_up,
     wait_for,
@@ -152,3 +154,82 @@ def test_a_forced_promote_cuts_off_an_idle_local_which_returns_fenced(
     assert f"this copy is stale since seq {last}" in fenced
     assert peer_status(local)["connects"] >= 2  # the session was cut, and refused after
     assert _role(remote, unit_id)["peer"]["refused"] == "fenced"
+
+
+def _unreplicated(local: Any, offset: int, data: bytes) -> None:
+    with NbdClient("127.0.0.1", local.port, "mirrorunit") as c:
+        c.write(offset, data)
+        c.flush()
+
+
+def test_failback_moves_only_what_changed_and_keeps_the_old_locals_writes(
+        small_pair: Pair, tmp_path: Path) -> None:
+    local, remote, unit_id = small_pair.local, small_pair.remote, small_pair.unit_id
+    chunk = 64 * 1024
+    base = bytes(range(251)) * (8 * chunk // 251 + 1)
+    _unreplicated(local, 0, base[:8 * chunk])  # chunks 0..7, replicated
+    wait_caught_up(local, remote, unit_id)
+    # The link goes down; the local's host writes on, then the site is lost.
+    local.call("link.pause", name="remote")
+    mine_a = b"\xa1" * (chunk + 4096)  # chunk 32 and the first 4 KiB of chunk 33
+    _unreplicated(local, 32 * chunk, mine_a)
+    local.stop(signal.SIGKILL)
+
+    r = remote.call("role.promote", unit=unit_id, seq=None, force=False)
+    export = remote.call("remote.nbd_start", unit=unit_id, address="127.0.0.1:0")
+    port = int(export["address"].rsplit(":", 1)[1])
+    theirs_b = b"\xb2" * chunk  # chunk 16, only on the new primary
+    theirs_c = b"\xc3" * 8192  # inside chunk 33, where the old local also wrote
+    _nbd_write_read(port, export["export"], 16 * chunk, theirs_b)
+    _nbd_write_read(port, export["export"], 33 * chunk + 16384, theirs_c)
+    remote_image = b"".join(remote.call("remote.read", unit=unit_id, offset=o, length=1 << 19)
+                            for o in range(0, 8 << 20, 1 << 19))
+
+    # The old site returns fenced; its host writes once more (still refused upstream).
+    local.start()
+    wait_for(lambda: peer_status(local)["fenced"], 30, "the old local to be fenced")
+    mine_d = b"\xd4" * 8192  # chunk 48
+    _unreplicated(local, 48 * chunk + 4096, mine_d)
+
+    out = subprocess.run(
+        [sys.executable, "-m", "firmware", "role", "failback", "--control",
+         str(local.control), "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr + local.log.read_text()[-3000:]
+    rep = json.loads(out.stdout)
+    union = {16, 33} | {32, 33, 48}
+    assert rep["chunks_changed_remote"] == 2 and rep["chunks_changed_here"] == 3
+    assert rep["chunks_compared"] == len(union)
+    assert rep["chunks_moved"] == len(union)
+    assert rep["bytes_moved"] / (len(union) * chunk) <= 1.02
+
+    # Both copies hold the promoted remote's image, byte for byte.
+    assert local.disk.read_bytes() == remote_image
+    assert_same_image(local, remote, unit_id, tmp_path)
+
+    # The conflict image holds exactly the old local's unreplicated writes.
+    conflict = rep["conflict"]
+    extents = json.loads(Path(conflict["extents_file"]).read_text())
+    bs = extents["block_size"]
+    assert [tuple(e) for e in extents["extents"]] == [
+        (32 * chunk // bs, len(mine_a) // bs), ((48 * chunk + 4096) // bs, len(mine_d) // bs)]
+    img = Path(conflict["image"]).read_bytes()
+    assert img[32 * chunk:32 * chunk + len(mine_a)] == mine_a
+    assert img[48 * chunk + 4096:48 * chunk + 4096 + len(mine_d)] == mine_d
+    assert conflict["bytes"] == len(mine_a) + len(mine_d)
+
+    # The remote follows the old local again: its writable export is gone, the local's
+    # new writes reach it, in order.
+    role = _role(remote, unit_id)
+    assert role["role"] == "secondary" and role["promoted"] is None
+    assert role["generation"] == rep["generation"]
+    with pytest.raises((OSError, ConnectionError)):
+        _nbd_write_read(port, export["export"], 0, b"\0" * 4096)
+    wait_for(lambda: peer_status(local)["state"] == "connected", 30, "the link to resume")
+    assert peer_status(local)["fenced"] is None
+    after = b"\xe5" * 4096
+    _unreplicated(local, 5 * chunk, after)
+    last = wait_caught_up(local, remote, unit_id)
+    assert last == rep["seq"] + 1
+    assert remote.call("remote.read", unit=unit_id, offset=5 * chunk, length=4096) == after
+    assert_same_image(local, remote, unit_id, tmp_path)
+    assert r["seq"] > 0

@@ -14,6 +14,7 @@ import pytest
 
 from firmware.config import ConfigStore, StoreSettings
 from firmware.control import ControlError, call
+from firmware.control.status import read_local_status, read_ups_report
 from firmware.local import LocalSettings, LocalUnit
 from firmware.ups.service import ControlVolume, UpsProcess
 from firmware.volume import CacheMode
@@ -75,9 +76,10 @@ def test_mains_loss_flushes_then_shutdown_detaches_the_real_unit(
     proc.poll()
     print("mains loss with a full cache to write-through (flush included): "
           f"{time.monotonic() - t0:.3f} s")
-    st = call(unit.settings.control, "status")
+    st = read_local_status(call(unit.settings.control, "status"))
     assert st["volume"]["cache_mode"] == "write-through"
     assert st["volume"]["cache_bytes"] == 0
+    assert read_ups_report(proc.status())["status"].startswith("OB")
     assert proc.status()["policy"]["last_flush_s"] is not None
     assert st["volume"]["state"] == "ready" and not powered_off
     clock.advance(61)

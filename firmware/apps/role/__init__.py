@@ -3,9 +3,11 @@
     mirrorunit role status [UNIT] --control SOCK [--json]
     mirrorunit role promote UNIT [--seq N] [--force] --control SOCK
     mirrorunit role serve UNIT --nbd HOST:PORT --control SOCK
+    mirrorunit role failback [--peer NAME] [--control LOCAL_SOCK] [--json]
 
 They talk to the running remote unit through its control socket (`role.status`,
-`role.promote`, `remote.nbd_start`).
+`role.promote`, `remote.nbd_start`); `failback` talks to the local unit
+(`link.failback`), which pulls the promoted remote's image back.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from firmware.control import REMOTE_SOCKET, ControlError, call
+from firmware.control import LOCAL_SOCKET, REMOTE_SOCKET, ControlError, call
 
 DEFAULT_CONTROL = REMOTE_SOCKET
 
@@ -45,6 +47,14 @@ def register(sub: Any) -> None:
                        help="serve a promoted unit's mirror, writable, over NBD")
     sv.add_argument("unit")
     sv.add_argument("--nbd", required=True, metavar="HOST:PORT")
+    fb = rs.add_parser("failback",
+                       help="on the old local: give up its writes since the remote's "
+                            "promotion (kept as a conflict image), take the remote's image "
+                            "and become the primary again")
+    fb.add_argument("--peer", default="remote", help="the remote that was promoted")
+    fb.add_argument("--control", type=Path, default=Path(LOCAL_SOCKET),
+                    help="the local unit's control socket")
+    fb.add_argument("--json", action="store_true")
     rp.set_defaults(func=main)
 
 
@@ -64,6 +74,26 @@ def _run(args: argparse.Namespace) -> int:
             print(json.dumps(result, indent=2, default=str))
         else:
             _print_status(result)
+        return 0
+    if cmd == "failback":
+        r = call(args.control, "link.failback", timeout=24 * 3600.0, name=args.peer)
+        if args.json:
+            print(json.dumps(r, indent=2))
+            return 0
+        if r["completed_earlier"]:
+            print(f"failback from {args.peer} had been taken by the remote already; this "
+                  f"copy is the primary of generation {r['generation']} from seq {r['seq']}")
+            return 0
+        print(f"failback from {args.peer} done in {r['seconds']:.1f} s: {r['chunks_compared']}"
+              f" chunks compared ({r['chunks_changed_remote']} changed on the remote, "
+              f"{r['chunks_changed_here']} here), {r['chunks_moved']} moved "
+              f"({r['bytes_moved']} bytes); this copy is the primary of generation "
+              f"{r['generation']} from seq {r['seq']} and the remote follows it")
+        c = r["conflict"]
+        if c is not None and c["extents"]:
+            print(f"this copy's own writes since the promotion ({c['bytes']} bytes in "
+                  f"{c['extents']} extents) are kept in {c['image']} (extents listed in "
+                  f"{c['extents_file']})")
         return 0
     if cmd == "promote":
         r = call(args.control, "role.promote", unit=args.unit, seq=args.seq, force=args.force)

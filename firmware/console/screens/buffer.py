@@ -20,8 +20,8 @@ class BufferScreen(Forms):
             st, _ = self.unit_status()
             if st is None:
                 return ["Local unit not running."]
-            v, q = st.get("volume", {}), st.get("cbq", {})
-            return [f"Now: volume {format_size(int(v.get('size', 0)))}B, buffer "
-                    f"{format_size(int(q.get('ring_bytes', 0)))}B, {q.get('fill', 0):.1%} full,"
-                    f" high-water {q.get('high_water', 0):.0%}, mode {q.get('mode')}"]
+            v, q = st["volume"], st["cbq"]
+            return [f"Now: volume {format_size(v['size'])}B, buffer "
+                    f"{format_size(q['ring_bytes'])}B, {q['fill']:.1%} full,"
+                    f" high-water {q['high_water']:.0%}, mode {q['mode']}"]
         self.config_form("buffer and volume", BUFFER_FIELDS, info)

@@ -33,10 +33,9 @@ class PeersScreen(Forms):
                        "a: add   e/Enter: edit   d: delete   arrows: move   Esc: back")
             st, _ = self.unit_status()
             own = self.s.own_fingerprint
-            for name, value in (st or {}).items():
-                if name.startswith("link") and isinstance(value, dict) and \
-                        value.get("fingerprint"):
-                    own = str(value["fingerprint"])
+            link = st.get("link") if st is not None else None
+            if link is not None:
+                own = link["fingerprint"]
             self.put(2, 1, "This unit's certificate fingerprint (SHA-256):")
             self.put(3, 3, colon_fp(own) if own else "not available (no link service)")
             self.put(5, 1, "Paired peers:" if peers else "No peers paired.")

@@ -7,7 +7,7 @@ import time
 
 from ... import COPYRIGHT, LICENSE, __version__
 from ...config.schema import format_size
-from ...notify.events import _links
+from ...notify.events import links
 from ..base import ESC, ConsoleBase
 
 _ABOUT = f"MirrorUnit {__version__}  {COPYRIGHT}  ({LICENSE})"
@@ -26,39 +26,40 @@ class StatusScreen(ConsoleBase):
                     "*** LOCAL UNIT NOT RUNNING ***", f"  {err}", "",
                     "The host sees no disk and nothing is mirrored until it starts.", "",
                     _ABOUT]
-        v, q = st.get("volume", {}), st.get("cbq", {})
-        lines = [f"Role        {st.get('role', '?'):<10} version {st.get('version', '?'):<10}"
-                 f" serial {serial}   name {name}"]
-        if v:
-            lines.append(f"Volume      {format_size(int(v.get('size', 0)))}B, "
-                         f"{v.get('state')}, mode {v.get('cache_mode')}, "
-                         f"{v.get('cache_bytes', 0)} bytes in RAM cache")
-        if q:
-            lines.append(f"Buffer      {q.get('fill', 0):.1%} full, mode {q.get('mode')}, "
-                         f"{q.get('queued_blocks', 0)} blocks in buffer, last seq "
-                         f"{q.get('last_seq')}"
-                         + ("  LINK PAUSED" if q.get("dequeue_paused") else ""))
-        links = dict(_links(st))
-        for peer, c in (q.get("consumers") or {}).items():
-            if str(peer).startswith("@"):
+        v, q = st["volume"], st["cbq"]
+        lines = [f"Role        {st['role']:<10} version {st['version']:<10}"
+                 f" serial {serial}   name {name}",
+                 f"Volume      {format_size(v['size'])}B, {v['state']}, mode "
+                 f"{v['cache_mode']}, {v['cache_bytes']} bytes in RAM cache",
+                 f"Buffer      {q['fill']:.1%} full, mode {q['mode']}, "
+                 f"{q['queued_blocks']} blocks in buffer, last seq {q['last_seq']}"
+                 + ("  LINK PAUSED" if q["dequeue_paused"] else "")]
+        link_of = dict(links(st))
+        for peer, c in q["consumers"].items():
+            if peer.startswith("@"):  # the unit's own consumers, not remotes
                 continue
-            link = links.get(peer, {})
-            lag = link.get("lag_seconds")
-            if lag is None and q.get("oldest_queued_ns"):
-                lag = max(0.0, time.time() - q["oldest_queued_ns"] / 1e9)
-            lines.append(f"Peer {peer:<7}sent {c.get('sent_seq')}, acked by remote "
-                         f"{c.get('acked_seq')}, lag {c.get('pending_records', 0)} writes"
-                         f" / {0.0 if lag is None else lag:.1f} s"
-                         + (", NEEDS RESYNC" if c.get("needs_resync") else ""))
-            lines.append(f"  link      {link.get('state', 'no link service running')}"
-                         + (f" ({link['last_error']})" if link.get("last_error") else ""))
+            link = link_of.get(peer)
+            if link is not None:
+                lag = link["lag_seconds"]
+            elif c["oldest_pending_ns"]:
+                lag = max(0.0, time.time() - c["oldest_pending_ns"] / 1e9)
+            else:
+                lag = 0.0
+            lines.append(f"Peer {peer:<7}sent {c['sent_seq']}, acked by remote "
+                         f"{c['acked_seq']}, lag {c['pending_records']} writes / {lag:.1f} s"
+                         + (", NEEDS RESYNC" if c["needs_resync"] else ""))
+            if link is None:
+                lines.append("  link      no link service running")
+            else:
+                lines.append(f"  link      {link['state']}"
+                             + (f" ({link['last_error']})" if link["last_error"] else ""))
         ups = st.get("ups")
-        if isinstance(ups, dict):
-            charge = ups.get("charge_percent")
-            lines.append(f"UPS         {ups.get('status')}, charge "
+        if ups is not None:
+            charge = ups["charge_percent"]
+            policy = ups["policy"] if isinstance(ups["policy"], dict) else {}
+            lines.append(f"UPS         {ups['status']}, charge "
                          f"{'unknown' if charge is None else f'{charge:.0f}%'}, runtime "
-                         f"{ups.get('runtime', 'unknown')}, policy "
-                         f"{(ups.get('policy') or {}).get('state', '-')}")
+                         f"{ups['runtime']}, policy {policy.get('state', '-')}")
         else:
             lines.append("UPS         not monitored")
         return lines + ["", _ABOUT]

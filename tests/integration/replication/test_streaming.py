@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from firmware.control.status import read_local_status
 from firmware.nbd.client import NbdClient
 from tests.support.faultproxy import ConnectionFaults
 from tests.support.replication import (
@@ -90,6 +91,10 @@ def test_link_pause_resume_and_status(pair: Pair, tmp_path: Path) -> None:
         c.flush()
     s = peer_status(local)
     assert s["state"] == "paused"
+    # the whole answer of a running unit with NBD and a link has the documented shape
+    whole = read_local_status(local.call("status"))
+    assert whole["link"]["peers"]["remote"]["state"] == "paused"
+    assert whole["nbd"] is not None and whole["nbd"]["connections"] == 0
     assert s["lag_seqs"] >= 1 and s["lag_bytes"] >= 65536
     assert s["blocks_sent"] == s["blocks_acked"] == 0
     time.sleep(0.5)

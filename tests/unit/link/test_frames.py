@@ -29,9 +29,13 @@ from firmware.link.frames import (
     Abort,
     Ack,
     Bye,
+    ChunkWant,
     Commit,
     Digest,
     ErrorFrame,
+    FailbackCommit,
+    FailbackPlan,
+    FailbackStart,
     Frame,
     FrameDecoder,
     Hello,
@@ -67,6 +71,10 @@ REC = (
     WriteRecord(seq=5, lbn=2**40, data=b"z" * BS * 3, ts=2**63),
 )
 
+FORKED = Lineage.first(LineageRole.PRIMARY, 1.5e9, random.Random(1)).fork(
+    LineageRole.PRIMARY, 12, 1.6e9, False, random.Random(2)).fork(
+    LineageRole.PRIMARY, 30, 1.7e9, True, random.Random(3))
+
 FRAMES: list[Frame] = [
     Hello((1, 2), "unit-a", 2**40, BS, 17, (CODEC_ZSTD, CODEC_ZLIB), True),
     Hello((1,), "unit-a", 2**20, BS, 17, (), False, queue_id=7,
@@ -83,6 +91,12 @@ FRAMES: list[Frame] = [
     Pong(3),
     ErrorFrame("unknown-unit", "unit 'x' is not known here"),
     Bye(),
+    # a lineage with history nests four deep: a copy that was promoted or failed back
+    Hello((1,), "unit-a", 2**20, BS, 17, (), False, lineage=FORKED, last_seq=20),
+    FailbackStart("unit-a", FORKED, (CODEC_ZSTD, CODEC_NONE)),
+    FailbackPlan(5, 80, FORKED, 65536, 20, b"\x01\x80\x0f", b"\x00\x80\x00", CODEC_ZSTD),
+    ChunkWant(5, (0, 15, 19)),
+    FailbackCommit(5, 90, FORKED),
 ]
 
 
@@ -695,8 +709,8 @@ def _ack_with(extra: bytes) -> bytes:
 
 HOSTILE_BODIES: list[tuple[str, bytes, str]] = [
     ("shared 28/29 x40", shared_body(40, "ACK"), "tag 28"),
-    ("nesting past the frames' depth", _ack_with(cbor2.dumps("x") + b"\x81\x81\x81\x00"),
-     "nest deeper than 3"),
+    ("nesting past the frames' depth",
+     _ack_with(cbor2.dumps("x") + b"\x81\x81\x81\x81\x00"), "nest deeper than 4"),
     ("nested arrays x10000", _ack_with(cbor2.dumps("x") + b"\x81" * 10_000 + b"\x00"),
      "nest deeper"),
     ("bignum durable", cbor2.dumps({"type": "ACK", "durable": 2**64 + 1}), "tag 2"),
@@ -777,3 +791,18 @@ def test_writes_frames_over_the_record_cap_are_a_protocol_error() -> None:
     ok = _body(_writes_map(recs=recs[:MAX_WRITES_RECORDS], payload=b""))
     (frame,) = FrameDecoder().receive_data(ok)
     assert isinstance(frame, Writes) and len(frame.records) == MAX_WRITES_RECORDS
+
+
+@pytest.mark.parametrize("change,why", [
+    ({"changed": b"\x00"}, "bitmap 'changed' of 1 bytes for 20 chunks"),
+    ({"count": 2**40, "changed": b"", "dropped": b""}, "limit"),
+    ({"count": 0, "changed": b"", "dropped": b""}, "FAILBACK_PLAN of 0 chunks"),
+    ({"chunk": 2**30}, "chunk size"),
+])
+def test_a_failback_plan_that_does_not_add_up_is_refused(change: dict[str, object],
+                                                         why: str) -> None:
+    good = FailbackPlan(5, 80, FORKED, 65536, 20, b"\x00" * 3, b"\x00" * 3, CODEC_NONE)
+    m = cbor2.loads(encode_frame(good)[4:-4])
+    m.update(change)
+    with pytest.raises(LinkProtocolError, match=why):
+        decode_body(cbor2.dumps(m))

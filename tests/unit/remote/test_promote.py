@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from firmware.blockdev import NotReady
 from firmware.lineage import Lineage, Role
 from firmware.lineage import store as lineage_store
 from firmware.local.replication import load_local_lineage
-from firmware.remote.errors import JournalCorruption, Promoted, PromoteRefused
+from firmware.remote.errors import JournalCorruption, Promoted, PromoteRefused, StoreUsageError
 from firmware.remote.meeting import Action, meet, peer_lineage_of
 from tests.support.remote_store import FakeClock, S, make_records, model, open_unit
 
@@ -147,6 +148,69 @@ def test_a_promotion_cut_short_after_its_lineage_is_finished_at_open(tmp_path: P
     u.close()
     u = open_unit(tmp_path / "u")
     assert u.promoted and u.copy_seq == 4 and u.lineage == forked
+    u.close()
+
+
+def _chunks(bits: bytes) -> list[int]:
+    return [c for c in range(len(bits) * 8) if bits[c >> 3] & (1 << (c & 7))]
+
+
+def test_a_promotion_records_the_chunks_of_received_writes_it_drops(tmp_path: Path) -> None:
+    recs = make_records(random.Random(8), 8, 128)
+    clock = FakeClock()
+    u = open_unit(tmp_path / "u", size=4 * 65536, clock=clock, commit_delay_s=3600)
+    u.apply(recs)
+    clock.now += S
+    u.promote(at_seq=5)
+    want = sorted({r.lbn * 512 // 65536 for r in recs[5:]}
+                  | {(r.lbn * 512 + len(r.data) - 1) // 65536 for r in recs[5:]})
+    plan = u.begin_hand_back()
+    assert _chunks(plan.dropped) == want and _chunks(plan.changed) == want
+    assert plan.seq == 5 and plan.lineage == u.lineage
+    u.end_hand_back()
+    u.close()
+
+
+def test_hand_back_follows_the_local_and_starts_history_afresh(tmp_path: Path) -> None:
+    recs = make_records(random.Random(9), 12, 128)
+    u = open_unit(tmp_path / "u", size=4 * 65536)
+    u.apply(recs[:10])
+    u.promote()
+    dev = u.promoted_device()
+    dev.pwrite(3 * 65536, b"\x77" * 4096)
+    plan = u.begin_hand_back()
+    assert _chunks(plan.changed) == [3] and plan.seq == 11
+    with pytest.raises(NotReady, match="handing its role back"):
+        dev.pwrite(0, b"\0" * 512)  # the host is stopped while the local takes the image
+    stranger = Lineage.first(Role.PRIMARY, 1.0, random.Random(1))
+    with pytest.raises(StoreUsageError, match="was not forked off"):
+        u.hand_back(20, stranger.fork(Role.PRIMARY, 20, 2.0, False, random.Random(2)))
+    local = u.lineage.adopt(u.lineage).fork(Role.PRIMARY, 20, 3.0, False, random.Random(3))
+    assert u.hand_back(20, local) == 20
+    assert not u.promoted and u.lineage.generation == local.generation
+    assert not u.lineage.writer and u.last_durable_seq() == 20
+    assert u.oldest_restorable.seq == 20  # nothing before the hand-back can be rebuilt
+    with pytest.raises(NotReady):
+        dev.pwrite(0, b"\0" * 512)
+    image = u.read_mirror(0, 4 * 65536)
+    u.close()
+    u = open_unit(tmp_path / "u", size=4 * 65536)
+    assert not u.promoted and u.last_durable_seq() == 20 and u.read_mirror(0, 4 * 65536) == image
+    # and it takes the local's next writes as a secondary again
+    nxt = make_records(random.Random(10), 2, 128, first_seq=21)
+    assert u.apply(nxt) == 22
+    u.close()
+
+
+def test_a_hand_back_cut_short_after_its_lineage_is_finished_at_open(tmp_path: Path) -> None:
+    u = open_unit(tmp_path / "u")
+    u.apply(make_records(random.Random(11), 4, 128))
+    u.promote()
+    local = u.lineage.adopt(u.lineage).fork(Role.PRIMARY, 9, 3.0, False, random.Random(4))
+    u.set_lineage(u.lineage.adopt(local))  # what hand_back() records before the state
+    u.close()
+    u = open_unit(tmp_path / "u")
+    assert not u.promoted and u.last_durable_seq() == 9 and u.dirty_chunks() == []
     u.close()
 
 
