@@ -620,6 +620,18 @@ class RemoteServer:
             return [{**dataclasses.asdict(p), "applied": p.seq <= applied}
                     for p in u.points(from_ns, to_ns)]
 
+        def replay(unit: str, target: str, from_seq: int | None = None,
+                   to_seq: int | None = None, from_ns: int | None = None,
+                   to_ns: int | None = None, pace: str = "max") -> dict[str, Any]:
+            from firmware.remote.replay import replay as run_replay
+
+            u = self.unit(unit)
+            if to_seq is None and to_ns is None:
+                to_seq = u.last_applied_seq
+            r = run_replay(u, target, from_seq=from_seq, to_seq=to_seq, from_ns=from_ns,
+                           to_ns=to_ns, pace=pace)
+            return dataclasses.asdict(r)
+
         def nbd_start(unit: str, address: str, at_ns: int | None = None,
                       seq: int | None = None, point: int | None = None) -> dict[str, Any]:
             from firmware.nbd.server import NbdServer, parse_hostport
@@ -682,7 +694,7 @@ class RemoteServer:
 
         return {"role.promote": promote, "role.status": role_status,
                 "status": self.status, "remote.export": export, "remote.nbd_start": nbd_start,
-                "remote.points": points,
+                "remote.points": points, "remote.replay": replay,
                 "remote.nbd_stop": nbd_stop, "remote.rollback": rollback,
                 "remote.drop": drop, "remote.read": read}
 

@@ -123,6 +123,23 @@ class PointInTime:
 
 
 @dataclass(frozen=True)
+class ReplayCommand:
+    """One recorded command: a write (`data` at byte `offset`) or, with `barrier`, the
+    host's barrier after write `seq` (`flags` as the local queue records them)."""
+
+    seq: int
+    ts: int
+    offset: int = 0
+    data: bytes = b""
+    barrier: bool = False
+    flags: int = 0
+
+
+def _barrier_command(p: Point) -> ReplayCommand:
+    return ReplayCommand(p.seq, p.ts, barrier=True, flags=p.kind)
+
+
+@dataclass(frozen=True)
 class DropReport:
     """What `drop_range()` removed from the receive journal."""
 
@@ -972,6 +989,66 @@ class UnitStore:
                 raise NotRestorable(f"point {number} (seq {p.seq}) lies inside a resync: "
                                     "the image there is not consistent")
             return p
+
+    def replay_plan(self, from_seq: int | None = None, to_seq: int | None = None, *,
+                    from_ns: int | None = None, to_ns: int | None = None,
+                    ) -> tuple[PointInTime, PointInTime, list[ReplayCommand]]:
+        """The recorded command stream between two points: (start, end, commands).
+
+        The commands are the writes applied after `start` up to `end`, in seq order with
+        their original offsets and times, and the barriers among them; a target holding
+        the image at `start` that is given them in order ends equal to the image at
+        `end`.  The data of each write is read back from history: walking from the
+        image at `end` towards `start`, a write's blocks hold its data until the
+        before-image of that write is laid over them.  Refused across a resync (no
+        write order exists there)."""
+        with self._lock:
+            self._check_open()
+            self._check_not_promoted("replays nothing from history")
+            start, _ = self._resolve(from_seq, from_ns)
+            end, i_end = self._resolve(to_seq, to_ns)
+            if end.seq < start.seq:
+                raise StoreUsageError(f"the end (seq {end.seq}) is before the start "
+                                      f"(seq {start.seq})")
+            entries = []
+            for e in self._hist[:i_end]:
+                if e.kind is RecordKind.CHUNK_BEFORE and start.seq <= e.seq < end.seq:
+                    raise NotRestorable(f"a resync from seq {e.seq} lies between seq "
+                                        f"{start.seq} and {end.seq}: no command order "
+                                        "exists across it")
+                if e.kind is RecordKind.BEFORE and start.seq < e.seq <= end.seq:
+                    entries.append(e)
+            assert self._points is not None
+            barriers = [p for p in self._points.points if start.seq < p.seq <= end.seq]
+            view = PointInTimeDevice(self, end, self._hist_base + i_end)
+        bs = self.block_size
+        try:
+            laid: dict[int, bytes] = {}  # block -> its contents at the write being read
+            writes: list[ReplayCommand] = []
+            for e in reversed(entries):
+                data = bytearray(view.pread(e.lbn * bs, e.nblocks * bs))
+                for k in range(e.nblocks):
+                    got = laid.get(e.lbn + k)
+                    if got is not None:
+                        data[k * bs:(k + 1) * bs] = got
+                with self._lock:
+                    assert self._hj is not None
+                    before = self._hj.read_payload(e)
+                for k in range(e.nblocks):
+                    laid[e.lbn + k] = before[k * bs:(k + 1) * bs]
+                writes.append(ReplayCommand(e.seq, e.ts, e.lbn * bs, bytes(data)))
+        finally:
+            view.close()
+        writes.reverse()
+        out: list[ReplayCommand] = []
+        bi = 0
+        for w in writes:
+            while bi < len(barriers) and barriers[bi].seq < w.seq:
+                out.append(_barrier_command(barriers[bi]))
+                bi += 1
+            out.append(w)
+        out.extend(_barrier_command(b) for b in barriers[bi:])
+        return start, end, out
 
     def resolve(self, at: int | None = None, *, seq: int | None = None) -> PointInTime:
         """The restorable point `image_at(at)` / `image_at_seq(seq)` would give."""

@@ -102,6 +102,14 @@ def command_line(s: RemoteSettings) -> list[str]:
     return argv
 
 
+def parse_point(text: str) -> tuple[str, int]:
+    """A replay endpoint: ("seq", N) for an integer, else ("ns", instant)."""
+    t = text.strip()
+    if t.isdigit():
+        return "seq", int(t)
+    return "ns", parse_time(t)
+
+
 def parse_time(text: str) -> int:
     """An instant as nanoseconds since the epoch: ISO 8601 ('2024-05-01T12:00:00Z',
     local time without a zone), seconds since the epoch ('1714564800.25'), or
@@ -195,6 +203,16 @@ def configure(rp: argparse.ArgumentParser) -> None:
     pt.add_argument("--from", dest="t_from", type=parse_time, help="from this instant")
     pt.add_argument("--to", dest="t_to", type=parse_time, help="up to this instant")
     pt.add_argument("--json", action="store_true")
+    rpl = op("replay", "re-issue a unit's recorded writes and barriers onto a target")
+    rpl.add_argument("unit", metavar="UNIT")
+    rpl.add_argument("--from", dest="r_from", type=parse_point, required=True,
+                     help="start: a seq (an integer) or an instant; the target starts as "
+                          "the image there")
+    rpl.add_argument("--to", dest="r_to", type=parse_point,
+                     help="end: a seq or an instant (default: the last applied write)")
+    rpl.add_argument("--target", required=True, help="image file, or nbd://HOST:PORT/EXPORT")
+    rpl.add_argument("--pace", choices=("recorded", "max"), default="max")
+    rpl.add_argument("--json", action="store_true")
     rb = op("rollback", "rewind a unit's mirror itself to a point in time")
     rb.add_argument("--unit", required=True)
     g = rb.add_mutually_exclusive_group(required=True)
@@ -289,6 +307,22 @@ def _online(args: argparse.Namespace, call: Any) -> int:
     elif cmd == "points":
         _print_points(call("remote.points", unit=args.unit, from_ns=args.t_from,
                            to_ns=args.t_to), args.json)
+    elif cmd == "replay":
+        kw: dict[str, Any] = {}
+        for name, value in (("from", args.r_from), ("to", args.r_to)):
+            if value is not None:
+                kw[f"{name}_{value[0]}"] = value[1]
+        target = args.target if args.target.startswith("nbd://") else \
+            str(Path(args.target).resolve())
+        r = call("remote.replay", unit=args.unit, target=target, pace=args.pace, **kw)
+        if args.json:
+            print(json.dumps(r, indent=2))
+        else:
+            print(f"replayed unit {args.unit} from seq {r['start_seq']} to {r['end_seq']} onto "
+                  f"{args.target}: {r['writes']} writes ({r['bytes']} bytes), "
+                  f"{r['barriers']} barriers in {r['seconds']:.2f} s"
+                  + (f", at most {r['max_lag_ms']:.1f} ms late" if args.pace == "recorded"
+                     else ""))
     elif cmd == "export" and args.output is not None:
         r = call("remote.export", unit=args.unit, output=str(args.output.resolve()),
                  at_ns=args.at, seq=args.seq, point=args.point)

@@ -108,6 +108,14 @@ def test_one_point_per_flush_each_exporting_its_image(make_pair: MakePair,
                           "--control", str(remote.control)],
                          capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 1 and "no point 999" in res.stderr
+    # Replaying the recorded stream from the first point to the last (the target starts
+    # as the image at the first) ends at the last point's image.
+    start = tmp_path / "replayed.img"
+    out = json.loads(_remote_cli(remote.control, "replay", pair.unit_id, "--from",
+                                 str(points[0]["seq"]), "--to", str(points[-1]["seq"]),
+                                 "--target", str(start), "--json"))
+    assert out["barriers"] == 3 and out["writes"] == last - points[0]["seq"], out
+    assert hashlib.sha256(start.read_bytes()).hexdigest() == _expected_digests()[-1]
     status = remote.unit(pair.unit_id)
     assert status["points"] == 4 and status["newest_point"]["number"] == points[-1]["number"]
 
