@@ -81,6 +81,11 @@ def replay(unit: UnitStore, target: str, *, from_seq: int | None = None,
     """Replay the commands between the two points onto `target` (a path or nbd://)."""
     if pace not in PACES:
         raise StoreUsageError(f"pace {pace!r} is not one of {', '.join(PACES)}")
+    if not target.startswith("nbd://"):
+        inside = os.path.commonpath([os.path.realpath(target),
+                                     os.path.realpath(unit.directory)])
+        if inside == os.path.realpath(unit.directory):
+            raise StoreUsageError(f"replay target {target} lies inside the unit's own store")
     start, end, commands = unit.replay_plan(from_seq, to_seq, from_ns=from_ns, to_ns=to_ns)
     t0 = time.monotonic()
     dev = _NbdTarget(target, unit.volume_size) if target.startswith("nbd://") \

@@ -61,6 +61,8 @@ def test_replay_to_a_file_ends_equal_to_the_export(tmp_path: Path) -> None:
             (s, False) for s in range(16, 21)] + [(20, True)]
         with pytest.raises(StoreUsageError, match="before the start"):
             u.replay_plan(20, 10)
+        with pytest.raises(StoreUsageError, match="inside the unit's own store"):
+            replay(u, str(Path(u.directory) / "mirror.img"), from_seq=1, to_seq=2)
 
 
 def test_replay_to_an_nbd_target_flushes_at_barriers(tmp_path: Path) -> None:
