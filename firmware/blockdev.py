@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import os
 import threading
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from .errors import MirrorUnitError
@@ -76,6 +77,59 @@ class BlockDevice(Protocol):
     def flush(self) -> None: ...
 
     def trim(self, offset: int, length: int) -> None: ...
+
+
+class FrontEnd(enum.IntEnum):
+    """Which front end a host command came through (recorded with barriers; 4 bits)."""
+
+    NBD = 1
+    SCSI = 2
+
+
+@dataclass(frozen=True, slots=True)
+class HostCommand:
+    """The host's command that declared its writes durable: a FLUSH, a SYNCHRONIZE
+    CACHE, or a write with FUA once its data is all in.  `opcode` is the front end's
+    own (an NBD command number, a SCSI operation code); `connection` tells the
+    front end's connections (or initiators) apart."""
+
+    front_end: FrontEnd
+    opcode: int
+    fua: bool = False
+    connection: int = 0
+
+
+@runtime_checkable
+class RecordsBarriers(Protocol):
+    """Optional for a BlockDevice: it keeps the instants the host declared its data
+    durable (the local volume records them in its queue as consistent points)."""
+
+    def flush_barrier(self, command: HostCommand) -> None:
+        """flush(), recording the instant as a barrier."""
+        ...
+
+    def pwrite_barrier(self, offset: int, data: bytes | memoryview,
+                       command: HostCommand) -> None:
+        """pwrite(fua=True), recording its completion as a barrier."""
+        ...
+
+
+def flush_for(device: BlockDevice, command: HostCommand) -> None:
+    """The host's FLUSH / SYNCHRONIZE CACHE: a barrier where the device keeps them."""
+    if isinstance(device, RecordsBarriers):
+        device.flush_barrier(command)
+    else:
+        device.flush()
+
+
+def pwrite_for(device: BlockDevice, offset: int, data: bytes | memoryview, fua: bool,
+               command: HostCommand | None) -> None:
+    """A host write; with FUA and a `command`, its completion is a barrier where the
+    device keeps them.  A FUA write split in pieces passes `command` with its last."""
+    if fua and command is not None and isinstance(device, RecordsBarriers):
+        device.pwrite_barrier(offset, data, command)
+    else:
+        device.pwrite(offset, data, fua)
 
 
 class ReadInto(Protocol):

@@ -31,10 +31,18 @@ from firmware.record import HeaderFormat, IntegrityError
 
 SUPERBLOCK_MAGIC = b"MUCBQSB1"
 SUPERBLOCK_SLOT = 4096
-FORMAT_VERSION = 1
+#: Version 2: the ring may hold BARRIER records.  A version-1 reader stops its log at the
+#: first barrier (an unknown kind reads as the end of the log), so it must refuse the queue
+#: outright instead: it does, as its superblock reader accepts version 1 only.  This code
+#: writes version 2 and still opens a version-1 queue (it holds no barrier).
+FORMAT_VERSION = 2
+#: Superblock versions this code opens.
+READABLE_FORMAT_VERSIONS = (1, 2)
+_SUPERBLOCK_LAYOUT = struct.Struct("<8sHHQII")
 # magic, version, flags, generation, body_len, crc
-SUPERBLOCK = HeaderFormat("superblock", struct.Struct("<8sHHQII"), SUPERBLOCK_MAGIC,
-                          FORMAT_VERSION)
+SUPERBLOCK = HeaderFormat("superblock", _SUPERBLOCK_LAYOUT, SUPERBLOCK_MAGIC, FORMAT_VERSION)
+_SUPERBLOCK_READERS = {v: HeaderFormat("superblock", _SUPERBLOCK_LAYOUT, SUPERBLOCK_MAGIC, v)
+                       for v in READABLE_FORMAT_VERSIONS}
 SUPERBLOCK_HEADER = SUPERBLOCK.layout
 assert SUPERBLOCK_HEADER.size == 28
 DIRTY_MAP_OFFSET = 2 * SUPERBLOCK_SLOT
@@ -67,9 +75,31 @@ class RecordKind(enum.IntEnum):
     BARRIER = 5
 
 
-#: Barrier flags: what the host sent.
+#: Barrier flags: what the host sent.  The u16 `flags` of a BARRIER record holds these
+#: bits, the front end in bits 4..7 and the command's opcode in bits 8..15 (see
+#: `barrier_flags`); its `ref_seq` holds the front end's connection id.
 BARRIER_FLUSH = 0x1
 BARRIER_FUA = 0x2
+#: Appended while some peer still needs a checksum resync: the instant is not consistent
+#: on that peer until the resync completes.
+BARRIER_IN_RESYNC = 0x4
+BARRIER_KIND_MASK = 0x000F
+_FRONT_END_SHIFT = 4
+_OPCODE_SHIFT = 8
+
+
+def barrier_flags(kind: int, front_end: int = 0, opcode: int = 0) -> int:
+    """The u16 `flags` of a BARRIER record: `kind` bits, front end (0..15), opcode (0..255)."""
+    if kind & ~BARRIER_KIND_MASK or not 0 <= front_end <= 0xF or not 0 <= opcode <= 0xFF:
+        raise ValueError(f"barrier kind {kind:#x}, front end {front_end}, opcode {opcode:#x} "
+                         "out of range")
+    return kind | front_end << _FRONT_END_SHIFT | opcode << _OPCODE_SHIFT
+
+
+def split_barrier_flags(flags: int) -> tuple[int, int, int]:
+    """(kind bits, front end, opcode) of a BARRIER record's `flags`."""
+    return (flags & BARRIER_KIND_MASK, flags >> _FRONT_END_SHIFT & 0xF,
+            flags >> _OPCODE_SHIFT & 0xFF)
 
 
 #: Kinds that are writes of the volume and take a new seq.
@@ -141,11 +171,18 @@ def encode_superblock(generation: int, body: bytes) -> bytes:
     return slot + bytes(SUPERBLOCK_SLOT - len(slot))
 
 
+def superblock_version(raw: bytes) -> int:
+    """The format version a slot claims (0 when it is too short to claim one)."""
+    return int(_SUPERBLOCK_LAYOUT.unpack_from(raw)[1]) if len(raw) >= _SUPERBLOCK_LAYOUT.size else 0
+
+
 def decode_superblock(raw: bytes, offset: int | None = None) -> tuple[int, bytes]:
     """Return (generation, body) of a slot; IntegrityError when it is not valid."""
-    _flags, gen, blen, _crc = SUPERBLOCK.unpack(raw, offset=offset)
+    # An unknown version gets this version's format, whose unpack refuses it by name.
+    fmt = _SUPERBLOCK_READERS.get(superblock_version(raw), SUPERBLOCK)
+    _flags, gen, blen, _crc = fmt.unpack(raw, offset=offset)
     if SUPERBLOCK_HEADER.size + blen > SUPERBLOCK_SLOT:
         raise IntegrityError(None, offset, f"superblock body length {blen} out of bounds")
     body = raw[SUPERBLOCK_HEADER.size:SUPERBLOCK_HEADER.size + blen]
-    SUPERBLOCK.check(raw, body, offset=offset)
+    fmt.check(raw, body, offset=offset)
     return gen, bytes(body)

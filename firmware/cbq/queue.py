@@ -39,6 +39,7 @@ import cbor2
 from ..control.status import CbqStats, ConsumerStats
 from .errors import CbqCorruption, CbqError, CbqFormatError, CbqUsageError
 from .format import (
+    BARRIER_IN_RESYNC,
     DIRTY_MAP_OFFSET,
     RECORD_ALIGN,
     WRITE_KINDS,
@@ -52,7 +53,14 @@ from .format import (
     record_crc_ok,
 )
 from .reader import HDR, NO_HEADER, RingReader
-from .superblock import MIRROR_CONSUMER, Geometry, create, read_superblock, slot_offset
+from .superblock import (
+    MIRROR_CONSUMER,
+    Geometry,
+    create,
+    older_format_slots,
+    read_superblock,
+    slot_offset,
+)
 from .writer import CommitGroup, write_buffers
 
 __all__ = [
@@ -80,6 +88,15 @@ class QueuedWrite:
     nblocks: int
     data: bytes
     compact: bool
+    #: No write but a BARRIER covering every write up to `seq`; `lbn`, `nblocks` are 0
+    #: and `data` empty.
+    barrier: bool = False
+    #: For a barrier: its record's flags (see `format.barrier_flags`) and the front
+    #: end's connection id.
+    flags: int = 0
+    connection: int = 0
+    #: Blocks written by every seq up to `seq` (the record's running count).
+    cum_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -186,9 +203,16 @@ class CircularBufferQueue:
         self.stats_barriers = 0
         self.recovered_records = 0
         self.recovery_seconds = 0.0
+        self.stats_barriers_unrecorded = 0
         t0 = time.monotonic()
         self._recover(state)
         self.recovery_seconds = time.monotonic() - t0
+        if not read_only and older_format_slots(storage):
+            # Both slots in this version before a barrier can be appended: firmware that
+            # knows no barriers then refuses the queue instead of opening an old slot.
+            with self._lock:
+                self._checkpoint_locked()
+                self._checkpoint_locked()
 
     def _unwritten(self, lin: int, n: int) -> bytes | None:
         got = self._pending.read(lin, n)
@@ -410,8 +434,12 @@ class CircularBufferQueue:
                 return Enqueued(self._append(RecordKind.DATA, lbn, nblocks, data), True)
             return Enqueued(self._append(RecordKind.COMPACT, lbn, nblocks), False)
 
-    def append_barrier(self, flags: int) -> int | None:
+    def append_barrier(self, flags: int, connection: int = 0) -> int | None:
         """Record that the host declared every write so far durable; return the seq covered.
+
+        `flags` is `format.barrier_flags(...)`; `connection` the front end's id of the
+        connection the command came on (kept in the record's `ref_seq`).  While a peer
+        still needs a checksum resync the record carries BARRIER_IN_RESYNC.
 
         None when nothing is recorded: no write queued yet, or the queue is in overflow or
         paused (the dirty map, not the log, then holds what peers need, and no instant
@@ -419,13 +447,19 @@ class CircularBufferQueue:
         """
         if self.read_only:
             raise CbqUsageError("queue is open read-only")
+        if not 0 <= flags <= 0xFFFF or not 0 <= connection < 1 << 64:
+            raise CbqUsageError(f"barrier flags {flags:#x} / connection {connection} out of range")
         with self._lock:
             if self.mode is Mode.OVERFLOW or self.enqueue_paused or self._next_seq <= 1:
+                self.stats_barriers_unrecorded += 1
                 return None
             if not self._ensure_space([align_up(HDR, RECORD_ALIGN)]):
+                self.stats_barriers_unrecorded += 1
                 return None
+            if self.dirty_active or any(p.needs_resync for p in self._peers()):
+                flags |= BARRIER_IN_RESYNC
             self.stats_barriers += 1
-            return self._append(RecordKind.BARRIER, 0, 0, flags=flags)
+            return self._append(RecordKind.BARRIER, 0, 0, ref_seq=connection, flags=flags)
 
     def barriers(self) -> list[tuple[int, int, int]]:
         """(seq covered, timestamp_ns, flags) of every durable barrier still queued."""
@@ -678,8 +712,12 @@ class CircularBufferQueue:
         return any(lo <= seq <= hi for lo, hi in self.discards)
 
     def read(self, name: str, max_records: int = 64,
-             max_bytes: int = 8 << 20) -> list[QueuedWrite]:
-        """Next durable writes for a consumer, in seq order, from its read cursor."""
+             max_bytes: int = 8 << 20, *, barriers: bool = False) -> list[QueuedWrite]:
+        """Next durable writes for a consumer, in seq order, from its read cursor.
+
+        With `barriers`, the BARRIER records among them too, where they stand in the log
+        (a barrier's seq is that of the write before it); a peer's cursor passes a barrier
+        once it acknowledges a later seq, so one may be read again after a rewind."""
         with self._lock:
             c = self._consumer(name)
             if self.dequeue_paused and not c.internal:
@@ -692,6 +730,14 @@ class CircularBufferQueue:
                     if len(out) >= max_records or size >= max_bytes:
                         break
                     lin = self._ring.next_lin(rlin, h)
+                    if h.kind is RecordKind.BARRIER and barriers and not c.internal:
+                        c.read_lin = lin
+                        if not self._discarded(h.seq):
+                            out.append(QueuedWrite(h.seq, h.timestamp_ns, 0, 0, b"", False,
+                                                   barrier=True, flags=h.flags,
+                                                   connection=h.ref_seq,
+                                                   cum_blocks=h.cum_blocks))
+                        continue
                     if h.kind not in WRITE_KINDS:
                         continue
                     c.read_seq, c.read_lin = h.seq, lin
@@ -701,7 +747,8 @@ class CircularBufferQueue:
                     if h.kind is RecordKind.COMPACT and not c.internal:
                         payload = self._compact_data(h)
                     out.append(QueuedWrite(h.seq, h.timestamp_ns, h.lbn, h.nblocks, payload,
-                                           h.kind is RecordKind.COMPACT))
+                                           h.kind is RecordKind.COMPACT,
+                                           cum_blocks=h.cum_blocks))
                     size += len(payload)
             except CbqCorruption as e:
                 if c.internal:
@@ -871,6 +918,8 @@ class CircularBufferQueue:
                 "transitions": [{"time_ns": t, "change": c, "why": w}
                                 for t, c, w in self.transitions[-16:]],
                 "recovery_seconds": self.recovery_seconds,
+                "barriers": self.stats_barriers,
+                "barriers_unrecorded": self.stats_barriers_unrecorded,
             }
 
     def _timestamp_at(self, lin: int) -> int | None:

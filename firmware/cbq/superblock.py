@@ -18,12 +18,14 @@ from firmware.record import IntegrityError
 from .errors import CbqFormatError
 from .format import (
     DIRTY_MAP_OFFSET,
+    FORMAT_VERSION,
     RECORD_ALIGN,
     SUPERBLOCK_SLOT,
     Mode,
     align_up,
     decode_superblock,
     encode_superblock,
+    superblock_version,
 )
 
 #: Name of the internal consumer that tracks what the local mirror has made durable.
@@ -102,6 +104,13 @@ def create(storage: Any, *, ring_size: int | None = None, block_size: int = 512,
     storage.pwrite(slot_offset(0), bytes(SUPERBLOCK_SLOT))
     storage.pwrite(slot_offset(1), encode_superblock(1, cbor2.dumps(state)))
     storage.sync()
+
+
+def older_format_slots(storage: Any) -> bool:
+    """True when a superblock slot still holds an older format version than this code
+    writes: firmware of that version would open it (and a stale checkpoint) as its own."""
+    return any(0 < superblock_version(storage.pread(slot * SUPERBLOCK_SLOT, 32)) < FORMAT_VERSION
+               for slot in (0, 1))
 
 
 def read_superblock(storage: Any) -> tuple[int, dict[str, Any], list[str]]:

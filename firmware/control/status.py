@@ -46,6 +46,11 @@ class VolumeStatus(TypedDict):
     bytes_written: int
     flushes: int
     commits: int
+    #: Barriers (FLUSH, SYNCHRONIZE CACHE, FUA completions) the host sent, and how
+    #: many of them the queue could not record (overflow, paused, nothing written yet).
+    #: Not required: a unit from before barriers does not report them.
+    barriers: NotRequired[int]
+    barriers_unrecorded: NotRequired[int]
 
 
 class ConsumerStats(TypedDict):
@@ -83,6 +88,10 @@ class CbqStats(TypedDict):
     discards: list[Any]
     transitions: list[Any]
     recovery_seconds: float | None
+    #: BARRIER records appended, and barriers that could not be (overflow, paused);
+    #: not reported by a unit from before barriers.
+    barriers: NotRequired[int]
+    barriers_unrecorded: NotRequired[int]
 
 
 class RefusalStatus(TypedDict):

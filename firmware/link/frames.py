@@ -20,6 +20,14 @@ A record with a fifth element, ``[first, ts, 0, 0, last]``, is a SKIP: the local
 queue discarded seqs first..last, so they carry nothing, yet the remote must consume
 them to keep its seq stream contiguous (and replays of them idempotent).
 
+A record of six, ``[seq, ts, flags, connection, cum_blocks, 1]``, is a BARRIER: the
+host declared every write up to and including `seq` durable (a FLUSH, a SYNCHRONIZE
+CACHE, a completed FUA write) at `ts`; `flags` are the local queue's barrier flags
+(kind, front end, opcode), `cum_blocks` the blocks written by every seq up to `seq`.
+It has no seq of its own, so its seq may equal the record's before it, and no data.
+A sender puts barriers in a batch only when HELLO_ACK said ``barriers``: a remote
+that does not know them is still served, without them.
+
 `FrameDecoder.receive_data` turns bytes into frozen dataclass frames; any malformed
 input raises `LinkProtocolError` with a reason and poisons the decoder.  Bodies are
 decoded by `firmware.cbor_strict`, never by a general CBOR decoder: a body comes from a
@@ -72,8 +80,14 @@ CODEC_ZSTD = "zstd"
 #: Record header as hashed for the batch digest: seq, ts, lbn, data length.
 DIGEST_RECORD = struct.Struct(">QQQI")
 assert DIGEST_RECORD.size == 28
+#: A barrier as hashed: seq, ts, flags, connection, cum_blocks, DIGEST_BARRIER_LENGTH.
+DIGEST_BARRIER = struct.Struct(">QQHQQI")
+assert DIGEST_BARRIER.size == 38
 DIGEST_SIZE = 32
 DIGEST_SKIP_LENGTH = 0xFFFFFFFF
+DIGEST_BARRIER_LENGTH = 0xFFFFFFFE
+#: The last element of a six-element record: what kind of record it is.
+RECORD_BARRIER = 1
 
 
 def chunk_digest(data: bytes) -> bytes:
@@ -93,15 +107,37 @@ class WriteRecord:
     #: Nonzero: this is no write but a SKIP of seqs `seq`..`skip_last`, which the
     #: local queue discarded; `lbn` is 0 and `data` empty.
     skip_last: int = 0
+    #: True: this is no write but a BARRIER covering every write up to `seq`; `lbn` is
+    #: 0 and `data` empty; the three fields below describe it.
+    barrier: bool = False
+    #: The local queue's barrier flags (kind, front end, opcode; see cbq.format).
+    flags: int = 0
+    #: The front end's connection the barrier came on.
+    connection: int = 0
+    #: Blocks written by every seq up to `seq`, as the local queue counts them.
+    cum_blocks: int = 0
 
     @property
     def is_skip(self) -> bool:
         return self.skip_last != 0
 
     @property
+    def is_write(self) -> bool:
+        return not self.skip_last and not self.barrier
+
+    @property
     def last_seq(self) -> int:
         """The last seq this record accounts for."""
         return self.skip_last or self.seq
+
+
+def barrier_record(seq: int, ts: int, flags: int, connection: int = 0,
+                   cum_blocks: int = 0) -> WriteRecord:
+    """A BARRIER covering every write up to `seq`."""
+    if not 0 <= seq <= MAX_U64 or not 0 <= flags <= 0xFFFF:
+        raise ValueError(f"barrier seq {seq} / flags {flags:#x} out of range")
+    return WriteRecord(seq=seq, lbn=0, data=b"", ts=ts, barrier=True, flags=flags,
+                       connection=connection, cum_blocks=cum_blocks)
 
 
 def skip_record(first: int, last: int, ts: int) -> WriteRecord:
@@ -133,6 +169,8 @@ class Hello:
     #: The newest seq the sender holds (written, queued or not); None: not told, take
     #: `resume_seq`.
     last_seq: int | None = None
+    #: The sender can put BARRIER records in its batches (absent: False).
+    barriers: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,6 +183,8 @@ class HelloAck:
     #: The remote holds seqs of another queue than HELLO's: it takes nothing but a
     #: full checksum resync, after which it follows the new queue's seqs.
     requeue: bool = False
+    #: The remote takes BARRIER records (only when HELLO offered them; absent: False).
+    barriers: bool = False
 
 
 @dataclass(frozen=True)
@@ -498,6 +538,10 @@ def batch_digest(records: Sequence[WriteRecord]) -> bytes:
             # No write can be that long (MAX_BATCH_DATA), so this marks a skip.
             h.update(DIGEST_RECORD.pack(r.seq, r.ts, r.skip_last, DIGEST_SKIP_LENGTH))
             continue
+        if r.barrier:
+            h.update(DIGEST_BARRIER.pack(r.seq, r.ts, r.flags, r.connection, r.cum_blocks,
+                                         DIGEST_BARRIER_LENGTH))
+            continue
         h.update(DIGEST_RECORD.pack(r.seq, r.ts, r.lbn, len(r.data)))
         h.update(r.data)
     return h.digest()
@@ -513,7 +557,8 @@ def _writes_map(frame: Writes) -> dict[str, Any]:
         "batch": frame.batch_id,
         "codec": frame.codec,
         "recs": [[r.seq, r.ts, 0, 0, r.skip_last] if r.is_skip
-                 else [r.seq, r.ts, r.lbn, len(r.data)] for r in frame.records],
+                 else [r.seq, r.ts, r.flags, r.connection, r.cum_blocks, RECORD_BARRIER]
+                 if r.barrier else [r.seq, r.ts, r.lbn, len(r.data)] for r in frame.records],
         "payload": payload,
     }
 
@@ -532,6 +577,7 @@ def _frame_map(frame: Frame) -> dict[str, Any]:
             **({} if frame.queue_id is None else {"queue": frame.queue_id}),
             **({} if frame.lineage is None else {"lineage": frame.lineage.to_dict()}),
             **({} if frame.last_seq is None else {"last": frame.last_seq}),
+            **({"barriers": True} if frame.barriers else {}),
         }
     if isinstance(frame, HelloAck):
         return {
@@ -541,6 +587,7 @@ def _frame_map(frame: Frame) -> dict[str, Any]:
             "signature": frame.signature,
             "durable": frame.durable_seq,
             **({"requeue": True} if frame.requeue else {}),
+            **({"barriers": True} if frame.barriers else {}),
         }
     if isinstance(frame, Writes):
         return _writes_map(frame)
@@ -704,6 +751,7 @@ def _decode_hello(m: dict[Any, Any]) -> Hello:
         queue_id=_u64(m, "queue", "HELLO") if "queue" in m else None,
         lineage=_lineage(m, "HELLO") if "lineage" in m else None,
         last_seq=_u64(m, "last", "HELLO") if "last" in m else None,
+        barriers=_bool(m, "barriers", "HELLO") if "barriers" in m else False,
     )
 
 
@@ -721,6 +769,7 @@ def _decode_hello_ack(m: dict[Any, Any]) -> HelloAck:
         signature=_bool(m, "signature", "HELLO_ACK"),
         durable_seq=_u64(m, "durable", "HELLO_ACK"),
         requeue=_bool(m, "requeue", "HELLO_ACK") if "requeue" in m else False,
+        barriers=_bool(m, "barriers", "HELLO_ACK") if "barriers" in m else False,
     )
 
 
@@ -731,18 +780,31 @@ def _decode_writes(m: dict[Any, Any]) -> Writes:
     payload = _bytes(m, "payload", "WRITES")
     if not recs:
         raise LinkProtocolError("WRITES frame carries no records")
-    headers: list[tuple[int, int, int, int, int]] = []
+    headers: list[tuple[int, ...]] = []
     total = 0
     prev_seq = -1
     for i, rec in enumerate(recs):
         if (
             type(rec) is not list
-            or len(rec) not in (4, 5)
+            or len(rec) not in (4, 5, 6)
             or any(type(x) is not int or not 0 <= x <= MAX_U64 for x in rec)
         ):
             raise LinkProtocolError(
-                f"WRITES record {i} must be [seq, ts, lbn, length] or "
-                f"[first, ts, 0, 0, last] of u64")
+                f"WRITES record {i} must be [seq, ts, lbn, length], "
+                f"[first, ts, 0, 0, last] or [seq, ts, flags, connection, cum, 1] of u64")
+        if len(rec) == 6:
+            seq, _ts, flags, _conn, _cum, kind = rec
+            if kind != RECORD_BARRIER or flags > 0xFFFF:
+                raise LinkProtocolError(
+                    f"WRITES record {i}: a barrier must be [seq, ts, flags, connection, "
+                    f"cum, {RECORD_BARRIER}] with 16-bit flags")
+            # No seq of its own: it covers the write before it, or one of an earlier batch.
+            if seq < prev_seq:
+                raise LinkProtocolError(
+                    f"WRITES record {i}: barrier seq {seq} is before {prev_seq}")
+            prev_seq = seq
+            headers.append(tuple(rec))
+            continue
         seq, ts, lbn, length = rec[:4]
         last = rec[4] if len(rec) == 5 else 0
         if len(rec) == 5 and (lbn or length or not 0 < seq <= last):
@@ -758,7 +820,12 @@ def _decode_writes(m: dict[Any, Any]) -> Writes:
     data = decompress(codec, payload, total)
     records = []
     off = 0
-    for seq, ts, lbn, length, last in headers:
+    for h in headers:
+        if len(h) == 6:
+            seq, ts, flags, conn, cum, _ = h
+            records.append(barrier_record(seq, ts, flags, conn, cum))
+            continue
+        seq, ts, lbn, length, last = h
         records.append(WriteRecord(seq=seq, lbn=lbn, data=data[off : off + length], ts=ts,
                                    skip_last=last))
         off += length

@@ -475,6 +475,9 @@ class SenderConfig:
     batch_bytes: int = 1024 * 1024
     #: Digest mismatches tolerated for one seq before the session gives up.
     max_aborts: int = 3
+    #: Offer BARRIER records (the source hands them out); sent only to a remote that
+    #: takes them, dropped for one that does not.
+    barriers: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.batch_bytes <= MAX_FRAME_BODY - WRITES_HEADER_ALLOWANCE:
@@ -514,6 +517,8 @@ class SenderSession(_Session):
         self._source = source
         self.compression = CODEC_NONE
         self.signature = False
+        #: The remote takes BARRIER records (HELLO_ACK said so).
+        self.barriers = False
         self.acked_seq = config.resume_seq
         self.last_sent_seq = config.resume_seq
         self._in_flight: list[_InFlight] = []
@@ -589,6 +594,7 @@ class SenderSession(_Session):
                 queue_id=c.queue_id,
                 lineage=c.lineage,
                 last_seq=head() if head is not None else None,
+                barriers=c.barriers,
             )
         )
         self.state = SessionState.HELLO_SENT
@@ -613,6 +619,10 @@ class SenderSession(_Session):
             records = self._source.next_batch(min(room, self.config.batch_bytes))
             if not records:
                 break
+            if not self.barriers:
+                records = [r for r in records if not r.barrier]
+                if not records:
+                    continue
             if self._in_flight and sum(len(r.data) for r in records) > room:
                 # A lone record bigger than the room left: put it back until acks make
                 # room, so the window stays a bound (it is only exceeded by one record
@@ -626,7 +636,8 @@ class SenderSession(_Session):
     def _queue_batch(self, records: list[WriteRecord]) -> None:
         prev = self.last_sent_seq
         for r in records:
-            if r.seq <= prev:
+            # A barrier has no seq of its own: it covers the last write before it.
+            if r.seq < prev if r.barrier else r.seq <= prev:
                 raise LinkError(f"source returned seq {r.seq} after {prev}")
             prev = r.last_seq
         batch_id = self._next_batch_id
@@ -645,7 +656,7 @@ class SenderSession(_Session):
                 digest=batch_digest(records) if self.signature else b"",
             )
         )
-        self.last_sent_seq = records[-1].last_seq
+        self.last_sent_seq = max(self.last_sent_seq, records[-1].last_seq)
 
     def _handle(self, frame: Frame) -> list[SessionEvent]:
         if isinstance(frame, HelloAck):
@@ -718,8 +729,11 @@ class SenderSession(_Session):
             raise LinkProtocolError(
                 f"remote answered signature={ack.signature} to a request of {c.signature}"
             )
+        if ack.barriers and not c.barriers:
+            raise LinkProtocolError("remote answered barriers to a HELLO that offered none")
         self.compression = ack.compression
         self.signature = ack.signature
+        self.barriers = ack.barriers
         durable = ack.durable_seq
         self.acked_seq = durable
         self.last_sent_seq = durable
@@ -766,6 +780,10 @@ class SenderSession(_Session):
         if seq > self.last_sent_seq:
             raise LinkProtocolError(f"ACK for seq {seq}, only {self.last_sent_seq} was sent")
         if seq <= self.acked_seq:
+            # A batch of barriers alone covers no new seq; its ACK repeats the last one.
+            while (self._in_flight and self._in_flight[0].last_seq <= seq
+                   and (self._in_flight[0].committed or not self.signature)):
+                self._in_flight.pop(0)
             return []
         if self.signature:
             for b in self._in_flight:
@@ -817,9 +835,15 @@ class SenderSession(_Session):
 
 def _after(records: Sequence[WriteRecord], seq: int) -> tuple[WriteRecord, ...]:
     """The records (or parts of skips) past `seq`: a replay after a reconnect may
-    resend what is already here, and a skip may have been re-cut at another seq."""
+    resend what is already here, and a skip may have been re-cut at another seq.
+    A barrier at `seq` itself is kept: it may follow the last write it covers in a
+    later batch (the sink keeps one point per seq, so a resent one is harmless)."""
     out = []
     for r in records:
+        if r.barrier:
+            if r.seq >= seq:
+                out.append(r)
+            continue
         if r.last_seq <= seq:
             continue
         if r.is_skip and r.seq <= seq:
@@ -839,6 +863,8 @@ class ReceiverConfig:
     require_contiguous: bool = True
     #: Bytes of batches held in the receive buffer awaiting COMMIT.
     max_pending_bytes: int = 64 * 1024 * 1024
+    #: Take BARRIER records when HELLO offers them (the sink must know them).
+    barriers: bool = False
 
 
 @dataclass
@@ -879,6 +905,7 @@ class ReceiverSession(_Session):
         self.hello: Hello | None = None
         self.compression = CODEC_NONE
         self.signature = False
+        self.barriers = False
         self._applied = 0  # highest seq handed to the sink
         self._high = 0  # highest seq accepted (applied or pending)
         self._acked = -1
@@ -1115,6 +1142,7 @@ class ReceiverSession(_Session):
             (c for c in hello.compression if c in self.config.compression), CODEC_NONE
         )
         self.signature = hello.signature and self.config.allow_signature
+        self.barriers = hello.barriers and self.config.barriers
         self.requeue = sink.check_queue(hello.queue_id)
         # While re-queued the sink's seqs mean nothing to this queue: the resync
         # starts from scratch, and it will accept the resync's seq whatever it is.
@@ -1130,6 +1158,7 @@ class ReceiverSession(_Session):
                 signature=self.signature,
                 durable_seq=durable,
                 requeue=self.requeue,
+                barriers=self.barriers,
             )
         )
         if self.own_backup is not None:
@@ -1149,7 +1178,9 @@ class ReceiverSession(_Session):
             )
         bs, size = self.hello.block_size, self.hello.volume_size
         for r in writes.records:
-            if r.is_skip:
+            if r.barrier and not self.barriers:
+                raise LinkProtocolError(f"seq {r.seq}: a barrier, which HELLO_ACK refused")
+            if not r.is_write:
                 continue  # the codec checked its shape; it carries no blocks
             if not r.data or len(r.data) % bs:
                 raise LinkProtocolError(
@@ -1161,6 +1192,11 @@ class ReceiverSession(_Session):
         if self.config.require_contiguous:
             expect = self._high + 1
             for r in fresh:
+                if r.barrier:
+                    if r.seq >= expect:
+                        raise LinkProtocolError(
+                            f"barrier at seq {r.seq} covers a write not received yet")
+                    continue
                 if r.seq != expect:
                     raise LinkProtocolError(f"seq {r.seq} arrived where {expect} was due")
                 expect = r.last_seq + 1
@@ -1172,10 +1208,12 @@ class ReceiverSession(_Session):
         events: list[SessionEvent] = []
         if fresh:
             self.sink.apply(fresh)
-            self._applied = fresh[-1].last_seq
+            self._applied = max(self._applied, fresh[-1].last_seq)
             events.append(BatchApplied(fresh[0].seq, fresh[-1].last_seq,
                                        len(records) - len(fresh)))
-        self._ack_durable(force=not fresh)
+        # A batch of barriers alone moves no seq: its ACK repeats the last one, so the
+        # sender can let the batch go.
+        self._ack_durable(force=not any(r.is_write or r.is_skip for r in fresh))
         return events
 
     def _ack_durable(self, force: bool = False) -> None:
@@ -1199,7 +1237,7 @@ class ReceiverSession(_Session):
         fresh = self._check_batch(writes)
         self._last_batch_id = writes.batch_id
         if fresh:
-            self._high = fresh[-1].last_seq
+            self._high = max(self._high, fresh[-1].last_seq)
         if not self.signature:
             return self._apply(fresh)
         nbytes = sum(len(r.data) for r in writes.records)

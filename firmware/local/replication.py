@@ -29,7 +29,7 @@ from firmware.lineage import Lineage, Role
 from firmware.lineage import store as lineage_store
 from firmware.link.clients import FailbackClientSession, SwitchoverClientSession
 from firmware.link.errors import LinkError, LinkRefused, SourceGap
-from firmware.link.frames import WriteRecord, available_codecs, skip_record
+from firmware.link.frames import WriteRecord, available_codecs, barrier_record, skip_record
 from firmware.link.session import (
     ERR_DIVERGED,
     ERR_FENCED,
@@ -202,9 +202,10 @@ class CbqSource:
                     c = self.cbq.consumers[self.name]
                     prev = c.read_seq
                     got = self.cbq.read(self.name, max_records=self._read_records,
-                                        max_bytes=max(max_bytes, 1 << 20))
+                                        max_bytes=max(max_bytes, 1 << 20), barriers=True)
                     if not c.needs_resync:
-                        self._note_gaps(prev, [q.seq for q in got], c.read_seq)
+                        self._note_gaps(prev, [q.seq for q in got if not q.barrier],
+                                        c.read_seq)
                     if not got:
                         # Discarded seqs at the end of what is queued: a skip alone.
                         upto = max(c.read_seq, c.acked_seq)
@@ -214,10 +215,20 @@ class CbqSource:
                             self._next_seq = skip.last_seq + 1
                         break
                     self._stash.extend(
-                        WriteRecord(seq=q.seq, lbn=q.lbn, data=q.data, ts=q.timestamp_ns)
-                        for q in got if q.seq > self._skip_upto)
+                        barrier_record(q.seq, q.timestamp_ns, q.flags, q.connection,
+                                       q.cum_blocks) if q.barrier
+                        else WriteRecord(seq=q.seq, lbn=q.lbn, data=q.data, ts=q.timestamp_ns)
+                        for q in got if q.seq > self._skip_upto
+                        or (q.barrier and q.seq == self._skip_upto))
                     continue
                 r = self._stash[0]
+                if r.barrier:
+                    # It covers the write before it; one older than the last write handed
+                    # out was resent by the queue after a rewind of ours.
+                    self._stash.popleft()
+                    if r.seq >= self._next_seq - 1:
+                        out.append(r)
+                    continue
                 if r.seq < self._next_seq:
                     self._stash.popleft()  # resent by the queue after a rewind of ours
                     continue
@@ -243,7 +254,10 @@ class CbqSource:
                 self.cbq.ack(self.name, seq)
             except CbqError as exc:
                 raise LinkError(f"CBQ refused ack {seq} for {self.name}: {exc}") from None
-            while self._handed and self._handed[0].last_seq <= seq:
+            # A barrier at the acknowledged seq itself stays: it may have gone in a later
+            # batch than its write, and a rewind to `seq` must send it again.
+            while self._handed and (self._handed[0].seq < seq if self._handed[0].barrier
+                                    else self._handed[0].last_seq <= seq):
                 self.blocks_acked += len(self._handed.popleft().data) // self.block_size
             if self._ledger and self._ledger[0][0] <= seq:
                 self._ledger = [(max(a, seq + 1), b) for a, b in self._ledger if b > seq]
@@ -257,11 +271,15 @@ class CbqSource:
             if seq < acked and not self._skipped(seq + 1, acked):
                 raise SourceGap(f"{self.name}: seqs up to {acked} are released, "
                                 f"cannot resend from {seq + 1}")
-            # Skips are not put back: they are cut afresh from the gap they leave.
-            back = [r for r in self._handed if r.seq > seq and not r.is_skip]
-            keep = [r for r in self._handed if r.last_seq <= seq]
+            # Skips are not put back: they are cut afresh from the gap they leave.  A
+            # barrier at `seq` itself goes back: the remote may not have it yet.
+            def resent(r: WriteRecord) -> bool:
+                return r.seq >= seq if r.barrier else r.seq > seq
+
+            back = [r for r in self._handed if resent(r) and not r.is_skip]
+            keep = [r for r in self._handed if r.last_seq <= seq and not resent(r)]
             self._handed = deque(keep)
-            self._stash = deque(r for r in [*back, *self._stash] if r.seq > seq)
+            self._stash = deque(r for r in [*back, *self._stash] if resent(r))
             self._skip_upto = max(self._skip_upto, seq)
             self._next_seq = seq + 1
 
@@ -313,7 +331,9 @@ class CbqSource:
                             "local resumes after %d)", self.name, len(chunks),
                             "volume" if full else "dirty", remote_durable, seq)
                 return ResyncPlan(verify=False, seq=seq, chunks=chunks)
-            if self._verify_requested and not self._handed and not self._stash:
+            # Nothing in flight but barriers kept back at the acknowledged seq (see ack).
+            idle = all(r.barrier and r.seq <= c.acked_seq for r in self._handed)
+            if self._verify_requested and idle and not self._stash:
                 self._verify_requested = False
                 self.resync = {"kind": "verify", "chunks": self.cbq.geo.chunks,
                                "seq": remote_durable, "started_ns": time.time_ns()}
@@ -479,7 +499,7 @@ class LinkService:
             block_size=self.volume.block_size,
             resume_seq=self.cbq.consumers[peer.spec.name].acked_seq,
             compression=self.compression, signature=self.signature,
-            queue_id=self.cbq.geo.salt, lineage=self.lineage)
+            queue_id=self.cbq.geo.salt, lineage=self.lineage, barriers=True)
         client = LinkClient((peer.spec.host, peer.spec.port), self.identity, self.peers,
                             peer.spec.name, config, peer.source, bandwidth=self.bandwidth,
                             backoff=Backoff(maximum=self.backoff_max),

@@ -32,10 +32,14 @@ from types import TracebackType
 from firmware.blockdev import (
     BlockDevice,
     BlockDeviceError,
+    FrontEnd,
+    HostCommand,
     MediumError,
     NotReady,
     OutOfRange,
     WriteProtected,
+    flush_for,
+    pwrite_for,
 )
 from firmware.limits import (
     RESOURCE_ERRNOS,
@@ -160,15 +164,17 @@ def read_range(device: BlockDevice, offset: int, length: int) -> bytes | memoryv
 
 
 def write_range(
-    device: BlockDevice, offset: int, data: bytes | memoryview, fua: bool = False
+    device: BlockDevice, offset: int, data: bytes | memoryview, fua: bool = False,
+    command: HostCommand | None = None,
 ) -> None:
-    """Write ``data`` at any byte offset; callers serialise writers (RMW)."""
+    """Write ``data`` at any byte offset; callers serialise writers (RMW).  With FUA,
+    ``command`` is the barrier its completion records (see blockdev.pwrite_for)."""
     block = _block_of(device)
     length = len(data)
     start = offset - offset % block
     end = -(-(offset + length) // block) * block
     if start == offset and end == offset + length:
-        device.pwrite(offset, data, fua)
+        pwrite_for(device, offset, data, fua, command)
         return
     merged = bytearray(end - start)
     if offset != start:
@@ -176,14 +182,15 @@ def write_range(
     if (offset + length) % block:
         merged[-block:] = device.pread(end - block, block)
     merged[offset - start : offset - start + length] = data
-    device.pwrite(start, merged, fua)
+    pwrite_for(device, start, merged, fua, command)
 
 
-def zero_range(device: BlockDevice, offset: int, length: int, fua: bool = False) -> None:
+def zero_range(device: BlockDevice, offset: int, length: int, fua: bool = False,
+               command: HostCommand | None = None) -> None:
     # Explicit zeroes: the BlockDevice contract does not promise that trimmed
     # ranges read back as zero, so a hole is never punched for this command.
     if length <= ZERO_CHUNK:
-        write_range(device, offset, memoryview(_ZEROES)[:length], fua)
+        write_range(device, offset, memoryview(_ZEROES)[:length], fua, command)
         return
     end = offset + length
     pos = offset
@@ -192,7 +199,10 @@ def zero_range(device: BlockDevice, offset: int, length: int, fua: bool = False)
         write_range(device, pos, memoryview(_ZEROES)[:n])
         pos += n
     if fua:
-        device.flush()
+        if command is not None:
+            flush_for(device, command)
+        else:
+            device.flush()
 
 
 def trim_range(device: BlockDevice, offset: int, length: int, fua: bool = False) -> None:
@@ -278,6 +288,8 @@ class NbdServer:
         self._loop_idle.set()
         self._stopped = False
         self._clients: dict[socket.socket, threading.Thread] = {}
+        #: Ids of this server's connections, recorded with the barriers they send.
+        self._next_connection = 1
         self._serve_thread: threading.Thread | None = None
         self._loop_thread: threading.Thread | None = None
         self._closed_address: tuple[str, int] | None = None
@@ -481,6 +493,8 @@ class NbdServer:
             self.log.info("NBD client %s disconnected: %s", peer, reason)
 
     def _converse(self, sock: socket.socket, peer: object) -> str:
+        with self._lock:
+            conn_id, self._next_connection = self._next_connection, self._next_connection + 1
         conn = NbdServerConnection(
             export_info_for(self.device, self.export_name, self.description),
             metered_payloads=True,
@@ -528,7 +542,7 @@ class NbdServer:
                 out = conn.data_to_send()
                 if out:
                     sock.sendall(out)
-                ended = self._handle_all(conn, sock, peer, events)
+                ended = self._handle_all(conn, sock, peer, events, conn_id)
                 # The events carried the write's buffer; drop it before waiting for
                 # more input, or an idle client would keep it past its budget.
                 events = []
@@ -550,16 +564,18 @@ class NbdServer:
                 self.write_budget.release(held)
 
     def _handle_all(
-        self, conn: NbdServerConnection, sock: socket.socket, peer: object, events: list[Event]
+        self, conn: NbdServerConnection, sock: socket.socket, peer: object, events: list[Event],
+        conn_id: int = 0,
     ) -> str | None:
         for event in events:
-            ended = self._handle(conn, sock, peer, event)
+            ended = self._handle(conn, sock, peer, event, conn_id)
             if ended is not None:
                 return ended
         return None
 
     def _handle(
-        self, conn: NbdServerConnection, sock: socket.socket, peer: object, event: Event
+        self, conn: NbdServerConnection, sock: socket.socket, peer: object, event: Event,
+        conn_id: int = 0,
     ) -> str | None:
         """Execute one event; returns the reason when the connection ends."""
         device = self.device
@@ -579,7 +595,10 @@ class NbdServer:
                 peer,
                 event.handle,
                 NBD_CMD_WRITE,
-                lambda: write_range(device, event.offset, event.data, event.fua),
+                lambda: write_range(
+                    device, event.offset, event.data, event.fua,
+                    HostCommand(FrontEnd.NBD, NBD_CMD_WRITE, True, conn_id) if event.fua
+                    else None),
             )
             return None
         if isinstance(event, WriteZeroesRequest):
@@ -589,7 +608,10 @@ class NbdServer:
                 peer,
                 event.handle,
                 NBD_CMD_WRITE_ZEROES,
-                lambda: zero_range(device, event.offset, event.length, event.fua),
+                lambda: zero_range(
+                    device, event.offset, event.length, event.fua,
+                    HostCommand(FrontEnd.NBD, NBD_CMD_WRITE_ZEROES, True, conn_id) if event.fua
+                    else None),
             )
             return None
         if isinstance(event, TrimRequest):
@@ -604,7 +626,10 @@ class NbdServer:
             return None
         if isinstance(event, FlushRequest):
             self._execute(
-                conn, sock, peer, event.handle, NBD_CMD_FLUSH, device.flush, exclusive=False
+                conn, sock, peer, event.handle, NBD_CMD_FLUSH,
+                lambda: flush_for(device, HostCommand(FrontEnd.NBD, NBD_CMD_FLUSH,
+                                                      connection=conn_id)),
+                exclusive=False,
             )
             return None
         if isinstance(event, InvalidRequest):

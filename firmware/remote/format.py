@@ -5,6 +5,7 @@
     <unit>/journal/rj-N.seg   receive journal: the writes as they arrived, in seq order
     <unit>/history/hj-N.seg   history journal: before-images of what reached the mirror
     <unit>/unit.lock          flock()ed while the unit is open
+    <unit>/points.log         consistent points (the host's barriers; see remote.points)
 
 Both journals are sequences of append-only segment files.  A segment starts with
 a SEGMENT_HEADER (magic, version, a random salt, the segment number, CRC32C);

@@ -130,6 +130,8 @@ class UnitSink:
         # One line per run of writes, and one per skip, so the log shows the skips.
         run: list[WriteRecord] = []
         for r in [*records, None]:
+            if r is not None and r.barrier:
+                continue  # no seq of its own: the unit's points list it
             if r is None or r.is_skip:
                 if run:
                     self._log(run[0].seq, run[-1].seq)
@@ -303,7 +305,7 @@ class RemoteServer:
                 else RecoveryLimiter(what="pairing"))
         self.link = LinkServer(
             listen, identity, peers,
-            ReceiverConfig(known_units=_PinnedUnits(peers)),  # type: ignore[arg-type]
+            ReceiverConfig(known_units=_PinnedUnits(peers), barriers=True),  # type: ignore[arg-type]
             self._open_sink, dead_after=dead_after, backups=self.backups,
             own_backup=self._own_backup,
             recovery=recovery if recovery is not None else RecoveryLimiter(),
@@ -679,19 +681,47 @@ class RemoteServer:
         return host, port
 
     def handlers(self) -> dict[str, Any]:
+        def point_seq(u: UnitStore, point: int | None, seq: int | None) -> int | None:
+            if point is None:
+                return seq
+            if seq is not None:
+                raise RemoteError("give a seq or a point, not both")
+            return u.point(point).seq
+
         def export(unit: str, output: str, at_ns: int | None = None,
-                   seq: int | None = None) -> dict[str, int]:
+                   seq: int | None = None, point: int | None = None) -> dict[str, int]:
             u = self.unit(unit)
+            seq = point_seq(u, point, seq)
             if at_ns is None and seq is None:
                 seq = u.last_applied_seq
             p = u.export(output, at_ns, seq=seq)
             return {"seq": p.seq, "ts": p.ts}
 
+        def points(unit: str, from_ns: int | None = None,
+                   to_ns: int | None = None) -> list[dict[str, Any]]:
+            u = self.unit(unit)
+            applied = u.last_applied_seq
+            return [{**dataclasses.asdict(p), "applied": p.seq <= applied}
+                    for p in u.points(from_ns, to_ns)]
+
+        def replay(unit: str, target: str, from_seq: int | None = None,
+                   to_seq: int | None = None, from_ns: int | None = None,
+                   to_ns: int | None = None, pace: str = "max") -> dict[str, Any]:
+            from firmware.remote.replay import replay as run_replay
+
+            u = self.unit(unit)
+            if to_seq is None and to_ns is None:
+                to_seq = u.last_applied_seq
+            r = run_replay(u, target, from_seq=from_seq, to_seq=to_seq, from_ns=from_ns,
+                           to_ns=to_ns, pace=pace)
+            return dataclasses.asdict(r)
+
         def nbd_start(unit: str, address: str, at_ns: int | None = None,
-                      seq: int | None = None) -> dict[str, Any]:
+                      seq: int | None = None, point: int | None = None) -> dict[str, Any]:
             from firmware.nbd.server import NbdServer, parse_hostport
 
             u = self.unit(unit)
+            seq = point_seq(u, point, seq)
             host, port = parse_hostport(address)
             if u.promoted:
                 # A promoted unit's host gets its mirror itself, writable.
@@ -701,19 +731,19 @@ class RemoteServer:
                 wdev = u.promoted_device()
                 name = f"{unit}@primary"
                 server = NbdServer(wdev, host, port, export_name=name)
-                point = {"seq": u.copy_seq, "ts": 0, "writable": True}
+                shown = {"seq": u.copy_seq, "ts": 0, "writable": True}
             else:
                 dev = u.image_at(at_ns) if at_ns is not None else u.image_at_seq(
                     seq if seq is not None else u.last_applied_seq)
                 name = f"{unit}@{dev.point.seq}"
                 server = NbdServer(dev, host, port, export_name=name)
-                point = {"seq": dev.point.seq, "ts": dev.point.ts, "writable": False}
+                shown = {"seq": dev.point.seq, "ts": dev.point.ts, "writable": False}
             server.start()
             threading.Thread(target=server.serve_forever, name="nbd-export",
                              daemon=True).start()
             key = f"{name}:{server.port}"
             self.nbd_exports[key] = server
-            return {"key": key, "export": name, "address": _addr(server.address), **point}
+            return {"key": key, "export": name, "address": _addr(server.address), **shown}
 
         def nbd_stop(key: str) -> bool:
             server = self.nbd_exports.pop(key, None)
@@ -749,6 +779,7 @@ class RemoteServer:
         return {"role.promote": promote, "role.status": role_status,
                 "role.resolve": lambda unit: self.resolve(unit),
                 "status": self.status, "remote.export": export, "remote.nbd_start": nbd_start,
+                "remote.points": points, "remote.replay": replay,
                 "remote.nbd_stop": nbd_stop, "remote.rollback": rollback,
                 "remote.drop": drop, "remote.read": read}
 

@@ -43,6 +43,7 @@ from typing import Any
 import cbor2
 
 from firmware.blockdev import NotReady
+from firmware.cbq.format import BARRIER_IN_RESYNC, split_barrier_flags
 from firmware.lineage import Lineage, Role
 from firmware.lineage import store as lineage_store
 from firmware.link.frames import WriteRecord, skip_record
@@ -73,6 +74,7 @@ from firmware.remote.format import (
 )
 from firmware.remote.journal import LogEntry, NewRecord, SegmentLog
 from firmware.remote.pit import PointInTimeDevice
+from firmware.remote.points import Point, PointLog
 from firmware.remote.promoted import PromotedDevice
 
 log = logging.getLogger("mirrorunit.remote")
@@ -119,6 +121,23 @@ class PointInTime:
 
     seq: int
     ts: int
+
+
+@dataclass(frozen=True)
+class ReplayCommand:
+    """One recorded command: a write (`data` at byte `offset`) or, with `barrier`, the
+    host's barrier after write `seq` (`flags` as the local queue records them)."""
+
+    seq: int
+    ts: int
+    offset: int = 0
+    data: bytes = b""
+    barrier: bool = False
+    flags: int = 0
+
+
+def _barrier_command(p: Point) -> ReplayCommand:
+    return ReplayCommand(p.seq, p.ts, barrier=True, flags=p.kind)
 
 
 @dataclass(frozen=True)
@@ -202,6 +221,9 @@ class UnitStatus:
     generation: str = ""
     #: None, or the promotion: {"seq", "at_ns", "forced", "writes", "dirty_chunks"}.
     promoted: dict[str, Any] | None = None
+    #: Consistent points kept (see `UnitStore.points()`), and the newest one.
+    points: int = 0
+    newest_point: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -265,6 +287,8 @@ class _State:
     #: "forced", "writes" (host writes since)}.  Its mirror is then written in place
     #: by its own host, the chunks it touched in `dirty.map`.
     promoted: dict[str, Any] | None = None
+    #: The number the next consistent point gets (points.log holds the points).
+    points_next: int = 1
 
     def encode(self) -> bytes:
         body = cbor2.dumps(dataclasses.asdict(self))
@@ -357,6 +381,7 @@ class UnitStore:
         self._mirror: FileHandle | None = None
         self._rj: SegmentLog | None = None
         self._hj: SegmentLog | None = None
+        self._points: PointLog | None = None
 
         self._ops.makedirs(self.directory)
         lock_path = os.path.join(self.directory, LOCK_NAME)
@@ -429,6 +454,8 @@ class UnitStore:
                               RECEIVE_SEGMENT_MAGIC, self._segment_bytes, self._clock)
         self._hj = SegmentLog(ops, os.path.join(self.directory, "history"), "hj",
                               HISTORY_SEGMENT_MAGIC, self._segment_bytes, self._clock)
+        self._points = PointLog(ops, self.directory)
+        self._points.open(self._st.points_next)
         received = self._rj.open()
         history = self._hj.open()
         if new:
@@ -606,8 +633,16 @@ class UnitStore:
             self._check_not_promoted("takes no replication")
             assert self._rj is not None
             fresh: list[WriteRecord] = []
+            barriers: list[WriteRecord] = []
             expect = self._durable + 1
             for r in records:
+                if r.barrier:
+                    # It covers the writes before it: none it names may be missing.
+                    if r.seq >= expect:
+                        raise SeqGap(f"unit {self.unit_id!r}: a barrier at seq {r.seq} "
+                                     f"arrived where write {expect} was due")
+                    barriers.append(r)
+                    continue
                 if r.last_seq < expect:
                     continue
                 if r.is_skip and r.seq < expect:
@@ -636,8 +671,25 @@ class UnitStore:
                         self._note_skip(r.seq, r.skip_last)
                 self._bytes_received += sum(len(r.data) for r in fresh)
                 self._newest_ts = max(self._newest_ts, max(r.ts for r in fresh))
+            if barriers:
+                self._note_barriers(barriers)
             self.apply_due(self._clock())
             return self._durable
+
+    def _note_barriers(self, barriers: Sequence[WriteRecord]) -> None:
+        """Record the barriers as consistent points, durably (after the writes they
+        cover are: the receive journal was synced first)."""
+        assert self._points is not None
+        added = 0
+        for r in barriers:
+            kind, front, opcode = split_barrier_flags(r.flags)
+            in_resync = bool(r.flags & BARRIER_IN_RESYNC) or self._st.resync is not None
+            if self._points.add(r.seq, r.ts, kind & ~BARRIER_IN_RESYNC, front, opcode,
+                                r.connection, r.cum_blocks, self.block_size,
+                                in_resync) is not None:
+                added += 1
+        if added:
+            self._points.sync()
 
     def last_durable_seq(self) -> int:
         with self._lock:
@@ -750,6 +802,8 @@ class UnitStore:
         st.checkpoint_seq, st.checkpoint_ts = self._applied, self._applied_ts
         st.durable_seq = self._durable
         st.bytes_received, st.newest_ts = self._bytes_received, self._newest_ts
+        if self._points is not None:
+            st.points_next = self._points.next_number
         st.events = st.events[-MAX_EVENTS:]
         tmp = self._state_path + ".tmp"
         h = self._ops.open(tmp, create=True)
@@ -784,6 +838,9 @@ class UnitStore:
         self._prune(now, exact)
         self._save_state()
         self._trim_segments()
+        if self._points is not None:
+            # After the state: its points_next already counts every point dropped here.
+            self._points.prune(self._st.floor_seq)
 
     def checkpoint(self) -> None:
         """Save the state now (bounds the redo work of a recovery) and trim journals."""
@@ -926,6 +983,89 @@ class UnitStore:
                     break
                 i -= 1
         return (point if point is not None else oldest), i
+
+    def points(self, lo_ns: int | None = None, hi_ns: int | None = None) -> list[Point]:
+        """The consistent points (barriers) still restorable, oldest first, with a time
+        in [lo_ns, hi_ns] where given."""
+        with self._lock:
+            self._check_open()
+            assert self._points is not None
+            floor = self._st.floor_seq
+            return [p for p in self._points.between(lo_ns, hi_ns) if p.seq >= floor]
+
+    def point(self, number: int) -> Point:
+        """Consistent point `number`; NotRestorable if it is not (or no longer) kept, or
+        lies inside a resync."""
+        with self._lock:
+            self._check_open()
+            assert self._points is not None
+            p = self._points.find(number)
+            if p is None or p.seq < self._st.floor_seq:
+                raise NotRestorable(f"unit {self.unit_id!r} keeps no point {number}")
+            if p.in_resync:
+                raise NotRestorable(f"point {number} (seq {p.seq}) lies inside a resync: "
+                                    "the image there is not consistent")
+            return p
+
+    def replay_plan(self, from_seq: int | None = None, to_seq: int | None = None, *,
+                    from_ns: int | None = None, to_ns: int | None = None,
+                    ) -> tuple[PointInTime, PointInTime, list[ReplayCommand]]:
+        """The recorded command stream between two points: (start, end, commands).
+
+        The commands are the writes applied after `start` up to `end`, in seq order with
+        their original offsets and times, and the barriers among them; a target holding
+        the image at `start` that is given them in order ends equal to the image at
+        `end`.  The data of each write is read back from history: walking from the
+        image at `end` towards `start`, a write's blocks hold its data until the
+        before-image of that write is laid over them.  Refused across a resync (no
+        write order exists there)."""
+        with self._lock:
+            self._check_open()
+            self._check_not_promoted("replays nothing from history")
+            start, _ = self._resolve(from_seq, from_ns)
+            end, i_end = self._resolve(to_seq, to_ns)
+            if end.seq < start.seq:
+                raise StoreUsageError(f"the end (seq {end.seq}) is before the start "
+                                      f"(seq {start.seq})")
+            entries = []
+            for e in self._hist[:i_end]:
+                if e.kind is RecordKind.CHUNK_BEFORE and start.seq <= e.seq < end.seq:
+                    raise NotRestorable(f"a resync from seq {e.seq} lies between seq "
+                                        f"{start.seq} and {end.seq}: no command order "
+                                        "exists across it")
+                if e.kind is RecordKind.BEFORE and start.seq < e.seq <= end.seq:
+                    entries.append(e)
+            assert self._points is not None
+            barriers = [p for p in self._points.points if start.seq < p.seq <= end.seq]
+            view = PointInTimeDevice(self, end, self._hist_base + i_end)
+        bs = self.block_size
+        try:
+            laid: dict[int, bytes] = {}  # block -> its contents at the write being read
+            writes: list[ReplayCommand] = []
+            for e in reversed(entries):
+                data = bytearray(view.pread(e.lbn * bs, e.nblocks * bs))
+                for k in range(e.nblocks):
+                    got = laid.get(e.lbn + k)
+                    if got is not None:
+                        data[k * bs:(k + 1) * bs] = got
+                with self._lock:
+                    assert self._hj is not None
+                    before = self._hj.read_payload(e)
+                for k in range(e.nblocks):
+                    laid[e.lbn + k] = before[k * bs:(k + 1) * bs]
+                writes.append(ReplayCommand(e.seq, e.ts, e.lbn * bs, bytes(data)))
+        finally:
+            view.close()
+        writes.reverse()
+        out: list[ReplayCommand] = []
+        bi = 0
+        for w in writes:
+            while bi < len(barriers) and barriers[bi].seq < w.seq:
+                out.append(_barrier_command(barriers[bi]))
+                bi += 1
+            out.append(w)
+        out.extend(_barrier_command(b) for b in barriers[bi:])
+        return start, end, out
 
     def resolve(self, at: int | None = None, *, seq: int | None = None) -> PointInTime:
         """The restorable point `image_at(at)` / `image_at_seq(seq)` would give."""
@@ -1269,6 +1409,8 @@ class UnitStore:
         st.resyncs, st.rolled_back = [], []
         self._event("hand-back", seq=seq, generation=self._lineage.generation)
         self._save_state()
+        if self._points is not None:
+            self._points.prune(st.floor_seq)
         if self._dirty is not None:
             self._dirty.remove()
             self._dirty = None
@@ -1352,6 +1494,8 @@ class UnitStore:
         st.resyncs, st.rolled_back = [], []
         self._event("give-up", generation=self._lineage.generation)
         self._save_state()
+        if self._points is not None:
+            self._points.prune(st.floor_seq)
         if self._dirty is not None:
             self._dirty.remove()
             self._dirty = None
@@ -1601,6 +1745,7 @@ class UnitStore:
     def status(self) -> UnitStatus:
         with self._lock:
             st = self._st
+            pts = self._points.points if self._points is not None else []
             pending_bytes = sum(e.payload_len for e in self._pending)
             lag = self._durable - self._applied
             lag_s = 0.0
@@ -1641,6 +1786,9 @@ class UnitStore:
                 generation=f"{self._lineage.generation:016x}",
                 promoted=None if st.promoted is None else {
                     **st.promoted, "dirty_chunks": self._dirty.count if self._dirty else 0},
+                points=sum(1 for p in pts if p.seq >= st.floor_seq),
+                newest_point=None if not pts else {
+                    "number": pts[-1].number, "seq": pts[-1].seq, "ts": pts[-1].ts},
             )
 
     def _check_not_promoted(self, what: str) -> None:
@@ -1674,6 +1822,8 @@ class UnitStore:
         for j in (self._rj, self._hj):
             if j is not None:
                 j.close()
+        if self._points is not None:
+            self._points.close()
         if self._mirror is not None:
             self._mirror.close()
         self._lock_handle.release()

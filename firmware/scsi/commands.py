@@ -7,7 +7,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from firmware.blockdev import BlockDeviceError
+from firmware.blockdev import BlockDeviceError, FrontEnd, HostCommand, pwrite_for
 from firmware.scsi import sense as S
 from firmware.scsi.cdb import DataDirection
 from firmware.scsi.sense import CheckCondition
@@ -206,20 +206,28 @@ class _BlockAligner:
 
 
 class _WriteBlocks(Command):
-    """WRITE: each arriving piece goes to pwrite as soon as it holds whole blocks."""
+    """WRITE: each arriving piece goes to pwrite as soon as it holds whole blocks.
+
+    With FUA, the piece that completes the command carries the barrier: the host's
+    declaration covers the whole command, not the pieces before its last."""
 
     def __init__(
-        self, slot: _SenseSlot, unit: LogicalUnit, offset: int, length: int, fua: bool
+        self, slot: _SenseSlot, unit: LogicalUnit, offset: int, length: int, fua: bool,
+        opcode: int = 0,
     ) -> None:
         super().__init__(slot, DataDirection.OUT, length)
         self._unit = unit
         self._fua = fua
+        self._end = offset + length
+        self._barrier = HostCommand(FrontEnd.SCSI, opcode, True) if fua else None
         self._aligner = _BlockAligner(unit.block_size, offset)
 
     def _consume(self, data: bytes | memoryview) -> None:
         for offset, piece in self._aligner.feed(data):
+            last = offset + len(piece) == self._end
             try:
-                self._unit.device.pwrite(offset, piece, self._fua)
+                pwrite_for(self._unit.device, offset, piece, self._fua,
+                           self._barrier if last else None)
             except (BlockDeviceError, OSError) as e:
                 self._fail(self._unit.sense_for(e, reading=False))
                 return

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from firmware.blockdev import BlockDeviceError
+from firmware.blockdev import BlockDeviceError, FrontEnd, HostCommand, flush_for
 from firmware.scsi import sense as S
 from firmware.scsi.cdb import DataDirection, ParsedCommand, _decode
 from firmware.scsi.commands import (
@@ -322,7 +322,7 @@ class ScsiTarget:
             )
         if op in SYNC_OPCODES:
             try:
-                unit.device.flush()
+                flush_for(unit.device, HostCommand(FrontEnd.SCSI, op))
             except (BlockDeviceError, OSError) as e:
                 return Command(slot, sense=unit.sense_for(e, reading=False))
             return Command(slot)
@@ -334,7 +334,7 @@ class ScsiTarget:
         if op in WRITE_OPCODES:
             if not length:
                 return Command(slot)
-            return _WriteBlocks(slot, unit, offset, length, parsed.fua)
+            return _WriteBlocks(slot, unit, offset, length, parsed.fua, op)
         if op in VERIFY_OPCODES:
             if parsed.direction is DataDirection.OUT:
                 return _VerifyCompare(slot, unit, offset, length)

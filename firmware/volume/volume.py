@@ -35,12 +35,14 @@ from dataclasses import dataclass
 from ..blockdev import (
     BlockDeviceError,
     DeviceState,
+    HostCommand,
     MediumError,
     NotReady,
     OutOfRange,
     WriteProtected,
 )
 from ..cbq import MIRROR_CONSUMER, CircularBufferQueue, NeedsReclaim, RecordKind
+from ..cbq.format import BARRIER_FLUSH, BARRIER_FUA, barrier_flags
 from ..control.status import VolumeStatus
 from ..storage import ReadIntoStorage, Storage
 
@@ -120,8 +122,10 @@ class Volume:
         #: A failed commit not yet reported to a FLUSH (a deferred error).
         self._deferred_error: BaseException | None = None
         self._mirror_sync_failed = False
+        # Reads are served here and only counted: read-nature commands never reach the
+        # queue, nor the remote.
         self.counters = {"reads": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0,
-                         "flushes": 0, "commits": 0}
+                         "flushes": 0, "commits": 0, "barriers": 0, "barriers_unrecorded": 0}
         cbq.current_reader = self._read_current
         self.redone_records = self._redo()
 
@@ -214,6 +218,33 @@ class Volume:
         return self._read(lbn * self._block_size, nblocks * self._block_size)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        self._pwrite(offset, data, fua, None)
+
+    def pwrite_barrier(self, offset: int, data: bytes | memoryview,
+                       command: HostCommand) -> None:
+        """A FUA write whose completion the queue records as a barrier (RecordsBarriers)."""
+        self._pwrite(offset, data, True, command)
+
+    def flush_barrier(self, command: HostCommand) -> None:
+        """The host's FLUSH / SYNCHRONIZE CACHE, recorded as a barrier (RecordsBarriers).
+
+        The barrier is appended before the commit, under the append lock: it follows
+        every write appended so far (all those the host saw complete, maybe a few more
+        still in flight, which is still a prefix of the write order), and the commit's
+        one sync makes data and barrier durable together."""
+        with self._lock:
+            self._append_barrier(command, BARRIER_FLUSH)
+        self.flush()
+
+    def _append_barrier(self, command: HostCommand, kind: int) -> None:
+        flags = barrier_flags(kind | (BARRIER_FUA if command.fua else 0),
+                              int(command.front_end), command.opcode & 0xFF)
+        self.counters["barriers"] += 1
+        if self.cbq.append_barrier(flags, command.connection) is None:
+            self.counters["barriers_unrecorded"] += 1
+
+    def _pwrite(self, offset: int, data: bytes | bytearray | memoryview, fua: bool,
+                barrier: HostCommand | None) -> None:
         self._check(offset, len(data))
         if self._read_only:
             raise WriteProtected("volume is read-only")
@@ -227,10 +258,15 @@ class Volume:
                 merged = bytearray(self._read(lo, hi - lo))
                 merged[offset - lo:offset - lo + len(data)] = data
                 self._write_blocks(lo, bytes(merged))
+                if barrier is not None:
+                    self._append_barrier(barrier, BARRIER_FUA)
             self._after_write(fua)
             return
         with self._lock:
             self._write_blocks(offset, bytes(data))
+            if barrier is not None:
+                # Right after its data, before the commit that makes both durable.
+                self._append_barrier(barrier, BARRIER_FUA)
         self._after_write(fua)
 
     def read_own(self, offset: int, length: int) -> bytes:
@@ -478,4 +514,5 @@ class Volume:
             cache_limit=self.cache_limit, applied_seq=self._applied_seq,
             write_cache_enabled=self.write_cache_enabled, commit_failure=self._commit_failure,
             reads=c["reads"], writes=c["writes"], bytes_read=c["bytes_read"],
-            bytes_written=c["bytes_written"], flushes=c["flushes"], commits=c["commits"])
+            bytes_written=c["bytes_written"], flushes=c["flushes"], commits=c["commits"],
+            barriers=c["barriers"], barriers_unrecorded=c["barriers_unrecorded"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from firmware.blockdev import FrontEnd, HostCommand
 from firmware.cbq import CircularBufferQueue, create
 from firmware.storage import CrashSimStorage, PowerCut, PowerRail
 from firmware.volume import CacheMode, Volume
@@ -30,6 +31,15 @@ class Run:
     cut: bool = False
     #: The CBQ left normal mode (compact records, dirty map) at some point.
     degraded: bool = False
+    #: With barriers: the seq each barrier covers, in the order the host sent them,
+    #: and how many of them had completed before the cut.
+    barriers: list[int] = field(default_factory=list)
+    barriers_done: int = 0
+
+
+#: The commands a barrier workload sends (an NBD FLUSH, a SCSI WRITE(10) with FUA).
+FLUSH_COMMAND = HostCommand(FrontEnd.NBD, 3, connection=1)
+FUA_COMMAND = HostCommand(FrontEnd.SCSI, 0x2A, fua=True)
 
 
 def random_workload(rng: random.Random, geo: Geometry, n_ops: int) -> list[tuple]:
@@ -69,7 +79,10 @@ def new_unit(geo: Geometry, rail: PowerRail) -> tuple[CrashSimStorage, CrashSimS
 
 
 def run_workload(ops: list[tuple], geo: Geometry, mode: CacheMode,
-                 cut_after: int | None) -> tuple[Run, CrashSimStorage, CrashSimStorage, int]:
+                 cut_after: int | None, barriers: bool = False,
+                 ) -> tuple[Run, CrashSimStorage, CrashSimStorage, int]:
+    """Run `ops` until the power cut; with `barriers`, flushes and FUA writes go through
+    the barrier-recording calls a front end makes."""
     rail = PowerRail()
     cbq_st, mirror_st = new_unit(geo, rail)
     rail.cut_after_writes = cut_after
@@ -83,12 +96,23 @@ def run_workload(ops: list[tuple], geo: Geometry, mode: CacheMode,
                 data = fill(lbn, n, seed)
                 run.issued.append((lbn, data))
                 before = q.last_seq
-                vol.pwrite(lbn * BS, data, fua=fua)
+                if barriers and fua:
+                    # The barrier covers the seq this write will take, if it is queued.
+                    run.barriers.append(q.last_seq + 1)
+                    vol.pwrite_barrier(lbn * BS, data, FUA_COMMAND)
+                    run.barriers_done = len(run.barriers)
+                else:
+                    vol.pwrite(lbn * BS, data, fua=fua)
                 run.seqs.append(q.last_seq if q.last_seq != before else None)
                 if fua or mode is CacheMode.WRITE_THROUGH:
                     run.flushed = len(run.issued)
             elif op[0] == "flush":
-                vol.flush()
+                if barriers:
+                    run.barriers.append(q.last_seq)
+                    vol.flush_barrier(FLUSH_COMMAND)
+                    run.barriers_done = len(run.barriers)
+                else:
+                    vol.flush()
                 run.flushed = len(run.issued)
             else:
                 got = q.read("peer", max_records=1000)
@@ -113,8 +137,11 @@ def check_recovery(run: Run, cbq_st: CrashSimStorage, mirror_st: CrashSimStorage
     cbq_img = CrashSimStorage.from_image(bytes(cbq_st.crash_image(rng)))
     mirror_img = CrashSimStorage.from_image(bytes(mirror_st.crash_image(rng)))
     # Offline inspection of the raw image, before anything is replayed.
-    report = CircularBufferQueue(cbq_img, read_only=True).verify()
+    offline = CircularBufferQueue(cbq_img, read_only=True)
+    report = offline.verify()
     assert report["clean"], report
+    if run.barriers and not run.degraded:
+        check_barriers(run, offline, offline.last_seq)
     q, vol = open_unit(cbq_img, mirror_img, mode)
     if run.degraded:
         check_promises(run, q, vol, geo)
@@ -142,7 +169,23 @@ def check_recovery(run: Run, cbq_st: CrashSimStorage, mirror_st: CrashSimStorage
             seen = w.seq
     assert seen == last
     assert q.verify()["clean"]
+    if run.barriers:
+        check_barriers(run, q, last)
     return last
+
+
+def check_barriers(run: Run, q: CircularBufferQueue, last: int) -> None:
+    """Recovered barriers are whole ones the host sent, in its order, none past the
+    recovered writes, and none that completed before the cut is lost."""
+    got = [seq for seq, _, _ in q.barriers()]
+    assert all(s <= last for s in got), (got, last)
+    sent = run.barriers
+    if got:
+        k = next((i for i in range(len(sent)) if sent[i:i + len(got)] == got), None)
+        assert k is not None, f"recovered barriers {got} are not a run of those sent {sent}"
+        # Barriers still queued are those after the tail; a completed one past the
+        # first recovered is never missing.
+        assert k + len(got) >= run.barriers_done, (got, sent, run.barriers_done)
 
 
 def check_promises(run: Run, q: CircularBufferQueue, vol: Volume, geo: Geometry) -> None:

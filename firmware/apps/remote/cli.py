@@ -113,6 +113,14 @@ def command_line(s: RemoteSettings) -> list[str]:
     return argv
 
 
+def parse_point(text: str) -> tuple[str, int]:
+    """A replay endpoint: ("seq", N) for an integer, else ("ns", instant)."""
+    t = text.strip()
+    if t.isdigit():
+        return "seq", int(t)
+    return "ns", parse_time(t)
+
+
 def parse_time(text: str) -> int:
     """An instant as nanoseconds since the epoch: ISO 8601 ('2024-05-01T12:00:00Z',
     local time without a zone), seconds since the epoch ('1714564800.25'), or
@@ -204,9 +212,27 @@ def configure(rp: argparse.ArgumentParser) -> None:
     g = ex.add_mutually_exclusive_group()
     g.add_argument("--at", type=parse_time, help="instant (ISO 8601, epoch s, ns:N)")
     g.add_argument("--seq", type=int, help="right after write SEQ")
+    g.add_argument("--point", type=int, metavar="N",
+                   help="at consistent point N (see `remote points`)")
     o = ex.add_mutually_exclusive_group(required=True)
     o.add_argument("--output", type=Path, help="image file to write")
     o.add_argument("--nbd", metavar="HOST:PORT", help="serve read-only over NBD until Ctrl-C")
+    pt = op("points", "the consistent points (host flushes and FUA writes) of a unit")
+    pt.add_argument("unit", nargs="?", metavar="UNIT")
+    pt.add_argument("--unit", dest="unit_option", metavar="UNIT", help=argparse.SUPPRESS)
+    pt.add_argument("--from", dest="t_from", type=parse_time, help="from this instant")
+    pt.add_argument("--to", dest="t_to", type=parse_time, help="up to this instant")
+    pt.add_argument("--json", action="store_true")
+    rpl = op("replay", "re-issue a unit's recorded writes and barriers onto a target")
+    rpl.add_argument("unit", metavar="UNIT")
+    rpl.add_argument("--from", dest="r_from", type=parse_point, required=True,
+                     help="start: a seq (an integer) or an instant; the target starts as "
+                          "the image there")
+    rpl.add_argument("--to", dest="r_to", type=parse_point,
+                     help="end: a seq or an instant (default: the last applied write)")
+    rpl.add_argument("--target", required=True, help="image file, or nbd://HOST:PORT/EXPORT")
+    rpl.add_argument("--pace", choices=("recorded", "max"), default="max")
+    rpl.add_argument("--json", action="store_true")
     rb = op("rollback", "rewind a unit's mirror itself to a point in time")
     rb.add_argument("--unit", required=True)
     g = rb.add_mutually_exclusive_group(required=True)
@@ -228,6 +254,11 @@ def cmd_remote(args: argparse.Namespace) -> int:
         return serve(settings_from_args(args))
     from firmware.control import ControlError, call
 
+    if args.remote_command == "points":
+        args.unit = args.unit or args.unit_option
+        if args.unit is None:
+            print("mirrorunit remote points: name the UNIT", file=sys.stderr)
+            return 2
     try:
         call(args.control, "status", timeout=5)
         online = True
@@ -264,19 +295,61 @@ def _print_status(result: dict[str, Any], as_json: bool) -> None:
               f"oldest restorable seq {u['oldest_restorable_seq']}"
               + (f", RESYNC since seq {u['resync']['start_seq']}" if u["resync"] else "")
               + ("" if u["equal_to_local"] else ", differs from local (drop/rollback)"))
+        newest = u.get("newest_point")
+        if newest:
+            print(f"    {u['points']} consistent points, newest {newest['number']} at seq "
+                  f"{newest['seq']} ({_fmt(newest['ts'])})")
+
+
+_FRONT_ENDS = {1: "nbd", 2: "scsi"}
+_BARRIER_KINDS = {1: "flush", 2: "fua", 3: "flush+fua"}
+
+
+def _print_points(points: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(points, indent=2))
+        return
+    print(f"{'point':>7} {'seq':>10}  {'time (UTC)':<29} {'bytes since':>12}  "
+          f"{'barrier':<14} notes")
+    for p in points:
+        what = (f"{_FRONT_ENDS.get(p['front_end'], '?')} "
+                f"{_BARRIER_KINDS.get(p['kind'], '?')} {p['opcode']:#04x}")
+        notes = ", ".join(n for n, on in (("inside resync: not consistent", p["in_resync"]),
+                                          ("not on the mirror yet", not p["applied"])) if on)
+        print(f"{p['number']:>7} {p['seq']:>10}  {_fmt(p['ts']):<29} {p['bytes_since']:>12}  "
+              f"{what:<14} {notes}")
 
 
 def _online(args: argparse.Namespace, call: Any) -> int:
     cmd = args.remote_command
     if cmd == "status":
         _print_status(call("status"), args.json)
+    elif cmd == "points":
+        _print_points(call("remote.points", unit=args.unit, from_ns=args.t_from,
+                           to_ns=args.t_to), args.json)
+    elif cmd == "replay":
+        kw: dict[str, Any] = {}
+        for name, value in (("from", args.r_from), ("to", args.r_to)):
+            if value is not None:
+                kw[f"{name}_{value[0]}"] = value[1]
+        target = args.target if args.target.startswith("nbd://") else \
+            str(Path(args.target).resolve())
+        r = call("remote.replay", unit=args.unit, target=target, pace=args.pace, **kw)
+        if args.json:
+            print(json.dumps(r, indent=2))
+        else:
+            print(f"replayed unit {args.unit} from seq {r['start_seq']} to {r['end_seq']} onto "
+                  f"{args.target}: {r['writes']} writes ({r['bytes']} bytes), "
+                  f"{r['barriers']} barriers in {r['seconds']:.2f} s"
+                  + (f", at most {r['max_lag_ms']:.1f} ms late" if args.pace == "recorded"
+                     else ""))
     elif cmd == "export" and args.output is not None:
         r = call("remote.export", unit=args.unit, output=str(args.output.resolve()),
-                 at_ns=args.at, seq=args.seq)
+                 at_ns=args.at, seq=args.seq, point=args.point)
         print(f"exported unit {args.unit} at seq {r['seq']} ({_fmt(r['ts'])}) to {args.output}")
     elif cmd == "export":
         r = call("remote.nbd_start", unit=args.unit, address=args.nbd, at_ns=args.at,
-                 seq=args.seq)
+                 seq=args.seq, point=args.point)
         print(f"serving unit {args.unit} at seq {r['seq']} ({_fmt(r['ts'])}) read-only: "
               f"nbd://{r['address']}/{r['export']}  (Ctrl-C to stop)", flush=True)
         stop = threading.Event()

@@ -99,7 +99,7 @@ def _writes_body(recs: list[list[int]], payload: bytes = b"") -> bytes:
     ([[4, 0, 0, 0, 3]], b"", "a skip must be"),            # ends before it starts
     ([[0, 0, 0, 0, 3]], b"", "a skip must be"),            # seq 0 is "nothing"
     ([[4, 0, 0, 0, 9], [9, 0, 0, 4]], b"x" * 4, "does not follow"),  # overlaps the skip
-    ([[4, 0, 0, 0, 9, 1]], b"", r"must be \[seq"),           # six elements
+    ([[4, 0, 0, 0, 9, 1, 0]], b"", r"must be \[seq"),        # seven elements
     ([[4, 0, 0, 0, -1]], b"", r"must be \[seq"),             # negative
 ])
 def test_malformed_skips_are_refused(recs: list[list[int]], payload: bytes,

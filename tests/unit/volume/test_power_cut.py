@@ -35,6 +35,23 @@ def test_cut_at_every_write_boundary(mode: CacheMode) -> None:
     assert len(recovered) > len([op for op in SCRIPT if op[0] == "write"]) // 2
 
 
+def test_cut_at_every_write_boundary_with_barriers() -> None:
+    """Flushes and FUA writes leave barrier records: a torn one is detected, a
+    recovered one is whole and in order, and none reaches the mirror."""
+    geo = Geometry()
+    mode = CacheMode.WRITE_BACK
+    run, _, _, total = run_workload(SCRIPT, geo, mode, cut_after=None, barriers=True)
+    assert not run.cut and len(run.barriers) == 7
+    with_barriers = 0
+    for k in range(total + 1):
+        run, cbq_st, mirror_st, _ = run_workload(SCRIPT, geo, mode, cut_after=k,
+                                                 barriers=True)
+        for tear_seed in range(3):
+            check_recovery(run, cbq_st, mirror_st, geo, mode, random.Random(k * 10 + tear_seed))
+        with_barriers += run.barriers_done > 0
+    assert with_barriers > total // 2
+
+
 def test_cut_at_random_points_of_random_workloads() -> None:
     geo = Geometry()
     rng = random.Random(20261124)
