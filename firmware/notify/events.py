@@ -46,6 +46,8 @@ class EventKind(enum.Enum):
     UNIT_UNREACHABLE = "unit-unreachable"
     UNIT_REACHABLE = "unit-reachable"
     GUESS_LOCKOUT = "guess-lockout"
+    FENCED = "fenced"
+    SPLIT_BRAIN = "split-brain"
     TEST = "test"
 
 
@@ -55,7 +57,8 @@ TRAP_NUMBER = {
     EventKind.LINK_RESTORED: 4, EventKind.REMOTE_OUT_OF_SYNC: 5,
     EventKind.RESYNC_FINISHED: 6, EventKind.ON_BATTERY: 7, EventKind.LOW_BATTERY: 8,
     EventKind.MAINS_RESTORED: 9, EventKind.UNIT_UNREACHABLE: 10,
-    EventKind.UNIT_REACHABLE: 11, EventKind.GUESS_LOCKOUT: 12, EventKind.TEST: 99,
+    EventKind.UNIT_REACHABLE: 11, EventKind.GUESS_LOCKOUT: 12,
+    EventKind.FENCED: 13, EventKind.SPLIT_BRAIN: 14, EventKind.TEST: 99,
 }
 
 
@@ -192,6 +195,7 @@ class EventDetector:
     def _link_events(self, status: LocalStatus, now: float) -> list[Event]:
         out: list[Event] = []
         for name, link in links(status):
+            out += self._lineage_events(name, link, now)
             up = link_up(link)
             if up is None:
                 continue
@@ -206,6 +210,27 @@ class EventDetector:
             elif prev is False:
                 out.append(Event(EventKind.LINK_RESTORED, Severity.INFO,
                                  f"The link to {name} is up again.", subject=name, time=now))
+        return out
+
+    def _lineage_events(self, name: str, link: PeerLinkStatus, now: float) -> list[Event]:
+        """The remote refuses this copy on their lineages: it was promoted while this
+        copy was away (fenced), or both became writable (split brain).  Each is said once
+        per reason, and neither resolves itself (docs/failover.md)."""
+        out: list[Event] = []
+        for kind, reason, advice in (
+                (EventKind.FENCED, link["fenced"],
+                 "this copy keeps serving its host and queueing; `mirrorunit role "
+                 "failback` brings the remote's image back, keeping this copy's writes "
+                 "since as a conflict image"),
+                (EventKind.SPLIT_BRAIN, link["split_brain"],
+                 "no data moves until one side gives up its writes: `mirrorunit role "
+                 "failback` here, or `mirrorunit role resolve UNIT --give-up-here` on the "
+                 "remote")):
+            changed, _ = self._edge((kind.value, name), reason)
+            if changed and reason:
+                out.append(Event(kind, Severity.CRITICAL,
+                                 f"Remote {name} refuses this copy's writes: {reason}; "
+                                 f"{advice}.", subject=name, time=now))
         return out
 
     def _ups(self, ups: UpsReport, now: float) -> list[Event]:

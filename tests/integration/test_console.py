@@ -130,6 +130,10 @@ def test_status_screen_not_running_then_running(env: dict[str, Any]) -> None:
         assert "link      connected" in screen
         assert "UPS         OL CHRG, charge 87%" in screen
         assert f"{COPYRIGHT}  (Apache-2.0)" in screen
+        assert "Copy        primary, generation -" in screen
+        unit.status["link"]["split_brain"] = "split brain after seq 38: this copy holds 39..63"
+        screen = t.wait("*** SPLIT BRAIN: split brain after seq 38", "give-up-here",
+                        timeout=20)
         for line in t.screen.display:
             assert len(line) <= 80
         t.send(ESC)

@@ -115,6 +115,21 @@ def test_paused_links_are_not_an_alarm_and_each_peer_has_its_own_edge() -> None:
         [(K.LINK_DOWN, "r1")]
 
 
+def test_fencing_and_split_brain_are_said_once_each() -> None:
+    d = EventDetector()
+    assert d.feed(status(peers={"r1": "connected"}), 0) == []
+    fenced = status(peers={"r1": "fenced"})
+    fenced["link"]["peers"]["r1"]["fenced"] = "promoted at seq 80 on ...; this copy is stale"
+    ev = d.feed(fenced, 1)
+    assert kinds(ev) == [(K.FENCED, "r1"), (K.LINK_DOWN, "r1")]
+    assert "promoted at seq 80" in ev[0].text and "role failback" in ev[0].text
+    assert d.feed(fenced, 2) == []
+    split = status(peers={"r1": "split-brain"})
+    split["link"]["peers"]["r1"]["split_brain"] = "split brain after seq 38"
+    ev = d.feed(split, 3)
+    assert kinds(ev) == [(K.SPLIT_BRAIN, "r1")] and "give-up-here" in ev[0].text
+
+
 def test_ups_events() -> None:
     d = EventDetector()
     assert d.feed(status(ups="OL CHRG"), 0) == []

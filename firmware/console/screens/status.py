@@ -34,6 +34,19 @@ class StatusScreen(ConsoleBase):
                  f"Buffer      {q['fill']:.1%} full, mode {q['mode']}, "
                  f"{q['queued_blocks']} blocks in buffer, last seq {q['last_seq']}"
                  + ("  LINK PAUSED" if q["dequeue_paused"] else "")]
+        lk = st.get("link")
+        if lk is not None:
+            lines.append(f"Copy        {lk['role']}, generation {lk['generation'] or '-'}")
+            if lk["split_brain"]:
+                lines += [f"*** SPLIT BRAIN: {lk['split_brain']}"[:78],
+                          "    keep the remote's writes: `role failback` here; keep this "
+                          "copy's:", "    `role resolve UNIT --give-up-here` on the remote "
+                          "(docs/failover.md)"]
+            elif lk["fenced"]:
+                lines += [f"*** FENCED: {lk['fenced']}"[:78],
+                          "    `role failback` takes the remote's image back; this copy's "
+                          "writes", "    since are kept as a conflict image "
+                          "(docs/failover.md)"]
         link_of = dict(links(st))
         for peer, c in q["consumers"].items():
             if peer.startswith("@"):  # the unit's own consumers, not remotes
