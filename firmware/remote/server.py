@@ -44,6 +44,9 @@ from firmware.remote.unit import Retention, UnitStore, validate_unit_id
 
 log = logging.getLogger("mirrorunit.remote")
 
+#: Scratch space of a test-failover clone unless asked otherwise (or the volume's size).
+DEFAULT_CLONE_SCRATCH = 1 << 30
+
 #: Rows of the decision table where a split-brain policy makes this copy the target: a
 #: promoted unit then gives up its writes on its own (firmware.lineage.decide).
 POLICY_GIVE_UP_RULES = frozenset({"forced-zero-changes", "forced-younger",
@@ -745,6 +748,62 @@ class RemoteServer:
             self.nbd_exports[key] = server
             return {"key": key, "export": name, "address": _addr(server.address), **shown}
 
+        def test_failover(unit: str, address: str, at_ns: int | None = None,
+                          seq: int | None = None,
+                          scratch_bytes: int | None = None) -> dict[str, Any]:
+            """A writable copy-on-write clone of a point in time, served over NBD while
+            replication into the mirror goes on; its writes stay in a scratch file."""
+            from firmware.nbd.server import NbdServer, parse_hostport
+            from firmware.remote.clone import CloneDevice
+
+            u = self.unit(unit)
+            if u.promoted:
+                raise RemoteError(f"unit {unit!r} is promoted: serve it with role serve")
+            host, port = parse_hostport(address)
+            limit = scratch_bytes if scratch_bytes is not None else min(
+                u.volume_size, DEFAULT_CLONE_SCRATCH)
+            base = u.image_at(at_ns) if at_ns is not None else u.image_at_seq(
+                seq if seq is not None else u.last_applied_seq)
+            scratch = Path(self.store.unit_dir(unit)) / \
+                f"test-failover-{base.point.seq}-{time.time_ns()}.scratch"
+            clone = CloneDevice(base, scratch, limit)
+            name = f"{unit}@test-{base.point.seq}"
+            server = NbdServer(clone, host, port, export_name=name)
+            server.start()
+            threading.Thread(target=server.serve_forever, name="nbd-test-failover",
+                             daemon=True).start()
+            key = f"{name}:{server.port}"
+            self.nbd_exports[key] = server
+            log.warning("unit %s: test failover at seq %d served as %s (scratch %d bytes); "
+                        "replication goes on", unit, base.point.seq, name, limit)
+            return {"key": key, "export": name, "address": _addr(server.address),
+                    "seq": base.point.seq, "ts": base.point.ts, "scratch_limit": limit}
+
+        def test_failover_end(unit: str) -> list[dict[str, Any]]:
+            """End every test-failover clone of `unit`: their writes are discarded."""
+            from firmware.remote.clone import CloneDevice
+
+            ended = []
+            for key in [k for k in self.nbd_exports if k.startswith(f"{unit}@test-")]:
+                server = self.nbd_exports.pop(key)
+                server.stop()
+                dev = server.device
+                used = dev.scratch_used if isinstance(dev, CloneDevice) else 0
+                dev.close()
+                ended.append({"key": key, "scratch_used": used})
+                log.warning("unit %s: test failover %s ended; %d bytes written to it "
+                            "discarded", unit, key, used)
+            return ended
+
+        def test_failover_status(unit: str | None = None) -> list[dict[str, Any]]:
+            from firmware.remote.clone import CloneDevice
+
+            return [{"key": k, "address": _addr(s.address),
+                     "scratch_used": s.device.scratch_used,
+                     "scratch_limit": s.device.scratch_limit}
+                    for k, s in self.nbd_exports.items() if isinstance(s.device, CloneDevice)
+                    and (unit is None or k.startswith(f"{unit}@test-"))]
+
         def nbd_stop(key: str) -> bool:
             server = self.nbd_exports.pop(key, None)
             if server is None:
@@ -778,6 +837,8 @@ class RemoteServer:
 
         return {"role.promote": promote, "role.status": role_status,
                 "role.resolve": lambda unit: self.resolve(unit),
+                "role.test_failover": test_failover, "role.test_failover_end": test_failover_end,
+                "role.test_failover_status": test_failover_status,
                 "status": self.status, "remote.export": export, "remote.nbd_start": nbd_start,
                 "remote.points": points, "remote.replay": replay,
                 "remote.nbd_stop": nbd_stop, "remote.rollback": rollback,

@@ -341,3 +341,49 @@ def test_switchover_round_trip_moves_the_queue_then_only_the_remotes_changes(
     assert peer_status(local)["resyncs_done"] == 0  # nothing was resynced either way
     # every seq reached the remote once, in order, across both switches
     assert_arrived_once_in_order(remote, unit_id, final)
+
+
+def test_test_failover_clone_is_writable_and_never_reaches_the_mirror(
+        small_pair: Pair, tmp_path: Path) -> None:
+    local, remote, unit_id = small_pair.local, small_pair.remote, small_pair.unit_id
+    chunk = 64 * 1024
+    _unreplicated(local, 0, b"\x41" * 2 * chunk)
+    seq = wait_caught_up(local, remote, unit_id)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "firmware", "role", "test-failover", unit_id, "--nbd",
+         "127.0.0.1:0", "--scratch", "256K", "--control", str(remote.control)],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert f"at seq {seq}, writable" in line, line
+        url = line.split("nbd://", 1)[1].split()[0]
+        address, export = url.split("/", 1)
+        port = int(address.rsplit(":", 1)[1])
+        # The clone is the image at the point, and takes writes...
+        with NbdClient("127.0.0.1", port, export) as c:
+            assert bytes(c.read(0, chunk)) == b"\x41" * chunk
+            c.write(512, b"\x99" * 1024)
+            c.write(3 * chunk, b"\x98" * chunk)
+            c.flush()
+            got = bytes(c.read(0, 2048))
+            assert got[:512] == b"\x41" * 512 and got[512:1536] == b"\x99" * 1024
+            assert got[1536:] == b"\x41" * 512
+            # ...up to its scratch space, then refuses, keeping what it holds.
+            with pytest.raises(NbdClientError, match="NBD error 28"):  # ENOSPC
+                c.write(4 * chunk, b"\x97" * 4 * chunk)
+            assert bytes(c.read(3 * chunk, chunk)) == b"\x98" * chunk
+            # Replication into the real mirror goes on meanwhile.
+            _unreplicated(local, 5 * chunk, b"\x42" * chunk)
+            wait_caught_up(local, remote, unit_id)
+            assert bytes(c.read(5 * chunk, chunk)) == b"\0" * chunk  # the clone's point
+        status = remote.call("role.test_failover_status", unit=unit_id)
+        assert status[0]["scratch_used"] == chunk + 1024
+        assert status[0]["scratch_limit"] == 256 * 1024
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    assert remote.call("role.test_failover_status", unit=unit_id) == []
+    assert not list(Path(remote.workdir).rglob("*.scratch"))
+    # Nothing written to the clone is in the mirror, which equals the local image.
+    assert_same_image(local, remote, unit_id, tmp_path)

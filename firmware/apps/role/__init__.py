@@ -6,6 +6,8 @@
     mirrorunit role failback [--peer NAME] [--control LOCAL_SOCK] [--json]
     mirrorunit role resolve UNIT --give-up-here --control SOCK     (on the remote)
     mirrorunit role switchover [--peer NAME] [--control LOCAL_SOCK] [--json]
+    mirrorunit role test-failover UNIT --nbd HOST:PORT [--seq N] [--scratch SIZE] --control SOCK
+    mirrorunit role test-failover UNIT --end --control SOCK
 
 They talk to the running remote unit through its control socket (`role.status`,
 `role.promote`, `remote.nbd_start`); `failback` talks to the local unit
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from firmware.control import LOCAL_SOCKET, REMOTE_SOCKET, ControlError, call
+
+from ..options import size
 
 DEFAULT_CONTROL = REMOTE_SOCKET
 
@@ -57,6 +61,18 @@ def register(sub: Any) -> None:
     fb.add_argument("--control", type=Path, default=Path(LOCAL_SOCKET),
                     help="the local unit's control socket")
     fb.add_argument("--json", action="store_true")
+    tf = rs.add_parser("test-failover", parents=[common],
+                       help="on the remote: serve a writable copy-on-write clone of a point "
+                            "in time over NBD while replication goes on; its writes never "
+                            "reach the mirror and are discarded when it ends")
+    tf.add_argument("unit")
+    tf.add_argument("--nbd", metavar="HOST:PORT")
+    tf.add_argument("--seq", type=int, metavar="N",
+                    help="the image right after write N (default: the last applied one)")
+    tf.add_argument("--scratch", type=size, metavar="SIZE",
+                    help="the most the clone may hold of its own writes (default 1G or "
+                         "the volume's size)")
+    tf.add_argument("--end", action="store_true", help="end the unit's test clones")
     so = rs.add_parser("switchover",
                        help="on the local: planned role reversal; from the primary the "
                             "remote takes over at the drained seq (no resync) and this "
@@ -94,6 +110,24 @@ def _run(args: argparse.Namespace) -> int:
             print(json.dumps(result, indent=2, default=str))
         else:
             _print_status(result)
+        return 0
+    if cmd == "test-failover":
+        if args.end:
+            for e in call(args.control, "role.test_failover_end", unit=args.unit):
+                print(f"ended {e['key']}: {e['scratch_used']} bytes written to it discarded")
+            return 0
+        if not args.nbd:
+            print("mirrorunit role test-failover: --nbd HOST:PORT or --end is needed",
+                  file=sys.stderr)
+            return 2
+        r = call(args.control, "role.test_failover", unit=args.unit, address=args.nbd,
+                 seq=args.seq, scratch_bytes=args.scratch)
+        print(f"test failover of unit {args.unit} at seq {r['seq']}, writable: "
+              f"nbd://{r['address']}/{r['export']} (scratch {r['scratch_limit']} bytes; "
+              "replication goes on; Ctrl-C ends it and discards its writes)", flush=True)
+        _wait_for_stop()
+        for e in call(args.control, "role.test_failover_end", unit=args.unit):
+            print(f"ended {e['key']}: {e['scratch_used']} bytes written to it discarded")
         return 0
     if cmd == "switchover":
         r = call(args.control, "link.switchover", timeout=24 * 3600.0, name=args.peer)
@@ -148,15 +182,21 @@ def _run(args: argparse.Namespace) -> int:
     r = call(args.control, "remote.nbd_start", unit=args.unit, address=args.nbd)
     print(f"serving unit {args.unit} {'writable' if r.get('writable') else 'read-only'}: "
           f"nbd://{r['address']}/{r['export']}  (Ctrl-C to stop)", flush=True)
+    try:
+        _wait_for_stop()
+    finally:
+        call(args.control, "remote.nbd_stop", key=r["key"])
+    return 0
+
+
+def _wait_for_stop() -> None:
+    """Until Ctrl-C or SIGTERM."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         stop.wait()
     except KeyboardInterrupt:
         pass
-    finally:
-        call(args.control, "remote.nbd_stop", key=r["key"])
-    return 0
 
 
 def _print_status(result: dict[str, Any]) -> None:
