@@ -72,6 +72,13 @@ class PointInTimeDevice:
         """Blocks that differ in source from the live mirror (served from history)."""
         return len(self._overlay)
 
+    def sources(self) -> dict[int, tuple[int, int]]:
+        """Where each block that differs from the live mirror is read from (its
+        before-image in history), brought up to the mirror as it is now."""
+        with self._unit._lock:
+            self._refresh()
+            return dict(self._overlay)
+
     def pread(self, offset: int, length: int) -> bytes:
         if self._closed:
             raise NotReady("point-in-time view is closed")

@@ -707,6 +707,26 @@ class RemoteServer:
             return [{**dataclasses.asdict(p), "applied": p.seq <= applied}
                     for p in u.points(from_ns, to_ns)]
 
+        def find_point(unit: str, check: str, before_ns: int | None = None,
+                       check_timeout: float = 600.0) -> dict[str, Any]:
+            from firmware.remote.findpoint import find_point as search
+            from firmware.remote.findpoint import run_check
+
+            u = self.unit(unit)
+            applied = u.last_applied_seq
+            pts = [p for p in u.points(None, before_ns) if p.seq <= applied
+                   and not p.in_resync]
+            image = Path(self.store.unit_dir(unit)) / f"find-point-{time.time_ns()}.img"
+            try:
+                r = search(u, pts, image, lambda img: run_check(check, img, check_timeout))
+            finally:
+                image.unlink(missing_ok=True)
+            log.info("unit %s: find-point: %s after %d tries", unit,
+                     f"point {r.point.number}" if r.point else "no point", len(r.tries))
+            return {"point": dataclasses.asdict(r.point) if r.point else None,
+                    "tries": [dataclasses.asdict(t) for t in r.tries],
+                    "candidates": r.candidates, "seconds": r.seconds, "linear": r.linear}
+
         def replay(unit: str, target: str, from_seq: int | None = None,
                    to_seq: int | None = None, from_ns: int | None = None,
                    to_ns: int | None = None, pace: str = "max") -> dict[str, Any]:
@@ -841,6 +861,7 @@ class RemoteServer:
                 "role.test_failover_status": test_failover_status,
                 "status": self.status, "remote.export": export, "remote.nbd_start": nbd_start,
                 "remote.points": points, "remote.replay": replay,
+                "remote.find_point": find_point,
                 "remote.nbd_stop": nbd_stop, "remote.rollback": rollback,
                 "remote.drop": drop, "remote.read": read}
 

@@ -233,6 +233,15 @@ def configure(rp: argparse.ArgumentParser) -> None:
     rpl.add_argument("--target", required=True, help="image file, or nbd://HOST:PORT/EXPORT")
     rpl.add_argument("--pace", choices=("recorded", "max"), default="max")
     rpl.add_argument("--json", action="store_true")
+    fp = op("find-point", "the newest consistent point a check command accepts")
+    fp.add_argument("unit", metavar="UNIT")
+    fp.add_argument("--check", required=True, metavar="'COMMAND {image}'",
+                    help="run on the image at each point tried; exit 0 accepts it "
+                         "(e.g. 'e2fsck -fn {image}'); it must not write the image")
+    fp.add_argument("--before", type=parse_time, help="only points up to this instant")
+    fp.add_argument("--check-timeout", type=float, default=600.0, metavar="S",
+                    help="a check running longer counts as a refusal")
+    fp.add_argument("--json", action="store_true")
     rb = op("rollback", "rewind a unit's mirror itself to a point in time")
     rb.add_argument("--unit", required=True)
     g = rb.add_mutually_exclusive_group(required=True)
@@ -327,6 +336,25 @@ def _online(args: argparse.Namespace, call: Any) -> int:
     elif cmd == "points":
         _print_points(call("remote.points", unit=args.unit, from_ns=args.t_from,
                            to_ns=args.t_to), args.json)
+    elif cmd == "find-point":
+        r = call("remote.find_point", unit=args.unit, check=args.check,
+                 before_ns=args.before, check_timeout=args.check_timeout,
+                 timeout=24 * 3600.0)
+        if args.json:
+            print(json.dumps(r, indent=2))
+        else:
+            for t in r["tries"]:
+                print(f"  point {t['number']} (seq {t['seq']}, {_fmt(t['ts'])}): "
+                      f"{'accepted' if t['passed'] else 'refused'} in {t['seconds']:.2f} s, "
+                      f"{t['blocks_written']} blocks moved")
+            p = r["point"]
+            tried = f"{len(r['tries'])} of {r['candidates']} points tried in {r['seconds']:.1f} s"
+            if p is None:
+                print(f"no point of unit {args.unit} passes the check ({tried})")
+                return 1
+            print(f"point {p['number']} (seq {p['seq']}, {_fmt(p['ts'])}) is the newest the "
+                  f"check accepts ({tried}); export it with `mirrorunit remote export --unit "
+                  f"{args.unit} --point {p['number']} --output FILE`")
     elif cmd == "replay":
         kw: dict[str, Any] = {}
         for name, value in (("from", args.r_from), ("to", args.r_to)):
