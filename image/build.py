@@ -168,8 +168,9 @@ def install_python(ctx: Context) -> None:
     wheels = ctx.cache / "wheels-aarch64"
     wheels.mkdir(parents=True, exist_ok=True)
     plat = [a for p in PLATFORMS for a in ("--platform", p)]
+    # abi3 too: argon2-cffi-bindings ships its aarch64 build as a stable-ABI wheel
     common = [*plat, "--python-version", PYVER, "--implementation", "cp", "--abi",
-              f"cp{PYVER.replace('.', '')}", "--only-binary=:all:"]
+              f"cp{PYVER.replace('.', '')}", "--abi", "abi3", "--only-binary=:all:"]
     deps = pinned_dependencies() + image_packages()
     # Download once into the cache, then install from it without the index.
     sh([sys.executable, "-m", "pip", "download", "-q", "--dest", str(wheels), *common, *deps])

@@ -25,6 +25,7 @@ from ..config.password import MAX_PASSWORD_LENGTH, check_admin_password
 from ..config.schema import SCHEMA
 from ..control import ControlError, call
 from ..control.status import StatusShapeError, read_local_status, read_ups_report
+from ..errors import MirrorUnitError
 from ..notify.events import links
 
 log = logging.getLogger("mirrorunit.panel")
@@ -54,7 +55,7 @@ class ActionSettings:
     poweroff: tuple[str, ...] = ("systemctl", "poweroff")
 
 
-class Refused(Exception):
+class Refused(MirrorUnitError):
     """An action the panel asked for is refused; the message is shown on the panel."""
 
 
