@@ -23,6 +23,7 @@ from ..control.status import (
     PeerLinkStatus,
     RemoteStatus,
     UpsReport,
+    UsbStatus,
     is_remote_status,
 )
 
@@ -47,6 +48,8 @@ class EventKind(enum.Enum):
     UNIT_REACHABLE = "unit-reachable"
     GUESS_LOCKOUT = "guess-lockout"
     FENCED = "fenced"
+    HOST_DISCONNECTED = "host-disconnected"
+    HOST_CONNECTED = "host-connected"
     SPLIT_BRAIN = "split-brain"
     TEST = "test"
 
@@ -58,7 +61,8 @@ TRAP_NUMBER = {
     EventKind.RESYNC_FINISHED: 6, EventKind.ON_BATTERY: 7, EventKind.LOW_BATTERY: 8,
     EventKind.MAINS_RESTORED: 9, EventKind.UNIT_UNREACHABLE: 10,
     EventKind.UNIT_REACHABLE: 11, EventKind.GUESS_LOCKOUT: 12,
-    EventKind.FENCED: 13, EventKind.SPLIT_BRAIN: 14, EventKind.TEST: 99,
+    EventKind.FENCED: 13, EventKind.SPLIT_BRAIN: 14, EventKind.HOST_DISCONNECTED: 15,
+    EventKind.HOST_CONNECTED: 16, EventKind.TEST: 99,
 }
 
 
@@ -139,6 +143,9 @@ class EventDetector:
         local = cast(LocalStatus, status)
         events += self._buffer(local["cbq"], now)
         events += self._link_events(local, now)
+        usb = local.get("usb")
+        if usb is not None:
+            events += self._host(usb, local["cbq"], now)
         ups = local.get("ups")
         if ups is not None:
             events += self._ups(ups, now)
@@ -210,6 +217,25 @@ class EventDetector:
             elif prev is False:
                 out.append(Event(EventKind.LINK_RESTORED, Severity.INFO,
                                  f"The link to {name} is up again.", subject=name, time=now))
+        return out
+
+    def _host(self, usb: UsbStatus, cbq: CbqStats, now: float) -> list[Event]:
+        """The USB host went away (cable pulled, host off) while writes it made are still
+        only here: said once; and when it is back."""
+        out: list[Event] = []
+        attached = usb["host"]["connection"] == "configured"
+        changed, prev = self._edge(("usb", "host"), attached)
+        queued = cbq["queued_records"]
+        if changed and not attached and prev is True and queued:
+            self._seen[("usb", "alarm")] = True
+            out.append(Event(EventKind.HOST_DISCONNECTED, Severity.WARNING,
+                             f"The host disconnected ({usb['host']['connection']}) while "
+                             f"{queued} of its writes ({cbq['queued_bytes']} bytes) are still "
+                             "queued here and not yet on a remote; keep the unit powered "
+                             "until they are sent.", time=now))
+        elif changed and attached and self._seen.pop(("usb", "alarm"), False):
+            out.append(Event(EventKind.HOST_CONNECTED, Severity.INFO,
+                             "The host is connected again.", time=now))
         return out
 
     def _lineage_events(self, name: str, link: PeerLinkStatus, now: float) -> list[Event]:

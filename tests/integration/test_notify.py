@@ -130,6 +130,28 @@ def test_fencing_and_split_brain_are_said_once_each() -> None:
     assert kinds(ev) == [(K.SPLIT_BRAIN, "r1")] and "give-up-here" in ev[0].text
 
 
+def _with_host(connection: str, queued: int) -> LocalStatus:
+    st = status()
+    st["cbq"].update({"queued_records": queued, "queued_bytes": 4096 * queued})
+    st["usb"] = {"gadget": "mirrorunit", "udc": "dummy_udc.0", "serving": True,
+                 "read_only": False, "bot_state": "idle",
+                 "host": {"connection": connection, "udc_state": connection, "changes": 1}}
+    return st
+
+
+def test_a_host_that_leaves_with_writes_queued_is_said_once() -> None:
+    d = EventDetector()
+    assert d.feed(_with_host("not-attached", 0), 0) == []  # booted before the host
+    assert d.feed(_with_host("configured", 0), 1) == []
+    assert d.feed(_with_host("not-attached", 0), 2) == []  # nothing queued: no alarm
+    assert d.feed(_with_host("configured", 3), 3) == []
+    ev = d.feed(_with_host("suspended", 3), 4)
+    assert kinds(ev) == [(K.HOST_DISCONNECTED, "")]
+    assert "3 of its writes (12288 bytes) are still queued" in ev[0].text
+    assert d.feed(_with_host("not-attached", 2), 5) == []
+    assert kinds(d.feed(_with_host("configured", 0), 6)) == [(K.HOST_CONNECTED, "")]
+
+
 def test_ups_events() -> None:
     d = EventDetector()
     assert d.feed(status(ups="OL CHRG"), 0) == []
