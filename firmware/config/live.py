@@ -94,6 +94,8 @@ def apply_live(diff: ConfigDiff, cfg: Config, control: str | os.PathLike[str] | 
             op = ("volume.set_cache_mode", {"mode": cfg[key]})
         elif key == "buffer.high_water":
             op = ("cbq.set_high_water", {"high_water": cfg[key]})
+        elif key == "peers":
+            op = ("link.set_peers", {"peers": [dict(p) for p in cfg[key]]})
         if op is None:
             report.restart.append((key, "no running process takes it up live"))
             continue

@@ -48,7 +48,7 @@ from firmware.link.session import (
 from firmware.link.shell import Backoff, LinkClient, failback_exchange, switchover_exchange
 from firmware.link.tls import Identity, PeerStore
 from firmware.local.failback import FailbackError, LocalFailback
-from firmware.units import AddressError, split_host_port
+from firmware.units import AddressError, fingerprint_hex, split_host_port
 
 log = logging.getLogger("mirrorunit.link")
 
@@ -797,6 +797,61 @@ class LinkService:
                     json.dumps(report))
         return report
 
+    def set_peers(self, peers: list[dict[str, Any]]) -> dict[str, list[str]]:
+        """The config's `peers`, taken up while the unit runs (the host keeps its disk): a
+        peer whose address changed reconnects there, a new one is added (a full resync
+        follows, as for any peer added to a volume that may hold data), one no longer
+        listed is dropped with its queue consumer.  A peer whose listed fingerprint is not
+        the certificate pinned for it is reported `unpaired`: pair it (`mirrorunit pair`)
+        and its link connects."""
+        wanted: dict[str, tuple[RemoteSpec, str]] = {}
+        for p in peers:
+            host, port = split_host_port(str(p["address"]))
+            wanted[str(p["name"])] = (RemoteSpec(str(p["name"]), host, port),
+                                      fingerprint_hex(str(p["fingerprint"])))
+        report: dict[str, list[str]] = {"changed": [], "added": [], "removed": [],
+                                        "unpaired": [], "unchanged": []}
+        for name in [n for n in self._peers if n not in wanted]:
+            gone = self._peers.pop(name)
+            if gone.client is not None:
+                gone.client.stop()
+            self.cbq.remove_consumer(name)
+            report["removed"].append(name)
+            log.warning("remote %s removed from the config: its link and queue consumer "
+                        "are gone", name)
+        for name, (spec, fp) in wanted.items():
+            self.peers.refresh()
+            pinned = self.peers.get(name)
+            if pinned is None or fingerprint_hex(pinned.fingerprint) != fp:
+                report["unpaired"].append(name)
+            found = self._peers.get(name)
+            if found is None:
+                if name not in self.cbq.consumers:
+                    self.cbq.add_consumer(name)
+                    mark_full_resync(self.state_dir, name,
+                                     "added to a volume that may hold data")
+                peer = self._peers[name] = _Peer(
+                    spec, CbqSource(self.cbq, name, self.volume, self.state_dir))
+                report["added"].append(name)
+                log.warning("remote %s added from the config at %s:%d", name, spec.host,
+                            spec.port)
+            elif (found.spec.host, found.spec.port) == (spec.host, spec.port):
+                report["unchanged"].append(name)
+                continue
+            else:
+                peer = found
+                log.warning("remote %s: address %s:%d -> %s:%d from the config", name,
+                            peer.spec.host, peer.spec.port, spec.host, spec.port)
+                peer.spec = spec
+                if peer.client is not None:
+                    peer.client.stop()
+                    peer.client = None
+                report["changed"].append(name)
+            if not peer.paused and not self.standby and peer.client is None:
+                peer.client = self._make_client(peer)
+                peer.client.start()
+        return report
+
     def verify(self, name: str) -> PeerLinkStatus:
         self._peer(name).source.request_verify()
         return self.peer_status(name)
@@ -878,5 +933,6 @@ class LinkService:
             "link.verify": self.verify,
             "link.failback": self.failback,
             "link.switchover": self.switchover,
+            "link.set_peers": self.set_peers,
             "link.seal_config": self.seal_config,
         }
