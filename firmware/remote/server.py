@@ -14,6 +14,7 @@ import logging
 import random
 import threading
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,19 @@ class _PinnedUnits:
 
     def __len__(self) -> int:
         return len(self.peers.names())
+
+
+class _UsbExport:
+    """A USB front end in this process, kept beside the NBD exports (stop / close)."""
+
+    def __init__(self, service: Any, stop: threading.Event) -> None:
+        self.service, self._stop = service, stop
+        self.address = ("usb", 0)
+        self.device = service.logical_unit.device
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.service.stop()
 
 
 class UnitFailbackSource:
@@ -824,6 +838,32 @@ class RemoteServer:
                     for k, s in self.nbd_exports.items() if isinstance(s.device, CloneDevice)
                     and (unit is None or k.startswith(f"{unit}@test-"))]
 
+        def usb_start(unit: str, udc: str | None = None,
+                      serial: str | None = None) -> dict[str, Any]:
+            """The unit's mirror as a USB disk of a standby host on this board's UDC:
+            NOT READY (02/04/0B) until the unit is promoted, then its writable disk."""
+            from firmware.remote.standby import MirrorDevice
+            from firmware.scsi import LogicalUnit
+            from firmware.usb_gadget.configfs import GadgetSettings
+            from firmware.usb_gadget.service import UsbService
+
+            u = self.unit(unit)
+            if any(k.startswith("usb:") for k in self.nbd_exports):
+                raise RemoteError("a unit is already served over USB: one gadget per board")
+            sn = serial or f"{zlib.crc32(unit.encode()):012d}"
+            svc = UsbService(LogicalUnit(MirrorDevice(u), serial=sn),
+                             GadgetSettings(udc=udc, serial_number=sn))
+            stop = threading.Event()
+            svc.start()
+            threading.Thread(target=svc.run_main, args=(stop,), name="usb-standby",
+                             daemon=True).start()
+            key = f"usb:{unit}"
+            self.nbd_exports[key] = _UsbExport(svc, stop)
+            log.warning("unit %s: served over USB (UDC %s, serial %s) as a %s", unit,
+                        udc or "first", sn, "primary" if u.serving_host else "standby")
+            return {"key": key, "serial": sn, "state": "ready" if u.serving_host
+                    else "standby"}
+
         def nbd_stop(key: str) -> bool:
             server = self.nbd_exports.pop(key, None)
             if server is None:
@@ -859,6 +899,7 @@ class RemoteServer:
                 "role.resolve": lambda unit: self.resolve(unit),
                 "role.test_failover": test_failover, "role.test_failover_end": test_failover_end,
                 "role.test_failover_status": test_failover_status,
+                "remote.usb_start": usb_start,
                 "status": self.status, "remote.export": export, "remote.nbd_start": nbd_start,
                 "remote.points": points, "remote.replay": replay,
                 "remote.find_point": find_point,

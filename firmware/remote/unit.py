@@ -1197,6 +1197,11 @@ class UnitStore:
         return self._st.promoted is not None
 
     @property
+    def serving_host(self) -> bool:
+        """Promoted and not handing its role back: its own host may write."""
+        return self._st.promoted is not None and not self._handing_back
+
+    @property
     def copy_seq(self) -> int:
         """The seq this copy holds, in the seqs of the queue its lineage counts (the local
         queue's): the last durable one received, or for a promoted unit the fork plus

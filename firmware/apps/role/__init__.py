@@ -52,7 +52,15 @@ def register(sub: Any) -> None:
     sv = rs.add_parser("serve", parents=[common],
                        help="serve a promoted unit's mirror, writable, over NBD")
     sv.add_argument("unit")
-    sv.add_argument("--nbd", required=True, metavar="HOST:PORT")
+    how = sv.add_mutually_exclusive_group(required=True)
+    how.add_argument("--nbd", metavar="HOST:PORT")
+    how.add_argument("--usb", action="store_true",
+                     help="as a USB disk on this board's UDC: a hot standby (NOT READY, the "
+                          "size visible) until the unit is promoted, then writable")
+    sv.add_argument("--usb-udc", metavar="NAME", help="UDC to bind (default: the first)")
+    sv.add_argument("--usb-serial", metavar="TEXT")
+    sv.add_argument("--seq", type=int, metavar="N",
+                    help="over NBD, a unit not promoted: the image right after write N")
     fb = rs.add_parser("failback",
                        help="on the old local: give up its writes since the remote's "
                             "promotion (kept as a conflict image), take the remote's image "
@@ -179,7 +187,18 @@ def _run(args: argparse.Namespace) -> int:
               f"{r['dropped_pending']} received writes dropped; replication into it has "
               "stopped")
         return 0
-    r = call(args.control, "remote.nbd_start", unit=args.unit, address=args.nbd)
+    if args.usb:
+        r = call(args.control, "remote.usb_start", unit=args.unit, udc=args.usb_udc,
+                 serial=args.usb_serial)
+        print(f"serving unit {args.unit} over USB (serial {r['serial']}) as a {r['state']} "
+              "(Ctrl-C to stop)", flush=True)
+        try:
+            _wait_for_stop()
+        finally:
+            call(args.control, "remote.nbd_stop", key=r["key"])
+        return 0
+    r = call(args.control, "remote.nbd_start", unit=args.unit, address=args.nbd,
+             seq=args.seq)
     print(f"serving unit {args.unit} {'writable' if r.get('writable') else 'read-only'}: "
           f"nbd://{r['address']}/{r['export']}  (Ctrl-C to stop)", flush=True)
     try:
