@@ -22,6 +22,7 @@ from typing import Any
 
 MiB = 1 << 20
 BENCH_EXTENSIONS = ("firmware.usb_gadget.bench", "firmware.apps.link.bench",
+                    "firmware.remote.bench",
                     "firmware.apps.role.bench",
                     "firmware.config.bench")
 
