@@ -285,11 +285,19 @@ class StateBlockSketch:
                 "capacity": s.capacity, "width": s.width, "window": s.window,
                 "half_life": s.half_life, "block_size": block_size, "state_blocks": entries}
 
-    def hot_blocks(self, limit: int = 8, min_affinity: float = 0.5) -> set[int]:
-        """The blocks of the top runs that follow the barriers (for find-point)."""
+    def hot_blocks(self, limit: int = 8, min_affinity: float = 0.5,
+                   min_ratio: float = 4.0) -> set[int]:
+        """The blocks of the top runs that stand out (for find-point): rewritten near
+        barriers, `min_ratio` times more often than their neighbours, and at least a
+        quarter as often as the top run."""
         out: set[int] = set()
-        for r in self.top(limit):
-            if r.barrier_affinity >= min_affinity:
+        runs = self.top(limit)
+        if not runs:
+            return out
+        floor = runs[0].count / 4
+        for r in runs:
+            if (r.barrier_affinity >= min_affinity and r.neighbour_ratio >= min_ratio
+                    and r.count >= floor):
                 out.update(range(r.block, r.block + r.nblocks))
         return out
 

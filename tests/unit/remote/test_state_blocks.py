@@ -139,3 +139,55 @@ def test_export_without_a_range_restores_what_no_later_write_covers(tmp_path: Pa
     assert r.blocks_restored == 8
     assert r.conflicts == [{"block": 104, "offset": 104 * BS, "removed_seqs": [9],
                             "later_seqs": [11]}]
+
+
+def test_find_point_prefers_points_after_a_state_block_update(tmp_path: Path) -> None:
+    from firmware.remote.findpoint import bisect_step, find_point
+
+    size = 4 << 20
+    rng = random.Random(4)
+    with UnitStore(tmp_path / "u", "unit-a", size, BS, clock=lambda: T0) as u:
+        seq = cum = 0
+        for txn in range(40):
+            batch = []
+            for _ in range(3):
+                seq += 1
+                cum += 8
+                # From transaction 30 on a "ransomware" writes 0xEE from block 5000 on.
+                enc = txn >= 30 and _ == 0
+                lbn = 5000 + 8 * txn if enc else rng.randrange(100, 4000)
+                fill = b"\xee" if enc else bytes([rng.randrange(1, 256)])
+                batch.append(WriteRecord(seq, lbn, fill * (8 * BS), T0 + seq * MS))
+            if txn % 3 == 0:  # only every third flush follows an update of block 2
+                seq += 1
+                cum += 2
+                batch.append(WriteRecord(seq, 2, rng.randbytes(2 * BS), T0 + seq * MS))
+            batch.append(barrier_record(seq, T0 + seq * MS, FLUSH, 1, cum))
+            u.apply(batch)
+        pts = u.points()
+        assert len(pts) == 40
+        preferred = u.points_after_state_update(pts)
+        assert preferred == {p.number for i, p in enumerate(pts) if i % 3 == 0}
+
+        def check(img: Path) -> bool:
+            with open(img, "rb") as f:
+                f.seek(5000 * BS)
+                return b"\xee" not in f.read(400 * BS)
+
+        plain = find_point(u, pts, tmp_path / "a.img", check)
+        pref = find_point(u, pts, tmp_path / "b.img", check, preferred=preferred)
+    # The same answer, the last point before the burst, either way.
+    assert plain.point is not None and pref.point is not None
+    assert plain.point.number == pref.point.number == pts[29].number
+    assert pref.preferred == len(preferred)
+    # After the newest point, the bisection tried mostly preferred points.
+    tried = [t.number for t in pref.tries[1:]]
+    assert sum(n in preferred for n in tried) > len(tried) // 2, tried
+    print("tries:", [t.number for t in plain.tries], tried)
+    assert len(pref.tries) <= 2 * len(plain.tries)
+    # A step always lies strictly inside the open interval, in its middle half.
+    for lo, hi in ((-1, 1), (-1, 39), (3, 5), (10, 30)):
+        for prefs in ([], [lo + 1], [0, 9, 18, 27, 36], list(range(40))):
+            m = bisect_step(lo, hi, prefs)
+            assert lo < m < hi
+            assert abs(m - (lo + hi) // 2) <= (hi - lo) // 4
