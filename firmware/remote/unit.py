@@ -27,6 +27,7 @@ image at the target; `PointInTimeDevice` does this lazily over the mirror
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -1169,15 +1170,20 @@ class UnitStore:
         the point before them, touched one of the top state blocks."""
         with self._lock:
             self._check_open()
-            hot = self._sketch.hot_blocks(limit)
+            hot = sorted(self._sketch.hot_blocks(limit))
             if not hot or not points:
                 return set()
             lo_seq = points[0].seq
+
+            def hits(lbn: int, n: int) -> bool:
+                i = bisect.bisect_left(hot, lbn)
+                return i < len(hot) and hot[i] < lbn + n
+
             touched = sorted(e.seq for e in self._hist
                              if e.kind is RecordKind.BEFORE and e.seq <= points[-1].seq
-                             and any(b in hot for b in range(e.lbn, e.lbn + e.nblocks)))
+                             and hits(e.lbn, e.nblocks))
+            prev = list(self._points.points) if self._points is not None else []
         out: set[int] = set()
-        prev = self._points.points if self._points is not None else []
         # The seq of the point before each candidate (its window starts there).
         before: dict[int, int] = {}
         last = -1

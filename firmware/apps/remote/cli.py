@@ -124,6 +124,16 @@ def parse_point(text: str) -> tuple[str, int]:
     return "ns", parse_time(t)
 
 
+def _table_size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= n <= 1 << 16:
+        raise argparse.ArgumentTypeError(f"{n} is not in 1..65536")
+    return n
+
+
 def parse_range(text: str) -> tuple[tuple[str, int], tuple[str, int]]:
     """FROM..TO, each end a seq (an integer) or an instant (see parse_point)."""
     lo, sep, hi = text.partition("..")
@@ -184,7 +194,7 @@ def configure(rp: argparse.ArgumentParser) -> None:
                     help="keep at most N bytes of point-in-time history per unit")
     rp.add_argument("--retention-age", type=float, metavar="S",
                     help="keep point-in-time history for S seconds")
-    rp.add_argument("--state-blocks", type=int, default=256, metavar="N",
+    rp.add_argument("--state-blocks", type=_table_size, default=256, metavar="N",
                     help="entries of each unit's state-block table (blocks the host "
                          "rewrites most, see `remote state-blocks`)")
     rp.add_argument("--control", type=Path, default=Path(DEFAULT_REMOTE_CONTROL))
