@@ -13,10 +13,21 @@ and moved from one point to the next by rewriting only the blocks whose source d
 between the two views (the blocks written between the points), never copied again. The
 check must not change the image (use a read-only check such as `e2fsck -n`): what it
 wrote would be seen by the next try.
+
+Points just after a state-block update (`preferred`: the writes since the point before
+touched one of the blocks the host rewrites at its barriers, firmware/remote/
+stateblocks.py) are where an application has just committed, so they are tried first
+where the search has a choice: a bisection step takes the preferred point nearest the
+middle of the interval still open, if one lies in its middle half (so each step still
+cuts at least a quarter off and the search stays logarithmic), and the one-by-one
+fallback tries the preferred points before the others.  Which points are tried changes,
+never what is found: every step keeps "the lower end passes, the upper end fails", so
+the answer is the same newest passing point right below a failure.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import shlex
 import subprocess
@@ -60,6 +71,8 @@ class FindPointReport:
     seconds: float = 0.0
     #: the search had to fall back to one point after another
     linear: bool = False
+    #: how many candidates came just after a state-block update
+    preferred: int = 0
 
 
 class ImageCursor:
@@ -114,11 +127,32 @@ def run_check(command: str, image: Path, timeout: float) -> bool:
         return False
 
 
+def bisect_step(lo: int, hi: int, preferred: Sequence[int]) -> int:
+    """The index to try between `lo` (passes, or -1) and `hi` (fails): the preferred
+    index nearest the middle if one lies in the interval's middle half, else the middle.
+    `preferred` is sorted."""
+    mid = (lo + hi) // 2
+    quarter = (hi - lo) // 4
+    a, b = max(lo + 1, mid - quarter), min(hi - 1, mid + quarter)
+    i = bisect.bisect_left(preferred, mid)
+    best: int | None = None
+    for j in (i - 1, i):
+        if 0 <= j < len(preferred) and a <= preferred[j] <= b:
+            if best is None or abs(preferred[j] - mid) < abs(best - mid):
+                best = preferred[j]
+    return mid if best is None else best
+
+
 def find_point(unit: UnitStore, points: Sequence[Point], image: Path,
-               check: Callable[[Path], bool]) -> FindPointReport:
-    """The newest of `points` (oldest first) whose image `check` accepts."""
+               check: Callable[[Path], bool],
+               preferred: set[int] | frozenset[int] = frozenset()) -> FindPointReport:
+    """The newest of `points` (oldest first) whose image `check` accepts; the points
+    numbered in `preferred` (just after a state-block update) are tried first where
+    the search has a choice."""
     t0 = time.monotonic()
     report = FindPointReport(None, candidates=len(points))
+    pref = [i for i, p in enumerate(points) if p.number in preferred]
+    report.preferred = len(pref)
     if not points:
         report.seconds = time.monotonic() - t0
         return report
@@ -144,7 +178,7 @@ def find_point(unit: UnitStore, points: Sequence[Point], image: Path,
         # Binary search for the last pass below the first failure seen.
         lo = -1  # nothing known to pass yet
         while hi - lo > 1:
-            mid = (lo + hi) // 2
+            mid = bisect_step(lo, hi, pref)
             if attempt(mid):
                 lo = mid
             else:
@@ -155,7 +189,9 @@ def find_point(unit: UnitStore, points: Sequence[Point], image: Path,
             return report
         # Nothing passed in the search: try every point left, newest first.
         report.linear = True
-        for i in range(len(points) - 1, -1, -1):
+        rest = set(pref)
+        order = pref[::-1] + [i for i in range(len(points) - 1, -1, -1) if i not in rest]
+        for i in order:
             if attempt(i):
                 report.point = points[i]
                 return report

@@ -10,6 +10,7 @@ mirror and prunes history beyond retention.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import random
 import threading
@@ -40,6 +41,7 @@ from firmware.recovery.keys import backup_key
 from firmware.remote.errors import GeometryMismatch, PromoteRefused, RemoteError, UnitBusy
 from firmware.remote.format import CHUNK_SIZE
 from firmware.remote.meeting import Action, Verdict, meet, peer_lineage_of
+from firmware.remote.stateblocks import SketchSettings
 from firmware.remote.store import RemoteStore
 from firmware.remote.unit import Retention, UnitStore, validate_unit_id
 
@@ -292,11 +294,13 @@ class RemoteServer:
                  dead_after: float = 20.0, state_dir: Path | None = None,
                  config_path: Path | None = None,
                  recovery: RecoveryLimiter | None = None,
-                 pairing_limiter: RecoveryLimiter | None = None) -> None:
+                 pairing_limiter: RecoveryLimiter | None = None,
+                 state_blocks: SketchSettings | None = None) -> None:
         """With `config_path` (this remote's own config), a local whose certificate's
         fingerprint the config lists under `peers` is pinned when it offers it
-        (PAIR_OFFER, firmware/link/pairing.py)."""
-        self.store = RemoteStore(store_dir)
+        (PAIR_OFFER, firmware/link/pairing.py).  `state_blocks` sizes each unit's
+        state-block sketch (firmware/remote/stateblocks.py)."""
+        self.store = RemoteStore(store_dir, state_blocks=state_blocks)
         #: How a split brain may resolve itself (see firmware.lineage.Policy).
         self.policy = policy
         self.identity = identity
@@ -731,15 +735,35 @@ class RemoteServer:
             pts = [p for p in u.points(None, before_ns) if p.seq <= applied
                    and not p.in_resync]
             image = Path(self.store.unit_dir(unit)) / f"find-point-{time.time_ns()}.img"
+            preferred = u.points_after_state_update(pts)
             try:
-                r = search(u, pts, image, lambda img: run_check(check, img, check_timeout))
+                r = search(u, pts, image, lambda img: run_check(check, img, check_timeout),
+                           preferred=preferred)
             finally:
                 image.unlink(missing_ok=True)
             log.info("unit %s: find-point: %s after %d tries", unit,
                      f"point {r.point.number}" if r.point else "no point", len(r.tries))
             return {"point": dataclasses.asdict(r.point) if r.point else None,
                     "tries": [dataclasses.asdict(t) for t in r.tries],
-                    "candidates": r.candidates, "seconds": r.seconds, "linear": r.linear}
+                    "candidates": r.candidates, "seconds": r.seconds, "linear": r.linear,
+                    "after_state_update": r.preferred}
+
+        def state_blocks(unit: str, limit: int = 32) -> dict[str, Any]:
+            return self.unit(unit).state_blocks(max(1, min(int(limit), 1024)))
+
+        def export_without(unit: str, output: str, from_seq: int | None = None,
+                           to_seq: int | None = None, from_ns: int | None = None,
+                           to_ns: int | None = None) -> dict[str, Any]:
+            u = self.unit(unit)
+            r = u.export_without(output, from_seq, to_seq, from_ns=from_ns, to_ns=to_ns)
+            listing = output + ".conflicts.json"
+            with open(listing, "w") as f:
+                json.dump({"unit": unit, **dataclasses.asdict(r)}, f, indent=2)
+            out = dataclasses.asdict(r)
+            out["conflicts_file"] = listing
+            out["conflict_count"] = len(r.conflicts)
+            del out["conflicts"]
+            return out
 
         def replay(unit: str, target: str, from_seq: int | None = None,
                    to_seq: int | None = None, from_ns: int | None = None,
@@ -902,7 +926,8 @@ class RemoteServer:
                 "remote.usb_start": usb_start,
                 "status": self.status, "remote.export": export, "remote.nbd_start": nbd_start,
                 "remote.points": points, "remote.replay": replay,
-                "remote.find_point": find_point,
+                "remote.find_point": find_point, "remote.state_blocks": state_blocks,
+                "remote.export_without": export_without,
                 "remote.nbd_stop": nbd_stop, "remote.rollback": rollback,
                 "remote.drop": drop, "remote.read": read}
 

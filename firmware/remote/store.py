@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from firmware.remote.errors import InvalidUnitId, UnitBusy
 from firmware.remote.fileio import FileOps, OsFileOps
+from firmware.remote.stateblocks import SketchSettings
 from firmware.remote.unit import (
     DEFAULT_SEGMENT_BYTES,
     STATE_NAME,
@@ -32,8 +33,10 @@ class RemoteStore:
         clock: Callable[[], int] | None = None,
         ops: FileOps | None = None,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        state_blocks: SketchSettings | None = None,
     ) -> None:
         self.root_dir = os.fspath(root_dir)
+        self._state_blocks = state_blocks
         self._clock = clock
         self._ops: FileOps = ops if ops is not None else OsFileOps()
         self._segment_bytes = segment_bytes
@@ -67,6 +70,7 @@ class RemoteStore:
                 path, unit_id, volume_size, block_size,
                 retention=retention, commit_delay_s=commit_delay_s, clock=self._clock,
                 ops=self._ops, segment_bytes=self._segment_bytes, on_close=self._closed,
+                state_blocks=self._state_blocks,
             )
             self._open[unit_id] = unit
             return unit

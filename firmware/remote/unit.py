@@ -27,6 +27,7 @@ image at the target; `PointInTimeDevice` does this lazily over the mirror
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -76,6 +77,9 @@ from firmware.remote.journal import LogEntry, NewRecord, SegmentLog
 from firmware.remote.pit import PointInTimeDevice
 from firmware.remote.points import Point, PointLog
 from firmware.remote.promoted import PromotedDevice
+from firmware.remote.stateblocks import SketchSettings, StateBlockSketch
+from firmware.remote.stateblocks import load as load_sketch
+from firmware.remote.stateblocks import save as save_sketch
 
 log = logging.getLogger("mirrorunit.remote")
 
@@ -138,6 +142,21 @@ class ReplayCommand:
 
 def _barrier_command(p: Point) -> ReplayCommand:
     return ReplayCommand(p.seq, p.ts, barrier=True, flags=p.kind)
+
+
+@dataclass(frozen=True)
+class WithoutReport:
+    """What `export_without` wrote: the image at `seq` less the writes first..last."""
+
+    seq: int
+    ts: int
+    first_seq: int
+    last_seq: int
+    writes_removed: int
+    blocks_restored: int
+    #: Blocks a removed write changed that a later write covers too (kept as it left
+    #: them): block, byte offset, the removed and the later seqs that wrote it.
+    conflicts: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -347,6 +366,7 @@ class UnitStore:
         ops: FileOps | None = None,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         on_close: Callable[[UnitStore], None] | None = None,
+        state_blocks: SketchSettings | None = None,
     ) -> None:
         """Open (creating if needed) the unit stored in `directory`.
 
@@ -382,6 +402,8 @@ class UnitStore:
         self._rj: SegmentLog | None = None
         self._hj: SegmentLog | None = None
         self._points: PointLog | None = None
+        self._sketch_settings = state_blocks if state_blocks is not None else SketchSettings()
+        self._sketch = StateBlockSketch(self._sketch_settings)
 
         self._ops.makedirs(self.directory)
         lock_path = os.path.join(self.directory, LOCK_NAME)
@@ -456,6 +478,7 @@ class UnitStore:
                               HISTORY_SEGMENT_MAGIC, self._segment_bytes, self._clock)
         self._points = PointLog(ops, self.directory)
         self._points.open(self._st.points_next)
+        self._sketch = load_sketch(ops, self.directory, self._sketch_settings)
         received = self._rj.open()
         history = self._hj.open()
         if new:
@@ -634,6 +657,7 @@ class UnitStore:
             assert self._rj is not None
             fresh: list[WriteRecord] = []
             barriers: list[WriteRecord] = []
+            stream: list[WriteRecord] = []  # new writes and barriers, in the host's order
             expect = self._durable + 1
             for r in records:
                 if r.barrier:
@@ -642,6 +666,7 @@ class UnitStore:
                         raise SeqGap(f"unit {self.unit_id!r}: a barrier at seq {r.seq} "
                                      f"arrived where write {expect} was due")
                     barriers.append(r)
+                    stream.append(r)
                     continue
                 if r.last_seq < expect:
                     continue
@@ -653,6 +678,7 @@ class UnitStore:
                     )
                 if not r.is_skip:
                     self._check_record(r)
+                    stream.append(r)
                 fresh.append(r)
                 expect = r.last_seq + 1
             if fresh:
@@ -671,25 +697,40 @@ class UnitStore:
                         self._note_skip(r.seq, r.skip_last)
                 self._bytes_received += sum(len(r.data) for r in fresh)
                 self._newest_ts = max(self._newest_ts, max(r.ts for r in fresh))
+            new_points: set[int] = set()
             if barriers:
-                self._note_barriers(barriers)
+                new_points = self._note_barriers(barriers)
+            self._observe(stream, new_points)
             self.apply_due(self._clock())
             return self._durable
 
-    def _note_barriers(self, barriers: Sequence[WriteRecord]) -> None:
+    def _observe(self, stream: Sequence[WriteRecord], new_points: set[int]) -> None:
+        """Feed the state-block sketch the writes and barriers just made durable (a
+        barrier resent after a reconnect is not a new one)."""
+        sk, bs = self._sketch, self.block_size
+        for r in stream:
+            if r.barrier:
+                if r.seq in new_points:
+                    sk.observe_barrier()
+            else:
+                sk.observe_write(r.lbn, len(r.data) // bs, r.ts)
+
+    def _note_barriers(self, barriers: Sequence[WriteRecord]) -> set[int]:
         """Record the barriers as consistent points, durably (after the writes they
-        cover are: the receive journal was synced first)."""
+        cover are: the receive journal was synced first); returns the seqs of the new
+        points."""
         assert self._points is not None
-        added = 0
+        added: set[int] = set()
         for r in barriers:
             kind, front, opcode = split_barrier_flags(r.flags)
             in_resync = bool(r.flags & BARRIER_IN_RESYNC) or self._st.resync is not None
             if self._points.add(r.seq, r.ts, kind & ~BARRIER_IN_RESYNC, front, opcode,
                                 r.connection, r.cum_blocks, self.block_size,
                                 in_resync) is not None:
-                added += 1
+                added.add(r.seq)
         if added:
             self._points.sync()
+        return added
 
     def last_durable_seq(self) -> int:
         with self._lock:
@@ -814,6 +855,7 @@ class UnitStore:
         finally:
             h.close()
         self._ops.rename(tmp, self._state_path)
+        save_sketch(self._ops, self.directory, self._sketch)
         self._ops.fsync_dir(self.directory)
         self._applied_since_checkpoint = 0
 
@@ -1112,6 +1154,109 @@ class UnitStore:
             return dev.point
         finally:
             dev.close()
+
+    # ================================================================== state blocks
+
+    def state_blocks(self, limit: int = 32) -> dict[str, Any]:
+        """The blocks the host rewrites most, near its barriers (firmware/remote/
+        stateblocks.py): counts of the stream and the top runs, most rewritten first."""
+        with self._lock:
+            self._check_open()
+            return self._sketch.snapshot(self.block_size, limit)
+
+    def points_after_state_update(self, points: Sequence[Point],
+                                  limit: int = 8) -> set[int]:
+        """The numbers of those of `points` (oldest first) whose preceding writes, since
+        the point before them, touched one of the top state blocks."""
+        with self._lock:
+            self._check_open()
+            hot = sorted(self._sketch.hot_blocks(limit))
+            if not hot or not points:
+                return set()
+            lo_seq = points[0].seq
+
+            def hits(lbn: int, n: int) -> bool:
+                i = bisect.bisect_left(hot, lbn)
+                return i < len(hot) and hot[i] < lbn + n
+
+            touched = sorted(e.seq for e in self._hist
+                             if e.kind is RecordKind.BEFORE and e.seq <= points[-1].seq
+                             and hits(e.lbn, e.nblocks))
+            prev = list(self._points.points) if self._points is not None else []
+        out: set[int] = set()
+        # The seq of the point before each candidate (its window starts there).
+        before: dict[int, int] = {}
+        last = -1
+        for p in prev:
+            before[p.number] = last
+            last = p.seq
+        j = 0
+        for p in points:
+            start = before.get(p.number, lo_seq - 1)
+            while j < len(touched) and touched[j] <= start:
+                j += 1
+            if j < len(touched) and touched[j] <= p.seq:
+                out.add(p.number)
+        return out
+
+    # ================================================================== undo a range
+
+    def export_without(self, path: str | os.PathLike[str], from_seq: int | None = None,
+                       to_seq: int | None = None, *, from_ns: int | None = None,
+                       to_ns: int | None = None) -> WithoutReport:
+        """Write the image as it is now with the writes of a seq (or time) range taken
+        out: each block those writes changed gets back its contents from just before the
+        range, unless a later write covers it too; those blocks are kept as the later
+        write left them and reported as conflicts."""
+        with self._lock:
+            self._check_open()
+            self._check_not_promoted("serves its image writable, not from history")
+            hist = [e for e in self._hist if e.kind is RecordKind.BEFORE]
+            if from_seq is None and from_ns is None:
+                raise StoreUsageError("give the start of the range (a seq or a time)")
+            inside = [e for e in hist
+                      if (from_seq is None or e.seq >= from_seq)
+                      and (to_seq is None or e.seq <= to_seq)
+                      and (from_ns is None or e.ts >= from_ns)
+                      and (to_ns is None or e.ts <= to_ns)]
+            if not inside:
+                raise NotRestorable("no applied write lies inside that range")
+            first, last = inside[0].seq, inside[-1].seq
+            if any(e.kind is RecordKind.CHUNK_BEFORE and e.seq >= first - 1
+                   for e in self._hist):
+                raise NotRestorable(f"a resync lies after seq {first - 1}: no write order "
+                                    "exists to take writes out of")
+            removed: dict[int, list[int]] = {}
+            for e in inside:
+                for b in range(e.lbn, e.lbn + e.nblocks):
+                    removed.setdefault(b, []).append(e.seq)
+            later: dict[int, list[int]] = {}
+            for e in hist:
+                if e.seq > last:
+                    for b in range(e.lbn, e.lbn + e.nblocks):
+                        if b in removed:
+                            later.setdefault(b, []).append(e.seq)
+            now = self._applied
+        before = self.image_at_seq(first - 1)
+        try:
+            point = self.export(path, seq=now)
+            bs = self.block_size
+            restored = 0
+            with open(path, "r+b") as f:
+                for b in sorted(removed):
+                    if b in later:
+                        continue
+                    f.seek(b * bs)
+                    f.write(before.pread(b * bs, bs))
+                    restored += 1
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            before.close()
+        conflicts = [{"block": b, "offset": b * self.block_size, "removed_seqs": removed[b],
+                      "later_seqs": later[b]} for b in sorted(later)]
+        return WithoutReport(point.seq, point.ts, first, last, len(inside), restored,
+                             conflicts)
 
     def read_mirror(self, offset: int, length: int) -> bytes:
         """Bytes of the current mirror image."""

@@ -60,6 +60,8 @@ class RemoteSettings:
     pairing_window: float = 600.0
     #: firmware.lineage.Policy value
     split_brain_policy: str = "manual"
+    #: Entries of each unit's state-block table (firmware/remote/stateblocks.py).
+    state_blocks: int = 256
 
 
 def settings_from_args(args: argparse.Namespace) -> RemoteSettings:
@@ -72,7 +74,7 @@ def settings_from_args(args: argparse.Namespace) -> RemoteSettings:
         recovery_window=args.recovery_window,
         recovery_unit_max_failures=args.recovery_unit_max_failures,
         pairing_max_failures=args.pairing_max_failures, pairing_window=args.pairing_window,
-        split_brain_policy=args.split_brain_policy)
+        split_brain_policy=args.split_brain_policy, state_blocks=args.state_blocks)
 
 
 def settings_from_config(cfg: Any, *, store_path: str, state_dir: Path, store_dir: Path,
@@ -107,7 +109,8 @@ def command_line(s: RemoteSettings) -> list[str]:
              d.recovery_unit_max_failures),
             ("--pairing-max-failures", s.pairing_max_failures, d.pairing_max_failures),
             ("--pairing-window", s.pairing_window, d.pairing_window),
-            ("--split-brain-policy", s.split_brain_policy, d.split_brain_policy)):
+            ("--split-brain-policy", s.split_brain_policy, d.split_brain_policy),
+            ("--state-blocks", s.state_blocks, d.state_blocks)):
         if value != default:
             argv += [opt, str(value)]
     return argv
@@ -119,6 +122,24 @@ def parse_point(text: str) -> tuple[str, int]:
     if t.isdigit():
         return "seq", int(t)
     return "ns", parse_time(t)
+
+
+def _table_size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= n <= 1 << 16:
+        raise argparse.ArgumentTypeError(f"{n} is not in 1..65536")
+    return n
+
+
+def parse_range(text: str) -> tuple[tuple[str, int], tuple[str, int]]:
+    """FROM..TO, each end a seq (an integer) or an instant (see parse_point)."""
+    lo, sep, hi = text.partition("..")
+    if not sep or not lo.strip() or not hi.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not FROM..TO")
+    return parse_point(lo), parse_point(hi)
 
 
 def parse_time(text: str) -> int:
@@ -173,6 +194,9 @@ def configure(rp: argparse.ArgumentParser) -> None:
                     help="keep at most N bytes of point-in-time history per unit")
     rp.add_argument("--retention-age", type=float, metavar="S",
                     help="keep point-in-time history for S seconds")
+    rp.add_argument("--state-blocks", type=_table_size, default=256, metavar="N",
+                    help="entries of each unit's state-block table (blocks the host "
+                         "rewrites most, see `remote state-blocks`)")
     rp.add_argument("--control", type=Path, default=Path(DEFAULT_REMOTE_CONTROL))
     rp.add_argument("--config", type=Path, metavar="PATH",
                     help="this remote's config partition: each new generation is sealed "
@@ -214,6 +238,10 @@ def configure(rp: argparse.ArgumentParser) -> None:
     g.add_argument("--seq", type=int, help="right after write SEQ")
     g.add_argument("--point", type=int, metavar="N",
                    help="at consistent point N (see `remote points`)")
+    g.add_argument("--without", type=parse_range, metavar="FROM..TO",
+                   help="as it is now, with the writes of seqs (or instants) FROM..TO "
+                        "taken out; blocks a later write covers are kept and listed in "
+                        "OUTPUT.conflicts.json")
     o = ex.add_mutually_exclusive_group(required=True)
     o.add_argument("--output", type=Path, help="image file to write")
     o.add_argument("--nbd", metavar="HOST:PORT", help="serve read-only over NBD until Ctrl-C")
@@ -242,6 +270,10 @@ def configure(rp: argparse.ArgumentParser) -> None:
     fp.add_argument("--check-timeout", type=float, default=600.0, metavar="S",
                     help="a check running longer counts as a refusal")
     fp.add_argument("--json", action="store_true")
+    sb = op("state-blocks", "the blocks a unit's host rewrites most, near its barriers")
+    sb.add_argument("unit", metavar="UNIT")
+    sb.add_argument("--limit", type=int, default=32, metavar="N", help="list at most N runs")
+    sb.add_argument("--json", action="store_true")
     rb = op("rollback", "rewind a unit's mirror itself to a point in time")
     rb.add_argument("--unit", required=True)
     g = rb.add_mutually_exclusive_group(required=True)
@@ -371,6 +403,31 @@ def _online(args: argparse.Namespace, call: Any) -> int:
                   f"{r['barriers']} barriers in {r['seconds']:.2f} s"
                   + (f", at most {r['max_lag_ms']:.1f} ms late" if args.pace == "recorded"
                      else ""))
+    elif cmd == "state-blocks":
+        r = call("remote.state_blocks", unit=args.unit, limit=args.limit)
+        if args.json:
+            print(json.dumps(r, indent=2))
+        else:
+            print(f"unit {args.unit}: {r['writes']} writes, {r['barriers']} barriers seen; "
+                  f"{r['tracked']} of {r['capacity']} blocks tracked")
+            print(f"{'block':>12} {'blocks':>6} {'offset':>14} {'count':>8} {'per s':>8} "
+                  f"{'per barrier':>11} {'near barrier':>12} {'vs neighbours':>13}")
+            for e in r["state_blocks"]:
+                print(f"{e['block']:>12} {e['nblocks']:>6} {e['offset']:>14} "
+                      f"{e['count']:>8.1f} {e['per_second']:>8.2f} {e['per_barrier']:>11.2f} "
+                      f"{e['barrier_affinity'] * 100:>11.0f}% {e['neighbour_ratio']:>12.1f}x")
+    elif cmd == "export" and args.without is not None:
+        if args.output is None:
+            print("mirrorunit remote export: --without writes a file (--output)",
+                  file=sys.stderr)
+            return 2
+        (lo_kind, lo), (hi_kind, hi) = args.without
+        r = call("remote.export_without", unit=args.unit, output=str(args.output.resolve()),
+                 **{f"from_{lo_kind}": lo, f"to_{hi_kind}": hi})
+        print(f"exported unit {args.unit} at seq {r['seq']} without seqs {r['first_seq']}.."
+              f"{r['last_seq']} ({r['writes_removed']} writes, {r['blocks_restored']} blocks "
+              f"restored) to {args.output}; {r['conflict_count']} conflicting blocks listed "
+              f"in {r['conflicts_file']}")
     elif cmd == "export" and args.output is not None:
         r = call("remote.export", unit=args.unit, output=str(args.output.resolve()),
                  at_ns=args.at, seq=args.seq, point=args.point)
@@ -443,6 +500,7 @@ def serve(s: RemoteSettings) -> int:
     from firmware.link.recovery import RecoveryLimiter
     from firmware.link.tls import PeerStore, unit_identity
     from firmware.remote.server import RemoteServer, default_remote_state_dir
+    from firmware.remote.stateblocks import SketchSettings
     from firmware.remote.unit import Retention
 
     state_dir = s.state_dir or default_remote_state_dir(s.store)
@@ -460,7 +518,8 @@ def serve(s: RemoteSettings) -> int:
                           pairing_limiter=RecoveryLimiter(
                               max_failures=s.pairing_max_failures,
                               window_s=s.pairing_window, what="pairing"),
-                          policy=Policy(s.split_brain_policy))
+                          policy=Policy(s.split_brain_policy),
+                          state_blocks=SketchSettings(capacity=s.state_blocks))
     host, port = server.start()
     control = ControlServer(s.control, server.handlers())
     control.start()
