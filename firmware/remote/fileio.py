@@ -12,6 +12,8 @@ import fcntl
 import os
 from typing import Protocol
 
+from firmware.fsutil import data_extents
+
 
 class FileHandle(Protocol):
     def size(self) -> int: ...
@@ -72,6 +74,10 @@ class OsFile:
                 return data + bytes(length - len(data))
             data += more
         return data
+
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        """Where [offset, offset + length) may hold data (fsutil.data_extents)."""
+        return data_extents(self.fd, offset, length)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
