@@ -28,6 +28,7 @@ from firmware.link.errors import LinkError, LinkProtocolError, LinkRefused, Sour
 from firmware.link.frames import (
     CODEC_NONE,
     FRAME_OVERHEAD,
+    MAX_DIGEST_CHUNKS,
     MAX_FRAME_BODY,
     PROTOCOL_VERSION,
     WRITES_HEADER_ALLOWANCE,
@@ -201,6 +202,9 @@ class ConfigBackups(Protocol):
 #: a long link busy, few enough that the chunks one answer triggers stay small.
 DIGEST_PIECE = 128
 DIGEST_WINDOW = 4
+#: A verify sends no chunks back, so its requests can name as many chunks as a frame
+#: holds: a 200 GiB volume is 3,200 round trips instead of 25,600.
+VERIFY_PIECE = MAX_DIGEST_CHUNKS
 
 
 # --------------------------------------------------------------------------- events
@@ -563,7 +567,8 @@ class SenderSession(_Session):
         r = self._resync
         assert r is not None
         while r.todo and r.outstanding < DIGEST_WINDOW:
-            piece = tuple(r.todo.pop() for _ in range(min(DIGEST_PIECE, len(r.todo))))
+            size = VERIFY_PIECE if r.plan.verify else DIGEST_PIECE
+            piece = tuple(r.todo.pop() for _ in range(min(size, len(r.todo))))
             prefetch = getattr(self._source, "prefetch_digests", None)
             if prefetch is not None:
                 prefetch(piece)
