@@ -89,6 +89,10 @@ class FileStorage:
         """Where [offset, offset + length) may hold data (fsutil.data_extents)."""
         return data_extents(self._fd, offset, length)
 
+    def will_need(self, offset: int, length: int) -> None:
+        """Start reading [offset, offset + length) into the page cache, not waiting."""
+        os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+
     def preadinto(self, offset: int, buf: memoryview) -> None:
         n = os.preadv(self._fd, [buf], offset)
         if n < len(buf):

@@ -22,6 +22,8 @@ ReadFn = Callable[[int, int], bytes]
 
 #: Chunks looked up with one extents query: bounds the extents list of a dense range.
 _SPAN_CHUNKS = 1024
+#: Data chunks read with one call (4 MiB of 64 KiB chunks).
+_READ_CHUNKS = 64
 
 
 @lru_cache(maxsize=8)
@@ -50,6 +52,11 @@ class HoleMap:
         self._starts = starts
         self._ends = ends
 
+    @property
+    def empty(self) -> bool:
+        """The span is all holes."""
+        return not self.all_data and not self._starts
+
     def has_data(self, offset: int, length: int) -> bool:
         if self.all_data:
             return True
@@ -58,9 +65,13 @@ class HoleMap:
 
 
 def sparse_chunk_digests(chunks: Iterable[int], chunk_size: int, volume_size: int,
-                         read: ReadFn, extents: ExtentsFn | None) -> dict[int, bytes]:
+                         read: ReadFn, extents: ExtentsFn | None,
+                         will_need: Callable[[int, int], None] | None = None
+                         ) -> dict[int, bytes]:
     """Digests of `chunks` of a volume read by `read(offset, length)`; a chunk with no
-    data by `extents` gets the zero digest without being read."""
+    data by `extents` gets the zero digest without being read.  `will_need(offset,
+    length)`, if given, is told each span ahead, so the disk reads it while the
+    chunks before are hashed."""
     out: dict[int, bytes] = {}
     todo = sorted(set(chunks))
     i = 0
@@ -72,12 +83,27 @@ def sparse_chunk_digests(chunks: Iterable[int], chunk_size: int, volume_size: in
         lo = todo[i] * chunk_size
         hi = min((todo[j - 1] + 1) * chunk_size, volume_size)
         holes = HoleMap(extents(lo, hi - lo) if extents is not None else None)
-        for c in todo[i:j]:
-            off = c * chunk_size
+        if will_need is not None and not holes.empty:
+            will_need(lo, hi - lo)
+        k = i
+        while k < j:
+            off = todo[k] * chunk_size
             n = min(chunk_size, volume_size - off)
-            if holes.has_data(off, n):
-                out[c] = chunk_digest(read(off, n))
-            else:
-                out[c] = zero_chunk_digest(n)
+            if not holes.has_data(off, n):
+                out[todo[k]] = zero_chunk_digest(n)
+                k += 1
+                continue
+            # Neighbouring data chunks in one read: a few large reads keep the disk
+            # streaming where one read per chunk waits on it between hashes.
+            m = k + 1
+            while m < j and m - k < _READ_CHUNKS and holes.has_data(
+                    todo[m] * chunk_size, min(chunk_size, volume_size - todo[m] * chunk_size)):
+                m += 1
+            end = min(todo[m - 1] * chunk_size + chunk_size, volume_size)
+            view = memoryview(read(off, end - off))
+            for c in todo[k:m]:
+                start = c * chunk_size - off
+                out[c] = chunk_digest(view[start:start + chunk_size])
+            k = m
         i = j
     return out

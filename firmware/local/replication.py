@@ -421,7 +421,8 @@ class CbqSource:
         # chunks: not read.  A volume that cannot tell (a block device) reads them all.
         return sparse_chunk_digests(chunks, self.chunk_size, self.volume.size,
                                     self.volume.pread,
-                                    getattr(self.volume, "data_extents", None))
+                                    getattr(self.volume, "data_extents", None),
+                                    getattr(self.volume, "will_need", None))
 
     def prefetch_digests(self, chunks: Sequence[int]) -> None:
         """The session asked the remote for these chunks: digest them meanwhile."""

@@ -79,6 +79,10 @@ class OsFile:
         """Where [offset, offset + length) may hold data (fsutil.data_extents)."""
         return data_extents(self.fd, offset, length)
 
+    def will_need(self, offset: int, length: int) -> None:
+        """Start reading [offset, offset + length) into the page cache, not waiting."""
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         while view:

@@ -1633,7 +1633,8 @@ class UnitStore:
                 self._chunk_range(c)
             return sparse_chunk_digests(todo, CHUNK_SIZE, self.volume_size,
                                         self._mirror.pread,
-                                        getattr(self._mirror, "data_extents", None))
+                                        getattr(self._mirror, "data_extents", None),
+                                        getattr(self._mirror, "will_need", None))
 
     @property
     def resync_active(self) -> bool:

@@ -236,6 +236,15 @@ class Volume:
                 if w.offset < end and offset < w.offset + len(w.data)]
         return extents
 
+    def will_need(self, offset: int, length: int) -> None:
+        """Hint the mirror to read ahead (a verify digests the range next)."""
+        hint = getattr(self.mirror, "will_need", None)
+        if hint is not None:
+            try:
+                hint(offset, length)
+            except OSError:
+                pass  # only a hint
+
     def _read_current(self, lbn: int, nblocks: int) -> bytes:
         return self._read(lbn * self._block_size, nblocks * self._block_size)
 
