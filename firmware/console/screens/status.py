@@ -19,8 +19,8 @@ def resync_line(r: ResyncProgress) -> str:
     total = r["chunks"]
     done = r["chunks_done"]
     eta = r["eta_s"]
-    return (f"  {r['kind']:<10}{done}/{total} chunks ({done / total if total else 1:.1%}), "
-            f"{r['chunks_per_s']:.0f} chunks/s {r['mib_per_s']:.1f} MiB/s, ETA "
+    return (f"  {r['kind']:<9}{done}/{total} chunks ({done / total if total else 1:.1%}), "
+            f"{r['chunks_per_s']:.0f}/s {r['mib_per_s']:.0f} MiB/s, ETA "
             + ("-" if eta is None else f"{eta:.0f} s")
             + (f", {r['chunks_differing']} differ" if r["chunks_differing"] else ""))[:78]
 
