@@ -52,10 +52,16 @@ class HoleMap:
         self._starts = starts
         self._ends = ends
 
-    @property
-    def empty(self) -> bool:
-        """The span is all holes."""
-        return not self.all_data and not self._starts
+    def data_in(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The (offset, length) parts of [lo, hi) that hold data."""
+        if self.all_data:
+            return [(lo, hi - lo)] if hi > lo else []
+        out = []
+        for s, e in zip(self._starts, self._ends, strict=True):
+            s, e = max(s, lo), min(e, hi)
+            if s < e:
+                out.append((s, e - s))
+        return out
 
     def has_data(self, offset: int, length: int) -> bool:
         if self.all_data:
@@ -83,8 +89,11 @@ def sparse_chunk_digests(chunks: Iterable[int], chunk_size: int, volume_size: in
         lo = todo[i] * chunk_size
         hi = min((todo[j - 1] + 1) * chunk_size, volume_size)
         holes = HoleMap(extents(lo, hi - lo) if extents is not None else None)
-        if will_need is not None and not holes.empty:
-            will_need(lo, hi - lo)
+        if will_need is not None:
+            # Only where there is data: reading ahead a hole fills the page cache
+            # with zero pages nobody reads.
+            for o, n in holes.data_in(lo, hi):
+                will_need(o, n)
         k = i
         while k < j:
             off = todo[k] * chunk_size

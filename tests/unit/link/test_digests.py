@@ -95,9 +95,15 @@ def test_chunks_next_to_holes_compare_right_and_holes_are_not_read(
     path = tmp_path / "sparse.img"
     _sparse(path, writes)
     reads = CountingReads(path)
-    got = sparse_chunk_digests(range(SIZE // CHUNK), CHUNK, SIZE, reads.read, reads.extents)
+    hinted: list[tuple[int, int]] = []
+    got = sparse_chunk_digests(range(SIZE // CHUNK), CHUNK, SIZE, reads.read, reads.extents,
+                               lambda o, n: hinted.append((o, n)))
     assert got == _plain(path)
     assert reads.chunks_read == [5, 9, 10, 40]
+    # read-ahead is asked for the data only, never for the holes around it
+    assert hinted and sorted({c for o, n in hinted
+                              for c in range(o // CHUNK, (o + n - 1) // CHUNK + 1)}) == \
+        [5, 9, 10, 40]
     assert got[0] == zero_chunk_digest(CHUNK) == chunk_digest(bytes(CHUNK))
     # a chunk whose data differs from the other side's is seen as different
     _sparse(tmp_path / "other.img", {**writes, 10 * CHUNK - 1: b"\x22\x34"})
