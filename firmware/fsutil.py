@@ -1,4 +1,5 @@
-"""Small files that must survive a power cut whole: written beside, synced, renamed.
+"""Small files that must survive a power cut whole: written beside, synced, renamed;
+and where a sparse file holds data (SEEK_DATA / SEEK_HOLE).
 
 Keys, pinned peers, sealed backups and settings files are replaced atomically: after a
 cut the old file or the new one is there, never a torn one, and a private file has its
@@ -7,7 +8,9 @@ mode from the first byte (no window where a key is world-readable).
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 
@@ -40,3 +43,35 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -
         os.close(fd)
     os.replace(tmp, p)
     fsync_dir(p.parent)
+
+
+def data_extents(fd: int, offset: int, length: int) -> list[tuple[int, int]] | None:
+    """The (offset, length) extents of [offset, offset + length) of the regular file
+    open as `fd` that may hold data, in order; the rest is holes, which read as
+    zeroes.  None when the file cannot tell (a block device, a file system without
+    SEEK_DATA): the caller reads everything.
+
+    Only pread/pwrite may share `fd`: lseek moves its file position."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        return None
+    end = offset + length
+    out: list[tuple[int, int]] = []
+    pos = offset
+    try:
+        while pos < end:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data at or after pos (or past the end)
+                    break
+                raise
+            if start >= end:
+                break
+            stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+            out.append((start, stop - start))
+            pos = stop
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ESPIPE):
+            return None
+        raise
+    return out

@@ -14,6 +14,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from firmware.fsutil import data_extents
+
 
 class Storage(Protocol):
     """What the CBQ and the volume's mirror need of the medium under them."""
@@ -46,6 +48,14 @@ class ReadIntoStorage(Storage, Protocol):
     def preadinto(self, offset: int, buf: memoryview) -> None: ...
 
 
+@runtime_checkable
+class SparseStorage(Storage, Protocol):
+    """Optional: tells which parts of a range may hold data; the rest reads as zeroes
+    (None: it cannot tell, read everything)."""
+
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None: ...
+
+
 class FileStorage:
     """A regular file or a block device node."""
 
@@ -74,6 +84,14 @@ class FileStorage:
         if len(data) < length:
             data += bytes(length - len(data))
         return data
+
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        """Where [offset, offset + length) may hold data (fsutil.data_extents)."""
+        return data_extents(self._fd, offset, length)
+
+    def will_need(self, offset: int, length: int) -> None:
+        """Start reading [offset, offset + length) into the page cache, not waiting."""
+        os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def preadinto(self, offset: int, buf: memoryview) -> None:
         n = os.preadv(self._fd, [buf], offset)

@@ -10,7 +10,7 @@ guessing at their shape.
 
 Keys a newer unit adds are kept and not checked; a field that a reader relies on and that
 is missing or of the wrong type is an error. Nested parts no reader interprets (a
-lineage, a resync's progress, the UPS policy's state) are typed `Any`.
+lineage, the UPS policy's state) are typed `Any`.
 """
 
 from __future__ import annotations
@@ -102,6 +102,26 @@ class RefusalStatus(TypedDict):
     since_ns: int
 
 
+class ResyncProgress(TypedDict):
+    """A checksum resync or a verify while it runs (a peer's `resync`)."""
+
+    #: full, dirty or verify
+    kind: str
+    #: chunks the exchange covers, and the chunk size
+    chunks: int
+    chunk_bytes: int
+    #: the seq the remote is resynced to (or verified at)
+    seq: int
+    started_ns: int
+    #: chunks whose digests both ends compared so far, and of those the ones that differ
+    chunks_done: int
+    chunks_differing: int
+    chunks_per_s: float
+    mib_per_s: float
+    #: seconds to go at the rate so far (None before the first answer)
+    eta_s: float | None
+
+
 class PeerLinkStatus(TypedDict):
     remote: str
     #: connected, resyncing, retrying, paused, or the code of the remote's refusal
@@ -126,7 +146,7 @@ class PeerLinkStatus(TypedDict):
     lag_bytes: int
     lag_seconds: float
     needs_resync: bool
-    resync: Any
+    resync: ResyncProgress | None
     resyncs_done: int
     last_resync: Any
     last_verify: Any

@@ -90,7 +90,7 @@ DIGEST_BARRIER_LENGTH = 0xFFFFFFFE
 RECORD_BARRIER = 1
 
 
-def chunk_digest(data: bytes) -> bytes:
+def chunk_digest(data: bytes | bytearray | memoryview) -> bytes:
     """The strong digest both ends compare to decide a resync chunk is equal."""
     return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
 

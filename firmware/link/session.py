@@ -28,6 +28,7 @@ from firmware.link.errors import LinkError, LinkProtocolError, LinkRefused, Sour
 from firmware.link.frames import (
     CODEC_NONE,
     FRAME_OVERHEAD,
+    MAX_DIGEST_CHUNKS,
     MAX_FRAME_BODY,
     PROTOCOL_VERSION,
     WRITES_HEADER_ALLOWANCE,
@@ -135,6 +136,14 @@ class ResyncSource(Protocol):
         """The local volume's current contents of one chunk."""
         ...
 
+    # Optional (looked up with getattr, so a plain source needs none of them):
+    #   prefetch_digests(chunks): the session has just asked the remote for these
+    #     chunks' digests; the source may start computing its own (a bounded
+    #     read-ahead in the service layer), so both ends digest at the same time.
+    #   chunk_digests(chunks) -> {chunk: digest}: the source's digests of these chunks
+    #     (hole-aware), instead of reading and hashing each one here.
+    #   resync_progress(done, total, differing): called after every answer.
+
     def resync_finished(self, plan: ResyncPlan, differing: list[int], seq: int) -> None:
         """The remote confirmed the resync (or verify) of `plan`."""
         ...
@@ -193,6 +202,9 @@ class ConfigBackups(Protocol):
 #: a long link busy, few enough that the chunks one answer triggers stay small.
 DIGEST_PIECE = 128
 DIGEST_WINDOW = 4
+#: A verify sends no chunks back, so its requests can name as many chunks as a frame
+#: holds: a 200 GiB volume is 3,200 round trips instead of 25,600.
+VERIFY_PIECE = MAX_DIGEST_CHUNKS
 
 
 # --------------------------------------------------------------------------- events
@@ -555,8 +567,12 @@ class SenderSession(_Session):
         r = self._resync
         assert r is not None
         while r.todo and r.outstanding < DIGEST_WINDOW:
-            piece = [r.todo.pop() for _ in range(min(DIGEST_PIECE, len(r.todo)))]
-            self._send(DigestRequest(resync_id=r.resync_id, chunks=tuple(piece)))
+            size = VERIFY_PIECE if r.plan.verify else DIGEST_PIECE
+            piece = tuple(r.todo.pop() for _ in range(min(size, len(r.todo))))
+            prefetch = getattr(self._source, "prefetch_digests", None)
+            if prefetch is not None:
+                prefetch(piece)
+            self._send(DigestRequest(resync_id=r.resync_id, chunks=piece))
             r.outstanding += 1
         if not r.todo and r.outstanding == 0 and not r.end_sent:
             self._send(ResyncEnd(resync_id=r.resync_id, seq=r.plan.seq))
@@ -680,16 +696,26 @@ class SenderSession(_Session):
         src = self._resync_source()
         assert src is not None
         r.outstanding -= 1
+        digests = getattr(src, "chunk_digests", None)
+        mine = digests(frame.chunks) if digests is not None else None
         for chunk, remote_digest in zip(frame.chunks, frame.digests, strict=True):
-            data = src.read_chunk(chunk)
             r.compared += 1
-            if chunk_digest(data) == remote_digest:
-                continue
+            if mine is not None:
+                if mine[chunk] == remote_digest:
+                    continue
+                data = b"" if r.plan.verify else src.read_chunk(chunk)
+            else:
+                data = src.read_chunk(chunk)
+                if chunk_digest(data) == remote_digest:
+                    continue
             r.differing.append(chunk)
             if not r.plan.verify:
                 self._send(ChunkData(resync_id=r.resync_id, chunk=chunk,
                                      codec=self.compression, data=data))
                 r.bytes_sent += len(data)
+        progress = getattr(src, "resync_progress", None)
+        if progress is not None:
+            progress(r.compared, len(r.plan.chunks), len(r.differing))
         return []
 
     def _on_resync_done(self, frame: ResyncDone) -> list[SessionEvent]:

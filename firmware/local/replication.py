@@ -15,7 +15,9 @@ import logging
 import random
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +25,18 @@ from typing import Any
 from firmware.blockdev import DeviceState
 from firmware.cbq import CircularBufferQueue
 from firmware.cbq.errors import CbqError
-from firmware.control.status import ConsumerStats, LinkStatus, PeerLinkStatus, RefusalStatus
+from firmware.control.status import (
+    ConsumerStats,
+    LinkStatus,
+    PeerLinkStatus,
+    RefusalStatus,
+    ResyncProgress,
+)
 from firmware.fsutil import write_atomic
 from firmware.lineage import Lineage, Role
 from firmware.lineage import store as lineage_store
 from firmware.link.clients import FailbackClientSession, SwitchoverClientSession
+from firmware.link.digests import sparse_chunk_digests
 from firmware.link.errors import LinkError, LinkRefused, SourceGap
 from firmware.link.frames import WriteRecord, available_codecs, barrier_record, skip_record
 from firmware.link.session import (
@@ -85,6 +94,60 @@ def _covers(ranges: list[tuple[int, int]], lo: int, hi: int) -> bool:
     return lo > hi
 
 
+#: Digest batches computed ahead of the remote's answers: the sender keeps
+#: DIGEST_WINDOW requests outstanding, a few more cover a reconnect's leftovers.
+DIGEST_AHEAD = 8
+
+
+class DigestAhead:
+    """Computes the local digests of the chunks the remote was just asked about, in a
+    thread of its own, while the request and the answer cross the link and the remote
+    digests its side: both ends read at once instead of one after the other.  Bounded:
+    at most DIGEST_AHEAD batches are kept, the oldest dropped first (recomputed if
+    asked for)."""
+
+    def __init__(self, compute: Callable[[Sequence[int]], dict[int, bytes]],
+                 limit: int = DIGEST_AHEAD) -> None:
+        self._compute = compute
+        self._limit = limit
+        self._jobs: OrderedDict[tuple[int, ...], Future[dict[int, bytes]]] = OrderedDict()
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, chunks: Sequence[int]) -> None:
+        key = tuple(chunks)
+        with self._lock:
+            if key in self._jobs:
+                return
+            while len(self._jobs) >= self._limit:
+                _, old = self._jobs.popitem(last=False)
+                old.cancel()
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="digest-ahead")
+            self._jobs[key] = self._pool.submit(self._compute, key)
+
+    def take(self, chunks: Sequence[int]) -> dict[int, bytes]:
+        with self._lock:
+            job = self._jobs.pop(tuple(chunks), None)
+        if job is None or job.cancelled():
+            return self._compute(chunks)
+        return job.result()
+
+    def clear(self) -> None:
+        """Drop what was computed for an earlier exchange (its chunks may have changed)."""
+        with self._lock:
+            for job in self._jobs.values():
+                job.cancel()
+            self._jobs.clear()
+
+    def close(self) -> None:
+        self.clear()
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
 class CbqSource:
     """`WriteSource` + `ResyncSource` over one consumer of the local CBQ.
 
@@ -110,7 +173,9 @@ class CbqSource:
         self.skips_sent = 0
         self._verify_requested = False
         self.last_verify: dict[str, Any] | None = None
-        self.resync: dict[str, Any] | None = None
+        self.resync: ResyncProgress | None = None
+        self._resync_t0 = 0.0
+        self._ahead = DigestAhead(self._digest_chunks)
         self.resyncs_done = 0
         self.resync_bytes_sent = 0
         #: Logical blocks of queued writes handed to the link (a resend after a reconnect
@@ -325,8 +390,7 @@ class CbqSource:
                 self.cbq.rewind(self.name)
                 self._skip_upto = seq
                 self._next_seq = seq + 1
-                self.resync = {"kind": "full" if full else "dirty", "chunks": len(chunks),
-                               "seq": seq, "started_ns": time.time_ns()}
+                self._begin_progress("full" if full else "dirty", len(chunks), seq)
                 log.warning("%s: checksum resync over %d %s chunks (remote at seq %d, "
                             "local resumes after %d)", self.name, len(chunks),
                             "volume" if full else "dirty", remote_durable, seq)
@@ -335,15 +399,53 @@ class CbqSource:
             idle = all(r.barrier and r.seq <= c.acked_seq for r in self._handed)
             if self._verify_requested and idle and not self._stash:
                 self._verify_requested = False
-                self.resync = {"kind": "verify", "chunks": self.cbq.geo.chunks,
-                               "seq": remote_durable, "started_ns": time.time_ns()}
+                self._begin_progress("verify", self.cbq.geo.chunks, remote_durable)
                 return ResyncPlan(verify=True, seq=remote_durable, chunks=self._all_chunks())
             return None
+
+    def _begin_progress(self, kind: str, chunks: int, seq: int) -> None:
+        self._ahead.clear()
+        self._resync_t0 = time.monotonic()
+        self.resync = ResyncProgress(
+            kind=kind, chunks=chunks, chunk_bytes=self.chunk_size, seq=seq,
+            started_ns=time.time_ns(), chunks_done=0, chunks_differing=0,
+            chunks_per_s=0.0, mib_per_s=0.0, eta_s=None)
 
     def read_chunk(self, chunk: int) -> bytes:
         off = chunk * self.chunk_size
         n = min(self.chunk_size, self.volume.size - off)
         return bytes(self.volume.pread(off, n))
+
+    def _digest_chunks(self, chunks: Sequence[int]) -> dict[int, bytes]:
+        # Holes of the mirror file (and no write of them in the RAM cache) are zero
+        # chunks: not read.  A volume that cannot tell (a block device) reads them all.
+        return sparse_chunk_digests(chunks, self.chunk_size, self.volume.size,
+                                    self.volume.pread,
+                                    getattr(self.volume, "data_extents", None),
+                                    getattr(self.volume, "will_need", None))
+
+    def prefetch_digests(self, chunks: Sequence[int]) -> None:
+        """The session asked the remote for these chunks: digest them meanwhile."""
+        self._ahead.submit(chunks)
+
+    def chunk_digests(self, chunks: Sequence[int]) -> dict[int, bytes]:
+        return self._ahead.take(chunks)
+
+    def resync_progress(self, done: int, total: int, differing: int) -> None:
+        r = self.resync
+        if r is None:
+            return
+        secs = max(time.monotonic() - self._resync_t0, 1e-6)
+        rate = done / secs
+        self.resync = ResyncProgress(
+            kind=r["kind"], chunks=total, chunk_bytes=r["chunk_bytes"], seq=r["seq"],
+            started_ns=r["started_ns"], chunks_done=done, chunks_differing=differing,
+            chunks_per_s=round(rate, 1),
+            mib_per_s=round(rate * self.chunk_size / (1 << 20), 1),
+            eta_s=round((total - done) / rate, 1) if rate > 0 else None)
+
+    def close(self) -> None:
+        self._ahead.close()
 
     def resync_finished(self, plan: ResyncPlan, differing: list[int], seq: int) -> None:
         with self._lock:
@@ -632,6 +734,7 @@ class LinkService:
             if peer.client is not None:
                 peer.client.stop()
                 peer.client = None
+            peer.source.close()
 
     def _peer(self, name: str) -> _Peer:
         try:

@@ -12,6 +12,8 @@ import fcntl
 import os
 from typing import Protocol
 
+from firmware.fsutil import data_extents
+
 
 class FileHandle(Protocol):
     def size(self) -> int: ...
@@ -72,6 +74,14 @@ class OsFile:
                 return data + bytes(length - len(data))
             data += more
         return data
+
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        """Where [offset, offset + length) may hold data (fsutil.data_extents)."""
+        return data_extents(self.fd, offset, length)
+
+    def will_need(self, offset: int, length: int) -> None:
+        """Start reading [offset, offset + length) into the page cache, not waiting."""
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)

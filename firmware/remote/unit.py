@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -47,6 +46,7 @@ from firmware.blockdev import NotReady
 from firmware.cbq.format import BARRIER_IN_RESYNC, split_barrier_flags
 from firmware.lineage import Lineage, Role
 from firmware.lineage import store as lineage_store
+from firmware.link.digests import sparse_chunk_digests
 from firmware.link.frames import WriteRecord, skip_record
 from firmware.remote.dirtymap import DirtyMap
 from firmware.remote.errors import (
@@ -65,7 +65,6 @@ from firmware.remote.errors import (
 )
 from firmware.remote.fileio import FileHandle, FileOps, OsFileOps, lock_holder
 from firmware.remote.format import (
-    CHUNK_DIGEST_SIZE,
     CHUNK_SIZE,
     FORMAT_VERSION,
     HISTORY_SEGMENT_MAGIC,
@@ -1774,16 +1773,18 @@ class UnitStore:
         return off, min(CHUNK_SIZE, self.volume_size - off)
 
     def chunk_digests(self, chunks: Iterable[int] | None = None) -> dict[int, bytes]:
-        """BLAKE2b-256 digests of 64 KiB chunks of the current mirror (all if None)."""
+        """BLAKE2b-256 digests of 64 KiB chunks of the current mirror (all if None).
+        A chunk inside a hole of the mirror file is the zero chunk: not read."""
         with self._lock:
             self._check_open()
             assert self._mirror is not None
-            out: dict[int, bytes] = {}
-            for c in range(self.chunk_count) if chunks is None else chunks:
-                off, n = self._chunk_range(c)
-                out[c] = hashlib.blake2b(self._mirror.pread(off, n),
-                                         digest_size=CHUNK_DIGEST_SIZE).digest()
-            return out
+            todo = list(range(self.chunk_count) if chunks is None else chunks)
+            for c in todo:
+                self._chunk_range(c)
+            return sparse_chunk_digests(todo, CHUNK_SIZE, self.volume_size,
+                                        self._mirror.pread,
+                                        getattr(self._mirror, "data_extents", None),
+                                        getattr(self._mirror, "will_need", None))
 
     @property
     def resync_active(self) -> bool:

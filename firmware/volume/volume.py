@@ -214,6 +214,37 @@ class Volume:
         _lay_over(buf, offset, overlays)
         return bytes(buf)
 
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        """Where [offset, offset + length) of the volume may hold data: the mirror
+        file's data extents plus every write still in the RAM cache (not yet on the
+        mirror); None when the mirror cannot tell (a block device)."""
+        probe = getattr(self.mirror, "data_extents", None)
+        if probe is None:
+            return None
+        # Under the cache lock: a commit writes the mirror before it drops a write from
+        # the cache, so each write is seen in one place or the other.
+        with self._cache_lock:
+            try:
+                extents = probe(offset, length)
+            except OSError as e:
+                raise MediumError(f"mirror extents failed: {e}", e.errno) from e
+            if extents is None:
+                return None
+            end = offset + length
+            extents = list(extents) + [
+                (w.offset, len(w.data)) for w in self._cache
+                if w.offset < end and offset < w.offset + len(w.data)]
+        return extents
+
+    def will_need(self, offset: int, length: int) -> None:
+        """Hint the mirror to read ahead (a verify digests the range next)."""
+        hint = getattr(self.mirror, "will_need", None)
+        if hint is not None:
+            try:
+                hint(offset, length)
+            except OSError:
+                pass  # only a hint
+
     def _read_current(self, lbn: int, nblocks: int) -> bytes:
         return self._read(lbn * self._block_size, nblocks * self._block_size)
 

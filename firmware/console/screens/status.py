@@ -7,10 +7,22 @@ import time
 
 from ... import COPYRIGHT, LICENSE, __version__
 from ...config.schema import format_size
+from ...control.status import ResyncProgress
 from ...notify.events import links
 from ..base import ESC, ConsoleBase
 
 _ABOUT = f"MirrorUnit {__version__}  {COPYRIGHT}  ({LICENSE})"
+
+
+def resync_line(r: ResyncProgress) -> str:
+    """A running verify or checksum resync: how far, how fast, how long to go."""
+    total = r["chunks"]
+    done = r["chunks_done"]
+    eta = r["eta_s"]
+    return (f"  {r['kind']:<9}{done}/{total} chunks ({done / total if total else 1:.1%}), "
+            f"{r['chunks_per_s']:.0f}/s {r['mib_per_s']:.0f} MiB/s, ETA "
+            + ("-" if eta is None else f"{eta:.0f} s")
+            + (f", {r['chunks_differing']} differ" if r["chunks_differing"] else ""))[:78]
 
 
 class StatusScreen(ConsoleBase):
@@ -66,6 +78,8 @@ class StatusScreen(ConsoleBase):
             else:
                 lines.append(f"  link      {link['state']}"
                              + (f" ({link['last_error']})" if link["last_error"] else ""))
+                if link["resync"] is not None:
+                    lines.append(resync_line(link["resync"]))
         ups = st.get("ups")
         if ups is not None:
             charge = ups["charge_percent"]
