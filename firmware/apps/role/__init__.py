@@ -61,14 +61,17 @@ def register(sub: Any) -> None:
     sv.add_argument("--usb-serial", metavar="TEXT")
     sv.add_argument("--seq", type=int, metavar="N",
                     help="over NBD, a unit not promoted: the image right after write N")
-    fb = rs.add_parser("failback",
-                       help="on the old local: give up its writes since the remote's "
-                            "promotion (kept as a conflict image), take the remote's image "
-                            "and become the primary again")
-    fb.add_argument("--peer", default="remote", help="the remote that was promoted")
-    fb.add_argument("--control", type=Path, default=Path(LOCAL_SOCKET),
-                    help="the local unit's control socket")
-    fb.add_argument("--json", action="store_true")
+    # failback and switchover run on the local unit, against one of its remotes
+    on_local = argparse.ArgumentParser(add_help=False)
+    on_local.add_argument("--peer", default="remote", help="the remote to fail back from or "
+                          "switch with")
+    on_local.add_argument("--control", type=Path, default=Path(LOCAL_SOCKET),
+                          help="the local unit's control socket")
+    on_local.add_argument("--json", action="store_true")
+    rs.add_parser("failback", parents=[on_local],
+                  help="on the old local: give up its writes since the remote's "
+                       "promotion (kept as a conflict image), take the remote's image "
+                       "and become the primary again")
     tf = rs.add_parser("test-failover", parents=[common],
                        help="on the remote: serve a writable copy-on-write clone of a point "
                             "in time over NBD while replication goes on; its writes never "
@@ -81,15 +84,11 @@ def register(sub: Any) -> None:
                     help="the most the clone may hold of its own writes (default 1G or "
                          "the volume's size)")
     tf.add_argument("--end", action="store_true", help="end the unit's test clones")
-    so = rs.add_parser("switchover",
-                       help="on the local: planned role reversal; from the primary the "
-                            "remote takes over at the drained seq (no resync) and this "
-                            "copy becomes its standby; from the standby it takes the "
-                            "remote's changes back and becomes the primary")
-    so.add_argument("--peer", default="remote", help="the remote to switch with")
-    so.add_argument("--control", type=Path, default=Path(LOCAL_SOCKET),
-                    help="the local unit's control socket")
-    so.add_argument("--json", action="store_true")
+    rs.add_parser("switchover", parents=[on_local],
+                  help="on the local: planned role reversal; from the primary the "
+                       "remote takes over at the drained seq (no resync) and this "
+                       "copy becomes its standby; from the standby it takes the "
+                       "remote's changes back and becomes the primary")
     rv = rs.add_parser("resolve", parents=[common],
                        help="on the remote: a promoted unit gives up its own writes (kept "
                             "as a conflict image) and follows its local again after a "
