@@ -12,7 +12,7 @@ import enum
 import os
 import threading
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 from .errors import MirrorUnitError
 
@@ -144,6 +144,59 @@ class ReadInto(Protocol):
 def check_range(dev: BlockDevice, offset: int, length: int) -> None:
     if offset < 0 or length < 0 or offset + length > dev.size:
         raise OutOfRange(f"range {offset}+{length} outside device of {dev.size} bytes")
+
+
+class ServedDevice:
+    """The common part of a device served over another object's storage (a remote
+    unit's mirror, a point in time of it, a clone of one): a geometry fixed when it
+    is made, READY until close() and OFFLINE after, and no trim.  A subclass says
+    whether it is read-only and caches writes, and gives pread/pwrite/flush."""
+
+    _read_only: ClassVar[bool] = False
+    #: True when a completed write may sit in a page cache until flush() or FUA.
+    _write_cache: ClassVar[bool] = True
+    _closed_message: ClassVar[str] = "the device is closed"
+    #: Why trim is refused (and, on a read-only device, writes).
+    _write_refusal: ClassVar[str] = "this device does not support trim"
+
+    def __init__(self, size: int, block_size: int) -> None:
+        self._size = size
+        self._block_size = block_size
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def state(self) -> DeviceState:
+        return DeviceState.OFFLINE if self._closed else DeviceState.READY
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def write_cache_enabled(self) -> bool:
+        return self._write_cache
+
+    @property
+    def supports_trim(self) -> bool:
+        return False
+
+    def _check(self) -> None:
+        if self._closed:
+            raise NotReady(self._closed_message)
+
+    def trim(self, offset: int, length: int) -> None:
+        raise WriteProtected(self._write_refusal)
+
+    def close(self) -> None:
+        self._closed = True
 
 
 class FileBlockDevice:

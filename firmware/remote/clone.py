@@ -14,16 +14,19 @@ import errno
 import os
 import threading
 
-from firmware.blockdev import DeviceState, MediumError, NotReady, WriteProtected, check_range
+from firmware.blockdev import MediumError, ServedDevice, check_range
 from firmware.remote.pit import PointInTimeDevice
 
 
-class CloneDevice:
+class CloneDevice(ServedDevice):
     """A writable BlockDevice over `base`, its writes in `scratch` (at most
     `scratch_limit` bytes of blocks)."""
 
+    _closed_message = "the test-failover clone has ended"
+
     def __init__(self, base: PointInTimeDevice, scratch: str | os.PathLike[str],
                  scratch_limit: int) -> None:
+        super().__init__(base.size, base.block_size)
         self.base = base
         self.scratch_path = os.fspath(scratch)
         self.scratch_limit = scratch_limit
@@ -31,31 +34,6 @@ class CloneDevice:
         #: block number -> its slot in the scratch file
         self._slots: dict[int, int] = {}
         self._lock = threading.Lock()
-        self._closed = False
-
-    @property
-    def size(self) -> int:
-        return self.base.size
-
-    @property
-    def block_size(self) -> int:
-        return self.base.block_size
-
-    @property
-    def state(self) -> DeviceState:
-        return DeviceState.OFFLINE if self._closed else DeviceState.READY
-
-    @property
-    def read_only(self) -> bool:
-        return False
-
-    @property
-    def write_cache_enabled(self) -> bool:
-        return True
-
-    @property
-    def supports_trim(self) -> bool:
-        return False
 
     @property
     def point(self) -> object:
@@ -64,10 +42,6 @@ class CloneDevice:
     @property
     def scratch_used(self) -> int:
         return len(self._slots) * self.block_size
-
-    def _check(self) -> None:
-        if self._closed:
-            raise NotReady("the test-failover clone has ended")
 
     def pread(self, offset: int, length: int) -> bytes:
         self._check()
@@ -117,9 +91,6 @@ class CloneDevice:
     def flush(self) -> None:
         self._check()
         os.fsync(self._fd)
-
-    def trim(self, offset: int, length: int) -> None:
-        raise WriteProtected("this device does not support trim")
 
     def close(self) -> None:
         """End the clone: its writes are discarded with the scratch file."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from firmware.blockdev import DeviceState, NotReady, WriteProtected, check_range
+from firmware.blockdev import NotReady, ServedDevice, WriteProtected, check_range
 
 if TYPE_CHECKING:
     from firmware.remote.unit import PointInTime, UnitStore
 
 
-class PointInTimeDevice:
+class PointInTimeDevice(ServedDevice):
     """A read-only BlockDevice showing a unit's mirror at a point in time.
 
     Nothing is copied: blocks changed after the point are read from their oldest
@@ -21,14 +21,19 @@ class PointInTimeDevice:
     device keeps showing the same point.  Close it to release the history it pins.
     """
 
+    _read_only = True
+    _write_cache = False
+    _closed_message = "point-in-time view is closed"
+    _write_refusal = "a point-in-time image is read-only"
+
     def __init__(self, unit: UnitStore, point: PointInTime, first_abs: int) -> None:
+        super().__init__(unit.volume_size, unit.block_size)
         self._unit = unit
         self.point = point
         self._first_abs = first_abs
         self._next_abs = first_abs
         #: block -> (history segment, byte offset of that block's before-image)
         self._overlay: dict[int, tuple[int, int]] = {}
-        self._closed = False
         unit._views[id(self)] = first_abs
         self._refresh()
 
@@ -41,31 +46,6 @@ class PointInTimeDevice:
             for k in range(e.nblocks):
                 self._overlay.setdefault(e.lbn + k, (e.segment, base + k * bs))
         self._next_abs = end
-
-    # --- BlockDevice
-    @property
-    def size(self) -> int:
-        return self._unit.volume_size
-
-    @property
-    def block_size(self) -> int:
-        return self._unit.block_size
-
-    @property
-    def state(self) -> DeviceState:
-        return DeviceState.OFFLINE if self._closed else DeviceState.READY
-
-    @property
-    def read_only(self) -> bool:
-        return True
-
-    @property
-    def write_cache_enabled(self) -> bool:
-        return False
-
-    @property
-    def supports_trim(self) -> bool:
-        return False
 
     @property
     def changed_blocks(self) -> int:
@@ -80,8 +60,7 @@ class PointInTimeDevice:
             return dict(self._overlay)
 
     def pread(self, offset: int, length: int) -> bytes:
-        if self._closed:
-            raise NotReady("point-in-time view is closed")
+        self._check()
         check_range(self, offset, length)
         u = self._unit
         bs = u.block_size
@@ -112,13 +91,10 @@ class PointInTimeDevice:
             return bytes(out[skip:skip + length])
 
     def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        raise WriteProtected("a point-in-time image is read-only")
+        raise WriteProtected(self._write_refusal)
 
     def flush(self) -> None:
         pass
-
-    def trim(self, offset: int, length: int) -> None:
-        raise WriteProtected("a point-in-time image is read-only")
 
     def close(self) -> None:
         if not self._closed:
