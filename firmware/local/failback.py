@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from firmware.blockdev import DeviceState
+from firmware.blockdev import BlockDevice, DeviceState
 from firmware.cbq import CircularBufferQueue
 from firmware.cbq.format import WRITE_KINDS
 from firmware.errors import MirrorUnitError
@@ -46,17 +46,9 @@ class FailbackError(MirrorUnitError):
     """A failback this copy cannot do (the plan does not fit it)."""
 
 
-class OwnVolume(Protocol):
-    """What a failback needs of the local volume."""
-
-    @property
-    def size(self) -> int: ...
-
-    @property
-    def block_size(self) -> int: ...
-
-    @property
-    def state(self) -> DeviceState: ...
+class OwnVolume(BlockDevice, Protocol):
+    """What a failback needs of the local volume: a BlockDevice that can be set NOT
+    READY for the host while the failback reads and writes it on its own behalf."""
 
     def set_state(self, state: DeviceState) -> None: ...
 
