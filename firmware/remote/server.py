@@ -248,7 +248,8 @@ class _PinnedUnits:
 
 
 class _UsbExport:
-    """A USB front end in this process, kept beside the NBD exports (stop / close)."""
+    """A USB front end in this process as an export, like an NBD server: its address
+    and device, and stop()."""
 
     def __init__(self, service: Any, stop: threading.Event) -> None:
         self.service, self._stop = service, stop
@@ -312,7 +313,10 @@ class RemoteServer:
         self._sinks: dict[str, UnitSink] = {}
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
-        self.nbd_exports: dict[str, Any] = {}
+        #: Every export served from this process, NBD or USB, by key: an NBD server's
+        #: `<unit>@<point, primary or test-...>:<port>`, the USB front end's `usb:<unit>`
+        #: (the status answer lists them under "nbd_exports", the name its readers know).
+        self.exports: dict[str, Any] = {}
         self.state_dir = state_dir if state_dir is not None else default_remote_state_dir(
             Path(store_dir))
         self.backups = UnitConfigBackups(Path(store_dir))
@@ -551,8 +555,8 @@ class RemoteServer:
                      seq: int | None = None) -> None:
         """The unit follows its local again: its writable exports end.  The local's seqs
         before..seq came with the image it took, not as writes: the arrivals log says so."""
-        for key in [k for k in self.nbd_exports if k.startswith(f"{unit_id}@primary:")]:
-            server = self.nbd_exports.pop(key)
+        for key in [k for k in self.exports if k.startswith(f"{unit_id}@primary:")]:
+            server = self.exports.pop(key)
             server.stop()
             server.device.close()
         with self._lock:
@@ -654,7 +658,7 @@ class RemoteServer:
         self.link.stop()
         if self._timer is not None:
             self._timer.join()
-        for server in list(self.nbd_exports.values()):
+        for server in list(self.exports.values()):
             server.stop()
         self.store.close()
 
@@ -676,7 +680,7 @@ class RemoteServer:
         return {"role": "remote", "fingerprint": self.identity.fingerprint,
                 "listen": _addr(self.link_address), "store": self.store.root_dir,
                 "link": dataclasses.asdict(s), "units": out,
-                "nbd_exports": {k: _addr(v.address) for k, v in self.nbd_exports.items()},
+                "nbd_exports": {k: _addr(v.address) for k, v in self.exports.items()},
                 "guess_limits": self._guess_limits()}
 
     def _guess_limits(self) -> dict[str, Any]:
@@ -803,7 +807,7 @@ class RemoteServer:
             threading.Thread(target=server.serve_forever, name="nbd-export",
                              daemon=True).start()
             key = f"{name}:{server.port}"
-            self.nbd_exports[key] = server
+            self.exports[key] = server
             return {"key": key, "export": name, "address": _addr(server.address), **shown}
 
         def test_failover(unit: str, address: str, at_ns: int | None = None,
@@ -831,7 +835,7 @@ class RemoteServer:
             threading.Thread(target=server.serve_forever, name="nbd-test-failover",
                              daemon=True).start()
             key = f"{name}:{server.port}"
-            self.nbd_exports[key] = server
+            self.exports[key] = server
             log.warning("unit %s: test failover at seq %d served as %s (scratch %d bytes); "
                         "replication goes on", unit, base.point.seq, name, limit)
             return {"key": key, "export": name, "address": _addr(server.address),
@@ -842,8 +846,8 @@ class RemoteServer:
             from firmware.remote.clone import CloneDevice
 
             ended = []
-            for key in [k for k in self.nbd_exports if k.startswith(f"{unit}@test-")]:
-                server = self.nbd_exports.pop(key)
+            for key in [k for k in self.exports if k.startswith(f"{unit}@test-")]:
+                server = self.exports.pop(key)
                 server.stop()
                 dev = server.device
                 used = dev.scratch_used if isinstance(dev, CloneDevice) else 0
@@ -859,7 +863,7 @@ class RemoteServer:
             return [{"key": k, "address": _addr(s.address),
                      "scratch_used": s.device.scratch_used,
                      "scratch_limit": s.device.scratch_limit}
-                    for k, s in self.nbd_exports.items() if isinstance(s.device, CloneDevice)
+                    for k, s in self.exports.items() if isinstance(s.device, CloneDevice)
                     and (unit is None or k.startswith(f"{unit}@test-"))]
 
         def usb_start(unit: str, udc: str | None = None,
@@ -872,7 +876,7 @@ class RemoteServer:
             from firmware.usb_gadget.service import UsbService
 
             u = self.unit(unit)
-            if any(k.startswith("usb:") for k in self.nbd_exports):
+            if any(k.startswith("usb:") for k in self.exports):
                 raise RemoteError("a unit is already served over USB: one gadget per board")
             sn = serial or f"{zlib.crc32(unit.encode()):012d}"
             svc = UsbService(LogicalUnit(MirrorDevice(u), serial=sn),
@@ -882,14 +886,14 @@ class RemoteServer:
             threading.Thread(target=svc.run_main, args=(stop,), name="usb-standby",
                              daemon=True).start()
             key = f"usb:{unit}"
-            self.nbd_exports[key] = _UsbExport(svc, stop)
+            self.exports[key] = _UsbExport(svc, stop)
             log.warning("unit %s: served over USB (UDC %s, serial %s) as a %s", unit,
                         udc or "first", sn, "primary" if u.serving_host else "standby")
             return {"key": key, "serial": sn, "state": "ready" if u.serving_host
                     else "standby"}
 
         def nbd_stop(key: str) -> bool:
-            server = self.nbd_exports.pop(key, None)
+            server = self.exports.pop(key, None)
             if server is None:
                 return False
             server.stop()

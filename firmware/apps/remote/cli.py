@@ -484,7 +484,7 @@ def _offline(args: argparse.Namespace) -> int:
 
         return _online(args, call)
     finally:
-        for srv in list(server.nbd_exports.values()):
+        for srv in list(server.exports.values()):
             srv.stop()
         server.store.close()
 
