@@ -30,7 +30,7 @@ from firmware.blockdev import BlockDevice, DeviceState
 from firmware.cbq import CircularBufferQueue
 from firmware.cbq.format import WRITE_KINDS
 from firmware.errors import MirrorUnitError
-from firmware.fsutil import write_atomic
+from firmware.fsutil import OsFiles, write_conflict_image
 from firmware.lineage import Lineage, Role
 from firmware.lineage import store as lineage_store
 from firmware.link.clients import bitmap_chunks
@@ -235,16 +235,11 @@ class LocalFailback:
             kept = json.loads(listing.read_text())
             return ConflictImage(image, listing, tuple((a, b) for a, b in kept["extents"]),
                                  bs)
-        fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.ftruncate(fd, self.volume.size)
-            for lbn, n in extents:
-                os.pwrite(fd, self.volume.read_own(lbn * bs, n * bs), lbn * bs)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        write_atomic(listing, json.dumps({
-            "generation": f"{generation:016x}", "block_size": bs,
-            "volume_size": self.volume.size, "extents": [list(e) for e in extents],
-        }, indent=1).encode())
+        write_conflict_image(
+            OsFiles(), str(image), self.volume.size,
+            [(lbn * bs, n * bs) for lbn, n in extents], self.volume.read_own,
+            str(listing), json.dumps({
+                "generation": f"{generation:016x}", "block_size": bs,
+                "volume_size": self.volume.size, "extents": [list(e) for e in extents],
+            }, indent=1).encode())
         return ConflictImage(image, listing, tuple(extents), bs)

@@ -44,6 +44,7 @@ import cbor2
 
 from firmware.blockdev import NotReady
 from firmware.cbq.format import BARRIER_IN_RESYNC, split_barrier_flags
+from firmware.fsutil import write_conflict_image
 from firmware.lineage import Lineage, Role
 from firmware.lineage import store as lineage_store
 from firmware.link.digests import sparse_chunk_digests
@@ -1594,27 +1595,12 @@ class UnitStore:
             image, listing = (os.path.join(self.directory, name + ext)
                               for ext in (".img", ".json"))
             # The writes first, durably, then the lineage, then the state that says so.
-            h = self._ops.open(image, create=True)
-            try:
-                h.truncate(self.volume_size)
-                for c in chunks:
-                    off, n = self._chunk_range(c)
-                    h.pwrite(off, self._mirror.pread(off, n))
-                h.sync()
-            finally:
-                h.close()
-            ranges = _ranges(chunks)
-            tmp = listing + ".tmp"
-            h = self._ops.open(tmp, create=True)
-            try:
-                h.truncate(0)
-                h.pwrite(0, json.dumps({"generation": f"{self._lineage.generation:016x}",
-                                        "chunk_size": CHUNK_SIZE, "chunks": ranges,
-                                        "volume_size": self.volume_size}).encode())
-                h.sync()
-            finally:
-                h.close()
-            self._ops.rename(tmp, listing)
+            write_conflict_image(
+                self._ops, image, self.volume_size, [self._chunk_range(c) for c in chunks],
+                self._mirror.pread, listing,
+                json.dumps({"generation": f"{self._lineage.generation:016x}",
+                            "chunk_size": CHUNK_SIZE, "chunks": _ranges(chunks),
+                            "volume_size": self.volume_size}).encode())
             i = parents[-1]
             back = Lineage(chain[i], chain[:i], writer=False)
             self._write_lineage(back)
