@@ -152,41 +152,22 @@ class ServedDevice:
     is made, READY until close() and OFFLINE after, and no trim.  A subclass says
     whether it is read-only and caches writes, and gives pread/pwrite/flush."""
 
-    _read_only: ClassVar[bool] = False
+    read_only = False
     #: True when a completed write may sit in a page cache until flush() or FUA.
-    _write_cache: ClassVar[bool] = True
+    write_cache_enabled = True
+    supports_trim = False
     _closed_message: ClassVar[str] = "the device is closed"
     #: Why trim is refused (and, on a read-only device, writes).
     _write_refusal: ClassVar[str] = "this device does not support trim"
 
     def __init__(self, size: int, block_size: int) -> None:
-        self._size = size
-        self._block_size = block_size
+        self.size = size
+        self.block_size = block_size
         self._closed = False
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def block_size(self) -> int:
-        return self._block_size
 
     @property
     def state(self) -> DeviceState:
         return DeviceState.OFFLINE if self._closed else DeviceState.READY
-
-    @property
-    def read_only(self) -> bool:
-        return self._read_only
-
-    @property
-    def write_cache_enabled(self) -> bool:
-        return self._write_cache
-
-    @property
-    def supports_trim(self) -> bool:
-        return False
 
     def _check(self) -> None:
         if self._closed:

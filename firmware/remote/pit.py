@@ -21,8 +21,8 @@ class PointInTimeDevice(ServedDevice):
     device keeps showing the same point.  Close it to release the history it pins.
     """
 
-    _read_only = True
-    _write_cache = False
+    read_only = True
+    write_cache_enabled = False
     _closed_message = "point-in-time view is closed"
     _write_refusal = "a point-in-time image is read-only"
 
