@@ -18,7 +18,7 @@ from firmware.link.errors import LinkError, LinkRefused, PeerNotPinned, TlsIdent
 from firmware.link.frames import CODEC_NONE, ErrorFrame, FrameDecoder, Hello
 from firmware.link.memory import MemorySink, MemorySource
 from firmware.link.session import ReceiverConfig, SenderConfig
-from firmware.link.shell import Backoff, LinkClient, LinkServer, TokenBucket
+from firmware.link.shell import Backoff, LinkClient, LinkServer
 from firmware.link.tls import (
     CERT_FILE,
     KEY_FILE,
@@ -180,25 +180,7 @@ def test_peer_store_round_trips_and_detects_tampering(tmp_path: Path) -> None:
         PeerStore(tmp_path / "peers.json")
 
 
-# --------------------------------------------------------------------------- pacing
-
-
-def test_token_bucket_holds_the_long_run_rate() -> None:
-    now = [0.0]
-    slept: list[float] = []
-
-    def sleep(t: float) -> None:
-        slept.append(t)
-        now[0] += t
-
-    bucket = TokenBucket(1000.0, burst=100, clock=lambda: now[0], sleep=sleep)
-    for _ in range(50):
-        bucket.consume(100)
-    # 5000 bytes at 1000 B/s with a 100-byte head start.
-    assert now[0] == pytest.approx(4.9)
-    now[0] += 10.0  # idle time refills only up to the burst
-    assert bucket.consume(100) == 0.0
-    assert bucket.consume(100) == pytest.approx(0.1)
+# --------------------------------------------------------------------------- reconnects
 
 
 def test_backoff_grows_to_its_cap_with_jitter() -> None:
