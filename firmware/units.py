@@ -44,6 +44,48 @@ def format_size_exact(n: int) -> str:
     return str(n)
 
 
+class RateError(MirrorUnitError, ValueError):
+    """Text that is not a transfer rate; the message gives examples."""
+
+
+_RATE = re.compile(r"\s*(\d+)(?:\.(\d+))?\s*([kKMGT]?)(iB|B|bit|bps)?\s*(/s)?\s*")
+_UNLIMITED = ("0", "unlimited", "none", "off")
+_SI = {"": 0, "K": 3, "M": 6, "G": 9, "T": 12}
+
+
+def parse_rate(text: str) -> int:
+    """A rate cap as operators type it -> bytes per second; 0 is no cap.
+
+    Bytes take the size grammar of `parse_size` (binary multiples: '10M/s', '10MB/s' and
+    '10MiB/s' are all 10 MiB/s); bits take the decimal multiples every network spec
+    uses ('80Mbit/s', '80Mbps': 80,000,000 bit/s = 10,000,000 B/s, rounded down to a
+    whole byte).  '0', 'unlimited', 'none' and 'off' mean no cap."""
+    s = str(text).strip()
+    if s.lower() in _UNLIMITED:
+        return 0
+    m = _RATE.fullmatch(s)
+    if not m:
+        raise RateError(f"{text!r} is not a rate (examples: 10MB/s, 512K/s, 80Mbit/s, "
+                        "unlimited)")
+    whole, frac, prefix, unit = m.group(1), m.group(2) or "", m.group(3).upper(), m.group(4)
+    digits = int(whole + frac)
+    if unit in ("bit", "bps"):
+        bits = digits * 10 ** _SI[prefix]
+        value, _ = divmod(bits, 8 * 10 ** len(frac))
+        if value == 0 and digits:
+            raise RateError(f"{text!r} is less than one byte per second")
+        return value
+    value, rest = divmod(digits << _SHIFT[prefix], 10 ** len(frac))
+    if rest:
+        raise RateError(f"rate {text!r} is not a whole number of bytes per second")
+    return value
+
+
+def format_rate(n: int) -> str:
+    """The inverse of `parse_rate` for config text: 'unlimited', '10M/s', '10000000/s'."""
+    return "unlimited" if n == 0 else f"{format_size_exact(n)}/s"
+
+
 class AddressError(MirrorUnitError, ValueError):
     """An address an operator typed is not HOST:PORT; the message says what is wrong."""
 

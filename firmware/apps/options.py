@@ -5,13 +5,21 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from ..units import parse_size
+from ..units import parse_rate, parse_size
 
 
 def size(text: str) -> int:
     """A size in bytes: '4096', '1G', '256M'..."""
     try:
         return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def rate(text: str) -> int:
+    """A rate cap in bytes/s: '10MB/s', '80Mbit/s', '2M'; 0 or 'unlimited': none."""
+    try:
+        return parse_rate(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from e
 

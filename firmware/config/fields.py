@@ -194,6 +194,35 @@ class Size(FieldType):
         return format_size(value)
 
 
+class Rate(FieldType):
+    """Bytes per second in the grammar of `firmware.units.parse_rate` (10MB/s,
+    80Mbit/s); 0 means no cap, shown as 'unlimited'."""
+
+    def __init__(self, *, minimum: int, maximum: int) -> None:
+        self.minimum, self.maximum = minimum, maximum
+
+    def parse(self, key: str, text: str) -> int:
+        try:
+            return self.check(key, units.parse_rate(text))
+        except units.RateError as e:
+            raise ConfigError(key, str(e)) from None
+
+    def check(self, key: str, value: Any) -> int:
+        n = _need_int(key, value)
+        if n == 0:
+            return 0
+        if n < self.minimum:
+            raise ConfigError(key, f"{n} bytes/s is below the minimum of "
+                              f"{units.format_rate(self.minimum)} (0 or unlimited: no cap)")
+        if n > self.maximum:
+            raise ConfigError(key, f"{n} bytes/s is above the maximum of "
+                              f"{units.format_rate(self.maximum)} (0 or unlimited: no cap)")
+        return n
+
+    def display(self, value: Any) -> str:
+        return units.format_rate(value)
+
+
 class IpAddress(FieldType):
     def __init__(self, *, optional: bool = True) -> None:
         self.optional = optional

@@ -94,6 +94,10 @@ def apply_live(diff: ConfigDiff, cfg: Config, control: str | os.PathLike[str] | 
             op = ("volume.set_cache_mode", {"mode": cfg[key]})
         elif key == "buffer.high_water":
             op = ("cbq.set_high_water", {"high_water": cfg[key]})
+        elif key == "link.bandwidth":
+            op = ("link.set_bandwidth", {"bandwidth": cfg[key]})
+        elif key == "link.compression":
+            op = ("link.set_compression", {"compression": cfg[key]})
         elif key == "peers":
             op = ("link.set_peers", {"peers": [dict(p) for p in cfg[key]]})
         if op is None:

@@ -33,6 +33,7 @@ from .fields import (
     Netmask,
     PasswordHash,
     Port,
+    Rate,
     Real,
     Record,
     SealKeyText,
@@ -124,6 +125,13 @@ FIELDS: tuple[Field, ...] = (
           "buffer fill ratio that switches the queue to compact mode", live=True),
     Field("cache.mode", Choice("write-through", "write-back"), "write-through",
           "write-back acknowledges from RAM; only safe with a working UPS", live=True),
+    # Live: `link.set_bandwidth` / `link.set_compression` on the local unit
+    # (firmware/config/live.py); the link does not reconnect for a cap.
+    Field("link.bandwidth", Rate(minimum=8 * 1024, maximum=1 << 40), 0,
+          "cap of each remote's link in bytes/s (10MB/s, 80Mbit/s; unlimited: no cap)",
+          live=True),
+    Field("link.compression", Choice("auto", "zstd", "zlib", "none"), "auto",
+          "codec of the replication traffic (auto: the best both units have)", live=True),
     Field("scsi.vendor", Text(8), "MIRROR", "SCSI INQUIRY vendor (8 ASCII)", live=False),
     Field("scsi.product", Text(16), "MirrorUnit", "SCSI INQUIRY product (16 ASCII)", live=False),
     Field("scsi.lun", Integer(0, 7), 0, "SCSI logical unit number", live=False),
@@ -365,7 +373,8 @@ def diff_live(old: Config, new: Config) -> ConfigDiff:
 __all__ = [
     "BoardLimits", "Boolean", "Choice", "Config", "ConfigDiff", "Email", "FIELDS", "Field",
     "FieldType", "Fingerprint", "HostPort", "Integer", "IpAddress", "ListOf", "MIGRATIONS",
-    "Netmask", "PasswordHash", "Port", "Real", "Record", "SCHEMA", "SCHEMA_VERSION", "SealKeyText",
+    "Netmask", "PasswordHash", "Port", "Rate", "Real", "Record", "SCHEMA", "SCHEMA_VERSION",
+    "SealKeyText",
     "SecretText", "Size", "Text", "diff_live", "field", "format_show", "format_size",
     "from_document", "join_host_port", "normalise_fingerprint", "parse_size", "set_value", "show",
     "split_host_port", "validate",

@@ -133,6 +133,15 @@ class PeerLinkStatus(TypedDict):
     pair_offers: int
     pairings: int
     wire_bytes_sent: int
+    #: The cap of this link in bytes/s (None: none), the codec of its next batch (None:
+    #: no session), the codecs it offers at HELLO, and the uncompressed record bytes of
+    #: the WRITES it sent beside those frames' bytes.  Not required: a unit from before
+    #: link settings does not report them.
+    bandwidth: NotRequired[float | None]
+    compression: NotRequired[str | None]
+    compression_offered: NotRequired[list[str]]
+    write_data_bytes: NotRequired[int]
+    write_wire_bytes: NotRequired[int]
     #: whether batches wait in the remote's receive buffer for a signature
     signature: bool
     batches_aborted: int

@@ -488,6 +488,21 @@ def available_codecs() -> tuple[str, ...]:
     return (CODEC_ZSTD, CODEC_ZLIB, CODEC_NONE)
 
 
+#: The codec preferences an operator picks from: every codec, best first, or one.
+CODEC_PREFERENCES = ("auto", CODEC_ZSTD, CODEC_ZLIB, CODEC_NONE)
+
+
+def codec_offer(preference: str) -> tuple[str, ...]:
+    """What a sender offers at HELLO for a preference: `auto` offers every codec (the
+    remote takes the best it has), a codec offers itself and none, `none` only none."""
+    if preference == "auto":
+        return available_codecs()
+    if preference not in CODEC_PREFERENCES:
+        raise ValueError(f"compression {preference!r} is not one of "
+                         f"{', '.join(CODEC_PREFERENCES)}")
+    return (preference,) if preference == CODEC_NONE else (preference, CODEC_NONE)
+
+
 def compress(codec: str, data: bytes) -> bytes:
     if codec == CODEC_NONE:
         return data

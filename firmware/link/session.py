@@ -19,6 +19,7 @@ rewinds and sends again).
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -67,6 +68,7 @@ from firmware.link.frames import (
     encode_frame,
     skip_record,
 )
+from firmware.link.pacing import TokenBucket
 
 # --------------------------------------------------------------------------- interfaces
 
@@ -521,13 +523,28 @@ class _InFlight:
 
 
 class SenderSession(_Session):
+    """With a `pacer`, WRITES batches and resync chunks go out only as fast as it
+    allows (the shell waits `send_delay()` before pumping again); every other frame
+    (acks' answers, pings, digest requests) is small and goes at once."""
+
     role = Role.SENDER
 
-    def __init__(self, config: SenderConfig, source: WriteSource) -> None:
+    def __init__(self, config: SenderConfig, source: WriteSource, *,
+                 pacer: TokenBucket | None = None) -> None:
         super().__init__(SessionState.IDLE)
         self.config = config
         self._source = source
+        self.pacer = pacer
+        #: The codec of the next WRITES batch or chunk: the one HELLO_ACK chose, or
+        #: none (see `prefer_codecs`).
         self.compression = CODEC_NONE
+        #: The codec HELLO_ACK chose; the remote takes it or none for this session.
+        self.negotiated = CODEC_NONE
+        #: Resync chunks waiting for the pacer, in order.
+        self._chunks_out: deque[ChunkData] = deque()
+        #: Uncompressed record bytes and frame bytes of the WRITES sent.
+        self.writes_data_bytes = 0
+        self.writes_wire_bytes = 0
         self.signature = False
         #: The remote takes BARRIER records (HELLO_ACK said so).
         self.barriers = False
@@ -563,10 +580,20 @@ class SenderSession(_Session):
         self._pending_events.append(
             ResyncStarted(rid, plan.verify, plan.seq, len(plan.chunks)))
 
+    def _release_chunks(self) -> None:
+        pacer = self.pacer
+        while self._chunks_out and (pacer is None or pacer.delay() == 0.0):
+            wire = encode_frame(self._chunks_out.popleft())
+            self._out += wire
+            if pacer is not None:
+                pacer.spend(len(wire))
+
     def _pump_resync(self) -> None:
         r = self._resync
         assert r is not None
-        while r.todo and r.outstanding < DIGEST_WINDOW:
+        self._release_chunks()
+        # Chunks held back by the pacer bound what more answers may add to them.
+        while r.todo and r.outstanding < DIGEST_WINDOW and len(self._chunks_out) <= DIGEST_PIECE:
             size = VERIFY_PIECE if r.plan.verify else DIGEST_PIECE
             piece = tuple(r.todo.pop() for _ in range(min(size, len(r.todo))))
             prefetch = getattr(self._source, "prefetch_digests", None)
@@ -574,7 +601,7 @@ class SenderSession(_Session):
                 prefetch(piece)
             self._send(DigestRequest(resync_id=r.resync_id, chunks=piece))
             r.outstanding += 1
-        if not r.todo and r.outstanding == 0 and not r.end_sent:
+        if not r.todo and r.outstanding == 0 and not r.end_sent and not self._chunks_out:
             self._send(ResyncEnd(resync_id=r.resync_id, seq=r.plan.seq))
             r.end_sent = True
 
@@ -592,6 +619,29 @@ class SenderSession(_Session):
     @property
     def in_flight_bytes(self) -> int:
         return sum(b.nbytes for b in self._in_flight)
+
+    def send_delay(self) -> float:
+        """Seconds the pacer holds the next WRITES batch or chunk back (0.0: none)."""
+        return self.pacer.delay() if self.pacer is not None else 0.0
+
+    def prefer_codecs(self, codecs: Sequence[str]) -> bool:
+        """Compress the next batches with the first of `codecs` this session can use:
+        the codec HELLO_ACK chose, or none (a remote takes either); codecs the remote
+        passed over at HELLO are skipped.  False when a codec before those is one only
+        a new HELLO can offer: the caller reconnects with `codecs` as the offer."""
+        if self.state is not SessionState.STREAMING:
+            raise LinkError("the codec changes only on an established session")
+        offered = self.config.compression
+        passed_over = offered[:offered.index(self.negotiated)] \
+            if self.negotiated in offered else offered
+        for codec in codecs:
+            if codec in (CODEC_NONE, self.negotiated):
+                self.compression = codec
+                return True
+            if codec not in passed_over:
+                return False
+        self.compression = CODEC_NONE
+        return True
 
     def start(self) -> None:
         if self.state is not SessionState.IDLE:
@@ -629,10 +679,15 @@ class SenderSession(_Session):
                 self._pump_resync()
             return 0
         while self.state is SessionState.STREAMING:
+            if self.send_delay() > 0.0:
+                break
             room = self.config.window_bytes - self.in_flight_bytes
             if room <= 0:
                 break
-            records = self._source.next_batch(min(room, self.config.batch_bytes))
+            limit = min(room, self.config.batch_bytes)
+            if self.pacer is not None:
+                limit = self.pacer.batch_bytes(limit)
+            records = self._source.next_batch(limit)
             if not records:
                 break
             if not self.barriers:
@@ -663,6 +718,10 @@ class SenderSession(_Session):
         nbytes = sum(len(r.data) for r in records)
         self._out += wire
         self.bytes_sent_payload += len(wire) - FRAME_OVERHEAD
+        self.writes_data_bytes += nbytes
+        self.writes_wire_bytes += len(wire)
+        if self.pacer is not None:
+            self.pacer.spend(len(wire))
         self._in_flight.append(
             _InFlight(
                 batch_id=batch_id,
@@ -710,9 +769,10 @@ class SenderSession(_Session):
                     continue
             r.differing.append(chunk)
             if not r.plan.verify:
-                self._send(ChunkData(resync_id=r.resync_id, chunk=chunk,
-                                     codec=self.compression, data=data))
+                self._chunks_out.append(ChunkData(resync_id=r.resync_id, chunk=chunk,
+                                                  codec=self.compression, data=data))
                 r.bytes_sent += len(data)
+        self._release_chunks()
         progress = getattr(src, "resync_progress", None)
         if progress is not None:
             progress(r.compared, len(r.plan.chunks), len(r.differing))
@@ -757,7 +817,7 @@ class SenderSession(_Session):
             )
         if ack.barriers and not c.barriers:
             raise LinkProtocolError("remote answered barriers to a HELLO that offered none")
-        self.compression = ack.compression
+        self.compression = self.negotiated = ack.compression
         self.signature = ack.signature
         self.barriers = ack.barriers
         durable = ack.durable_seq

@@ -40,6 +40,7 @@ from firmware.link.frames import (
     SwitchoverDone,
     SwitchoverStart,
 )
+from firmware.link.pacing import TokenBucket
 from firmware.link.pairing import (
     AnonymousServerSession,
     PairDenied,
@@ -93,46 +94,8 @@ from firmware.link.tls import (
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 256 * 1024
-#: Sends are cut into chunks this big so a bandwidth cap paces them smoothly.
-SEND_CHUNK = 16 * 1024
 ERR_BUSY = "busy"
 REMOTE_CLOSED = "remote closed the connection"
-
-
-class TokenBucket:
-    """Paces a byte stream to `rate` bytes/s, allowing bursts of `burst` bytes.
-
-    A consumer may take more than is in the bucket; it then waits until the debt is
-    paid, so the long-run rate holds for any chunk size.
-    """
-
-    def __init__(
-        self,
-        rate: float,
-        burst: int | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        if rate <= 0:
-            raise ValueError("rate must be positive")
-        self.rate = rate
-        self.burst = burst if burst is not None else max(SEND_CHUNK, int(rate / 10))
-        self._clock = clock
-        self._sleep = sleep
-        self._tokens = float(self.burst)
-        self._stamp = clock()
-
-    def consume(self, n: int) -> float:
-        """Take `n` tokens, sleeping as needed; returns the time slept."""
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-        self._stamp = now
-        self._tokens -= n
-        if self._tokens >= 0:
-            return 0.0
-        wait = -self._tokens / self.rate
-        self._sleep(wait)
-        return wait
 
 
 class Backoff:
@@ -227,6 +190,9 @@ class ClientStats:
     #: PAIR_OFFERs sent after a refusal, and those the remote answered PAIRED.
     pair_offers: int = 0
     pairings: int = 0
+    #: Uncompressed record bytes of the WRITES sent, and those frames' bytes.
+    write_data_bytes: int = 0
+    write_wire_bytes: int = 0
 
 
 class LinkClient:
@@ -261,7 +227,13 @@ class LinkClient:
         self.remote_name = remote_name
         self.config = config
         self.source = source
-        self.bucket = TokenBucket(bandwidth) if bandwidth else None
+        #: Paces WRITES and resync chunks of every session to `bandwidth` bytes/s.
+        self.pacer = TokenBucket(bandwidth)
+        self._settings_lock = threading.Lock()
+        self._bandwidth = bandwidth or None
+        self._rate_pending = False
+        self._codecs_pending: tuple[str, ...] | None = None
+        self._reconnect_now = False
         self.backoff = backoff or Backoff()
         self.keepalive = keepalive
         self.dead_after = dead_after
@@ -307,6 +279,63 @@ class LinkClient:
         """New records are in the source: send them without waiting for the idle poll."""
         self._wake.set()
 
+    @property
+    def bandwidth(self) -> float | None:
+        """The cap in bytes/s (None: none), as last set."""
+        return self._bandwidth
+
+    @property
+    def codec(self) -> str | None:
+        """The codec of the next batch on the current session (None: no session)."""
+        session = self.session
+        return session.compression if session is not None and self.connected else None
+
+    def set_bandwidth(self, rate: float | None) -> None:
+        """Cap the replication traffic to `rate` bytes/s (None or 0: no cap) from the
+        next frame on, on this session: nothing reconnects."""
+        with self._settings_lock:
+            self._bandwidth = rate or None
+            self._rate_pending = True
+        self._wake.set()
+
+    def set_codecs(self, codecs: tuple[str, ...]) -> None:
+        """Offer `codecs` (best first) from now on.  The session takes the change at its
+        next batch when it can (see `SenderSession.prefer_codecs`); otherwise the link
+        alone reconnects with the new offer, once no resync is running."""
+        if not codecs:
+            raise ValueError("at least one codec")
+        with self._settings_lock:
+            self.config = dataclasses.replace(self.config, compression=tuple(codecs))
+            self._codecs_pending = tuple(codecs)
+        self._wake.set()
+
+    def _apply_settings(self, session: SenderSession) -> None:
+        """Takes up what `set_bandwidth` and `set_codecs` asked for (in the link thread,
+        which alone touches the session)."""
+        with self._settings_lock:
+            new_rate, rate = self._rate_pending, self._bandwidth
+            self._rate_pending = False
+            codecs = self._codecs_pending
+        if new_rate:
+            self.pacer.set_rate(rate)
+            log.info("link to %s:%d: bandwidth %s", *self.address,
+                     f"capped at {rate:.0f} B/s" if rate else "not capped")
+        if codecs is None or session.state is not SessionState.STREAMING:
+            return
+        if session.prefer_codecs(codecs):
+            log.info("link to %s:%d: batches compressed with %s", *self.address,
+                     session.compression)
+        elif session.resync_active:
+            return  # a reconnect would start the resync over: after it
+        else:
+            log.warning("link to %s:%d: %s was not negotiated on this session; "
+                        "reconnecting the link to offer it", *self.address, codecs[0])
+            self._reconnect_now = True
+            session.close()
+        with self._settings_lock:
+            if self._codecs_pending == codecs:
+                self._codecs_pending = None
+
     def wait_acked(self, seq: int, timeout: float) -> bool:
         """Block until the remote acknowledged `seq` (True) or `timeout` passed (False)."""
         deadline = time.monotonic() + timeout
@@ -335,6 +364,9 @@ class LinkClient:
                 log.warning("link to %s:%d lost: %s", *self.address, exc)
             if self._stop.is_set():
                 break
+            if self._reconnect_now:
+                self._reconnect_now = False
+                continue
             delay = self.backoff.next_delay()
             log.info("link to %s:%d: reconnecting in %.2fs", *self.address, delay)
             self._stop.wait(delay)
@@ -413,17 +445,15 @@ class LinkClient:
             raw.close()
 
     def _send(self, sock: ssl.SSLSocket, data: bytes) -> None:
-        view = memoryview(data)
-        for off in range(0, len(view), SEND_CHUNK):
-            chunk = view[off : off + SEND_CHUNK]
-            if self.bucket is not None:
-                self.bucket.consume(len(chunk))
-            sock.sendall(chunk)
-            self.stats.bytes_sent += len(chunk)
+        sock.sendall(data)
+        self.stats.bytes_sent += len(data)
 
     def _stream(self, sock: ssl.SSLSocket) -> None:
-        config = dataclasses.replace(self.config, resume_seq=self.acked_seq)
-        session = SenderSession(config, self.source)
+        with self._settings_lock:
+            config = dataclasses.replace(self.config, resume_seq=self.acked_seq)
+            # This session's HELLO offers them: nothing is left to apply.
+            self._codecs_pending = None
+        session = SenderSession(config, self.source, pacer=self.pacer)
         self.session = session
         session.start()
         last_rx = time.monotonic()
@@ -437,7 +467,11 @@ class LinkClient:
                     if blob is not None and blob != backup_sent:
                         session.put_config(blob)
                         backup_sent = blob
+                self._apply_settings(session)
+                data_before, wire_before = session.writes_data_bytes, session.writes_wire_bytes
                 session.pump()
+                self.stats.write_data_bytes += session.writes_data_bytes - data_before
+                self.stats.write_wire_bytes += session.writes_wire_bytes - wire_before
                 for event in session.take_events():
                     self._on_event(event)
                 out = session.data_to_send()
@@ -450,6 +484,9 @@ class LinkClient:
                     or session.resync_active
                 )
                 timeout = self.idle_poll if room else self.keepalive
+                paced = session.send_delay()
+                if paced > 0.0:
+                    timeout = min(timeout, paced)
                 if _readable(sock, self._wake, timeout):
                     data = sock.recv(RECV_SIZE)
                     if not data:

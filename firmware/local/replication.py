@@ -38,7 +38,7 @@ from firmware.lineage import store as lineage_store
 from firmware.link.clients import FailbackClientSession, SwitchoverClientSession
 from firmware.link.digests import sparse_chunk_digests
 from firmware.link.errors import LinkError, LinkRefused, SourceGap
-from firmware.link.frames import WriteRecord, available_codecs, barrier_record, skip_record
+from firmware.link.frames import WriteRecord, barrier_record, codec_offer, skip_record
 from firmware.link.session import (
     ERR_DIVERGED,
     ERR_FENCED,
@@ -542,7 +542,7 @@ class LinkService:
 
     def __init__(self, *, cbq: CircularBufferQueue, volume: Any, identity: Identity,
                  peers: PeerStore, unit_id: str, remotes: list[RemoteSpec], state_dir: Path,
-                 bandwidth: float | None = None, compression: str = "zstd",
+                 bandwidth: float | None = None, compression: str = "auto",
                  keepalive: float = 5.0, dead_after: float = 20.0,
                  backoff_max: float = 10.0, signature: bool = False,
                  config_path: Path | None = None) -> None:
@@ -552,10 +552,11 @@ class LinkService:
         self.peers = peers
         self.unit_id = unit_id
         self.state_dir = state_dir
-        self.bandwidth = bandwidth
-        codecs = available_codecs()
-        self.compression = (compression,) + tuple(c for c in codecs if c == "none") \
-            if compression != "none" else ("none",)
+        #: The cap of each remote's link in bytes/s (None: none); `set_bandwidth`.
+        self.bandwidth = bandwidth or None
+        #: auto, zstd, zlib or none, and the codecs offered for it; `set_compression`.
+        self.compression_setting = compression
+        self.compression = codec_offer(compression)
         self.keepalive = keepalive
         self.dead_after = dead_after
         self.backoff_max = backoff_max
@@ -955,6 +956,35 @@ class LinkService:
                 peer.client.start()
         return report
 
+    def set_bandwidth(self, bandwidth: float | None) -> dict[str, Any]:
+        """The config's `link.bandwidth`, taken up while the unit runs: every remote's
+        link is capped at `bandwidth` bytes/s (0 or None: no cap) from its next frame,
+        without reconnecting."""
+        if bandwidth is not None and (isinstance(bandwidth, bool)
+                                      or not isinstance(bandwidth, int | float)
+                                      or bandwidth < 0):
+            raise ValueError(f"bandwidth must be a number of bytes per second, not "
+                             f"{bandwidth!r}")
+        self.bandwidth = bandwidth or None
+        for peer in self._peers.values():
+            if peer.client is not None:
+                peer.client.set_bandwidth(self.bandwidth)
+        log.warning("link bandwidth %s for every remote", f"capped at {self.bandwidth:.0f} "
+                    "bytes/s" if self.bandwidth else "not capped")
+        return {"bandwidth": self.bandwidth}
+
+    def set_compression(self, compression: str) -> dict[str, Any]:
+        """The config's `link.compression`, taken up while the unit runs: the next batch
+        uses it if the link's session negotiated it (or it is none); otherwise that link
+        alone reconnects to offer it, after a running resync.  The host keeps its disk."""
+        offer = codec_offer(str(compression))
+        self.compression_setting, self.compression = str(compression), offer
+        for peer in self._peers.values():
+            if peer.client is not None:
+                peer.client.set_codecs(offer)
+        log.warning("link compression %s (offering %s)", compression, ", ".join(offer))
+        return {"compression": self.compression_setting, "offered": list(offer)}
+
     def verify(self, name: str) -> PeerLinkStatus:
         self._peer(name).source.request_verify()
         return self.peer_status(name)
@@ -989,6 +1019,11 @@ class LinkService:
             "pair_offers": client.stats.pair_offers if client is not None else 0,
             "pairings": client.stats.pairings if client is not None else 0,
             "wire_bytes_sent": client.stats.bytes_sent if client is not None else 0,
+            "bandwidth": self.bandwidth,
+            "compression": client.codec if client is not None else None,
+            "compression_offered": list(self.compression),
+            "write_data_bytes": client.stats.write_data_bytes if client is not None else 0,
+            "write_wire_bytes": client.stats.write_wire_bytes if client is not None else 0,
             "signature": session.signature if session is not None else self.signature,
             "batches_aborted": peer.aborted,
             "skips_sent": peer.source.skips_sent,
@@ -1037,5 +1072,7 @@ class LinkService:
             "link.failback": self.failback,
             "link.switchover": self.switchover,
             "link.set_peers": self.set_peers,
+            "link.set_bandwidth": self.set_bandwidth,
+            "link.set_compression": self.set_compression,
             "link.seal_config": self.seal_config,
         }

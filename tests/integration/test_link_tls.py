@@ -18,7 +18,7 @@ from firmware.link.errors import LinkError, LinkRefused, PeerNotPinned, TlsIdent
 from firmware.link.frames import CODEC_NONE, ErrorFrame, FrameDecoder, Hello
 from firmware.link.memory import MemorySink, MemorySource
 from firmware.link.session import ReceiverConfig, SenderConfig
-from firmware.link.shell import Backoff, LinkClient, LinkServer, TokenBucket
+from firmware.link.shell import Backoff, LinkClient, LinkServer
 from firmware.link.tls import (
     CERT_FILE,
     KEY_FILE,
@@ -180,25 +180,7 @@ def test_peer_store_round_trips_and_detects_tampering(tmp_path: Path) -> None:
         PeerStore(tmp_path / "peers.json")
 
 
-# --------------------------------------------------------------------------- pacing
-
-
-def test_token_bucket_holds_the_long_run_rate() -> None:
-    now = [0.0]
-    slept: list[float] = []
-
-    def sleep(t: float) -> None:
-        slept.append(t)
-        now[0] += t
-
-    bucket = TokenBucket(1000.0, burst=100, clock=lambda: now[0], sleep=sleep)
-    for _ in range(50):
-        bucket.consume(100)
-    # 5000 bytes at 1000 B/s with a 100-byte head start.
-    assert now[0] == pytest.approx(4.9)
-    now[0] += 10.0  # idle time refills only up to the burst
-    assert bucket.consume(100) == 0.0
-    assert bucket.consume(100) == pytest.approx(0.1)
+# --------------------------------------------------------------------------- reconnects
 
 
 def test_backoff_grows_to_its_cap_with_jitter() -> None:
@@ -400,9 +382,9 @@ def test_bandwidth_cap_is_respected_over_a_transfer(remote: Remote, units: dict[
         client.stop()
     sent = client.stats.bytes_sent
     assert sent > 300 * 1024
-    assert client.bucket is not None
+    assert client.pacer.rate == rate
     # Only the initial burst may go faster than the cap; allow 25 % for timer slack.
-    floor = (sent - client.bucket.burst) / rate
+    floor = (sent - client.pacer.burst) / rate
     assert elapsed >= 0.75 * floor, (elapsed, floor)
     assert elapsed < 5 * floor + 5  # and the cap does not throttle far below itself
     print(f"bandwidth cap {rate} B/s: {sent} bytes in {elapsed:.2f}s = {sent / elapsed:.0f} B/s")

@@ -10,10 +10,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ...link.frames import CODEC_PREFERENCES
 from ...local.unit import DEFAULT_CACHE_MODE
 from ...ups.service import DEFAULT_POWEROFF
 from .. import DEFAULT_CONTROL, standalone
-from ..options import ascii_text, size
+from ..options import ascii_text, rate, size
 from .settings import DEFAULT_EXPORT, DEFAULT_NBD, settings_from_args
 
 
@@ -76,9 +77,12 @@ def add_local_options(lo: argparse.ArgumentParser) -> None:
                    help="link identity and pinned peers (default: BUFFER.link next to "
                         "the buffer)")
     g.add_argument("--unit-id", help="this unit's id when its identity is first created")
-    g.add_argument("--link-bandwidth", type=size, metavar="BYTES/S",
-                   help="cap each link to this many bytes per second (e.g. 2M)")
-    g.add_argument("--compression", choices=("zstd", "zlib", "none"), default="zstd")
+    g.add_argument("--link-bandwidth", type=rate, metavar="RATE",
+                   help="cap each link's replication traffic (e.g. 2M, 10MB/s, 80Mbit/s; "
+                        "0: no cap); changed live by `config set link.bandwidth`")
+    g.add_argument("--compression", choices=CODEC_PREFERENCES, default="auto",
+                   help="codec of the replication traffic (auto: the best both units "
+                        "have); changed live by `config set link.compression`")
     g.add_argument("--link-signature", action="store_true",
                    help="digest handshake per batch: the remote holds each batch until "
                         "this unit confirms its digest (COMMIT) or rejects it (ABORT)")

@@ -51,8 +51,9 @@ class ReplicationSettings:
     #: None: BUFFER.link next to the buffer
     state_dir: Path | None = None
     unit_id: str | None = None
+    #: bytes/s of each link (None: no cap); auto, zstd, zlib or none
     bandwidth: int | None = None
-    compression: str = "zstd"
+    compression: str = "auto"
     signature: bool = False
     #: the config partition, sealed for the peers
     config: Path | None = None
@@ -103,7 +104,7 @@ def settings_from_args(args: argparse.Namespace) -> LocalAppSettings:
                           scsi_serial=args.scsi_serial, read_only=args.lun_read_only)
     replication = ReplicationSettings(
         remotes=_remotes(args.remote), state_dir=args.state_dir, unit_id=args.unit_id,
-        bandwidth=args.link_bandwidth, compression=args.compression,
+        bandwidth=args.link_bandwidth or None, compression=args.compression,
         signature=args.link_signature, config=args.config,
         prune_default_consumer=args.peers is None)
     return LocalAppSettings(
@@ -142,6 +143,8 @@ def settings_from_config(cfg: Any, *, disk: str, buffer: str, store_path: str,
     by_name = {p["name"]: p for p in cfg["peers"]}
     remotes = _remotes([f"{name}={by_name[name]['address']}" for name in peers])
     replication = ReplicationSettings(remotes=remotes, state_dir=state_dir,
+                                      bandwidth=int(cfg["link.bandwidth"]) or None,
+                                      compression=str(cfg["link.compression"]),
                                       config=Path(store_path))
     return LocalAppSettings(unit=unit, nbd=None, usb=usb, replication=replication)
 
@@ -214,7 +217,7 @@ def command_line(s: LocalAppSettings) -> list[str]:
         argv += ["--unit-id", r.unit_id]
     if r.bandwidth is not None:
         argv += ["--link-bandwidth", str(r.bandwidth)]
-    if r.compression != "zstd":
+    if r.compression != "auto":
         argv += ["--compression", r.compression]
     if r.signature:
         argv += ["--link-signature"]

@@ -86,6 +86,18 @@ GOOD: list[tuple[str, str, Any]] = [
     ("buffer.high_water", "0.5", 0.5),
     ("buffer.high_water", "95%", 0.95),
     ("cache.mode", "write-back", "write-back"),
+    ("link.bandwidth", "unlimited", 0),
+    ("link.bandwidth", "0", 0),
+    ("link.bandwidth", "10MB/s", 10 << 20),
+    ("link.bandwidth", "10MiB/s", 10 << 20),
+    ("link.bandwidth", "512K", 512 << 10),
+    ("link.bandwidth", "80Mbit/s", 10_000_000),
+    ("link.bandwidth", "100 Mbps", 12_500_000),
+    ("link.bandwidth", "1.5M/s", 1536 << 10),
+    ("link.compression", "auto", "auto"),
+    ("link.compression", "ZSTD", "zstd"),
+    ("link.compression", "zlib", "zlib"),
+    ("link.compression", "none", "none"),
     ("remote.split_brain_policy", "discard-zero-changes", "discard-zero-changes"),
     ("scsi.vendor", "ACME", "ACME"),
     ("scsi.vendor", "12345678", "12345678"),
@@ -161,6 +173,14 @@ BAD: list[tuple[str, str, str]] = [
     ("buffer.high_water", "nan", "outside"),
     ("buffer.high_water", "high", "not a number"),
     ("cache.mode", "writeback", "not one of"),
+    ("link.bandwidth", "fast", "is not a rate (examples: 10MB/s"),
+    ("link.bandwidth", "10mb/s", "is not a rate"),
+    ("link.bandwidth", "-5M/s", "is not a rate"),
+    ("link.bandwidth", "1K/s", "below the minimum of 8K/s"),
+    ("link.bandwidth", "2T/s", "above the maximum of 1T/s"),
+    ("link.bandwidth", "0.5B/s", "not a whole number of bytes per second"),
+    ("link.bandwidth", "4bit/s", "less than one byte per second"),
+    ("link.compression", "lz4", "not one of auto, zstd, zlib, none"),
     ("remote.split_brain_policy", "discard-older", "not one of"),
     ("scsi.vendor", "VENDOR123", "at most 8"),
     ("scsi.vendor", "Ven\x01", "printable ASCII"),
@@ -733,3 +753,41 @@ def test_hash_is_never_shown_or_logged(tmp_path: Path, caplog: pytest.LogCapture
     assert "set" == store.show()["admin.password_hash"]
     # The export without secrets cannot carry it even in binary form.
     assert digest_part.encode() not in store.export("cbor")
+
+
+def test_link_rates_read_back_as_they_show() -> None:
+    from firmware.config.schema import show
+
+    for text, shown in (("80Mbit/s", "10000000/s"), ("10MB/s", "10M/s"), ("0", "unlimited"),
+                        ("1.5M/s", "1536K/s")):
+        cfg = set_value(Config.defaults(), "link.bandwidth", text)
+        assert show(cfg)["link.bandwidth"] == shown
+        assert set_value(Config.defaults(), "link.bandwidth", shown) == cfg
+    assert Config.defaults()["link.bandwidth"] == 0
+    assert Config.defaults()["link.compression"] == "auto"
+
+
+def test_link_settings_are_pushed_to_the_running_unit() -> None:
+    from firmware.config.live import apply_live
+    from firmware.config.schema import diff_live
+    from firmware.control import ControlError
+
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def unit(control: object, op: str, **kw: Any) -> dict[str, Any]:
+        calls.append((op, kw))
+        return {"ok": True}
+
+    old = Config.defaults()
+    new = set_value(set_value(old, "link.bandwidth", "2M/s"), "link.compression", "none")
+    report = apply_live(diff_live(old, new), new, "sock", caller=unit)
+    assert sorted(calls) == [("link.set_bandwidth", {"bandwidth": 2 << 20}),
+                             ("link.set_compression", {"compression": "none"})]
+    assert [k for k, _ in report.applied] == ["link.bandwidth", "link.compression"]
+
+    def older(control: object, op: str, **kw: Any) -> Any:
+        raise ControlError(f"unknown operation {op!r}")
+
+    report = apply_live(diff_live(old, new), new, "sock", caller=older)
+    assert [k for k, _ in report.restart] == ["link.bandwidth", "link.compression"]
+    assert "no link.set_bandwidth operation" in report.restart[0][1]
