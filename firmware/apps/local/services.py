@@ -55,8 +55,19 @@ def ups_monitor(settings: UpsSettings, data: DataPath) -> Service:
                       command_hook(settings.poweroff_command))
 
 
+def external_disk(data: DataPath) -> Service:
+    from ...local.external_disk import ExternalDiskService
+
+    assert data.disk_identity is not None and data.udev is not None
+    return ExternalDiskService(data.volume, data.disk_identity, data.udev,
+                               node=data.mirror.path)
+
+
 def build_services(s: LocalAppSettings, data: DataPath) -> list[Service]:
     services: list[Service] = []
+    if data.disk_identity is not None:
+        # First: the disk is watched before any front end lets a host write to it.
+        services.append(external_disk(data))
     if s.nbd is not None:
         services.append(NbdFrontEnd(data.volume, s.nbd.address, s.nbd.export_name))
     if s.usb is not None:

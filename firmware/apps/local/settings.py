@@ -95,7 +95,8 @@ def settings_from_args(args: argparse.Namespace) -> LocalAppSettings:
         buffer_size=args.buffer_size, block_size=args.block_size,
         cache_mode=CacheMode(args.cache_mode), cache_limit=args.cache_limit,
         high_water=args.high_water, peers=tuple(args.peers or ["remote"]),
-        standby=args.standby, external_ups=args.ups_external)
+        standby=args.standby, external_ups=args.ups_external, disk_id=args.disk_id,
+        buffer_id=args.buffer_id, device_wait=args.device_wait)
     usb = None
     if args.frontend == "usb":
         usb = UsbSettings(gadget=gadget_settings(args), scsi_vendor=args.scsi_vendor,
@@ -192,6 +193,11 @@ def command_line(s: LocalAppSettings) -> list[str]:
             argv += ["--peer", name]
     if u.standby:
         argv += ["--standby"]
+    for opt, ident in (("--disk-id", u.disk_id), ("--buffer-id", u.buffer_id)):
+        if ident is not None:
+            argv += [opt, ident]
+    if u.device_wait != d.device_wait:
+        argv += ["--device-wait", _number(u.device_wait)]
     if usb is not None:
         g = usb.gadget
         for opt, text, default_text in (
