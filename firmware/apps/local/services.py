@@ -17,9 +17,13 @@ def usb_front_end(settings: UsbSettings, data: DataPath) -> Service:
     from ...scsi import LogicalUnit
     from ...usb_gadget.service import UsbService
 
+    # A volume on a disk that can be unplugged is a removable medium to the host: Linux
+    # re-reads a removable unit's capacity once MEDIUM NOT PRESENT is over, while a fixed
+    # disk that once reported it stays failed until it is probed again.
     lu = LogicalUnit(data.volume, serial=settings.scsi_serial or settings.gadget.serial_number,
                      vendor=settings.scsi_vendor, product=settings.scsi_product,
-                     revision=settings.scsi_revision, read_only=settings.read_only)
+                     revision=settings.scsi_revision, read_only=settings.read_only,
+                     removable=data.disk_identity is not None)
     return UsbService(lu, settings.gadget)
 
 
