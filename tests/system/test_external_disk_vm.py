@@ -35,18 +35,21 @@ GADGET_UDC = "/sys/kernel/config/usb_gadget/mirrorunit/UDC"
 
 STATUS = f"""
 st() {{ mu status --control {CTL} --json; }}
-wait_status() {{  # wait_status REGEX SECONDS: until status matches
-    end=$(( $(date +%s) + $2 ))
-    while ! st 2>/dev/null | tr -d '\\n ' | grep -Eq "$1"; do
-        [ $(date +%s) -lt $end ] || {{ echo "status never matched $1"; st; return 1; }}
-        sleep 0.3
+wait_log() {{  # wait_log TEXT COUNT SECONDS: until the unit logged TEXT COUNT times
+    end=$(( $(date +%s) + $3 ))
+    while [ "$(grep -cF "$1" {WORK}/unit.log)" -lt "$2" ]; do
+        [ $(date +%s) -lt $end ] && {{ sleep 0.2; continue; }}
+        echo "no '$1' x$2 in the log"; tail {WORK}/unit.log; return 1
     done
 }}
 """
+#: status costs seconds under TCG: the waits read the unit's log, status is asked once a phase
+OFFLINE = "-> offline: data disk serial:" + SERIAL
+ONLINE = "offline -> ready: the disk is back"
 
 
 def pattern(i: int) -> bytes:
-    """What `yes blk$i | head -c 4096` writes into block i."""
+    """Block i of what the writer writes."""
     line = f"blk{i}\n".encode()
     return (line * (BLOCK // len(line) + 1))[:BLOCK]
 
@@ -103,7 +106,7 @@ mu local --disk /dev/disk/by-id/virtio-{SERIAL} --disk-id serial:{SERIAL} \
     --frontend usb --usb-udc dummy_udc.0 --usb-serial MUEXT0001 > {WORK}/unit.log 2>&1 &
 echo $! > {WORK}/unit.pid
 wait_disk MirrorUn
-wait_status '"connection":"configured"' 60
+wait_log "host connection: configured" 1 60
 st
 """)
     assert f"ID_SERIAL={SERIAL}" in out, out
@@ -113,11 +116,13 @@ st
 
     log = guest.path_in_guest("writer.log")
     stop = guest.path_in_guest("writer.stop")
+    blocks = guest.path_in_guest("blocks")
+    blocks.write_bytes(b"".join(pattern(i) for i in range(2000)))
     run(guest, f"""
 D=$(find_disk MirrorUn)
 ( i=0
-  while [ ! -e {stop} ] && [ $i -lt 3000 ]; do
-      if yes blk$i | head -c {BLOCK} | dd of=$D bs={BLOCK} seek=$i count=1 \
+  while [ ! -e {stop} ] && [ $i -lt 2000 ]; do
+      if dd if={blocks} of=$D bs={BLOCK} skip=$i seek=$i count=1 \
               oflag=direct,dsync conv=notrunc status=none 2>/dev/null; then
           echo "ok $i"
       else
@@ -127,13 +132,12 @@ D=$(find_disk MirrorUn)
   done
   echo "done $i" >> {log} ) </dev/null >/dev/null 2>&1 &
 """)
-    _until(lambda: len(_lines(log, "ok")) >= 30, "the writer writes", 60)
+    _until(lambda: len(_lines(log, "ok")) >= 10, "the writer writes", 60)
 
     qmp.execute("device_del", id="datadisk")
     qmp.wait_event("DEVICE_DELETED", 30, device="datadisk")
     out = run(guest, f"""
-wait_status '"state":"offline"' 30
-wait_status '"present":false' 30
+wait_log "{OFFLINE}" 1 30
 st
 kill -0 $(cat {WORK}/unit.pid) && echo unit-alive
 """)
@@ -145,28 +149,28 @@ kill -0 $(cat {WORK}/unit.pid) && echo unit-alive
 
     qmp.execute("device_add", driver="virtio-blk-pci", drive="data0", id="datadisk",
                 serial=SERIAL)
-    out = run(guest, """
-wait_status '"state":"ready"' 60
-wait_status '"present":true' 30
-st
-""")
-    status = json.loads(out[out.index("{"):])
-    assert status["volume"]["medium_present"] is True, status
-    assert status["external_disk"]["losses"] == 1 and status["external_disk"]["returns"] == 1
+    run(guest, f'wait_log "{ONLINE}" 1 60')
     last_err = max(_lines(log, "err"))
-    _until(lambda: len([i for i in _lines(log, "ok") if i > last_err]) >= 20,
+    _until(lambda: len([i for i in _lines(log, "ok") if i > last_err]) >= 10,
            "writes succeed again", 60)
     stop.write_text("")
     _until(lambda: "done " in log.read_text(), "the writer stops", 30)
+    out = run(guest, "st")
+    status = json.loads(out[out.index("{"):])
+    assert status["volume"]["state"] == "ready" and status["volume"]["medium_present"], status
+    assert status["external_disk"]["losses"] == 1 and status["external_disk"]["returns"] == 1
 
     # The UDC state as status reports it, with the gadget unbound and bound again.
     out = run(guest, f"""
 echo "" > {GADGET_UDC}
-wait_status '"connection":"not-attached"' 30 && echo unbound-seen
+wait_log "host connection: not-attached" 1 30
+st | grep -o '"connection": "[a-z-]*"' | sed 's/^/unbound /'
 echo dummy_udc.0 > {GADGET_UDC}
-wait_status '"connection":"configured"' 60 && echo rebound-seen
+wait_log "host connection: configured" 2 60
+st | grep -o '"connection": "[a-z-]*"' | sed 's/^/rebound /'
 """)
-    assert "unbound-seen" in out and "rebound-seen" in out, out
+    assert 'unbound "connection": "not-attached"' in out, out
+    assert 'rebound "connection": "configured"' in out, out
 
     out = run(guest, f"""
 kill -TERM $(cat {WORK}/unit.pid)
@@ -180,7 +184,7 @@ grep -E "offline|is back|redid|Traceback" {WORK}/unit.log
 
     acked = _lines(log, "ok")
     errors = _lines(log, "err")
-    assert errors and len(acked) >= 50, (len(acked), len(errors))
+    assert errors and len(acked) >= 20, (len(acked), len(errors))
     data = image.read_bytes()
     lost = [i for i in acked if data[i * BLOCK:(i + 1) * BLOCK] != pattern(i)]
     assert not lost, f"{len(lost)} acknowledged blocks missing from the disk: {lost[:10]}"
