@@ -122,8 +122,9 @@ def _check(check: Callable[[str], str], key: str, value: Any) -> str:
 
 
 def settings_from_config(cfg: Any, *, disk: str, buffer: str, store_path: str,
-                         state_dir: Path, control: str,
-                         peers: Sequence[str]) -> LocalAppSettings:
+                         state_dir: Path, control: str, peers: Sequence[str],
+                         disk_id: str | None = None,
+                         buffer_id: str | None = None) -> LocalAppSettings:
     """What the appliance runs: the USB front end only (no NBD), the data and buffer
     devices first boot chose, a link to each of `peers` (the configured peers that are
     pinned).  The UPS monitor is a process of its own on the appliance (`mirrorunit
@@ -132,7 +133,7 @@ def settings_from_config(cfg: Any, *, disk: str, buffer: str, store_path: str,
                          cache_mode=CacheMode(str(cfg["cache.mode"])),
                          high_water=float(cfg["buffer.high_water"]),
                          external_ups=None if cfg["ups.model"] == "none"
-                         else str(cfg["ups.model"]))
+                         else str(cfg["ups.model"]), disk_id=disk_id, buffer_id=buffer_id)
     gadget = _GADGET
     if cfg["unit.serial"]:
         gadget = GadgetSettings(
