@@ -195,6 +195,7 @@ class DiskWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.present = present
+        self._reopen_failed = False
         self.node: str | None = None
         self.losses = 0
         self.returns = 0
@@ -243,10 +244,17 @@ class DiskWatcher:
                 f" (udev {action})" if action else "")
             log.error("%s", reason)
             self._lost(reason)
-        elif device is not None and not self.present:
+        elif device is not None and not self.present and (action or not self._reopen_failed):
             log.warning("%s %s is back as %s", self.what, self.identity, device.device_node)
-            self._found(device)
-            # Only once the volume took it: a failed reopen is retried at the next event.
+            try:
+                self._found(device)
+            except BaseException:
+                # Retried at the next udev event for a block device, not at every rescan
+                # (a disk that cannot take the redo would fill the log).
+                self._reopen_failed = True
+                raise
+            # Only once the volume took it.
+            self._reopen_failed = False
             self.present = True
             self.returns += 1
         if device is not None:

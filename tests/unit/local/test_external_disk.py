@@ -247,6 +247,9 @@ def test_service_follows_remove_and_add_events() -> None:
         _wait(lambda: opened, "the disk was opened")
         _wait(lambda: opened[0].closed, "the failed storage was closed")
         assert not svc.status()["present"]
+        # A rescan (no event) does not try again: a disk that fails the redo would fill
+        # the log every two seconds.
+        assert svc.watcher.check() is False and len(opened) == 1
         vol.fail_return = False
         monitor.events.put(back)
         _wait(lambda: len(vol.log) == 2, "the return was reported")
