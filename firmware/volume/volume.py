@@ -108,6 +108,7 @@ class Volume:
         self._medium_lost: str | None = None
         self._state_before_loss = state
         self.medium_losses = 0
+        self._probing = threading.Lock()
         # Decided once: a protocol isinstance() check costs too much on every read.
         self._read_into = mirror if isinstance(mirror, ReadIntoStorage) else None
         self.cbq = cbq
@@ -227,7 +228,7 @@ class Volume:
                     self._read_into.preadinto(offset, buffer)
                     _lay_over(buffer, offset, self._cache)
             except OSError as e:
-                self._probe_medium()
+                self._probe_medium_later()
                 raise MediumError(f"mirror read failed: {e}", e.errno) from e
         self.counters["reads"] += 1
         self.counters["bytes_read"] += length
@@ -239,8 +240,7 @@ class Volume:
                             if w.offset < offset + length and offset < w.offset + len(w.data)]
                 data = self.mirror.pread(offset, length)
         except OSError as e:
-            # Outside the cache lock: medium_lost() takes the commit lock, which comes first.
-            self._probe_medium()
+            self._probe_medium_later()
             raise MediumError(f"mirror read failed: {e}", getattr(e, "errno", None)) from e
         if not overlays:
             return data
@@ -508,6 +508,22 @@ class Volume:
             self.medium_check()
         except Exception:  # the check itself failed: the error stands as a medium error
             log.exception("volume: checking the mirror's disk failed")
+
+    def _probe_medium_later(self) -> None:
+        """_probe_medium() from another thread: a reader may hold locks (the CBQ's, when it
+        reads current data) that must not wait for the commit lock medium_lost() takes."""
+        if self.medium_check is None or self._medium_lost is not None:
+            return
+        if not self._probing.acquire(blocking=False):
+            return  # one look at a time, however many reads fail
+
+        def probe() -> None:
+            try:
+                self._probe_medium()
+            finally:
+                self._probing.release()
+
+        threading.Thread(target=probe, name="volume-medium-check", daemon=True).start()
 
     def medium_lost(self, reason: str) -> None:
         """The mirror's disk is gone: OFFLINE, the mirror is closed and not touched again

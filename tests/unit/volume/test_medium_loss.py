@@ -4,6 +4,7 @@ acknowledged write lost, the CBQ redone onto the returned disk, one unit attenti
 from __future__ import annotations
 
 import errno
+import threading
 
 import pytest
 
@@ -199,3 +200,25 @@ def test_scsi_and_nbd_report_the_missing_disk() -> None:
     assert target.execute(0, tur).status is Status.GOOD
     assert target.execute(0, read10).status is Status.GOOD
     vol.close()
+
+
+def test_a_failed_read_looks_at_the_disk_from_another_thread() -> None:
+    """A reader may hold the CBQ's lock (current data for a compact record): the check
+    that takes the volume offline runs beside it, and the read fails as a medium error."""
+    mirror, vol = _volume(CacheMode.WRITE_THROUGH)
+    checked = threading.Event()
+
+    def check() -> None:
+        assert threading.current_thread() is not reader
+        vol.medium_lost("gone")
+        checked.set()
+
+    vol.medium_check = check
+    _pull(mirror)
+    reader = threading.current_thread()
+    with pytest.raises(MediumError):
+        vol.pread(0, BS)
+    assert checked.wait(5)
+    assert vol.state is DeviceState.OFFLINE
+    with pytest.raises(MediumNotPresent):
+        vol.pread(0, BS)
