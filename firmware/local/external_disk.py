@@ -309,9 +309,20 @@ class ExternalDiskService:
             storage.close()
             raise
 
+    def medium_check(self, settle: float = 1.0) -> bool:
+        """After an I/O error: is the disk still there?  The kernel fails the I/O of a disk
+        being removed a moment before the device leaves sysfs, so a present disk is looked
+        at again for up to `settle` seconds before the error counts as a medium error."""
+        deadline = time.monotonic() + settle
+        while self.watcher.check():
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(0.1)
+        return False
+
     def start(self) -> None:
         # An I/O error on the mirror looks the disk up at once rather than at the next event.
-        self.volume.medium_check = self.watcher.check
+        self.volume.medium_check = self.medium_check
         self.watcher.start()
 
     def stop(self) -> None:

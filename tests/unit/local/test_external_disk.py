@@ -226,7 +226,10 @@ def test_service_follows_remove_and_add_events() -> None:
                               udev, monitor=monitor, opener=opener, rescan=0.5)
     svc.start()
     try:
-        assert vol.medium_check == svc.watcher.check
+        assert vol.medium_check == svc.medium_check
+        t0 = time.monotonic()
+        assert svc.medium_check(settle=0.3) is True  # still there after the settle time
+        assert time.monotonic() - t0 >= 0.3
         listed = udev.listed
         monitor.events.put(FakeDevice("/dev/sdb", "disk", {}, action="change"))
         _wait(lambda: udev.listed > listed, "the change was looked at")
