@@ -7,12 +7,14 @@ in the guest writes numbered blocks one by one (O_DIRECT|O_DSYNC): the host gets
 errors, the unit stays up and reports the volume offline; device_add brings the same
 disk back, the volume comes back, and after a clean stop every block the host was
 told was written is in the disk image on this side.  Then the gadget is unbound and
-rebound, and the UDC state in status follows.
+rebound, and the UDC state in status follows.  Before all that the unit is started with
+its disk unplugged: it waits for it, saying so, and starts when it is plugged in.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,23 +95,36 @@ def _until(cond: object, what: str, timeout: float) -> None:
 def test_unplugged_data_disk_goes_offline_and_returns_with_nothing_lost(
         vm: tuple[GuestVM, Qmp, Path]) -> None:
     guest, qmp, image = vm
-    out = run(guest, f"""
+    out = run(guest, """
 set -e
 modprobe virtio_blk
 /lib/systemd/systemd-udevd --daemon --resolve-names=never
 udevadm trigger --action=add --subsystem-match=block
 udevadm settle --timeout=60
 udevadm info --query=property --name=/dev/vda | grep '^ID_SERIAL='
+""")
+    assert f"ID_SERIAL={SERIAL}" in out, out
+    # The unit starts before its disk is there: it waits, saying so, and starts once the
+    # disk appears.
+    qmp.execute("device_del", id="datadisk")
+    qmp.wait_event("DEVICE_DELETED", 30, device="datadisk")
+    out = run(guest, f"""
 mkdir -p {WORK}
 mu local --disk /dev/disk/by-id/virtio-{SERIAL} --disk-id serial:{SERIAL} \
     --buffer {WORK}/cbq.img --buffer-size 64M --control {CTL} --nbd '' \
     --frontend usb --usb-udc dummy_udc.0 --usb-serial MUEXT0001 > {WORK}/unit.log 2>&1 &
 echo $! > {WORK}/unit.pid
+wait_log "waiting for data disk serial:{SERIAL} (" 1 60
+grep -F "waiting for data disk" {WORK}/unit.log | head -1
+""")
+    assert re.search(rf"waiting for data disk serial:{SERIAL} \(\d+ s left\)", out), out
+    qmp.execute("device_add", driver="virtio-blk-pci", drive="data0", id="datadisk",
+                serial=SERIAL)
+    out = run(guest, """
 wait_disk MirrorUn
 wait_log "host connection: configured" 1 60
 st
 """)
-    assert f"ID_SERIAL={SERIAL}" in out, out
     status = json.loads(out[out.index("{"):])
     assert status["external_disk"]["identity"] == f"serial:{SERIAL}", status
     assert status["external_disk"]["present"] and status["volume"]["state"] == "ready"
