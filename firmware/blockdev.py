@@ -36,6 +36,10 @@ class NotReady(BlockDeviceError):
     pass
 
 
+class MediumNotPresent(NotReady):
+    """The device's backing disk is gone (unplugged); it may come back."""
+
+
 class WriteProtected(BlockDeviceError):
     pass
 

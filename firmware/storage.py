@@ -79,6 +79,9 @@ class FileStorage:
     def size(self) -> int:
         return self._size
 
+    def fileno(self) -> int:
+        return self._fd
+
     def pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self._fd, length, offset)
         if len(data) < length:

@@ -12,6 +12,7 @@ Stdlib only, plus the firmware package when it is importable (for the link ident
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,9 +149,15 @@ def plan_storage(board: dict[str, Any], boot_disk: str, runner: Runner,
             sleep(1)
             ext = find_external(st["external_bus"], boot_disk, runner, paths)
         if ext is not None:
-            parts = layout.external_layout(disk_size(ext, paths), **sizes)
-            env = {"MIRRORUNIT_BUFFER": "/dev/disk/by-partlabel/mirrorunit-buffer",
-                   "MIRRORUNIT_DATA": "/dev/disk/by-partlabel/mirrorunit-data",
+            # Fresh partition GUIDs, recorded: the unit names buffer and data by them, so it
+            # waits for this disk at boot and never takes another MirrorUnit disk plugged in.
+            buf, dat = (dataclasses.replace(p, uuid=str(uuid.uuid4()))
+                        for p in layout.external_layout(disk_size(ext, paths), **sizes))
+            parts = [buf, dat]
+            env = {"MIRRORUNIT_BUFFER": f"/dev/disk/by-partuuid/{buf.uuid}",
+                   "MIRRORUNIT_DATA": f"/dev/disk/by-partuuid/{dat.uuid}",
+                   "MIRRORUNIT_BUFFER_ID": f"partuuid:{buf.uuid}",
+                   "MIRRORUNIT_DATA_ID": f"partuuid:{dat.uuid}",
                    "MIRRORUNIT_STORAGE": f"external:{ext}"}
             return ext, env, layout.sfdisk_script(parts, label="gpt")
         if st.get("fallback") != "sd":

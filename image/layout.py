@@ -42,6 +42,8 @@ class Part:
     size: int  # bytes
     type: str  # MBR type byte as sfdisk writes it
     bootable: bool = False
+    #: GPT: the partition's unique GUID (its PARTUUID), chosen here so it can be recorded
+    uuid: str | None = None
 
     @property
     def end(self) -> int:
@@ -124,6 +126,8 @@ def sfdisk_script(parts: list[Part], label: str = "dos", disk_id: int = DISK_ID)
         line = f"start={p.start // SECTOR}, size={p.size // SECTOR}, type={p.type}"
         if label == "gpt":
             line += f", name=mirrorunit-{p.name}"
+            if p.uuid:
+                line += f", uuid={p.uuid}"
         if p.bootable:
             line += ", bootable"
         lines.append(line)

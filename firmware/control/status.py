@@ -51,6 +51,11 @@ class VolumeStatus(TypedDict):
     #: Not required: a unit from before barriers does not report them.
     barriers: NotRequired[int]
     barriers_unrecorded: NotRequired[int]
+    #: False while the mirror's disk is gone (the volume is offline), with why, and how
+    #: often that happened since start.
+    medium_present: NotRequired[bool]
+    medium_lost: NotRequired[str | None]
+    medium_losses: NotRequired[int]
 
 
 class ConsumerStats(TypedDict):
@@ -223,6 +228,16 @@ class PowerStatus(TypedDict):
     ups: str | None
 
 
+class ExternalDiskStatus(TypedDict):
+    #: e.g. "serial:S6XNNS0T123456"
+    identity: str
+    #: its device node now (None while it is missing)
+    node: str | None
+    present: bool
+    losses: int
+    returns: int
+
+
 class LocalStatus(TypedDict):
     role: str
     version: str
@@ -241,6 +256,8 @@ class LocalStatus(TypedDict):
     usb: NotRequired[UsbStatus]
     #: the unit's own UPS monitor, or (merged by a reader) a separate `mirrorunit ups`
     ups: NotRequired[UpsReport]
+    #: the data disk named by a stable identity (external storage), watched through udev
+    external_disk: NotRequired[ExternalDiskStatus]
 
 
 class LockoutReport(TypedDict):

@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import signal
+import stat
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,15 @@ from ..control import ControlServer
 from ..control.status import CbqStats, LocalStatus, NbdStatus
 from ..storage import FileStorage
 from ..volume import CacheMode, Volume
+from .external_disk import (
+    DiskIdentity,
+    DiskIdentityError,
+    UdevContext,
+    UdevDevice,
+    check_node,
+    default_context,
+    wait_for,
+)
 
 log = logging.getLogger("mirrorunit.local")
 
@@ -61,6 +71,13 @@ class LocalSettings:
     #: The model of a UPS that a separate `mirrorunit ups` process watches for this unit
     #: (the appliance's); None: no such process.  Said at start and in status.
     external_ups: str | None = None
+    #: The stable identity (serial:..., partuuid:..., uuid:..., wwn:...) of the disk that
+    #: `disk` and `buffer` must be: the unit waits up to `device_wait` seconds for each at
+    #: start and refuses a path that is another disk.  With `disk_id` the data disk is
+    #: also watched: OFFLINE while it is unplugged, back ONLINE when it returns.
+    disk_id: str | None = None
+    buffer_id: str | None = None
+    device_wait: float = 45.0
 
 
 class Service(Protocol):
@@ -130,11 +147,22 @@ class DataPath:
     cbq_storage: FileStorage
     cbq: CircularBufferQueue
     volume: Volume
+    #: the data disk's identity and the udev context it was found in, when named by one
+    disk_identity: DiskIdentity | None = None
+    udev: UdevContext | None = None
 
     @classmethod
-    def open(cls, s: LocalSettings) -> DataPath:
+    def open(cls, s: LocalSettings, udev: UdevContext | None = None) -> DataPath:
+        """`udev`: where disks named by identity are looked up (pyudev's by default)."""
         if s.block_size not in (512, 4096):
             raise LocalUnitError(f"block size {s.block_size} must be 512 or 4096")
+        named: dict[str, tuple[DiskIdentity, UdevDevice]] = {}
+        for text, path, what in ((s.disk_id, s.disk, "data disk"),
+                                 (s.buffer_id, s.buffer, "buffer disk")):
+            if text is not None:
+                if udev is None:
+                    udev = default_context()
+                named[what] = _wait_for_disk(text, path, what, s.device_wait, udev)
         size = _prepare_file(s.disk, s.size, "disk")
         if size % s.block_size:
             raise LocalUnitError(f"disk size {size} is not a multiple of {s.block_size}")
@@ -142,6 +170,11 @@ class DataPath:
         mirror = FileStorage(s.disk)
         cbq_storage = FileStorage(s.buffer)
         try:
+            # Checked on the open descriptors, before anything is read or formatted:
+            # the node could have become another disk since it was looked up.
+            for what, storage in (("data disk", mirror), ("buffer disk", cbq_storage)):
+                if what in named:
+                    _check_open(*named[what], storage)
             cbq = _open_cbq(s, cbq_storage, size // s.block_size, bsize)
             volume = Volume(
                 mirror, cbq, cache_mode=s.cache_mode, cache_limit=s.cache_limit,
@@ -154,12 +187,32 @@ class DataPath:
         if volume.redone_records:
             log.warning("recovery: %d writes redone onto the local mirror",
                         volume.redone_records)
-        return cls(mirror, cbq_storage, cbq, volume)
+        disk = named.get("data disk")
+        return cls(mirror, cbq_storage, cbq, volume, disk[0] if disk else None, udev)
 
     def close(self) -> None:
         self.volume.close()
         self.mirror.close()
+        # The disk's storage since it came back, if it went away meanwhile.
+        self.volume.mirror.close()
         self.cbq_storage.close()
+
+
+def _wait_for_disk(text: str, path: Path, what: str, timeout: float,
+                   udev: UdevContext) -> tuple[DiskIdentity, UdevDevice]:
+    try:
+        identity = DiskIdentity.parse(text)
+        wait_for(identity, udev, timeout=timeout, what=what)
+        return identity, check_node(identity, str(path), udev)
+    except DiskIdentityError as e:
+        raise LocalUnitError(str(e)) from e
+
+
+def _check_open(identity: DiskIdentity, device: UdevDevice, storage: FileStorage) -> None:
+    st = os.fstat(storage.fileno())
+    if not stat.S_ISBLK(st.st_mode) or st.st_rdev != device.device_number:
+        raise LocalUnitError(f"{storage.path} is not the disk with {identity}; refusing to "
+                             "use it")
 
 
 def _open_cbq(s: LocalSettings, storage: FileStorage, volume_blocks: int,

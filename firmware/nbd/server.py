@@ -35,6 +35,7 @@ from firmware.blockdev import (
     FrontEnd,
     HostCommand,
     MediumError,
+    MediumNotPresent,
     NotReady,
     OutOfRange,
     WriteProtected,
@@ -138,6 +139,8 @@ def nbd_errno(exc: Exception, command: int) -> int:
         return NBD_ENOSPC if command in (NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES) else NBD_EINVAL
     if isinstance(exc, WriteProtected):
         return NBD_EPERM
+    if isinstance(exc, MediumNotPresent):
+        return NBD_EIO  # the disk unplugged: an I/O error, as a block device gives
     if isinstance(exc, NotReady):
         return NBD_ESHUTDOWN
     if isinstance(exc, MediumError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

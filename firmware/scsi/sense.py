@@ -107,6 +107,7 @@ NO_SENSE = CheckCondition(SenseKey.NO_SENSE, 0x00, 0x00)
 NOT_READY_CAUSE_NOT_REPORTABLE = CheckCondition(SenseKey.NOT_READY, 0x04, 0x00)
 NOT_READY_MANUAL_INTERVENTION = CheckCondition(SenseKey.NOT_READY, 0x04, 0x03)
 NOT_READY_STANDBY = CheckCondition(SenseKey.NOT_READY, 0x04, 0x0B)
+MEDIUM_NOT_PRESENT = CheckCondition(SenseKey.NOT_READY, 0x3A, 0x00)
 
 # MEDIUM ERROR
 WRITE_ERROR = CheckCondition(SenseKey.MEDIUM_ERROR, 0x0C, 0x00)

@@ -7,6 +7,7 @@ import hashlib
 import threading
 
 from firmware.blockdev import BlockDevice, DeviceState, MediumError
+from firmware.blockdev import MediumNotPresent as DeviceMediumNotPresent
 from firmware.blockdev import NotReady as DeviceNotReady
 from firmware.blockdev import OutOfRange as DeviceOutOfRange
 from firmware.blockdev import WriteProtected as DeviceWriteProtected
@@ -130,6 +131,9 @@ class LogicalUnit:
         if state is DeviceState.STANDBY:
             return S.NOT_READY_STANDBY
         if state is DeviceState.OFFLINE:
+            # The disk under the volume unplugged, as a drive with no medium says it.
+            if not getattr(self._device, "medium_present", True):
+                return S.MEDIUM_NOT_PRESENT
             return S.NOT_READY_MANUAL_INTERVENTION
         return None
 
@@ -139,6 +143,8 @@ class LogicalUnit:
             return S.LBA_OUT_OF_RANGE
         if isinstance(error, DeviceWriteProtected):
             return S.WRITE_PROTECTED
+        if isinstance(error, DeviceMediumNotPresent):
+            return S.MEDIUM_NOT_PRESENT
         if isinstance(error, DeviceNotReady):
             return self.not_ready_sense() or S.NOT_READY_CAUSE_NOT_REPORTABLE
         if isinstance(error, MediumError | OSError):

@@ -20,6 +20,16 @@ it) turns the write cache off for good: from then on every write is committed
 before it completes, so a failing mirror fails the writes themselves, and the
 next FLUSH reports the failure, as a disk reports a deferred error for cached
 data it could not write.  Status names the failure.
+
+The mirror may live on a disk that can go away (a USB or NVMe SSD named by its
+identity).  When it does (`medium_lost()`, from a udev remove or an I/O error that
+the `medium_check` hook confirms), the volume goes OFFLINE without touching the
+mirror again: the host gets NOT READY / MEDIUM NOT PRESENT, the writes it was told
+are complete are in the CBQ (or still in the RAM cache, which is kept), and nothing
+is dropped.  When the same disk is back (`medium_returned()`), the CBQ's records
+after the mirror's acknowledgement are redone onto it, the RAM cache is applied, the
+mirror is synced, and the volume returns to the state it had; the front ends report
+that once as a unit attention (not ready to ready).
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from ..blockdev import (
     DeviceState,
     HostCommand,
     MediumError,
+    MediumNotPresent,
     NotReady,
     OutOfRange,
     WriteProtected,
@@ -86,8 +97,18 @@ class Volume:
                  cache_limit: int = 32 << 20, flush_interval: float = 1.0,
                  mirror_checkpoint_bytes: int | None = None,
                  read_only: bool = False, state: DeviceState = DeviceState.READY,
-                 on_state_change: Callable[[DeviceState], None] | None = None) -> None:
+                 on_state_change: Callable[[DeviceState], None] | None = None,
+                 medium_check: Callable[[], object] | None = None) -> None:
         self.mirror = mirror
+        #: Called after a failed mirror access: looks whether the disk is still there
+        #: (and calls medium_lost() when not), so an I/O error on a vanished disk takes
+        #: the volume offline instead of failing commands one by one.
+        self.medium_check = medium_check
+        #: Why the mirror's disk is missing; None while it is present.
+        self._medium_lost: str | None = None
+        self._state_before_loss = state
+        self.medium_losses = 0
+        self._probing = threading.Lock()
         # Decided once: a protocol isinstance() check costs too much on every read.
         self._read_into = mirror if isinstance(mirror, ReadIntoStorage) else None
         self.cbq = cbq
@@ -144,6 +165,10 @@ class Volume:
         return self._state
 
     def set_state(self, state: DeviceState) -> None:
+        if self._medium_lost is not None:
+            # Kept for when the disk is back; until then the volume stays offline.
+            self._state_before_loss = state
+            return
         if state is self._state:
             return
         if state is not DeviceState.READY:
@@ -171,7 +196,14 @@ class Volume:
     def supports_trim(self) -> bool:
         return False
 
+    @property
+    def medium_present(self) -> bool:
+        """False while the mirror's disk is gone (SCSI: MEDIUM NOT PRESENT)."""
+        return self._medium_lost is None
+
     def _check(self, offset: int, length: int) -> None:
+        if self._medium_lost is not None:
+            raise MediumNotPresent(f"volume is offline: {self._medium_lost}")
         if self._state is not DeviceState.READY:
             raise NotReady(f"volume is {self._state.value}")
         if offset < 0 or length < 0 or offset + length > self._size:
@@ -191,23 +223,25 @@ class Volume:
         if self._read_into is None:
             buffer[:] = self._read(offset, length)
         else:
-            with self._cache_lock:
-                try:
+            try:
+                with self._cache_lock:
                     self._read_into.preadinto(offset, buffer)
-                except OSError as e:
-                    raise MediumError(f"mirror read failed: {e}", e.errno) from e
-                _lay_over(buffer, offset, self._cache)
+                    _lay_over(buffer, offset, self._cache)
+            except OSError as e:
+                self._probe_medium_later()
+                raise MediumError(f"mirror read failed: {e}", e.errno) from e
         self.counters["reads"] += 1
         self.counters["bytes_read"] += length
 
     def _read(self, offset: int, length: int) -> bytes:
-        with self._cache_lock:
-            overlays = [w for w in self._cache
-                        if w.offset < offset + length and offset < w.offset + len(w.data)]
-            try:
+        try:
+            with self._cache_lock:
+                overlays = [w for w in self._cache
+                            if w.offset < offset + length and offset < w.offset + len(w.data)]
                 data = self.mirror.pread(offset, length)
-            except OSError as e:
-                raise MediumError(f"mirror read failed: {e}", getattr(e, "errno", None)) from e
+        except OSError as e:
+            self._probe_medium_later()
+            raise MediumError(f"mirror read failed: {e}", getattr(e, "errno", None)) from e
         if not overlays:
             return data
         buf = bytearray(data)
@@ -350,6 +384,8 @@ class Volume:
 
     def flush(self) -> None:
         self.counters["flushes"] += 1
+        if self._medium_lost is not None:
+            raise MediumNotPresent(f"volume is offline: {self._medium_lost}")
         with self._commit_lock:
             try:
                 self._commit_locked()
@@ -371,9 +407,16 @@ class Volume:
             self._commit_locked()
 
     def _commit_locked(self) -> None:
+        if self._medium_lost is not None:
+            # The cache is kept (its writes are in the CBQ too) until the disk is back.
+            raise MediumNotPresent(f"volume is offline: {self._medium_lost}")
         try:
             self._apply_cache_locked()
         except Exception as e:
+            self._probe_medium()
+            if self._medium_lost is not None:
+                # Not a failure of the data path: the disk went, the writes wait for it.
+                raise MediumNotPresent(f"volume is offline: {self._medium_lost}") from e
             self._commit_failed(e)
             raise
 
@@ -424,9 +467,14 @@ class Volume:
             self._mirror_checkpoint_locked()
 
     def _mirror_checkpoint_locked(self) -> None:
+        if self._medium_lost is not None:
+            raise MediumNotPresent(f"volume is offline: {self._medium_lost}")
         try:
             self.mirror.sync()
         except OSError as e:
+            self._probe_medium()
+            if self._medium_lost is not None:
+                raise MediumNotPresent(f"volume is offline: {self._medium_lost}") from e
             # The kernel may drop the pages it could not write, and a later sync then
             # succeeds without them: the CBQ keeps what the mirror was sent, for the redo
             # at the next start.
@@ -450,6 +498,92 @@ class Volume:
             self._commit_locked()
             self._mirror_checkpoint_locked()
         return time.monotonic() - t0
+
+    # ---------------------------------------------------------------- medium
+
+    def _probe_medium(self) -> None:
+        if self.medium_check is None or self._medium_lost is not None:
+            return
+        try:
+            self.medium_check()
+        except Exception:  # the check itself failed: the error stands as a medium error
+            log.exception("volume: checking the mirror's disk failed")
+
+    def _probe_medium_later(self) -> None:
+        """_probe_medium() from another thread: a reader may hold locks (the CBQ's, when it
+        reads current data) that must not wait for the commit lock medium_lost() takes."""
+        if self.medium_check is None or self._medium_lost is not None:
+            return
+        if not self._probing.acquire(blocking=False):
+            return  # one look at a time, however many reads fail
+
+        def probe() -> None:
+            try:
+                self._probe_medium()
+            finally:
+                self._probing.release()
+
+        threading.Thread(target=probe, name="volume-medium-check", daemon=True).start()
+
+    def medium_lost(self, reason: str) -> None:
+        """The mirror's disk is gone: OFFLINE, the mirror is closed and not touched again
+        until medium_returned().  The RAM cache and the CBQ keep every write."""
+        with self._commit_lock:
+            if self._medium_lost is not None:
+                return
+            self._medium_lost = reason
+            self.medium_losses += 1
+            self._state_before_loss = self._state
+            old_state, self._state = self._state, DeviceState.OFFLINE
+            log.error("volume: state %s -> offline: %s; %d cached bytes and the CBQ keep "
+                      "the writes until the disk is back", old_state.value, reason,
+                      self._cache_bytes)
+            # Readers hold the cache lock while they use the mirror: wait for them, so
+            # no read uses the descriptor after it is closed (and maybe reused).
+            with self._cache_lock:
+                try:
+                    self.mirror.close()
+                except OSError:
+                    pass  # it is gone anyway
+        if self._on_state_change:
+            self._on_state_change(DeviceState.OFFLINE)
+
+    def medium_returned(self, mirror: Storage) -> int:
+        """The disk is back as `mirror` (the caller checked its identity): redo what the
+        CBQ holds past the mirror's acknowledgement, apply the RAM cache, sync, and go
+        back to the state before the loss.  Returns the number of writes redone; raises
+        (and stays offline) when the disk does not take them."""
+        with self._lock, self._commit_lock:
+            if self._medium_lost is None:
+                mirror.close()
+                return 0
+            if mirror.size < self._size:
+                raise VolumeError(f"the returned disk holds {mirror.size} bytes, the "
+                                  f"volume needs {self._size}; staying offline")
+            with self._cache_lock:
+                self.mirror = mirror
+                self._read_into = mirror if isinstance(mirror, ReadIntoStorage) else None
+            try:
+                self._mirror_sync_failed = False
+                redone = self._redo()
+                self._apply_cache_locked()
+                self.mirror.sync()
+            except Exception:
+                log.exception("volume: the returned disk failed while the CBQ was redone "
+                              "onto it; staying offline")
+                raise
+            self._ack_mirror()
+            # Everything acknowledged is on the disk again: the failures of the disk that
+            # went do not describe this one.
+            self._commit_failure = None
+            self._deferred_error = None
+            reason, self._medium_lost = self._medium_lost, None
+            state = self._state = self._state_before_loss
+        log.warning("volume: offline -> %s: the disk is back (%s before); %d writes redone "
+                    "from the CBQ", state.value, reason, redone)
+        if self._on_state_change:
+            self._on_state_change(state)
+        return redone
 
     # ---------------------------------------------------------------- recovery
 
@@ -510,6 +644,8 @@ class Volume:
         while not self._stop.is_set():
             self._kick.wait(self.flush_interval)
             self._kick.clear()
+            if self._medium_lost is not None:
+                continue  # the cache waits for the disk
             try:
                 with self._commit_lock:
                     if self._cache:
@@ -531,6 +667,14 @@ class Volume:
             self._timer.join()
             self._timer = None
         with self._lock, self._commit_lock:
+            if self._medium_lost is not None:
+                # The mirror is gone: the CBQ keeps every write for the redo at the next
+                # start (write-back's cached ones become durable in it here).
+                log.warning("volume: closing while the disk is missing (%s); the CBQ keeps "
+                            "%d cached bytes for the next start", self._medium_lost,
+                            self._cache_bytes)
+                self.cbq.close()
+                return
             self._commit_locked()
             self._mirror_checkpoint_locked()
             self.cbq.close()
@@ -546,4 +690,6 @@ class Volume:
             write_cache_enabled=self.write_cache_enabled, commit_failure=self._commit_failure,
             reads=c["reads"], writes=c["writes"], bytes_read=c["bytes_read"],
             bytes_written=c["bytes_written"], flushes=c["flushes"], commits=c["commits"],
-            barriers=c["barriers"], barriers_unrecorded=c["barriers_unrecorded"])
+            barriers=c["barriers"], barriers_unrecorded=c["barriers_unrecorded"],
+            medium_present=self._medium_lost is None, medium_lost=self._medium_lost,
+            medium_losses=self.medium_losses)

@@ -61,6 +61,15 @@ def test_storage_map_is_read(unit: dict[str, Any]) -> None:
     assert s == Storage("/dev/disk/by-partuuid/x-06", "/dev/disk/by-partuuid/x-07", "sd:mmcblk0")
 
 
+def test_storage_map_of_an_external_disk_names_its_partitions(tmp_path: Path) -> None:
+    (tmp_path / "storage.env").write_text(
+        "MIRRORUNIT_BUFFER=/dev/disk/by-partuuid/b1\nMIRRORUNIT_DATA=/dev/disk/by-partuuid/d1\n"
+        "MIRRORUNIT_BUFFER_ID=partuuid:b1\nMIRRORUNIT_DATA_ID=partuuid:d1\n"
+        "MIRRORUNIT_STORAGE=external:/dev/nvme0n1\n")
+    s = appliance.read_storage_env(tmp_path / "storage.env")
+    assert (s.buffer_id, s.data_id) == ("partuuid:b1", "partuuid:d1")
+
+
 @pytest.mark.parametrize("text, words", [
     ("MIRRORUNIT_BUFFER=/dev/a\n", "MIRRORUNIT_DATA not set"),
     ("MIRRORUNIT_BUFFER=/dev/a\ngarbage\n", "line 2: not KEY=value"),

@@ -228,6 +228,12 @@ def test_firstboot_waits_for_a_late_external_disk(tmp_path: Path) -> None:
     target, env, script = firstboot.plan_storage(board, "/dev/vda", runner, paths, sleep)
     assert len(polls) == 2 and target == "/dev/nvme0n1"
     assert env["MIRRORUNIT_STORAGE"] == "external:/dev/nvme0n1" and "label: gpt" in (script or "")
+    # Buffer and data are named by the partition GUIDs the script gives them.
+    for part in ("BUFFER", "DATA"):
+        kind, _, guid = env[f"MIRRORUNIT_{part}_ID"].partition(":")
+        assert kind == "partuuid" and f"uuid={guid}" in (script or ""), script
+        assert env[f"MIRRORUNIT_{part}"] == f"/dev/disk/by-partuuid/{guid}"
+    assert env["MIRRORUNIT_BUFFER_ID"] != env["MIRRORUNIT_DATA_ID"]
 
 
 def test_hostname_keeps_the_serial_first_boot_used(tmp_path: Path) -> None:

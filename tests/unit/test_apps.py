@@ -34,8 +34,10 @@ def test_local_settings_from_the_config_run_what_the_shown_command_line_runs() -
                                 "fingerprint": "cd" * 32}]})
     s = local.settings_from_config(cfg, disk="/dev/data", buffer="/dev/buf",
                                    store_path="/config/config.slots", state_dir=Path("/run/w"),
-                                   control="/run/local.sock", peers=["vault", "v6"])
+                                   control="/run/local.sock", peers=["vault", "v6"],
+                                   disk_id="partuuid:d1", buffer_id="partuuid:b1")
     assert s.nbd is None and s.ups is None
+    assert (s.unit.disk_id, s.unit.buffer_id) == ("partuuid:d1", "partuuid:b1")
     assert s.usb is not None and s.usb.gadget.serial_number == "SN42"
     assert [(r.name, r.host, r.port) for r in s.replication.remotes] == [
         ("vault", "10.0.0.2", 7310), ("v6", "fd00::2", 7310)]
@@ -53,10 +55,13 @@ def test_local_command_line_keeps_every_option_given() -> None:
             "--lun-read-only", "--remote", "a=h:1", "--state-dir", "st", "--unit-id", "u",
             "--link-bandwidth", "2M", "--compression", "none", "--link-signature",
             "--config", "cfg.slots", "--ups-config", "ups.slots",
-            "--ups-poweroff-command", "true"]
+            "--ups-poweroff-command", "true", "--disk-id", "serial:X1", "--buffer-id",
+            "partuuid:0a1b", "--device-wait", "7.5"]
     s = _local(argv)
     assert s.unit.peers == ("a", "b") and not s.replication.prune_default_consumer
     assert s.ups is not None and s.ups.poweroff_command == "true"
+    assert (s.unit.disk_id, s.unit.buffer_id, s.unit.device_wait) == (
+        "serial:X1", "partuuid:0a1b", 7.5)
     assert _local(local.command_line(s)) == s
     # with nothing but the required options, nothing but them is shown
     bare = _local(["local", "--disk", "d", "--buffer", "b"])

@@ -58,7 +58,8 @@ def role_settings(args: argparse.Namespace, role: str) -> tuple[
         try:
             settings = local.settings_from_config(
                 cfg, disk=storage.data, buffer=storage.buffer, store_path=store_path,
-                state_dir=work, control=str(socket_path("local", args.run_dir)), peers=peers)
+                state_dir=work, control=str(socket_path("local", args.run_dir)), peers=peers,
+                disk_id=storage.data_id, buffer_id=storage.buffer_id)
         except ValueError as e:
             raise ApplianceError(str(e)) from None
     else:

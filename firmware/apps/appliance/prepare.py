@@ -57,6 +57,9 @@ class Storage:
     buffer: str
     data: str
     where: str
+    #: stable identities (partuuid:...) of an external disk's partitions, when recorded
+    buffer_id: str | None = None
+    data_id: str | None = None
 
 
 def read_storage_env(path: str | os.PathLike[str]) -> Storage:
@@ -79,7 +82,8 @@ def read_storage_env(path: str | os.PathLike[str]) -> Storage:
     if missing:
         raise ApplianceError(f"{path}: {', '.join(missing)} not set")
     return Storage(env["MIRRORUNIT_BUFFER"], env["MIRRORUNIT_DATA"],
-                   env.get("MIRRORUNIT_STORAGE", ""))
+                   env.get("MIRRORUNIT_STORAGE", ""), env.get("MIRRORUNIT_BUFFER_ID") or None,
+                   env.get("MIRRORUNIT_DATA_ID") or None)
 
 
 def load_config(store_path: str) -> Any:

@@ -34,6 +34,15 @@ def add_local_options(lo: argparse.ArgumentParser) -> None:
     lo.add_argument("--buffer", type=Path, required=True, help="CBQ file or partition")
     lo.add_argument("--buffer-size", type=size, help="CBQ size when creating it")
     lo.add_argument("--block-size", type=int, default=512, choices=(512, 4096))
+    lo.add_argument("--disk-id", metavar="KIND:VALUE",
+                    help="stable identity the --disk device must have (serial:, wwn:, "
+                         "partuuid:, uuid:, as udev reports them); the unit waits for it at "
+                         "start, refuses another disk, and goes offline while it is unplugged")
+    lo.add_argument("--buffer-id", metavar="KIND:VALUE",
+                    help="stable identity the --buffer device must have (as --disk-id)")
+    lo.add_argument("--device-wait", type=float, default=45.0, metavar="SECONDS",
+                    help="how long to wait at start for a disk named by identity "
+                         "(default 45)")
     lo.add_argument("--nbd", default=DEFAULT_NBD, metavar="HOST:PORT",
                     help="NBD front end address ('' to disable)")
     lo.add_argument("--export-name", default=DEFAULT_EXPORT)

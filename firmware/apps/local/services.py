@@ -17,9 +17,13 @@ def usb_front_end(settings: UsbSettings, data: DataPath) -> Service:
     from ...scsi import LogicalUnit
     from ...usb_gadget.service import UsbService
 
+    # A volume on a disk that can be unplugged is a removable medium to the host: Linux
+    # re-reads a removable unit's capacity once MEDIUM NOT PRESENT is over, while a fixed
+    # disk that once reported it stays failed until it is probed again.
     lu = LogicalUnit(data.volume, serial=settings.scsi_serial or settings.gadget.serial_number,
                      vendor=settings.scsi_vendor, product=settings.scsi_product,
-                     revision=settings.scsi_revision, read_only=settings.read_only)
+                     revision=settings.scsi_revision, read_only=settings.read_only,
+                     removable=data.disk_identity is not None)
     return UsbService(lu, settings.gadget)
 
 
@@ -55,8 +59,19 @@ def ups_monitor(settings: UpsSettings, data: DataPath) -> Service:
                       command_hook(settings.poweroff_command))
 
 
+def external_disk(data: DataPath) -> Service:
+    from ...local.external_disk import ExternalDiskService
+
+    assert data.disk_identity is not None and data.udev is not None
+    return ExternalDiskService(data.volume, data.disk_identity, data.udev,
+                               node=data.mirror.path)
+
+
 def build_services(s: LocalAppSettings, data: DataPath) -> list[Service]:
     services: list[Service] = []
+    if data.disk_identity is not None:
+        # First: the disk is watched before any front end lets a host write to it.
+        services.append(external_disk(data))
     if s.nbd is not None:
         services.append(NbdFrontEnd(data.volume, s.nbd.address, s.nbd.export_name))
     if s.usb is not None:

@@ -96,7 +96,8 @@ def settings_from_args(args: argparse.Namespace) -> LocalAppSettings:
         buffer_size=args.buffer_size, block_size=args.block_size,
         cache_mode=CacheMode(args.cache_mode), cache_limit=args.cache_limit,
         high_water=args.high_water, peers=tuple(args.peers or ["remote"]),
-        standby=args.standby, external_ups=args.ups_external)
+        standby=args.standby, external_ups=args.ups_external, disk_id=args.disk_id,
+        buffer_id=args.buffer_id, device_wait=args.device_wait)
     usb = None
     if args.frontend == "usb":
         usb = UsbSettings(gadget=gadget_settings(args), scsi_vendor=args.scsi_vendor,
@@ -122,8 +123,9 @@ def _check(check: Callable[[str], str], key: str, value: Any) -> str:
 
 
 def settings_from_config(cfg: Any, *, disk: str, buffer: str, store_path: str,
-                         state_dir: Path, control: str,
-                         peers: Sequence[str]) -> LocalAppSettings:
+                         state_dir: Path, control: str, peers: Sequence[str],
+                         disk_id: str | None = None,
+                         buffer_id: str | None = None) -> LocalAppSettings:
     """What the appliance runs: the USB front end only (no NBD), the data and buffer
     devices first boot chose, a link to each of `peers` (the configured peers that are
     pinned).  The UPS monitor is a process of its own on the appliance (`mirrorunit
@@ -132,7 +134,7 @@ def settings_from_config(cfg: Any, *, disk: str, buffer: str, store_path: str,
                          cache_mode=CacheMode(str(cfg["cache.mode"])),
                          high_water=float(cfg["buffer.high_water"]),
                          external_ups=None if cfg["ups.model"] == "none"
-                         else str(cfg["ups.model"]))
+                         else str(cfg["ups.model"]), disk_id=disk_id, buffer_id=buffer_id)
     gadget = _GADGET
     if cfg["unit.serial"]:
         gadget = GadgetSettings(
@@ -195,6 +197,11 @@ def command_line(s: LocalAppSettings) -> list[str]:
             argv += ["--peer", name]
     if u.standby:
         argv += ["--standby"]
+    for opt, ident in (("--disk-id", u.disk_id), ("--buffer-id", u.buffer_id)):
+        if ident is not None:
+            argv += [opt, ident]
+    if u.device_wait != d.device_wait:
+        argv += ["--device-wait", _number(u.device_wait)]
     if usb is not None:
         g = usb.gadget
         for opt, text, default_text in (

@@ -54,6 +54,10 @@ class VMConfig:
     extra_cmdline: tuple[str, ...] = ()
     kernel: KernelImage | None = None
     env: dict[str, str] = field(default_factory=dict)
+    #: more QEMU arguments (a disk, a device to unplug later)
+    extra_args: tuple[str, ...] = ()
+    #: open a QMP socket (GuestVM.qmp_path) for device_add / device_del at run time
+    qmp: bool = False
 
 
 def missing_requirements(config: VMConfig | None = None) -> str | None:
@@ -78,6 +82,7 @@ class GuestVM:
         self.workdir = workdir.resolve()
         self.xchg = self.workdir / "xchg"
         self.console_log = self.workdir / "console.log"
+        self.qmp_path = self.workdir / "qmp.sock"
         #: wall time from starting QEMU to the agent's first line
         self.boot_seconds = 0.0
         #: time.monotonic() when QEMU was started
@@ -123,6 +128,8 @@ class GuestVM:
             "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
             "-fsdev", f"local,id=xchg,path={self.xchg},security_model=none,multidevs=remap",
             "-device", "virtio-9p-pci,fsdev=xchg,mount_tag=xchg",
+            *(("-qmp", f"unix:{self.qmp_path},server=on,wait=off") if self.config.qmp else ()),
+            *self.config.extra_args,
         ]
         started = self.started_at = time.monotonic()
         self._proc = subprocess.Popen(
