@@ -973,10 +973,13 @@ class ReceiverSession(_Session):
         own_backup: tuple[str, bytes] | None = None,
         open_failback: Callable[[FailbackStart], FailbackSource] | None = None,
         switchover: Callable[[SwitchoverStart], SwitchoverDone] | None = None,
+        relays: Collection[str] = (),
     ) -> None:
         """`open_sink` resolves the unit's sink (and may claim it); it raises
         `LinkRefused` to turn the peer away.  `authenticated_unit` is the unit id the
         TLS layer bound to the peer's certificate, None when there is no TLS.
+        `relays`: the further units that certificate may stream (a remote relaying
+        them here); only replication, never a failback or a switchover of them.
         `open_failback` opens a promoted unit for a FAILBACK_START the same way; None:
         this side hands no role back."""
         super().__init__(SessionState.AWAIT_HELLO)
@@ -987,6 +990,7 @@ class ReceiverSession(_Session):
         #: (unit id, sealed blob) of this side's own config, handed to the peer.
         self.own_backup = own_backup
         self.authenticated_unit = authenticated_unit
+        self.relays = frozenset(relays)
         self.sink: WriteSink | None = None
         self.hello: Hello | None = None
         self.compression = CODEC_NONE
@@ -1204,9 +1208,11 @@ class ReceiverSession(_Session):
                 ERR_VERSION,
                 f"no common protocol version: {hello.versions} vs {self.config.versions}",
             )
-        if hello.unit_id not in self.config.known_units:
+        relayed = hello.unit_id in self.relays
+        if hello.unit_id not in self.config.known_units and not relayed:
             return self._refuse(ERR_UNKNOWN_UNIT, f"unit {hello.unit_id!r} is not known here")
-        if self.authenticated_unit is not None and hello.unit_id != self.authenticated_unit:
+        if self.authenticated_unit is not None and hello.unit_id != self.authenticated_unit \
+                and not relayed:
             return self._refuse(
                 ERR_IDENTITY,
                 f"certificate belongs to unit {self.authenticated_unit!r}, "

@@ -15,7 +15,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
 from firmware.limits import (
@@ -605,6 +605,7 @@ class LinkServer:
         limits: ListenerLimits | None = None,
         open_failback: Callable[[FailbackStart], FailbackSource] | None = None,
         switchover: Callable[[SwitchoverStart], SwitchoverDone] | None = None,
+        relays: Callable[[str], Collection[str]] | None = None,
     ) -> None:
         """`own_backup(peer)` is this unit's own sealed config for the pinned peer
         `peer` (unit id, blob), or None when that peer is not to keep it.
@@ -620,6 +621,8 @@ class LinkServer:
         self.open_sink = open_sink
         self.open_failback = open_failback
         self.switchover = switchover
+        #: The units a pinned peer may relay here (`relays(peer_name)`).
+        self.relays = relays
         # `handshake_timeout` and `dead_after`, when given, override `limits`.
         limits = limits or ListenerLimits()
         if handshake_timeout is not None:
@@ -825,7 +828,8 @@ class LinkServer:
                 self.config, claim_and_open, authenticated_unit=unit, backups=self.backups,
                 own_backup=self.own_backup(unit) if self.own_backup is not None else None,
                 open_failback=claim_for_failback if self.open_failback is not None else None,
-                switchover=self.switchover)
+                switchover=self.switchover,
+                relays=self.relays(unit) if self.relays is not None else ())
             try:
                 self._receive(sock, session, peer, unit)
             finally:

@@ -16,7 +16,7 @@ import random
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from firmware.recovery.keys import backup_key
 from firmware.remote.errors import GeometryMismatch, PromoteRefused, RemoteError, UnitBusy
 from firmware.remote.format import CHUNK_SIZE
 from firmware.remote.meeting import Action, Verdict, meet, peer_lineage_of
+from firmware.remote.relay import Relay, RelaySpec
 from firmware.remote.stateblocks import SketchSettings
 from firmware.remote.store import RemoteStore
 from firmware.remote.unit import Retention, UnitStore, validate_unit_id
@@ -296,11 +297,18 @@ class RemoteServer:
                  config_path: Path | None = None,
                  recovery: RecoveryLimiter | None = None,
                  pairing_limiter: RecoveryLimiter | None = None,
-                 state_blocks: SketchSettings | None = None) -> None:
+                 state_blocks: SketchSettings | None = None,
+                 relays: Sequence[RelaySpec] = (),
+                 relay_peers: PeerStore | None = None,
+                 relay_from: Mapping[str, Collection[str]] | None = None) -> None:
         """With `config_path` (this remote's own config), a local whose certificate's
         fingerprint the config lists under `peers` is pinned when it offers it
         (PAIR_OFFER, firmware/link/pairing.py).  `state_blocks` sizes each unit's
-        state-block sketch (firmware/remote/stateblocks.py)."""
+        state-block sketch (firmware/remote/stateblocks.py).
+
+        `relays` forward units to further remotes, pinned in `relay_peers` (not among
+        the locals this remote accepts); `relay_from` names, per pinned peer, the
+        units that peer may relay here (firmware/remote/relay.py)."""
         self.store = RemoteStore(store_dir, state_blocks=state_blocks)
         #: How a split brain may resolve itself (see firmware.lineage.Policy).
         self.policy = policy
@@ -313,10 +321,19 @@ class RemoteServer:
         self._sinks: dict[str, UnitSink] = {}
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
-        #: Every export served from this process, NBD or USB, by key: an NBD server's
+                #: Every export served from this process, NBD or USB, by key: an NBD server's
         #: `<unit>@<point, primary or test-...>:<port>`, the USB front end's `usb:<unit>`
         #: (the status answer lists them under "nbd_exports", the name its readers know).
         self.exports: dict[str, Any] = {}
+        self.relay_specs = {r.unit_id: r for r in relays}
+        if len(self.relay_specs) != len(relays):
+            raise ValueError("one relay per unit")
+        if relays and relay_peers is None:
+            raise ValueError("relays need the store of their pinned remotes")
+        self.relay_peers = relay_peers
+        self.relays: dict[str, Relay] = {}
+        self._started = False
+        relay_from = {k: frozenset(v) for k, v in (relay_from or {}).items()}
         self.state_dir = state_dir if state_dir is not None else default_remote_state_dir(
             Path(store_dir))
         self.backups = UnitConfigBackups(Path(store_dir))
@@ -334,7 +351,8 @@ class RemoteServer:
             self._open_sink, dead_after=dead_after, backups=self.backups,
             own_backup=self._own_backup,
             recovery=recovery if recovery is not None else RecoveryLimiter(),
-            pairing=pairing, open_failback=self._open_failback, switchover=self._switchover)
+            pairing=pairing, open_failback=self._open_failback, switchover=self._switchover,
+            relays=lambda peer: relay_from.get(peer, frozenset()))
         #: Seals this remote's own config (its --config) whenever it changes.
         self.sealer: Any = None
         if config_path is not None:
@@ -411,7 +429,20 @@ class RemoteServer:
                                             retention=self.retention,
                                             commit_delay_s=self.commit_delay_s)
             self._sinks[unit_id] = UnitSink(unit)
+            if self._started:
+                self._start_relay(unit)
             return unit
+
+    def _start_relay(self, unit: UnitStore) -> None:
+        spec = self.relay_specs.get(unit.unit_id)
+        if spec is None or unit.unit_id in self.relays:
+            return
+        assert self.relay_peers is not None
+        relay = Relay(spec, unit, self.identity, self.relay_peers)
+        self.relays[unit.unit_id] = relay
+        relay.start()
+        log.info("unit %s is relayed to %s at %s:%d", unit.unit_id, spec.name, spec.host,
+                 spec.port)
 
     def _open_existing(self, unit_id: str) -> UnitStore:
         import cbor2
@@ -630,6 +661,10 @@ class RemoteServer:
                 log.error("unit %s cannot be opened: %s", unit_id, exc)
         if self.sealer is not None:
             self.sealer.start()
+        with self._lock:
+            self._started = True
+            for sink in self._sinks.values():
+                self._start_relay(sink.unit)
         address = self.link.start()
         self._timer = threading.Thread(target=self._run_timer, name="apply-due", daemon=True)
         self._timer.start()
@@ -648,6 +683,8 @@ class RemoteServer:
                         unit.prune()
                 except RemoteError as exc:
                     log.error("unit %s: applying due writes failed: %s", unit.unit_id, exc)
+            for relay in list(self.relays.values()):
+                relay.tick()
             if prune:
                 last_prune = time.monotonic()
 
@@ -658,6 +695,8 @@ class RemoteServer:
         self.link.stop()
         if self._timer is not None:
             self._timer.join()
+        for relay in list(self.relays.values()):
+            relay.stop()
         for server in list(self.exports.values()):
             server.stop()
         self.store.close()
@@ -681,6 +720,7 @@ class RemoteServer:
                 "listen": _addr(self.link_address), "store": self.store.root_dir,
                 "link": dataclasses.asdict(s), "units": out,
                 "nbd_exports": {k: _addr(v.address) for k, v in self.exports.items()},
+                "relays": {uid: r.status() for uid, r in list(self.relays.items())},
                 "guess_limits": self._guess_limits()}
 
     def _guess_limits(self) -> dict[str, Any]:

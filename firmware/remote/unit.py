@@ -77,6 +77,7 @@ from firmware.remote.journal import LogEntry, NewRecord, SegmentLog
 from firmware.remote.pit import PointInTimeDevice
 from firmware.remote.points import Point, PointLog
 from firmware.remote.promoted import PromotedDevice
+from firmware.remote.relay import RELAY_HOLD_BYTES, RelayHold, records_for_relay
 from firmware.remote.stateblocks import SketchSettings, StateBlockSketch
 from firmware.remote.stateblocks import load as load_sketch
 from firmware.remote.stateblocks import save as save_sketch
@@ -308,6 +309,9 @@ class _State:
     promoted: dict[str, Any] | None = None
     #: The number the next consistent point gets (points.log holds the points).
     points_next: int = 1
+    #: This unit is forwarded to a further remote: {"name", "acked", "full", "dirty"}
+    #: (firmware/remote/relay.py); None when it is not.
+    relay: dict[str, Any] | None = None
 
     def encode(self) -> bytes:
         body = cbor2.dumps(dataclasses.asdict(self))
@@ -367,6 +371,7 @@ class UnitStore:
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         on_close: Callable[[UnitStore], None] | None = None,
         state_blocks: SketchSettings | None = None,
+        relay_hold_bytes: int = RELAY_HOLD_BYTES,
     ) -> None:
         """Open (creating if needed) the unit stored in `directory`.
 
@@ -404,6 +409,9 @@ class UnitStore:
         self._points: PointLog | None = None
         self._sketch_settings = state_blocks if state_blocks is not None else SketchSettings()
         self._sketch = StateBlockSketch(self._sketch_settings)
+        self._relay_hold_bytes = relay_hold_bytes
+        #: What a relay to a further remote still needs (None: no relay).
+        self._relay: RelayHold | None = None
 
         self._ops.makedirs(self.directory)
         lock_path = os.path.join(self.directory, LOCK_NAME)
@@ -487,6 +495,9 @@ class UnitStore:
             self._hj.truncate_at(0, 0)
             received, history = [], []
         self._recover(received, history)
+        if self._st.relay is not None:
+            self._relay = self._new_relay_hold(self._st.relay)
+            self._relay.rebuild(received, self._applied)
         if changed or new:
             self._save_state()
         self._open_lineage()
@@ -797,8 +808,9 @@ class UnitStore:
                     self._apply_batch(batch)
                     applied += len(batch)
                 last = self._pending[handled - 1]
-                for _ in range(handled):
-                    self._pending.popleft()
+                done = [self._pending.popleft() for _ in range(handled)]
+                if self._relay is not None:
+                    self._relay.applied(done, self._chunks_of_entry)
                 self._applied = _last_seq(last)
             self._maybe_checkpoint(now)
             return applied
@@ -845,6 +857,8 @@ class UnitStore:
         st.bytes_received, st.newest_ts = self._bytes_received, self._newest_ts
         if self._points is not None:
             st.points_next = self._points.next_number
+        if self._relay is not None:
+            st.relay = self._relay.to_state()
         st.events = st.events[-MAX_EVENTS:]
         tmp = self._state_path + ".tmp"
         h = self._ops.open(tmp, create=True)
@@ -863,15 +877,22 @@ class UnitStore:
         """Delete receive segments wholly applied and history segments wholly pruned
         (only ever after the state saying so is durable)."""
         assert self._rj is not None and self._hj is not None
-        keep_from = self._pending[0].segment if self._pending else self._rj.end_position[0]
-        self._rj.drop_segments_before(keep_from)
+        self._rj.drop_segments_before(self._keep_from())
         self._hj.drop_segments_before(self._st.floor_segment)
+
+    def _keep_from(self) -> int:
+        """The oldest receive segment still needed: by a pending write, or by a relay
+        (only as far as the saved state says it was acknowledged)."""
+        assert self._rj is not None
+        keep = self._pending[0].segment if self._pending else self._rj.end_position[0]
+        held = self._relay.keep_segment() if self._relay is not None else None
+        return keep if held is None else min(keep, held)
 
     def _maybe_checkpoint(self, now: int) -> None:
         assert self._rj is not None
         need = self._applied_since_checkpoint >= CHECKPOINT_BYTES or self._prune_due(now)
         if not need and self._st.checkpoint_seq != self._applied:
-            keep_from = self._pending[0].segment if self._pending else self._rj.end_position[0]
+            keep_from = self._keep_from()
             need = any(n < keep_from for n in self._rj.segments)
         if need:
             self._checkpoint(now)
@@ -1333,7 +1354,66 @@ class UnitStore:
                     undone=len(undo), dropped_pending=rb.get("dropped", 0))
         log.warning("unit %s: mirror rolled back from seq %d to seq %d (%d entries undone)",
                     self.unit_id, source, target, len(undo))
+        if self._relay is not None:
+            self._relay.reset(self._applied)
+        elif self._st.relay is not None:
+            self._st.relay["full"] = True
         self._save_state()
+
+    # ================================================================== relay
+
+    def _new_relay_hold(self, state: dict[str, Any]) -> RelayHold:
+        return RelayHold(state, self._applied, chunk_blocks=CHUNK_SIZE // self.block_size,
+                         hold_bytes=self._relay_hold_bytes)
+
+    def _chunks_of_entry(self, e: LogEntry) -> Iterator[int]:
+        if e.kind is RecordKind.WRITE and not self._is_dropped(e.seq):
+            yield from self._chunks_of((e,))
+
+    def relay_enable(self, name: str) -> None:
+        """Forward this unit to the further remote `name` (firmware/remote/relay.py).
+        A first downstream of a unit that holds data gets it by a checksum resync."""
+        with self._lock:
+            self._check_open()
+            st = self._st
+            if st.relay is not None and st.relay["name"] == name:
+                return
+            st.relay = RelayHold.new_state(name, self._applied > 0 or self._durable > 0)
+            self._relay = self._new_relay_hold(st.relay)
+            self._event("relay", to=name)
+            self._save_state()
+
+    def relay_call(self, fn: Callable[[RelayHold], Any]) -> Any:
+        """Run `fn` on the relay hold under the unit's lock."""
+        with self._lock:
+            self._check_open()
+            if self._relay is None:
+                raise StoreUsageError(f"unit {self.unit_id!r} has no relay")
+            return fn(self._relay)
+
+    def relay_paused(self) -> str | None:
+        """Why nothing can be forwarded now (None: it can)."""
+        with self._lock:
+            if self._closed:
+                return "unit closed"
+            if self._st.promoted is not None:
+                return "the unit is promoted here"
+            if self._st.resync is not None:
+                return "the unit runs a checksum resync"
+            return None
+
+    def relay_records(self, after: int, barrier_after: int,
+                      max_bytes: int) -> tuple[list[WriteRecord], int]:
+        """Applied records after seq `after` for the relay, with their barriers."""
+        with self._lock:
+            self._check_open()
+            hold = self._relay
+            assert hold is not None and self._rj is not None and self._points is not None
+            if hold.base > after:
+                return [], barrier_after  # let go: the next plan resyncs their chunks
+            rj = self._rj
+            return records_for_relay(hold.held, self._points.points, after, barrier_after,
+                                     max_bytes, rj.read_payload, self._is_dropped)
 
     # ================================================================== promotion
 
@@ -1811,6 +1891,8 @@ class UnitStore:
             self._mirror.pwrite(off, data)
             self._hist.append(entry)
             self._hist_bytes += entry.length
+            if self._relay is not None:
+                self._relay.dirty.add(chunk)
             return True
 
     @property
@@ -1862,6 +1944,8 @@ class UnitStore:
             now = self._clock()
             while self._pending and self._pending[0].seq <= seq:
                 self._pending.popleft()
+            if self._relay is not None:
+                self._relay.cover(seq, self._chunks_of_entry)
             self._applied, self._applied_ts = seq, now
             self._durable = max(self._durable, seq)
             st.dropped = [r for r in st.dropped if r[1] > seq]

@@ -62,6 +62,13 @@ class RemoteSettings:
     split_brain_policy: str = "manual"
     #: Entries of each unit's state-block table (firmware/remote/stateblocks.py).
     state_blocks: int = 256
+    #: Units forwarded to further remotes: `UNIT=NAME@HOST:PORT` each.
+    relays: tuple[str, ...] = ()
+    #: `NAME=SHA256`: the fingerprint a relay's remote NAME must show (pinned at first
+    #: contact).
+    relay_fingerprints: tuple[str, ...] = ()
+    #: `NAME=UNIT[,UNIT...]`: units the pinned peer NAME may relay to this remote.
+    relay_from: tuple[str, ...] = ()
 
 
 def settings_from_args(args: argparse.Namespace) -> RemoteSettings:
@@ -74,7 +81,9 @@ def settings_from_args(args: argparse.Namespace) -> RemoteSettings:
         recovery_window=args.recovery_window,
         recovery_unit_max_failures=args.recovery_unit_max_failures,
         pairing_max_failures=args.pairing_max_failures, pairing_window=args.pairing_window,
-        split_brain_policy=args.split_brain_policy, state_blocks=args.state_blocks)
+        split_brain_policy=args.split_brain_policy, state_blocks=args.state_blocks,
+        relays=tuple(args.relay), relay_fingerprints=tuple(args.relay_fingerprint),
+        relay_from=tuple(args.relay_from))
 
 
 def settings_from_config(cfg: Any, *, store_path: str, state_dir: Path, store_dir: Path,
@@ -113,7 +122,36 @@ def command_line(s: RemoteSettings) -> list[str]:
             ("--state-blocks", s.state_blocks, d.state_blocks)):
         if value != default:
             argv += [opt, str(value)]
+    for opt, values in (("--relay", s.relays), ("--relay-fingerprint", s.relay_fingerprints),
+                        ("--relay-from", s.relay_from)):
+        for v in values:
+            argv += [opt, v]
     return argv
+
+
+def _pairs(option: str, values: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, rest = v.partition("=")
+        if not (sep and name and rest):
+            raise ValueError(f"{option} {v!r}: expected NAME=VALUE")
+        out[name] = rest
+    return out
+
+
+def relay_options(s: RemoteSettings) -> dict[str, Any]:
+    """The RemoteServer arguments of the relay options (ValueError names a bad one)."""
+    from firmware.remote.relay import RelaySpec
+
+    fps = _pairs("--relay-fingerprint", s.relay_fingerprints)
+    specs = [RelaySpec.parse(r) for r in s.relays]
+    specs = [RelaySpec(r.unit_id, r.name, r.host, r.port, fps.get(r.name)) for r in specs]
+    unknown = set(fps) - {r.name for r in specs}
+    if unknown:
+        raise ValueError(f"--relay-fingerprint for {sorted(unknown)}: no --relay names it")
+    relay_from = {name: tuple(u for u in units.split(",") if u)
+                  for name, units in _pairs("--relay-from", s.relay_from).items()}
+    return {"relays": specs, "relay_from": relay_from}
 
 
 def parse_point(text: str) -> tuple[str, int]:
@@ -221,6 +259,15 @@ def configure(rp: argparse.ArgumentParser) -> None:
                          "(docs/failover.md)")
     rp.add_argument("--pairing-window", type=float, default=600.0, metavar="S",
                     help="length of that window in seconds")
+    rp.add_argument("--relay", action="append", default=[], metavar="UNIT=NAME@HOST:PORT",
+                    help="forward what this remote applies for UNIT to the further remote "
+                         "NAME, in order (a chain; docs/failover.md)")
+    rp.add_argument("--relay-fingerprint", action="append", default=[],
+                    metavar="NAME=SHA256", help="the certificate fingerprint relay remote "
+                    "NAME must show; pinned at the first contact")
+    rp.add_argument("--relay-from", action="append", default=[], metavar="NAME=UNIT[,UNIT]",
+                    help="units the pinned peer NAME (a remote relaying them) may stream "
+                         "to this remote")
     rs = rp.add_subparsers(dest="remote_command")
 
     def op(name: str, helptext: str) -> argparse.ArgumentParser:
@@ -499,12 +546,18 @@ def serve(s: RemoteSettings) -> int:
     from firmware.control import ControlServer
     from firmware.link.recovery import RecoveryLimiter
     from firmware.link.tls import PeerStore, unit_identity
+    from firmware.remote.relay import RELAY_PEERS_FILE
     from firmware.remote.server import RemoteServer, default_remote_state_dir
     from firmware.remote.stateblocks import SketchSettings
     from firmware.remote.unit import Retention
 
     state_dir = s.state_dir or default_remote_state_dir(s.store)
     identity, unit_id = unit_identity(state_dir, s.unit_id)
+    try:
+        relays = relay_options(s)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     retention = None
     if s.retention_bytes is not None or s.retention_age is not None:
         retention = Retention(max_bytes=s.retention_bytes, max_age_s=s.retention_age)
@@ -519,7 +572,8 @@ def serve(s: RemoteSettings) -> int:
                               max_failures=s.pairing_max_failures,
                               window_s=s.pairing_window, what="pairing"),
                           policy=Policy(s.split_brain_policy),
-                          state_blocks=SketchSettings(capacity=s.state_blocks))
+                          state_blocks=SketchSettings(capacity=s.state_blocks),
+                          relay_peers=PeerStore(state_dir / RELAY_PEERS_FILE), **relays)
     host, port = server.start()
     control = ControlServer(s.control, server.handlers())
     control.start()
