@@ -135,7 +135,11 @@ def _vpd_pages(unit: LogicalUnit, max_unmap_blocks: int, max_descriptors: int) -
 def _caching_page(unit: LogicalUnit) -> bytes:
     page = bytearray(20)
     page[0], page[1] = PAGE_CACHING, len(page) - 2
-    if unit.device.write_cache_enabled:
+    # A device that records the host's flushes as consistent points asks for them:
+    # WCE set lets the host's flush (SYNCHRONIZE CACHE) come, which Linux's sd sends
+    # only to a disk that says its write cache is on.  SBC lets a device with WCE set
+    # complete writes before they are on the medium; it need not.
+    if unit.device.write_cache_enabled or getattr(unit.device, "records_flushes", False):
         page[2] |= _CACHING_WCE
     return bytes(page)
 

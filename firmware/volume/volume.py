@@ -187,6 +187,10 @@ class Volume:
     def write_cache_enabled(self) -> bool:
         return self.cache_mode is CacheMode.WRITE_BACK and self._commit_failure is None
 
+    #: The host's flushes become barriers in the queue (consistent points on the
+    #: remote) in every cache mode, so the SCSI target asks the host for them.
+    records_flushes = True
+
     @property
     def commit_failure(self) -> str | None:
         """Why the write cache was turned off, if a commit failed."""

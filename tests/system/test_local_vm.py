@@ -135,9 +135,9 @@ sg_verify --lba=0 --count=64 $SG && echo "verify-ok"
     )
     assert "Vendor identification: MirrorUn" in out
     assert f"Unit serial number: {SERIAL}" in out
-    # caching page: code 08, length 0x12, then WCE (0x04) clear: the unit runs in its
-    # default write-through mode and says so
-    assert re.search(r"00\s+08 12 00", out), out
+    # caching page: code 08, length 0x12, then WCE (0x04) set even in the default
+    # write-through mode: the host's flushes are the consistent points the unit records
+    assert re.search(r"00\s+08 12 04", out), out
     assert "sync-ok" in out and "verify-ok" in out
 
 

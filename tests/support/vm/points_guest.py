@@ -1,5 +1,6 @@
-"""Run inside the test guest: a paired local unit (USB front end, write-back cache, so
-Linux's sd sends SYNCHRONIZE CACHE at its flushes) and a remote unit on loopback.
+"""Run inside the test guest: a paired local unit (USB front end, the default
+write-through cache mode: the unit still reports WCE, so Linux's sd sends SYNCHRONIZE
+CACHE at its flushes) and a remote unit on loopback.
 
     python -m tests.support.vm.points_guest start WORKDIR SIZE SERIAL
     python -m tests.support.vm.points_guest drain WORKDIR
@@ -52,7 +53,7 @@ def start(work: Path, size: str, serial: str) -> None:
         [py, "-m", "firmware", "local", "--disk", str(work / "local" / "disk.img"),
          "--size", size, "--buffer", str(work / "local" / "cbq.img"), "--buffer-size", "96M",
          "--nbd", "", "--frontend", "usb", "--usb-udc", "dummy_udc.0", "--usb-serial", serial,
-         "--cache-mode", "write-back", "--control", str(work / "local.sock"),
+         "--control", str(work / "local.sock"),
          "--peer", "remote", "--remote", f"remote={LINK}",
          "--state-dir", str(work / "local" / "link")],
         stdout=open(work / "local.log", "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115

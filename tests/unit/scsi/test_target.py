@@ -303,6 +303,15 @@ def test_mode_sense_caching_page_is_truthful(wce: bool) -> None:
     assert bool(page[2] & 0x04) is wce
 
 
+def test_a_device_that_records_flushes_asks_for_them_with_wce() -> None:
+    """A write-through volume records the host's flushes as consistent points: it sets
+    WCE so that a host (Linux's sd) sends them at all."""
+    dev = MemoryDevice(write_cache=False)
+    dev.records_flushes = True  # type: ignore[attr-defined]
+    data = good(make_target(dev).execute(0, cdb6(T.MODE_SENSE_6, 0, 0x08, 0, 255)))
+    assert data[4 + 8 + 2] & 0x04
+
+
 def test_mode_sense_block_descriptor_and_wp() -> None:
     dev = MemoryDevice()
     target = make_target(dev, read_only=True)
