@@ -1,19 +1,19 @@
 """Every consistent point the remote lists is a state ext4 and SQLite recover from.
 
-One guest: a local unit serves its volume as a USB disk to the guest's own Linux
-usb-storage (in the default write-through cache mode; the unit reports WCE so that sd
-sends SYNCHRONIZE CACHE at every flush, and each becomes a barrier), replicating to a
-remote unit on loopback.  The guest makes ext4 on the disk, runs a SQLite workload on it
-(Python's sqlite3, one transaction per commit, a fsynced file next to each), unmounts, and both units stop.  The remote's store
-is then read on the host: for every point of `remote points --json`, the image at that
-point passes `e2fsck -fn` (as it is, and again after the journal replay a mount would
-do; only mke2fs's own flushes, before it returned, are instants with no file system
-yet), and once the first commit had returned, the database (with
-its hot journal, if any, as SQLite itself would find it) passes `PRAGMA
-integrity_check` (read from the replayed copy: committed ext4 transactions may still
-be in the journal only) with a row count that some commit left, never fewer rows than the
-commits returned before the point, and every file fsynced before it has its digest.
-"""
+One guest: a local unit serves its volume as a USB disk to the guest's own Linux usb-
+storage (in the default write-through cache mode; the unit reports WCE so that sd sends
+SYNCHRONIZE CACHE at every flush, and each becomes a barrier), replicating to a remote
+unit on loopback. The guest makes ext4 on the disk, runs a SQLite workload on it
+(Python's sqlite3, one transaction per commit, a fsynced file next to each), unmounts,
+and both units stop. The remote's store is then read on the host: for every point of
+`remote points --json`, the image at that point passes `e2fsck -fn` (as it is, and again
+after the journal replay a mount would do; only mke2fs's own flushes, before it
+returned, are instants with no file system yet), and once the first commit had returned,
+the database (with its hot journal, if any, as SQLite itself would find it) passes
+`PRAGMA integrity_check` (read from the replayed copy: committed ext4 transactions may
+still be in the journal only) with a row count that some commit left, never fewer rows
+than the commits returned before the point, and every file fsynced before it has its
+digest. """
 
 from __future__ import annotations
 
