@@ -1,7 +1,7 @@
 """Every consistent point the remote lists is a state ext4 and SQLite recover from.
 
-One guest: a local unit serves its volume as a USB disk to the guest's own Linux usb-
-storage (in the default write-through cache mode; the unit reports WCE so that sd sends
+One guest: a local unit serves its volume as a USB disk to the guest's own Linux
+usb-storage (in the default write-through cache mode; the unit reports WCE so that sd sends
 SYNCHRONIZE CACHE at every flush, and each becomes a barrier), replicating to a remote
 unit on loopback. The guest makes ext4 on the disk, runs a SQLite workload on it
 (Python's sqlite3, one transaction per commit, a fsynced file next to each), unmounts,
