@@ -27,31 +27,12 @@ from firmware.link.session import (
     SenderConfig,
     SenderSession,
 )
+from tests.support.link import ChunkedSource
 
 BS = 512
 VOLUME = 4096 * BS
 CHUNK = 4096
 CHUNKS = 256
-
-
-class ChunkedSource(MemorySource):
-    """A memory source with a volume image and a resync plan to hand out."""
-
-    chunk_size = CHUNK
-
-    def __init__(self, image: bytearray, plan: ResyncPlan | None) -> None:
-        super().__init__()
-        self.image, self.plan = image, plan
-
-    def resync_plan(self, remote_durable: int) -> ResyncPlan | None:
-        plan, self.plan = self.plan, None
-        return plan
-
-    def read_chunk(self, chunk: int) -> bytes:
-        return bytes(self.image[chunk * CHUNK:(chunk + 1) * CHUNK])
-
-    def resync_finished(self, plan: ResyncPlan, differing: list[int], seq: int) -> None:
-        pass
 
 
 class ChunkedSink(MemorySink):

@@ -32,6 +32,7 @@ from firmware.link.session import (
     SenderConfig,
     SenderSession,
 )
+from tests.support.link import ChunkedSource
 
 CHUNK = 4096
 VOLUME = 64 * CHUNK
@@ -73,28 +74,6 @@ def test_malformed_resync_frames_are_protocol_errors(body: dict[str, object],
                                                      reason: str) -> None:
     with pytest.raises(LinkProtocolError, match=reason):
         FrameDecoder().receive_data(encode_body(cbor2.dumps(body)))
-
-
-class ChunkedSource(MemorySource):
-    """A memory source with a volume image and a resync plan to hand out."""
-
-    chunk_size = CHUNK
-
-    def __init__(self, image: bytearray, plan: ResyncPlan | None) -> None:
-        super().__init__()
-        self.image = image
-        self.plan = plan
-        self.finished: list[tuple[list[int], int]] = []
-
-    def resync_plan(self, remote_durable: int) -> ResyncPlan | None:
-        plan, self.plan = self.plan, None
-        return plan
-
-    def read_chunk(self, chunk: int) -> bytes:
-        return bytes(self.image[chunk * CHUNK:(chunk + 1) * CHUNK])
-
-    def resync_finished(self, plan: ResyncPlan, differing: list[int], seq: int) -> None:
-        self.finished.append((differing, seq))
 
 
 class ChunkedSink(MemorySink):
