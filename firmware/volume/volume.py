@@ -695,6 +695,10 @@ class Volume:
                 self._barrier_pending = False
                 try:
                     self.cbq.sync()  # a no-op when a write's commit already carried it
+                except OSError as e:
+                    # The host's data is durable already; the next write's commit meets
+                    # (and reports) the same error.
+                    log.error("volume: syncing a flush barrier failed: %s", e)
                 except Exception:  # the storage is gone (power cut): writers see it themselves
                     return
             try:
