@@ -3,8 +3,9 @@
 1. Capture overhead on the local write path: 4 KiB writes through a Volume with a host
    flush every 8 writes, with the flushes recorded as barriers (`flush_for` with the
    host's command) vs plain flushes, rounds alternated, medians; in write-through mode
-   (where a plain flush has nothing left to sync and a recorded one syncs its barrier)
-   and in write-back mode (where the flush's own sync carries the barrier).
+   (where a flush has nothing left to sync and a recorded one appends its barrier for
+   the next write's group commit: `barriers_deferred` counts them) and in write-back
+   mode (where the flush's own sync carries the barrier).
 2. find-point on a 1 GiB unit with 1,000 consistent points and a check that takes 1 s:
    the time, the tries, and the blocks moved per try.
 3. Replay (max pace) of the whole range to a file vs an export of the same image.
@@ -33,6 +34,7 @@ def bench_capture(workdir: Path, writes: int = 2000, rounds: int = 5,
     payload = os.urandom(4096)
     command = HostCommand(FrontEnd.NBD, 3)
     times: dict[str, list[float]] = {"plain": [], "barriers": []}
+    deferred = 0
     for r in range(rounds):
         for kind in (("plain", "barriers") if r % 2 == 0 else ("barriers", "plain")):
             d = workdir / f"{cache}-{kind}-{r}"
@@ -50,11 +52,13 @@ def bench_capture(workdir: Path, writes: int = 2000, rounds: int = 5,
                     else:
                         vol.flush()
             times[kind].append(time.perf_counter() - t0)
+            deferred += vol.counters["barriers_deferred"]
             vol.close()
     plain, barriers = statistics.median(times["plain"]), statistics.median(times["barriers"])
     return {"cache_mode": cache, "writes": writes, "flush_every": 8, "plain_s": round(plain, 4),
             "barriers_s": round(barriers, 4),
-            "overhead": round(barriers / plain - 1, 4)}
+            "overhead": round(barriers / plain - 1, 4),
+            "barriers_deferred": deferred // rounds}
 
 
 def bench_find_point(workdir: Path, points: int = 1000, check_s: float = 1.0,

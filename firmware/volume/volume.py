@@ -60,6 +60,11 @@ from ..storage import ReadIntoStorage, Storage
 log = logging.getLogger("mirrorunit.volume")
 
 
+#: Seconds a barrier appended without a sync may wait for a write's group commit before
+#: the background committer syncs it.
+BARRIER_IDLE_SYNC = 0.1
+
+
 class VolumeError(BlockDeviceError):
     pass
 
@@ -146,7 +151,11 @@ class Volume:
         # Reads are served here and only counted: read-nature commands never reach the
         # queue, nor the remote.
         self.counters = {"reads": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0,
-                         "flushes": 0, "commits": 0, "barriers": 0, "barriers_unrecorded": 0}
+                         "flushes": 0, "commits": 0, "barriers": 0, "barriers_unrecorded": 0,
+                         # Flush barriers acknowledged before their own sync (write-through).
+                         "barriers_deferred": 0}
+        #: A barrier was appended without a sync: the committer syncs it when idle.
+        self._barrier_pending = False
         cbq.current_reader = self._read_current
         self.redone_records = self._redo()
 
@@ -300,10 +309,42 @@ class Volume:
         The barrier is appended before the commit, under the append lock: it follows
         every write appended so far (all those the host saw complete, maybe a few more
         still in flight, which is still a prefix of the write order), and the commit's
-        one sync makes data and barrier durable together."""
+        one sync makes data and barrier durable together.
+
+        When every write appended so far is already durable (write-through: each one
+        was committed before it completed) the flush has nothing to make durable, and
+        the barrier is not synced on its own: it only marks a consistent point, and
+        the host loses nothing if a power cut takes it.  It becomes durable with the
+        next group commit (the CBQ writes its pending records in log order and syncs
+        them at once, and recovery keeps the log's longest valid prefix, so a durable
+        later record implies a durable barrier), or from the committer after
+        BARRIER_IDLE_SYNC seconds.  Until then no peer reads it (peers read only the
+        durable log)."""
         with self._lock:
             self._append_barrier(command, BARRIER_FLUSH)
-        self.flush()
+            deferred = self._all_durable()
+        if not deferred:
+            self.flush()
+            return
+        self.counters["flushes"] += 1
+        self.counters["barriers_deferred"] += 1
+        if self._medium_lost is not None:
+            raise MediumNotPresent(f"volume is offline: {self._medium_lost}")
+        self._barrier_pending = True
+        if self._timer is not None:
+            self._kick.set()
+
+    def _all_durable(self) -> bool:
+        """Under _lock: every write appended so far is durable and on the mirror (or in
+        the CBQ), so a FLUSH has nothing to do.  Only in write-through, without a
+        failure to report: write-back's flush keeps its commit (it syncs the cache)."""
+        if (self.cache_mode is not CacheMode.WRITE_THROUGH or self._commit_failure is not None
+                or self._deferred_error is not None or self._medium_lost is not None):
+            return False
+        with self._cache_lock:
+            if self._cache:
+                return False  # a write still in flight, or one whose commit failed
+        return self.cbq.durable_seq >= self.cbq.last_seq
 
     def _append_barrier(self, command: HostCommand, kind: int) -> None:
         flags = barrier_flags(kind | (BARRIER_FUA if command.fua else 0),
@@ -650,6 +691,20 @@ class Volume:
             self._kick.clear()
             if self._medium_lost is not None:
                 continue  # the cache waits for the disk
+            if self._barrier_pending:
+                # A deferred barrier: the next write's sync usually carries it; if the
+                # host stays idle, sync it here so the point reaches the peers promptly.
+                if self._stop.wait(BARRIER_IDLE_SYNC):
+                    break
+                self._barrier_pending = False
+                try:
+                    self.cbq.sync()  # a no-op when a write's commit already carried it
+                except OSError as e:
+                    # The host's data is durable already; the next write's commit meets
+                    # (and reports) the same error.
+                    log.error("volume: syncing a flush barrier failed: %s", e)
+                except Exception:  # the storage is gone (power cut): writers see it themselves
+                    return
             try:
                 with self._commit_lock:
                     if self._cache:

@@ -4,6 +4,7 @@ queue right after the data they cover, with the front end, opcode and connection
 from __future__ import annotations
 
 import struct
+import time
 
 import pytest
 
@@ -184,3 +185,47 @@ def test_a_reopened_volume_redoes_writes_around_barriers() -> None:
                    CircularBufferQueue(cbq_img))
     assert again.pread(0, 2 * BS) == b"1" * BS + b"2" * BS
     assert again.cbq.verify()["clean"]
+
+
+def test_write_through_flush_barrier_rides_the_next_commit_or_the_idle_sync() -> None:
+    """In write-through the writes a FLUSH covers are durable already: the barrier is
+    not synced on its own; peers see it once the next write's commit makes it durable,
+    or once the idle committer syncs it."""
+    _, vol = _volume(CacheMode.WRITE_THROUGH)
+    flush = HostCommand(FrontEnd.NBD, NBD_CMD_FLUSH, connection=5)
+    vol.pwrite(0, b"a" * BS)
+    vol.flush_barrier(flush)
+    assert vol.counters["barriers_deferred"] == 1
+    assert vol.cbq.barriers() == []  # acknowledged, not yet durable, not readable
+    assert _log(vol) == [("write", 1, 0)]
+    vol.pwrite(BS, b"b" * BS)  # its group commit carries the barrier before it
+    assert [s for s, _, _ in vol.cbq.barriers()] == [1]
+    assert [e[:2] for e in _log(vol)] == [("barrier", 1), ("write", 2)]
+    # With the committer running, an idle host's last point is synced within a moment.
+    vol.start()
+    try:
+        vol.flush_barrier(flush)
+        assert vol.counters["barriers_deferred"] == 2
+        deadline = time.monotonic() + 5.0
+        while [s for s, _, _ in vol.cbq.barriers()] != [1, 2]:
+            assert time.monotonic() < deadline, vol.cbq.barriers()
+            time.sleep(0.01)
+    finally:
+        vol.close()
+
+
+def test_write_through_flush_barrier_syncs_while_a_write_is_in_flight() -> None:
+    """A write appended but not yet committed (another thread's) keeps the flush's own
+    commit; so do write-back and a volume whose cache holds writes."""
+    _, vol = _volume(CacheMode.WRITE_THROUGH)
+    flush = HostCommand(FrontEnd.NBD, NBD_CMD_FLUSH)
+    with vol._lock:
+        vol._write_blocks(0, b"c" * BS)  # queued, its commit still to come
+    vol.flush_barrier(flush)
+    assert vol.counters["barriers_deferred"] == 0
+    assert [s for s, _, _ in vol.cbq.barriers()] == [1]
+    _, wb = _volume(CacheMode.WRITE_BACK)
+    wb.pwrite(0, b"d" * BS)
+    wb.flush_barrier(flush)
+    assert wb.counters["barriers_deferred"] == 0
+    assert [s for s, _, _ in wb.cbq.barriers()] == [1]
