@@ -27,3 +27,31 @@ def main(name: str, one_input: Callable[[bytes], None]) -> None:
         argv += [tempfile.mkdtemp(prefix=f"fuzz-{name}-"), str(CORPUS / name)]
     atheris.Setup(argv, one_input)
     atheris.Fuzz()
+
+
+class MemorySlots:
+    """A config partition in memory (the store's SlotDevice), so a target can save and
+    load configs through the real ConfigStore without touching a disk."""
+
+    def __init__(self, image: bytes | bytearray = b"") -> None:
+        self.image = bytearray(image)
+
+    def opener(self, path: str, writable: bool) -> MemorySlots:
+        if not self.image and not writable:
+            raise FileNotFoundError(path)  # a partition never written: the store's BLANK
+        return self
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return bytes(self.image[offset:offset + length]).ljust(length, b"\x00")
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        end = offset + len(data)
+        if len(self.image) < end:
+            self.image.extend(bytes(end - len(self.image)))
+        self.image[offset:end] = data
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol
 
 import cbor2
 
+from .. import cbor_strict
 from ..record import HeaderFormat, IntegrityError
 from ..storage import FileStorage
 from .errors import ConfigError, ConfigStoreError
@@ -162,9 +163,13 @@ def decode_slot(index: int, raw: bytes, limits: BoardLimits | None
             raise IntegrityError(None, base, f"CRC mismatch in generation {gen}")
     except IntegrityError as e:
         return bad(str(e))
+    # The strict decoder, not cbor2's: a slot is what a damaged or swapped card holds,
+    # and cbor2 5.6's C decoder leaks ~650 bytes on every text string that is not
+    # UTF-8 (three bytes, `62 ff ff`, do it), so a unit re-reading a bad slot would grow
+    # without bound.  Our own encoding (plain maps, lists, text, numbers) is its subset.
     try:
-        doc = cbor2.loads(body)
-    except (cbor2.CBORDecodeError, ValueError, TypeError) as e:
+        doc = cbor_strict.loads(body, floats=True)
+    except cbor_strict.CborDecodeError as e:
         return bad(f"body of generation {gen} is not CBOR: {e}", gen)
     try:
         cfg = from_document(doc, limits)

@@ -121,7 +121,10 @@ class ConsoleBase:
                 shown = ("*" * len(text)) if secret else text
                 shown = shown[-(width - 1):]
                 self.put(y, x, shown.ljust(width), curses.A_UNDERLINE)
-                self.scr.move(y, min(x + len(shown), self.w - 1))
+                try:
+                    self.scr.move(y, min(x + len(shown), self.w - 1))
+                except curses.error:
+                    pass  # a field below a terminal too small for the form: keys still edit it
                 self.scr.refresh()
                 k = self.key()
                 if k in ENTER_KEYS:

@@ -11,7 +11,8 @@ import pytest
 pytest.importorskip("atheris")
 
 FUZZ = Path(__file__).resolve().parents[2] / "fuzz"
-TARGETS = ("link_frames", "nbd_protocol", "scsi_target", "config_slot", "cbq_reader")
+TARGETS = ("link_frames", "nbd_protocol", "scsi_target", "config_slot", "cbq_reader",
+           "console_forms", "panel_frames")
 
 
 @pytest.mark.parametrize("target", TARGETS)
