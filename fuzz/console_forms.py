@@ -5,10 +5,11 @@ config store (in memory).
 A form is one of the screens' own field lists (network, buffer and volume, cache mode,
 notifications, a peer, the recovery form with and without a unit id); then the admin
 password screen (typed twice, the strength policy, the hash) and the SSH key paste.
-Only a refusal may come out: ConfigError / ConfigStoreError from the store, SshSetupError
-from the key check (all MirrorUnitError).  Anything else escaping (curses.error from a window too
-small included), a screen that does not return once the keys run out (KeysRanOut), or a value the store accepts but does not read back the
-same, fails.
+Only a refusal may come out: ConfigError / ConfigStoreError from the store,
+SshSetupError from the key check (all MirrorUnitError). Anything else escaping
+(curses.error from a window too small included), a screen that does not return once the
+keys run out (KeysRanOut), or a value the store accepts but does not read back the same,
+fails.
 
 Each input byte is one key as curses' getch() returns it (so a seed is the text typed),
 except 0x80-0x85 for the arrow, Enter, backspace, resize and timeout codes.  The form
@@ -34,9 +35,9 @@ with atheris.instrument_imports():
 
     from firmware.config import ConfigError, ConfigStore, ConfigStoreError, StoreSettings
     from firmware.config import password as password_mod
-    from firmware.config.seal import make_seal_key
     from firmware.config.kdf import Argon2Params
     from firmware.config.password import check_admin_password
+    from firmware.config.seal import make_seal_key
     from firmware.console.app import Console
     from firmware.console.base import ConsoleSettings
     from firmware.console.forms import FormField

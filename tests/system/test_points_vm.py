@@ -118,6 +118,7 @@ echo copied
     replayed = tmp_path / "replayed.img"
     db_checked = 0
     last_rows = 0
+    pending_journal = 0  # as-is failures of images whose journal holds commits
     try:
         cursor = ImageCursor(server.unit(unit), image)
         try:
@@ -126,8 +127,14 @@ echo copied
                 fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True,
                                       text=True, check=False)
                 if fsck.returncode != 0:
-                    fsck_failures.append(f"point {p['number']} seq {p['seq']}: "
-                                         f"exit {fsck.returncode}\n{fsck.stdout}")
+                    # With committed transactions still in the journal, `-n` checks the
+                    # in-place metadata the journal replay would complete (jbd2 may be
+                    # mid-checkpoint at a flush): only the replayed check below decides.
+                    if "skipping journal recovery" in fsck.stdout:
+                        pending_journal += 1
+                    else:
+                        fsck_failures.append(f"point {p['number']} seq {p['seq']}: "
+                                             f"exit {fsck.returncode}\n{fsck.stdout}")
                 # What a mount (or e2fsck -p) does first: replay the committed journal
                 # transactions, on a copy so the cursor's image stays the point's.
                 with open(image, "rb") as src, open(replayed, "wb") as dst:
@@ -170,8 +177,9 @@ echo copied
     finally:
         server.store.close()
     print(f"{len(listed_points)} points listed, {in_mkfs} during mkfs")
-    print(f"e2fsck -fn as is: {len(fsck_failures)} of {len(points)} fail; after the journal "
-          f"replay: {len(replay_failures)} fail")
+    print(f"e2fsck -fn as is: {len(fsck_failures)} of {len(points)} fail with a clean "
+          f"journal, {pending_journal} with committed transactions not yet replayed; after "
+          f"the journal replay: {len(replay_failures)} fail")
     assert not replay_failures, "\n".join(replay_failures[:3])
     assert not fsck_failures, f"{len(fsck_failures)} of {len(points)} points fail e2fsck -fn:\n" \
         + "\n".join(fsck_failures[:3])
