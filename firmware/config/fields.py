@@ -167,8 +167,14 @@ def format_size(n: int) -> str:
 class Size(FieldType):
     """Bytes; 0 means "automatic" where `zero_means` says so."""
 
-    def __init__(self, *, minimum: int, multiple: int, zero_means: str | None = None) -> None:
+    #: Sizes above this are refused: nothing here is that large, and the config's own
+    #: encoding (firmware/cbor_strict.py reads it back) holds integers of 64 bits.
+    MAXIMUM = 1 << 60
+
+    def __init__(self, *, minimum: int, multiple: int, zero_means: str | None = None,
+                 maximum: int = MAXIMUM) -> None:
         self.minimum, self.multiple, self.zero_means = minimum, multiple, zero_means
+        self.maximum = maximum
 
     def parse(self, key: str, text: str) -> int:
         if self.zero_means is not None and text.strip().lower() in ("auto", self.zero_means):
@@ -186,6 +192,9 @@ class Size(FieldType):
             raise ConfigError(key, f"{n} bytes is below the minimum of {format_size(self.minimum)}")
         if n % self.multiple:
             raise ConfigError(key, f"{n} bytes is not a multiple of {self.multiple}")
+        if n > self.maximum:
+            raise ConfigError(key, f"{n} bytes is above the maximum of "
+                                   f"{format_size(self.maximum)}")
         return n
 
     def display(self, value: Any) -> str:
