@@ -27,6 +27,7 @@ persists `to_state()` in its state file (docs/failover.md, "Relay chain").
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import threading
 import time
@@ -64,7 +65,8 @@ def _last_seq(e: LogEntry) -> int:
     return e.lbn if e.kind is RecordKind.SKIP else e.seq
 
 
-def _ranges(chunks: Iterable[int]) -> list[list[int]]:
+def chunk_ranges(chunks: Iterable[int]) -> list[list[int]]:
+    """Chunk numbers as sorted inclusive [first, last] ranges."""
     out: list[list[int]] = []
     for c in sorted(set(chunks)):
         if out and c == out[-1][1] + 1:
@@ -81,14 +83,13 @@ class RelayHold:
     the next remote or covered by `dirty` / `full`."""
 
     def __init__(self, state: dict[str, Any], applied: int, *,
-                 chunk_blocks: int, hold_bytes: int = RELAY_HOLD_BYTES) -> None:
+                 hold_bytes: int = RELAY_HOLD_BYTES) -> None:
         self.name: str = state["name"]
         self.acked: int = int(state["acked"])
         self.full: bool = bool(state["full"])
         self.dirty: set[int] = {c for lo, hi in state["dirty"] for c in range(lo, hi + 1)}
         #: Chunks of the resync in progress (back into `dirty` if it never finishes).
         self.resyncing: set[int] = set()
-        self.chunk_blocks = chunk_blocks
         self.hold_bytes = hold_bytes
         self.held: deque[LogEntry] = deque()
         self.held_bytes = 0
@@ -97,7 +98,7 @@ class RelayHold:
 
     def to_state(self) -> dict[str, Any]:
         return {"name": self.name, "acked": self.acked, "full": self.full,
-                "dirty": _ranges(self.dirty | self.resyncing)}
+                "dirty": chunk_ranges(self.dirty | self.resyncing)}
 
     @classmethod
     def new_state(cls, name: str, has_data: bool) -> dict[str, Any]:
@@ -231,10 +232,8 @@ def records_for_relay(held: Sequence[LogEntry], points: Sequence[Point], after: 
     host's order, up to `max_bytes` of data (one larger record alone); also the seq of
     the last barrier included (or `barrier_after`)."""
     out: list[WriteRecord] = []
-    seqs = [p.seq for p in points]
-    i = bisect.bisect_right(seqs, barrier_after)
+    i = bisect.bisect_right(points, barrier_after, key=lambda p: p.seq)
     nbytes = 0
-    start = 0
     lo, hi = 0, len(held)
     while lo < hi:  # first held entry ending after `after`
         mid = (lo + hi) // 2
@@ -244,7 +243,7 @@ def records_for_relay(held: Sequence[LogEntry], points: Sequence[Point], after: 
             hi = mid
     start = lo
     last_barrier = barrier_after
-    for e in list(held)[start:]:
+    for e in itertools.islice(held, start, None):
         while i < len(points) and points[i].seq < e.seq:
             out.append(barrier_of(points[i]))
             last_barrier = points[i].seq

@@ -77,7 +77,7 @@ from firmware.remote.journal import LogEntry, NewRecord, SegmentLog
 from firmware.remote.pit import PointInTimeDevice
 from firmware.remote.points import Point, PointLog
 from firmware.remote.promoted import PromotedDevice
-from firmware.remote.relay import RELAY_HOLD_BYTES, RelayHold, records_for_relay
+from firmware.remote.relay import RELAY_HOLD_BYTES, RelayHold, chunk_ranges, records_for_relay
 from firmware.remote.stateblocks import SketchSettings, StateBlockSketch
 from firmware.remote.stateblocks import load as load_sketch
 from firmware.remote.stateblocks import save as save_sketch
@@ -1363,8 +1363,7 @@ class UnitStore:
     # ================================================================== relay
 
     def _new_relay_hold(self, state: dict[str, Any]) -> RelayHold:
-        return RelayHold(state, self._applied, chunk_blocks=CHUNK_SIZE // self.block_size,
-                         hold_bytes=self._relay_hold_bytes)
+        return RelayHold(state, self._applied, hold_bytes=self._relay_hold_bytes)
 
     def _chunks_of_entry(self, e: LogEntry) -> Iterator[int]:
         if e.kind is RecordKind.WRITE and not self._is_dropped(e.seq):
@@ -1502,7 +1501,7 @@ class UnitStore:
             self._lineage, self._dirty = lineage, dirty
             st.promoted = {"seq": target, "fork_seq": fork_seq, "at_ns": now,
                            "forced": forced, "writes": 0,
-                           "dropped_chunks": _ranges(sorted(lost)),
+                           "dropped_chunks": chunk_ranges(lost),
                            "generation": lineage.generation}
             self._event("promote", seq=target, fork_seq=fork_seq, forced=forced,
                         generation=lineage.generation, undone=undone, dropped=dropped)
@@ -1679,7 +1678,7 @@ class UnitStore:
                 self._ops, image, self.volume_size, [self._chunk_range(c) for c in chunks],
                 self._mirror.pread, listing,
                 json.dumps({"generation": f"{self._lineage.generation:016x}",
-                            "chunk_size": CHUNK_SIZE, "chunks": _ranges(chunks),
+                            "chunk_size": CHUNK_SIZE, "chunks": chunk_ranges(chunks),
                             "volume_size": self.volume_size}).encode())
             i = parents[-1]
             back = Lineage(chain[i], chain[:i], writer=False)
@@ -2066,14 +2065,3 @@ __all__ = [
     "PromotedDevice", "Retention",
     "RollbackReport", "UnitStatus", "UnitStore", "validate_unit_id",
 ]
-
-
-def _ranges(chunks: list[int]) -> list[list[int]]:
-    """Sorted chunk numbers as inclusive [first, last] ranges."""
-    out: list[list[int]] = []
-    for c in chunks:
-        if out and c == out[-1][1] + 1:
-            out[-1][1] = c
-        else:
-            out.append([c, c])
-    return out
