@@ -15,6 +15,7 @@ from typing import Any
 from firmware.demo import pair_both_ways
 from firmware.nbd.client import NbdClient, NbdClientError
 from firmware.remote.server import ARRIVALS_NAME
+from firmware.units import parse_size
 from tests.support.faultproxy import FaultProxy
 from tests.support.unitproc import LocalProc, UnitProc, free_port
 
@@ -122,8 +123,15 @@ class Pair:
     """A paired local + remote, the local reaching the remote through a fault proxy."""
 
     def __init__(self, tmp: Path, *, size: str = "32M", buffer_size: str = "8M",
-                 local_extra: tuple[str, ...] = (), remote_extra: tuple[str, ...] = ()) -> None:
+                 local_extra: tuple[str, ...] = (), remote_extra: tuple[str, ...] = (),
+                 sparse: bool = False) -> None:
+        """`sparse` gives the local a sparse disk file of `size` (as a user's own image
+        can be) instead of the space it reserves when it creates one: a volume larger
+        than the disk space a test may take."""
         (tmp / "local").mkdir()
+        if sparse:
+            with open(tmp / "local" / "disk.img", "xb") as f:
+                f.truncate(parse_size(size))
         (tmp / "remote").mkdir()
         self.tmp = tmp
         self.remote = RemoteProc(tmp / "remote", extra=remote_extra)
@@ -194,5 +202,6 @@ class Writer(threading.Thread):
             client.close()
 
 
-#: The `make_pair` fixture: `make_pair(size=, buffer_size=, local_extra=, remote_extra=)`.
+#: The `make_pair` fixture: `make_pair(size=, buffer_size=, local_extra=, remote_extra=,
+#: sparse=)`.
 MakePair = Callable[..., Pair]

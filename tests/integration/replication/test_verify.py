@@ -33,7 +33,7 @@ def _read_bytes(pid: int) -> int:
 
 @pytest.fixture
 def pair(make_pair: MakePair) -> Pair:
-    return make_pair(size="8G")
+    return make_pair(size="8G", sparse=True)
 
 
 def _verify(pair: Pair, timeout: float) -> dict[str, object]:
