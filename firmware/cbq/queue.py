@@ -923,9 +923,12 @@ class CircularBufferQueue:
             }
 
     def _timestamp_at(self, lin: int) -> int | None:
-        for _, h, _ in self._ring.walk(lin, self._durable_lin):
-            if h.kind in WRITE_KINDS:
-                return h.timestamp_ns
+        try:
+            for _, h, _ in self._ring.walk(lin, self._durable_lin):
+                if h.kind in WRITE_KINDS:
+                    return h.timestamp_ns
+        except OSError:
+            pass  # the buffer's disk is gone: statistics still answer, without it
         return None
 
     def close(self) -> None:

@@ -258,6 +258,7 @@ class LocalStatus(TypedDict):
     ups: NotRequired[UpsReport]
     #: the data disk named by a stable identity (external storage), watched through udev
     external_disk: NotRequired[ExternalDiskStatus]
+    buffer_disk: NotRequired[ExternalDiskStatus]
 
 
 class LockoutReport(TypedDict):

@@ -17,6 +17,15 @@ is not the configured one), and `DiskWatcher`
 follows udev add/remove/change events and tells the volume when its disk goes and
 comes back.
 
+The data disk comes back in place: the CBQ (on another device) is redone onto it.  The
+buffer disk cannot: the queue's state in memory is ahead of what the disk kept when it
+was pulled (its page cache and its own volatile cache went with it).  `BufferDiskService`
+takes the volume offline when the buffer goes and, once it is back (with the data disk,
+when that is external too), asks the unit to restart: the new process opens the queue
+from what the disk holds, as after a power cut (records the host flushed are there, a
+torn one is detected and not replayed, only durable records were ever sent to a peer)
+and redoes it onto the mirror.
+
 Only a small part of pyudev is used (Context.list_devices, Device.properties,
 device_node, device_type, device_number, Monitor.poll), so tests pass a fake context.
 """
@@ -284,6 +293,25 @@ def open_storage(identity: DiskIdentity, device: UdevDevice) -> FileStorage:
     return storage
 
 
+#: how long a disk that is still listed is looked at again after an I/O error: the kernel
+#: fails the I/O of a disk being removed a while before the device leaves sysfs (seconds
+#: on a loaded board), and that error must not count as a medium error
+SETTLE_SECONDS = 3.0
+
+
+def still_there(watchers: Iterable[DiskWatcher], settle: float | None = None) -> bool:
+    """After an I/O error: are all these disks still there, looked at again for up to
+    `settle` seconds (SETTLE_SECONDS by default)?  The watcher of one that is gone
+    reports its loss."""
+    watchers = list(watchers)
+    deadline = time.monotonic() + (SETTLE_SECONDS if settle is None else settle)
+    while all([w.check() for w in watchers]):
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 class ExternalDiskService:
     """Keeps the volume's mirror on the disk with `identity`: OFFLINE when it goes, the
     CBQ redone onto it and ONLINE when the same disk is back (status "external_disk")."""
@@ -300,8 +328,17 @@ class ExternalDiskService:
         self.watcher = DiskWatcher(identity, "data disk", context, lost=volume.medium_lost,
                                    found=self._found, monitor=monitor, rescan=rescan)
         self.watcher.node = node
+        #: the buffer disk's service when the buffer is external too (set by it)
+        self.buffer: BufferDiskService | None = None
 
     def _found(self, device: UdevDevice) -> None:
+        if self.buffer is not None and self.buffer.restart_pending:
+            # The queue went too: nothing is redone in place, the unit restarts once
+            # the buffer is back (now, if it already is).
+            log.warning("data disk %s is back; the buffer disk went too, so the unit "
+                        "restarts once both are here", self.identity)
+            self.buffer.try_restart()
+            return
         storage = self._opener(self.identity, device)
         try:
             self.volume.medium_returned(storage)
@@ -309,19 +346,86 @@ class ExternalDiskService:
             storage.close()
             raise
 
-    def medium_check(self, settle: float = 1.0) -> bool:
-        """After an I/O error: is the disk still there?  The kernel fails the I/O of a disk
-        being removed a moment before the device leaves sysfs, so a present disk is looked
-        at again for up to `settle` seconds before the error counts as a medium error."""
-        deadline = time.monotonic() + settle
-        while self.watcher.check():
-            if time.monotonic() >= deadline:
-                return True
-            time.sleep(0.1)
-        return False
+    def medium_check(self, settle: float | None = None) -> bool:
+        """After an I/O error: is the disk still there?"""
+        return still_there([self.watcher], settle)
 
     def start(self) -> None:
         # An I/O error on the mirror looks the disk up at once rather than at the next event.
+        self.volume.medium_check = self.medium_check
+        self.watcher.start()
+
+    def stop(self) -> None:
+        self.volume.medium_check = None
+        self.watcher.stop()
+
+    def status(self) -> ExternalDiskStatus:
+        return self.watcher.status()
+
+    def handlers(self) -> dict[str, Any]:
+        return {}
+
+
+class BufferDiskService:
+    """Watches the disk holding the CBQ (status "buffer_disk"): OFFLINE when it goes and,
+    when it is back (with the data disk, if that is watched too), `on_restart(reason)`:
+    the unit restarts and opens the queue from what the disk kept.  `on_restart` is set by
+    the unit that runs the service."""
+
+    name = "buffer_disk"
+
+    def __init__(self, volume: Volume, identity: DiskIdentity, context: UdevContext, *,
+                 data: ExternalDiskService | None = None, monitor: UdevMonitor | None = None,
+                 node: str | None = None, rescan: float = 2.0) -> None:
+        self.volume = volume
+        self.identity = identity
+        self._context = context
+        self.data = data
+        if data is not None:
+            data.buffer = self
+        self.on_restart: Callable[[str], None] | None = None
+        self.restart_pending = False
+        self.restart_requested: str | None = None
+        self.watcher = DiskWatcher(identity, "buffer disk", context, lost=self._lost,
+                                   found=self._found, monitor=monitor, rescan=rescan)
+        self.watcher.node = node
+
+    def _lost(self, reason: str) -> None:
+        self.restart_pending = True
+        self.volume.medium_lost(reason)
+
+    def _found(self, device: UdevDevice) -> None:
+        log.warning("buffer disk %s is back as %s", self.identity, device.device_node)
+        self.try_restart(buffer_here=True)
+
+    def try_restart(self, *, buffer_here: bool = False) -> None:
+        """Restart the unit if the buffer went and everything it needs is here now."""
+        if not self.restart_pending or self.restart_requested is not None:
+            return
+        here = buffer_here or resolve(self.identity, self._context) is not None
+        data = self.data
+        if data is not None and resolve(data.identity, self._context) is None:
+            log.warning("buffer disk %s is back; waiting for data disk %s too",
+                        self.identity, data.identity)
+            return
+        if not here:
+            return
+        reason = (f"buffer disk {self.identity} came back: the unit restarts to open its "
+                  "queue from what the disk kept")
+        log.critical("%s", reason)
+        self.restart_requested = reason
+        if self.on_restart is None:
+            raise DiskIdentityError(f"{reason}, but nothing can restart it")
+        self.on_restart(reason)
+
+    def medium_check(self, settle: float | None = None) -> bool:
+        """After an I/O error on the data path: are the buffer disk (and the data disk,
+        when watched) still there?"""
+        watchers = [self.watcher] + ([self.data.watcher] if self.data is not None else [])
+        return still_there(watchers, settle)
+
+    def start(self) -> None:
+        # Replaces the data disk's check: an I/O error looks at both disks.
         self.volume.medium_check = self.medium_check
         self.watcher.start()
 

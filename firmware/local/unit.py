@@ -150,6 +150,8 @@ class DataPath:
     #: the data disk's identity and the udev context it was found in, when named by one
     disk_identity: DiskIdentity | None = None
     udev: UdevContext | None = None
+    #: the buffer disk's identity, when named by one
+    buffer_identity: DiskIdentity | None = None
 
     @classmethod
     def open(cls, s: LocalSettings, udev: UdevContext | None = None) -> DataPath:
@@ -187,8 +189,9 @@ class DataPath:
         if volume.redone_records:
             log.warning("recovery: %d writes redone onto the local mirror",
                         volume.redone_records)
-        disk = named.get("data disk")
-        return cls(mirror, cbq_storage, cbq, volume, disk[0] if disk else None, udev)
+        disk, buffer = named.get("data disk"), named.get("buffer disk")
+        return cls(mirror, cbq_storage, cbq, volume, disk[0] if disk else None, udev,
+                   buffer[0] if buffer else None)
 
     def close(self) -> None:
         self.volume.close()
@@ -287,6 +290,11 @@ class LocalUnit:
         self.services: list[Service] = list(services)
         #: the ones started so far
         self._running: list[Service] = []
+        #: why the unit asked to be restarted (run_forever then returns), or None
+        self.restart_reason: str | None = None
+        for service in self.services:
+            if hasattr(service, "on_restart"):
+                service.on_restart = self.request_restart  # type: ignore[attr-defined]
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -335,6 +343,17 @@ class LocalUnit:
         finally:
             self.stop()
 
+    @property
+    def stopping(self) -> threading.Event:
+        """Set once the unit is asked to stop (or restart)."""
+        return self._stop
+
+    def request_restart(self, reason: str) -> None:
+        """Stop, and have the caller of run_forever start the unit again (its buffer
+        disk came back: the queue is opened anew from the disk)."""
+        self.restart_reason = reason
+        self._stop.set()
+
     def stop(self) -> None:
         self._stop.set()
         while self._running:
@@ -345,7 +364,14 @@ class LocalUnit:
                 log.exception("stopping %s failed", service.name)
         if self.control is not None:
             self.control.stop()
-        self.data.close()
+        try:
+            self.data.close()
+        except OSError as e:
+            if self.restart_reason is None:
+                raise
+            # The buffer disk went: what the queue held in memory is not written back
+            # (the restart opens it from the disk).
+            log.warning("closing the data path of the lost disk: %s", e)
         log.info("stopped cleanly")
 
     # ---------------------------------------------------------------- control

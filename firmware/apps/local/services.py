@@ -4,7 +4,10 @@ in the order they start (and stop in reverse)."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
+import time
 
 from ...local import DataPath, LocalUnit, LocalUnitError
 from ...local.unit import NbdFrontEnd, Service
@@ -59,19 +62,27 @@ def ups_monitor(settings: UpsSettings, data: DataPath) -> Service:
                       command_hook(settings.poweroff_command))
 
 
-def external_disk(data: DataPath) -> Service:
-    from ...local.external_disk import ExternalDiskService
+def external_disks(data: DataPath) -> list[Service]:
+    """The watchers of the data and buffer disks named by identity."""
+    from ...local.external_disk import BufferDiskService, ExternalDiskService
 
-    assert data.disk_identity is not None and data.udev is not None
-    return ExternalDiskService(data.volume, data.disk_identity, data.udev,
-                               node=data.mirror.path)
+    out: list[Service] = []
+    disk: ExternalDiskService | None = None
+    if data.disk_identity is not None:
+        assert data.udev is not None
+        disk = ExternalDiskService(data.volume, data.disk_identity, data.udev,
+                                   node=data.mirror.path)
+        out.append(disk)
+    if data.buffer_identity is not None:
+        assert data.udev is not None
+        out.append(BufferDiskService(data.volume, data.buffer_identity, data.udev, data=disk,
+                                     node=data.cbq_storage.path))
+    return out
 
 
 def build_services(s: LocalAppSettings, data: DataPath) -> list[Service]:
-    services: list[Service] = []
-    if data.disk_identity is not None:
-        # First: the disk is watched before any front end lets a host write to it.
-        services.append(external_disk(data))
+    # First: the disks are watched before any front end lets a host write to them.
+    services: list[Service] = external_disks(data)
     if s.nbd is not None:
         services.append(NbdFrontEnd(data.volume, s.nbd.address, s.nbd.export_name))
     if s.usb is not None:
@@ -100,5 +111,35 @@ def run(s: LocalAppSettings) -> int:
     except (LocalUnitError, OSError) as e:
         print(f"mirrorunit local: {e}", file=sys.stderr)
         return 2
+    threading.Thread(target=_restart_watchdog, args=(unit,), name="restart-watchdog",
+                     daemon=True).start()
     unit.run_forever()
+    if unit.restart_reason is not None:
+        restart(unit.restart_reason)
     return 0
+
+
+#: how long a stop before a restart may take before the restart goes ahead without it
+RESTART_STOP_SECONDS = 30.0
+
+
+def _restart_watchdog(unit: LocalUnit) -> None:
+    unit.stopping.wait()
+    if unit.restart_reason is None:
+        return
+    time.sleep(RESTART_STOP_SECONDS)
+    # Still here: a service did not stop on the lost disk.  The restart is as safe as
+    # after a power cut, which the queue is built for.
+    logging.getLogger("mirrorunit.local").error(
+        "the unit did not stop in %g s; restarting without it", RESTART_STOP_SECONDS)
+    restart(unit.restart_reason)
+
+
+def restart(reason: str) -> None:
+    """Start this program again in this process (same pid, so a service manager sees
+    no exit): the command line it was started with, from the beginning."""
+    logging.getLogger("mirrorunit.local").warning("restarting: %s", reason)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, sys.orig_argv)

@@ -15,6 +15,7 @@ import pytest
 
 from firmware.local import DataPath, LocalUnitError
 from firmware.local.external_disk import (
+    BufferDiskService,
     DiskIdentity,
     DiskIdentityError,
     DiskWatcher,
@@ -275,3 +276,105 @@ def test_watcher_rescans_when_an_event_is_missed() -> None:
         assert gone.wait(5)
     finally:
         watcher.stop()
+
+
+BUF = FakeDevice("/dev/sda2", "partition", {
+    "ID_SERIAL": "Samsung_T7_S5SXNG0R123456",
+    "ID_PART_ENTRY_UUID": "0a1b2c3d-0002-4e5f-8a9b-0c1d2e3f4a5b"})
+
+
+def test_buffer_and_data_on_one_disk_go_offline_and_restart_the_unit_once_back() -> None:
+    """One SSD, the data on partition 1 and the CBQ on partition 2: pulled, the volume
+    goes offline; back, nothing is redone in place (the queue in memory is ahead of what
+    the disk kept): the unit is asked to restart, once, when both partitions are here."""
+    udev, vol = FakeUdev([SSD1, BUF]), FakeVolume()
+    data_mon, buf_mon = FakeMonitor(), FakeMonitor()
+    opened: list[str] = []
+    data = ExternalDiskService(vol, DiskIdentity.parse(  # type: ignore[arg-type]
+        "partuuid:0a1b2c3d-0001-4e5f-8a9b-0c1d2e3f4a5b"), udev, monitor=data_mon,
+        opener=lambda _i, d: opened.append(d.device_node), rescan=0.3)  # type: ignore[func-returns-value]
+    buf = BufferDiskService(vol, DiskIdentity.parse(  # type: ignore[arg-type]
+        "partuuid:0a1b2c3d-0002-4e5f-8a9b-0c1d2e3f4a5b"), udev, data=data, monitor=buf_mon,
+        rescan=0.3)
+    restarts: list[str] = []
+    buf.on_restart = restarts.append
+    data.start()
+    buf.start()
+    try:
+        # An I/O error looks at both disks; both are there: a medium error stands.
+        assert vol.medium_check(settle=0.0) is True
+        udev.devices.clear()
+        for mon, dev in ((buf_mon, BUF), (data_mon, SSD1)):
+            mon.events.put(FakeDevice(dev.device_node, "partition", {}, action="remove"))
+        _wait(lambda: len(vol.log) == 2, "both losses reported")
+        assert any("buffer disk partuuid:" in e for e in vol.log), vol.log
+        assert buf.status()["present"] is False and data.status()["present"] is False
+        # The data partition first: not redone onto (the queue went), no restart yet.
+        udev.devices.append(SSD1)
+        data_mon.events.put(FakeDevice("/dev/sda1", "partition", {}, action="add"))
+        _wait(lambda: data.status()["present"], "the data disk seen back")
+        assert not opened and not restarts
+        # Then the buffer: one restart, and nothing redone in place.
+        udev.devices.append(BUF)
+        buf_mon.events.put(FakeDevice("/dev/sda2", "partition", {}, action="add"))
+        data_mon.events.put(FakeDevice("/dev/sda2", "partition", {}, action="add"))
+        _wait(lambda: restarts, "the restart asked for")
+        assert "buffer disk partuuid:0a1b2c3d-0002" in restarts[0]
+        buf_mon.events.put(FakeDevice("/dev/sda2", "partition", {}, action="change"))
+        _wait(lambda: buf.status()["present"], "the buffer seen back")
+        assert len(restarts) == 1 and not opened
+        assert not any(e.startswith("returned") for e in vol.log), vol.log
+    finally:
+        buf.stop()
+        data.stop()
+    assert vol.medium_check is None
+
+
+def test_buffer_back_before_the_data_disk_waits_for_it() -> None:
+    udev, vol = FakeUdev([SSD, OTHER]), FakeVolume()
+    data_mon, buf_mon = FakeMonitor(), FakeMonitor()
+    data = ExternalDiskService(vol, DiskIdentity.parse("serial:S5SXNG0R123456"),  # type: ignore[arg-type]
+                               udev, monitor=data_mon, rescan=0.3)
+    buf = BufferDiskService(vol, DiskIdentity.parse("serial:Kingston_A400_50026B7"),  # type: ignore[arg-type]
+                            udev, data=data, monitor=buf_mon, rescan=0.3)
+    restarts: list[str] = []
+    buf.on_restart = restarts.append
+    data.start()
+    buf.start()
+    try:
+        udev.devices.clear()
+        buf_mon.events.put(FakeDevice("/dev/sdb", "disk", {}, action="remove"))
+        data_mon.events.put(FakeDevice("/dev/sda", "disk", {}, action="remove"))
+        _wait(lambda: not buf.status()["present"] and not data.status()["present"], "gone")
+        udev.devices.append(OTHER)
+        buf_mon.events.put(FakeDevice("/dev/sdb", "disk", {}, action="add"))
+        _wait(lambda: buf.status()["present"], "the buffer seen back")
+        assert not restarts  # the data disk is not here yet
+        udev.devices.append(SSD)
+        data_mon.events.put(FakeDevice("/dev/sda", "disk", {}, action="add"))
+        _wait(lambda: restarts, "the restart once the data disk is back too")
+        assert len(restarts) == 1
+    finally:
+        buf.stop()
+        data.stop()
+
+
+def test_buffer_alone_external_restarts_when_back() -> None:
+    """The data on the SD card, the CBQ on a USB disk: its loss takes the volume offline
+    and an I/O error looks it up at once."""
+    udev, vol, mon = FakeUdev([OTHER]), FakeVolume(), FakeMonitor()
+    buf = BufferDiskService(vol, DiskIdentity.parse("serial:Kingston_A400_50026B7"),  # type: ignore[arg-type]
+                            udev, monitor=mon, rescan=0.3)
+    restarts: list[str] = []
+    buf.on_restart = restarts.append
+    buf.start()
+    try:
+        assert vol.medium_check == buf.medium_check
+        udev.devices.clear()
+        assert vol.medium_check() is False  # the look-up an I/O error makes
+        assert vol.log == ["lost: buffer disk serial:Kingston_A400_50026B7 disappeared"]
+        udev.devices.append(OTHER)
+        mon.events.put(FakeDevice("/dev/sdb", "disk", {}, action="add"))
+        _wait(lambda: restarts, "the restart")
+    finally:
+        buf.stop()
