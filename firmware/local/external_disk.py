@@ -312,7 +312,34 @@ def still_there(watchers: Iterable[DiskWatcher], settle: float | None = None) ->
     return False
 
 
-class ExternalDiskService:
+class _DiskService:
+    """What the data and buffer disk services share: an I/O error on the volume looks
+    the disk(s) up at once (`medium_check`) rather than at the next event.  The buffer
+    disk's service starts after the data disk's and its check, which looks at both,
+    takes the place of the data disk's."""
+
+    volume: Volume
+    watcher: DiskWatcher
+
+    def medium_check(self, settle: float | None = None) -> bool:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.volume.medium_check = self.medium_check
+        self.watcher.start()
+
+    def stop(self) -> None:
+        self.volume.medium_check = None
+        self.watcher.stop()
+
+    def status(self) -> ExternalDiskStatus:
+        return self.watcher.status()
+
+    def handlers(self) -> dict[str, Any]:
+        return {}
+
+
+class ExternalDiskService(_DiskService):
     """Keeps the volume's mirror on the disk with `identity`: OFFLINE when it goes, the
     CBQ redone onto it and ONLINE when the same disk is back (status "external_disk")."""
 
@@ -350,23 +377,9 @@ class ExternalDiskService:
         """After an I/O error: is the disk still there?"""
         return still_there([self.watcher], settle)
 
-    def start(self) -> None:
-        # An I/O error on the mirror looks the disk up at once rather than at the next event.
-        self.volume.medium_check = self.medium_check
-        self.watcher.start()
-
-    def stop(self) -> None:
-        self.volume.medium_check = None
-        self.watcher.stop()
-
-    def status(self) -> ExternalDiskStatus:
-        return self.watcher.status()
-
-    def handlers(self) -> dict[str, Any]:
-        return {}
 
 
-class BufferDiskService:
+class BufferDiskService(_DiskService):
     """Watches the disk holding the CBQ (status "buffer_disk"): OFFLINE when it goes and,
     when it is back (with the data disk, if that is watched too), `on_restart(reason)`:
     the unit restarts and opens the queue from what the disk kept.  `on_restart` is set by
@@ -424,17 +437,3 @@ class BufferDiskService:
         watchers = [self.watcher] + ([self.data.watcher] if self.data is not None else [])
         return still_there(watchers, settle)
 
-    def start(self) -> None:
-        # Replaces the data disk's check: an I/O error looks at both disks.
-        self.volume.medium_check = self.medium_check
-        self.watcher.start()
-
-    def stop(self) -> None:
-        self.volume.medium_check = None
-        self.watcher.stop()
-
-    def status(self) -> ExternalDiskStatus:
-        return self.watcher.status()
-
-    def handlers(self) -> dict[str, Any]:
-        return {}
