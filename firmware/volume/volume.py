@@ -103,10 +103,10 @@ class Volume:
                  mirror_checkpoint_bytes: int | None = None,
                  read_only: bool = False, state: DeviceState = DeviceState.READY,
                  on_state_change: Callable[[DeviceState], None] | None = None,
-                 medium_check: Callable[[], object] | None = None) -> None:
+                 medium_check: Callable[[], bool] | None = None) -> None:
         self.mirror = mirror
-        #: Called after a failed mirror access: looks whether the disk is still there
-        #: (and calls medium_lost() when not), so an I/O error on a vanished disk takes
+        #: Called after a failed mirror access: whether the disk is still there (its
+        #: watcher calls medium_lost() when not), so an I/O error on a vanished disk takes
         #: the volume offline instead of failing commands one by one.
         self.medium_check = medium_check
         #: Why the mirror's disk is missing; None while it is present.
@@ -458,10 +458,10 @@ class Volume:
         try:
             self._apply_cache_locked()
         except Exception as e:
-            self._probe_medium()
-            if self._medium_lost is not None:
+            gone = self._medium_gone()
+            if gone is not None:
                 # Not a failure of the data path: the disk went, the writes wait for it.
-                raise MediumNotPresent(f"volume is offline: {self._medium_lost}") from e
+                raise MediumNotPresent(f"volume is offline: {gone}") from e
             self._commit_failed(e)
             raise
 
@@ -517,9 +517,9 @@ class Volume:
         try:
             self.mirror.sync()
         except OSError as e:
-            self._probe_medium()
-            if self._medium_lost is not None:
-                raise MediumNotPresent(f"volume is offline: {self._medium_lost}") from e
+            gone = self._medium_gone()
+            if gone is not None:
+                raise MediumNotPresent(f"volume is offline: {gone}") from e
             # The kernel may drop the pages it could not write, and a later sync then
             # succeeds without them: the CBQ keeps what the mirror was sent, for the redo
             # at the next start.
@@ -546,13 +546,23 @@ class Volume:
 
     # ---------------------------------------------------------------- medium
 
+    def _medium_gone(self) -> str | None:
+        """After a failed mirror access: why the disk is gone, or None if it is there.
+        The check's answer counts, not only its medium_lost() call: the watcher's own
+        thread may have seen the disk go first and be waiting for the commit lock this
+        thread holds to say so."""
+        if self._medium_lost is None and self.medium_check is not None:
+            try:
+                present = self.medium_check()
+            except Exception:  # the check itself failed: the error stands as a medium error
+                log.exception("volume: checking the mirror's disk failed")
+                present = True
+            if present is False and self._medium_lost is None:
+                return "the disk is gone (its loss is being reported)"
+        return self._medium_lost
+
     def _probe_medium(self) -> None:
-        if self.medium_check is None or self._medium_lost is not None:
-            return
-        try:
-            self.medium_check()
-        except Exception:  # the check itself failed: the error stands as a medium error
-            log.exception("volume: checking the mirror's disk failed")
+        self._medium_gone()
 
     def _probe_medium_later(self) -> None:
         """_probe_medium() from another thread: a reader may hold locks (the CBQ's, when it

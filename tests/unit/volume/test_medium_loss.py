@@ -124,9 +124,10 @@ def test_an_io_error_that_the_check_confirms_takes_the_volume_offline() -> None:
     vol.pwrite(0, _block(1))
     checks = []
 
-    def check() -> None:
+    def check() -> bool:
         checks.append(1)
         vol.medium_lost("data disk serial:T1 disappeared")
+        return False
 
     vol.medium_check = check
     kept = _pull(mirror)
@@ -140,9 +141,47 @@ def test_an_io_error_that_the_check_confirms_takes_the_volume_offline() -> None:
     vol.close()
 
 
+def test_a_commit_that_fails_while_the_watcher_reports_the_loss_is_no_medium_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """udev's remove event and the failed write race: the watcher's thread has seen the
+    disk go and waits for the commit lock to take the volume offline while the writer's
+    commit, holding it, fails (a removed virtio disk answers ENOSPC).  The check says
+    "gone" without reporting it again: the write fails as MEDIUM NOT PRESENT, the cache
+    stays on, and the loss is reported once the lock is free."""
+    mirror, vol = _volume(CacheMode.WRITE_THROUGH)
+    vol.pwrite(0, _block(1))
+    kept = _pull(mirror)
+    mirror.pulled = False
+    seen = threading.Event()
+
+    def watcher() -> None:
+        seen.wait(5)
+        vol.medium_lost("data disk serial:T1 disappeared (udev remove)")
+
+    reporter = threading.Thread(target=watcher)
+    reporter.start()
+
+    def fail(offset: int, data: bytes | bytearray | memoryview) -> None:
+        seen.set()  # the watcher now waits for the commit lock this thread holds
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    mirror.pwrite = fail  # type: ignore[method-assign]
+    vol.medium_check = lambda: False  # the watcher already marked the disk absent
+    with caplog.at_level("CRITICAL", logger="mirrorunit.volume"):
+        with pytest.raises(MediumNotPresent, match="being reported"):
+            vol.pwrite(BS, _block(2))
+    reporter.join(5)
+    assert not reporter.is_alive()
+    assert vol.state is DeviceState.OFFLINE and vol.commit_failure is None
+    assert not [r for r in caplog.records if r.levelname == "CRITICAL"], caplog.text
+    vol.medium_returned(Unpluggable(kept))
+    assert vol.pread(0, BS) == _block(1) and vol.commit_failure is None
+    vol.close()
+
+
 def test_an_io_error_on_a_present_disk_stays_a_medium_error() -> None:
     mirror, vol = _volume(CacheMode.WRITE_THROUGH)
-    vol.medium_check = lambda: None  # the disk is still there
+    vol.medium_check = lambda: True  # the disk is still there
     mirror.pulled = True
     with pytest.raises(MediumError) as err:
         vol.pwrite(0, _block(1))
@@ -208,10 +247,11 @@ def test_a_failed_read_looks_at_the_disk_from_another_thread() -> None:
     mirror, vol = _volume(CacheMode.WRITE_THROUGH)
     checked = threading.Event()
 
-    def check() -> None:
+    def check() -> bool:
         assert threading.current_thread() is not reader
         vol.medium_lost("gone")
         checked.set()
+        return False
 
     vol.medium_check = check
     _pull(mirror)
