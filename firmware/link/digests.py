@@ -1,6 +1,6 @@
 """Chunk digests of a mostly sparse volume, for a checksum resync or a verify.
 
-Both ends digest the same chunks (BLAKE2b-256, `frames.chunk_digest`).  A chunk that
+Both ends digest the same chunks (BLAKE3-256, `frames.chunk_digest`).  A chunk that
 lies wholly inside a hole of the file under it reads as zeroes, so its digest is the
 digest of a zero chunk, computed once per size: it is neither read nor hashed.  This
 is what lets a verify of a 200 GiB volume that holds a few GiB finish in seconds.

@@ -37,7 +37,6 @@ let a few hundred bytes stop the whole process.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import struct
 import zlib
@@ -48,13 +47,16 @@ from typing import Any
 import cbor2
 import crc32c
 import zstandard as _zstd
+from blake3 import blake3 as _blake3
 
 from firmware.cbor_strict import CborDecodeError
 from firmware.cbor_strict import loads as _strict_loads
 from firmware.lineage import Lineage, LineageError
 from firmware.link.errors import LinkProtocolError
 
-PROTOCOL_VERSION = 1
+#: 2: chunk and batch digests are BLAKE3-256 (1 had BLAKE2b-256; the two do not mix, so a
+#: peer that offers only 1 is refused with ERR_VERSION and told why).
+PROTOCOL_VERSION = 2
 
 FRAME_LENGTH = struct.Struct(">I")
 assert FRAME_LENGTH.size == 4
@@ -91,8 +93,10 @@ RECORD_BARRIER = 1
 
 
 def chunk_digest(data: bytes | bytearray | memoryview) -> bytes:
-    """The strong digest both ends compare to decide a resync chunk is equal."""
-    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+    """The strong digest both ends compare to decide a resync chunk is equal: BLAKE3-256,
+    about three times BLAKE2b's speed per core (SIMD), which is what keeps a verify of
+    dense data near the disk's read speed.  It releases the GIL while it hashes."""
+    return _blake3(data).digest()
 
 
 @dataclass(frozen=True)
@@ -261,7 +265,7 @@ class DigestRequest:
 
 @dataclass(frozen=True)
 class ChunkDigests:
-    """Remote -> local: BLAKE2b-256 digests of the chunks of one `DigestRequest`."""
+    """Remote -> local: BLAKE3-256 digests of the chunks of one `DigestRequest`."""
 
     resync_id: int
     chunks: tuple[int, ...]
@@ -546,8 +550,8 @@ def decompress(codec: str, data: bytes, expected: int) -> bytes:
 
 
 def batch_digest(records: Sequence[WriteRecord]) -> bytes:
-    """BLAKE2b over the uncompressed batch, as both ends see it after decoding."""
-    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    """BLAKE3-256 over the uncompressed batch, as both ends see it after decoding."""
+    h = _blake3()
     for r in records:
         if r.is_skip:
             # No write can be that long (MAX_BATCH_DATA), so this marks a skip.

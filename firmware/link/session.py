@@ -11,7 +11,7 @@ any seq the remote already applied is acknowledged and skipped, so a replay is
 harmless.
 
 With the signature option every batch waits in the remote's receive buffer: the
-remote answers DIGEST (BLAKE2b of the decoded batch), the local compares it with its
+remote answers DIGEST (BLAKE3 of the decoded batch), the local compares it with its
 own and answers COMMIT (apply it) or ABORT (drop it and everything after it; the local
 rewinds and sends again).
 """
@@ -1206,7 +1206,8 @@ class ReceiverSession(_Session):
         if not common:
             return self._refuse(
                 ERR_VERSION,
-                f"no common protocol version: {hello.versions} vs {self.config.versions}",
+                f"no common protocol version: {hello.versions} vs {self.config.versions} "
+                "(both units need firmware speaking the same link protocol)",
             )
         relayed = hello.unit_id in self.relays
         if hello.unit_id not in self.config.known_units and not relayed:

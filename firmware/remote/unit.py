@@ -1838,7 +1838,7 @@ class UnitStore:
         return off, min(CHUNK_SIZE, self.volume_size - off)
 
     def chunk_digests(self, chunks: Iterable[int] | None = None) -> dict[int, bytes]:
-        """BLAKE2b-256 digests of 64 KiB chunks of the current mirror (all if None).
+        """BLAKE3-256 digests of 64 KiB chunks of the current mirror (all if None).
         A chunk inside a hole of the mirror file is the zero chunk: not read."""
         with self._lock:
             self._check_open()

@@ -25,6 +25,7 @@ from firmware.config.peer_backup import (
 from firmware.link.errors import LinkProtocolError
 from firmware.link.frames import (
     MAX_CONFIG_BLOB,
+    PROTOCOL_VERSION,
     ConfigBlob,
     ConfigGet,
     ConfigPut,
@@ -38,6 +39,9 @@ from firmware.link.session import ReceiverConfig, ReceiverSession
 from firmware.remote.server import CONFIG_BACKUP_NAME
 from tests.support import REPO as ROOT
 from tests.support.replication import MakePair, wait_for
+
+#: the link protocol versions a HELLO of this firmware offers
+VERSIONS = (PROTOCOL_VERSION,)
 
 PASSWORD = "correct horse battery"
 
@@ -132,7 +136,7 @@ def test_nobody_gets_or_overwrites_another_units_backup() -> None:
     assert isinstance(err, ErrorFrame) and err.code == "identity"
     assert r.is_finished
     r = receiver(b)
-    r.receive_data(encode_frame(Hello((1,), "unit-a", 4096, 512, 0, (), False)))
+    r.receive_data(encode_frame(Hello(VERSIONS, "unit-a", 4096, 512, 0, (), False)))
     r.receive_data(encode_frame(ConfigPut("unit-b", b"forged")))
     assert b.blobs == {"unit-b": b"sealed b"}
     assert isinstance(answers(r)[-1], ErrorFrame)
@@ -141,14 +145,14 @@ def test_nobody_gets_or_overwrites_another_units_backup() -> None:
 def test_put_after_hello_is_kept_and_the_remote_hands_over_its_own() -> None:
     b = Backups()
     r = receiver(b)
-    r.receive_data(encode_frame(Hello((1,), "unit-a", 4096, 512, 0, (), False)))
+    r.receive_data(encode_frame(Hello(VERSIONS, "unit-a", 4096, 512, 0, (), False)))
     out = answers(r)
     assert out[-1] == ConfigPut("remote-1", b"remote's own")
     r.receive_data(encode_frame(ConfigPut("unit-a", b"sealed a v2")))
     assert b.blobs == {"unit-a": b"sealed a v2"}
     # A side that keeps no backups refuses them.
     r = receiver(None)
-    r.receive_data(encode_frame(Hello((1,), "unit-a", 4096, 512, 0, (), False)))
+    r.receive_data(encode_frame(Hello(VERSIONS, "unit-a", 4096, 512, 0, (), False)))
     with pytest.raises(LinkProtocolError, match="keeps no config backups"):
         r.receive_data(encode_frame(ConfigPut("unit-a", b"x")))
 

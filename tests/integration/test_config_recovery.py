@@ -29,6 +29,7 @@ from firmware.config.seal import (
 )
 from firmware.link.errors import LinkProtocolError
 from firmware.link.frames import (
+    PROTOCOL_VERSION,
     ConfigBlob,
     ConfigGet,
     ErrorFrame,
@@ -59,6 +60,9 @@ from tests.support import REPO as ROOT
 from tests.support.replication import MakePair, wait_for
 from tests.support.terminal import DOWN, ENTER, Term
 from tests.support.unitproc import read_until_closed
+
+#: the link protocol versions a HELLO of this firmware offers
+VERSIONS = (PROTOCOL_VERSION,)
 
 PASSWORD = "correct horse battery"
 #: Small costs keep the tests quick; the schemes are the real ones.
@@ -207,7 +211,7 @@ def test_refusals(blobs: dict[str, bytes], unit: str | None, code: str) -> None:
 
 
 @pytest.mark.parametrize("frame", [
-    Hello((1,), "unit-a", 4096, 512, 0, (), False),
+    Hello(VERSIONS, "unit-a", 4096, 512, 0, (), False),
     ConfigGet("unit-a"),
     Writes(1, "none", (WriteRecord(1, 0, b"\x01" * 512, 1),)),
     RecoverProof(b"\x00" * 32),
@@ -324,7 +328,7 @@ def test_replaced_local_unit_recovers_from_its_remote(make_pair: MakePair, tmp_p
         assert not lost.exists() and not (tmp_path / "fresh" / "link-key.pem").exists()
 
         # A client without a certificate that tries anything else: closed, nothing leaked.
-        for frame in (Hello((1,), p.unit_id, 8 << 20, 512, 0, (), False),
+        for frame in (Hello(VERSIONS, p.unit_id, 8 << 20, 512, 0, (), False),
                       ConfigGet(p.unit_id)):
             reply = _anonymous(remote.port, encode_frame(frame))
             frames = FrameDecoder().receive_data(reply)

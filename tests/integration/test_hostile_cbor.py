@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from firmware.link.frames import (
+    PROTOCOL_VERSION,
     ErrorFrame,
     FrameDecoder,
     Hello,
@@ -26,6 +27,8 @@ from tests.support.hostile_cbor import shared_body
 from tests.support.replication import RemoteProc, wait_for
 from tests.support.unitproc import read_until_closed
 
+#: the link protocol versions a HELLO of this firmware offers
+VERSIONS = (PROTOCOL_VERSION,)
 
 @pytest.fixture
 def remote(tmp_path: Path) -> Iterator[RemoteProc]:
@@ -69,7 +72,7 @@ def test_certificate_less_hostile_body_is_refused_and_an_honest_client_follows(
     ctx = client_context(ident, PeerStore.in_dir(state), "remote")
     raw = socket.create_connection(("127.0.0.1", remote.port), timeout=10)
     with ctx.wrap_socket(raw) as sock:
-        sock.sendall(encode_frame(Hello((1,), unit_id, 1 << 22, 512, 0, ("none",), False)))
+        sock.sendall(encode_frame(Hello(VERSIONS, unit_id, 1 << 22, 512, 0, ("none",), False)))
         dec = FrameDecoder()
         got: list[Any] = []
         while not got:

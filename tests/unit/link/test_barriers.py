@@ -15,6 +15,7 @@ from firmware.cbq.queue import MIRROR_CONSUMER, create
 from firmware.link.errors import LinkProtocolError
 from firmware.link.frames import (
     CODEC_ZSTD,
+    PROTOCOL_VERSION,
     FrameDecoder,
     Hello,
     HelloAck,
@@ -38,6 +39,9 @@ from firmware.remote.server import UnitSink
 from firmware.remote.unit import Retention, UnitStore
 from firmware.storage import FileStorage
 from tests.support.link import shuttle
+
+#: the link protocol versions a HELLO of this firmware offers
+VERSIONS = (PROTOCOL_VERSION,)
 
 BS = 512
 VOLUME = 1 << 20
@@ -83,7 +87,7 @@ def test_malformed_barriers_are_refused(recs: list[list[int]], reason: str) -> N
 
 def test_hello_fields_are_optional() -> None:
     """An older peer sends no `barriers` key, and reads past one it does not know."""
-    hello = Hello((1,), "u", VOLUME, BS, 0, ("none",), False, barriers=True)
+    hello = Hello(VERSIONS, "u", VOLUME, BS, 0, ("none",), False, barriers=True)
     assert FrameDecoder().receive_data(encode_frame(hello)) == [hello]
     old = encode_body(cbor2.dumps({"type": "HELLO_ACK", "version": 1, "compression": "none",
                                    "signature": False, "durable": 0}))
@@ -150,7 +154,7 @@ def test_barriers_travel_only_when_both_sides_know_them(
 
 def test_a_barrier_the_remote_did_not_agree_to_is_a_protocol_error() -> None:
     receiver = ReceiverSession(ReceiverConfig(known_units={"u"}), lambda hello: ListSink())
-    receiver.receive_data(encode_frame(Hello((1,), "u", VOLUME, BS, 0, ("none",), False,
+    receiver.receive_data(encode_frame(Hello(VERSIONS, "u", VOLUME, BS, 0, ("none",), False,
                                              barriers=True)))
     receiver.data_to_send()
     with pytest.raises(LinkProtocolError, match="a barrier, which HELLO_ACK refused"):

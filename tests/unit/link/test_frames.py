@@ -25,6 +25,7 @@ from firmware.link.frames import (
     MAX_ANONYMOUS_BODY,
     MAX_FRAME_BODY,
     MAX_WRITES_RECORDS,
+    PROTOCOL_VERSION,
     WRITES_HEADER_ALLOWANCE,
     Abort,
     Ack,
@@ -67,6 +68,9 @@ from firmware.link.session import (
 )
 from tests.support.hostile_cbor import shared_body
 
+#: the link protocol versions a HELLO of this firmware offers
+VERSIONS = (PROTOCOL_VERSION,)
+
 BS = 512
 REC = (
     WriteRecord(seq=1, lbn=0, data=b"\x00" * BS, ts=1),
@@ -80,7 +84,7 @@ FORKED = Lineage.first(LineageRole.PRIMARY, 1.5e9, random.Random(1)).fork(
 
 FRAMES: list[Frame] = [
     Hello((1, 2), "unit-a", 2**40, BS, 17, (CODEC_ZSTD, CODEC_ZLIB), True),
-    Hello((1,), "unit-a", 2**20, BS, 17, (), False, queue_id=7,
+    Hello(VERSIONS, "unit-a", 2**20, BS, 17, (), False, queue_id=7,
           lineage=Lineage.first(LineageRole.PRIMARY, 1.5e9, random.Random(1)), last_seq=20),
     HelloAck(1, CODEC_ZLIB, False, 2**64 - 1),
     Writes(1, CODEC_NONE, REC),
@@ -95,7 +99,7 @@ FRAMES: list[Frame] = [
     ErrorFrame("unknown-unit", "unit 'x' is not known here"),
     Bye(),
     # a lineage with history nests four deep: a copy that was promoted or failed back
-    Hello((1,), "unit-a", 2**20, BS, 17, (), False, lineage=FORKED, last_seq=20),
+    Hello(VERSIONS, "unit-a", 2**20, BS, 17, (), False, lineage=FORKED, last_seq=20),
     FailbackStart("unit-a", FORKED, (CODEC_ZSTD, CODEC_NONE)),
     FailbackPlan(5, 80, FORKED, 65536, 20, b"\x01\x80\x0f", b"\x00\x80\x00", CODEC_ZSTD),
     ChunkWant(5, (0, 15, 19)),
@@ -493,7 +497,8 @@ def test_highest_common_version_is_chosen_and_none_is_refused() -> None:
     sender = SenderSession(SenderConfig("unit-a", VOLUME, BS, versions=(9,)), src)
     receiver = ReceiverSession(ReceiverConfig({"unit-a"}), lambda h: sink)
     s_ev, r_ev = run_pair(sender, receiver)
-    assert r_ev == [Refused("version", "no common protocol version: (9,) vs (1,)")]
+    assert r_ev == [Refused("version", "no common protocol version: (9,) vs (2,) "
+                              "(both units need firmware speaking the same link protocol)")]
     assert isinstance(s_ev[0], PeerRefusal) and s_ev[0].code == "version"
     assert sender.is_finished and receiver.is_finished and sink.applied_log == []
 
@@ -557,7 +562,7 @@ def test_replayed_seqs_are_acknowledged_and_skipped() -> None:
     assert sink.last_durable_seq() == 20
     receiver2 = ReceiverSession(ReceiverConfig({"unit-a"}), lambda h: sink)
     replay = SenderConfig("unit-a", VOLUME, BS)
-    receiver2.receive_data(encode_frame(Hello((1,), "unit-a", VOLUME, BS, 0, (), False)))
+    receiver2.receive_data(encode_frame(Hello(VERSIONS, "unit-a", VOLUME, BS, 0, (), False)))
     assert isinstance(FrameDecoder().receive_data(receiver2.data_to_send())[0], HelloAck)
     old = tuple(src.history[10:15])
     new = tuple(src.history[15:20])
@@ -576,7 +581,7 @@ def test_replayed_seqs_are_acknowledged_and_skipped() -> None:
 def test_gap_in_seqs_is_a_protocol_error() -> None:
     src, sink = make_source(5), MemorySink(VOLUME, BS)
     receiver = ReceiverSession(ReceiverConfig({"unit-a"}), lambda h: sink)
-    receiver.receive_data(encode_frame(Hello((1,), "unit-a", VOLUME, BS, 0, (), False)))
+    receiver.receive_data(encode_frame(Hello(VERSIONS, "unit-a", VOLUME, BS, 0, (), False)))
     receiver.data_to_send()
     with pytest.raises(LinkProtocolError, match="seq 2 arrived where 1 was due"):
         receiver.receive_data(encode_frame(Writes(1, CODEC_NONE, tuple(src.history[1:3]))))
@@ -595,7 +600,7 @@ def test_gap_in_seqs_is_a_protocol_error() -> None:
 def test_writes_outside_the_volume_geometry_are_refused(record: WriteRecord, reason: str) -> None:
     sink = MemorySink(VOLUME, BS)
     receiver = ReceiverSession(ReceiverConfig({"unit-a"}), lambda h: sink)
-    receiver.receive_data(encode_frame(Hello((1,), "unit-a", VOLUME, BS, 0, (), False)))
+    receiver.receive_data(encode_frame(Hello(VERSIONS, "unit-a", VOLUME, BS, 0, (), False)))
     with pytest.raises(LinkProtocolError, match=reason):
         receiver.receive_data(encode_frame(Writes(1, CODEC_NONE, (record,))))
     assert sink.applied_log == []

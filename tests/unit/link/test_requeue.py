@@ -12,6 +12,7 @@ from firmware.cbq.queue import MIRROR_CONSUMER, create
 from firmware.link.errors import LinkProtocolError
 from firmware.link.frames import (
     CODEC_NONE,
+    PROTOCOL_VERSION,
     FrameDecoder,
     Hello,
     HelloAck,
@@ -30,6 +31,9 @@ from firmware.remote.server import ARRIVALS_NAME, UnitSink
 from firmware.remote.unit import UnitStore
 from firmware.storage import FileStorage
 from tests.support.link import shuttle
+
+#: the link protocol versions a HELLO of this firmware offers
+VERSIONS = (PROTOCOL_VERSION,)
 
 BS = 512
 VOLUME = 1 << 20
@@ -86,8 +90,8 @@ class Local:
 
 
 def test_hello_queue_id_and_requeue_round_trip() -> None:
-    for frame in (Hello((1,), "u", 4096, 512, 3, (), False, queue_id=0xDEADBEEF),
-                  Hello((1,), "u", 4096, 512, 3, (), False),
+    for frame in (Hello(VERSIONS, "u", 4096, 512, 3, (), False, queue_id=0xDEADBEEF),
+                  Hello(VERSIONS, "u", 4096, 512, 3, (), False),
                   HelloAck(1, CODEC_NONE, False, 0, requeue=True),
                   HelloAck(1, CODEC_NONE, False, 7)):
         assert FrameDecoder().receive_data(encode_frame(frame)) == [frame]
@@ -144,7 +148,7 @@ def test_writes_before_the_resync_are_refused(tmp_path: Path) -> None:
     # A store written before queue ids existed cannot tell a restart from a
     # continuation: it asks for the resync too.
     receiver = ReceiverSession(ReceiverConfig(known_units={"unit-a"}), lambda hello: sink)
-    receiver.receive_data(encode_frame(Hello((1,), "unit-a", VOLUME, BS, 0, (), False,
+    receiver.receive_data(encode_frame(Hello(VERSIONS, "unit-a", VOLUME, BS, 0, (), False,
                                              queue_id=5)))
     [ack] = FrameDecoder().receive_data(receiver.data_to_send())
     assert isinstance(ack, HelloAck) and ack.requeue and ack.durable_seq == 0

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import cbor2
 import pytest
+from blake3 import blake3
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -90,8 +90,7 @@ class ChunkedSink(MemorySink):
         return self.last_durable_seq()
 
     def chunk_digests(self, chunks: Sequence[int]) -> dict[int, bytes]:
-        return {c: hashlib.blake2b(bytes(self.image[c * CHUNK:(c + 1) * CHUNK]),
-                                   digest_size=32).digest() for c in chunks}
+        return {c: blake3(bytes(self.image[c * CHUNK:(c + 1) * CHUNK])).digest() for c in chunks}
 
     def write_chunk(self, chunk: int, data: bytes) -> bool:
         self.image[chunk * CHUNK:(chunk + 1) * CHUNK] = data

@@ -3,7 +3,6 @@ delay and drop_range, resync hooks, virtual units and their locks."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import random
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from blake3 import blake3
 
 from firmware.link.frames import WriteRecord
 from firmware.record import IntegrityError
@@ -858,13 +858,12 @@ def test_resync_keeps_last_consistent_image_restorable(tmp_path: Path) -> None:
     before = model(recs, size)
     digests = u.chunk_digests()
     assert set(digests) == set(range(4))
-    assert digests[2] == hashlib.blake2b(before[2 * CHUNK_SIZE:3 * CHUNK_SIZE],
-                                         digest_size=32).digest()
+    assert digests[2] == blake3(before[2 * CHUNK_SIZE:3 * CHUNK_SIZE]).digest()
     start = u.begin_resync()
     assert start == 30
     # Only chunks whose digests differ are sent; chunk 1 already matches.
-    want = {c: hashlib.blake2b(bytes(target[c * CHUNK_SIZE:(c + 1) * CHUNK_SIZE]),
-                               digest_size=32).digest() for c in range(4)}
+    want = {c: blake3(bytes(target[c * CHUNK_SIZE:(c + 1) * CHUNK_SIZE])).digest()
+            for c in range(4)}
     differing = [c for c in range(4) if digests[c] != want[c]]
     assert differing == [0, 2, 3]
     assert u.write_chunk(0, bytes(target[:CHUNK_SIZE]))
