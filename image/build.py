@@ -314,12 +314,14 @@ def mark_updated(root: Path) -> None:
 def check_imports(ctx: Context) -> str:
     """Import our package and its dependencies with the root's own arm64 python3."""
     code = ("import platform, cbor2, crc32c, cryptography, zstandard, smbus2, firmware, "
-            "firmware.cli, RPi.GPIO, lgpio, argon2, zxcvbn; "
+            "firmware.cli, RPi.GPIO, lgpio, argon2, zxcvbn, blake3; "
             "from cryptography.hazmat.primitives.asymmetric import ec; "
             "ec.generate_private_key(ec.SECP256R1()); firmware.cli.build_parser(); "
             # the native Argon2 of the aarch64 wheel, at a tiny cost
             "argon2.PasswordHasher(time_cost=1, memory_cost=64, parallelism=1).hash('x'); "
             "zxcvbn.zxcvbn('correct horse battery'); "
+            # the link's chunk digest, from the native aarch64 wheel
+            "from firmware.link.frames import chunk_digest; chunk_digest(b'x'); "
             "print(platform.machine(), firmware.__version__)")
     # rpi-lgpio reads the board revision at import; the build host has no Pi device tree
     env = {**os.environ, **GPIO_IMPORT_ENV}
