@@ -1,10 +1,11 @@
 """A bounded loopback load test: a real local replicates to a real remote while
-hundreds of unauthenticated connections, slow-loris clients and idle NBD clients
+2,000 unauthenticated connections, slow-loris clients and idle NBD clients
 press on every listener.  Replication must go on, the remote must keep accepting,
 and its memory must stay bounded.  The figures are printed (pytest -s)."""
 
 from __future__ import annotations
 
+import resource
 import select
 import socket
 import ssl
@@ -25,7 +26,7 @@ from tests.support.unitproc import LocalProc
 
 #: Link connections opened at the remote, from this many /24s (so the per-source
 #: cap does not turn them all away at once; the overall cap does the rest).
-LINK_FLOOD = 1000
+LINK_FLOOD = 2000
 FLOOD_NETWORKS = 40
 #: Of those, how many trickle a TLS ClientHello one byte a second (slow loris).
 SLOW_LORIS = 120
@@ -78,6 +79,13 @@ class Flood:
         self._thread = threading.Thread(target=self._trickle, daemon=True)
 
     def open(self) -> None:
+        # The flood's own sockets: a shell's default soft limit (1,024) is too few.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = LINK_FLOOD + 512
+        if soft < want:
+            if hard != resource.RLIM_INFINITY and hard < want:
+                pytest.skip(f"the flood needs {want} open files; the hard limit is {hard}")
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         self.started = time.monotonic()
         for i in range(LINK_FLOOD):
             s = socket.socket()
