@@ -13,6 +13,7 @@ from typing import Any
 
 import cbor2
 
+from firmware import cbor_strict
 from firmware.record import IntegrityError
 
 from .errors import CbqFormatError
@@ -126,7 +127,7 @@ def read_superblock(storage: Any) -> tuple[int, dict[str, Any], list[str]]:
                 problems.append(f"superblock slot {slot}: {e}")
             continue
         try:
-            state = cbor2.loads(body)
+            state = cbor_strict.loads(body, floats=True)
             if not isinstance(state, dict) or "geometry" not in state:
                 raise ValueError("not a checkpoint map")
         except Exception as e:  # cbor2 raises several types on garbage

@@ -37,6 +37,7 @@ import cbor2
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from .. import cbor_strict
 from .errors import ConfigError, SealFormatError, SealTampered, WrongPassword
 from .kdf import (
     SEAL_KEY_PARAMS,
@@ -218,8 +219,8 @@ def unseal_bundle(blob: bytes, admin_password: str,
     except InvalidTag:
         raise SealTampered("the backup was altered or damaged after sealing") from None
     try:
-        doc = cbor2.loads(body)
-    except (cbor2.CBORDecodeError, ValueError, TypeError) as e:
+        doc = cbor_strict.loads(body, floats=True)
+    except (ValueError, TypeError) as e:
         raise SealFormatError(f"sealed body is not CBOR: {e}") from None
     if h.version == 1:
         return Unsealed(from_document(doc, limits), None, 1)

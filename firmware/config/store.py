@@ -217,8 +217,9 @@ def parse_document(data: bytes, fmt: ExportFormat) -> Any:
             raise ConfigError("schema_version", f"document is not valid JSON: {e}") from None
     if fmt == "cbor":
         try:
-            return cbor2.loads(data)
-        except (cbor2.CBORDecodeError, ValueError, TypeError) as e:
+            # A user's file: decoded strictly (no tags, bounded), like a peer's frame.
+            return cbor_strict.loads(data, floats=True)
+        except (ValueError, TypeError) as e:
             raise ConfigError("schema_version", f"document is not valid CBOR: {e}") from None
     raise ValueError(f"unknown import format {fmt!r}")
 

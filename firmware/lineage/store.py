@@ -14,13 +14,14 @@ lineages: `load` returns None and the caller starts one with `Lineage.first`.
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 
 import cbor2
 import crc32c
 
+from .. import cbor_strict
+from ..cbor_strict import CborDecodeError
 from ..fsutil import write_atomic
 from .model import Lineage, LineageError
 
@@ -82,14 +83,11 @@ def decode(raw: bytes, path: str = "<lineage>") -> Lineage:
     body = raw[HEADER.size:end]
     if _crc(raw[:HEADER.size], body) != crc:
         raise LineageCorruption(path, _CRC_OFFSET, "CRC32C mismatch")
-    fp = io.BytesIO(body)
     try:
-        doc = cbor2.CBORDecoder(fp).decode()
-    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as e:
-        raise LineageCorruption(path, HEADER.size, f"body is not CBOR: {e}") from None
-    if fp.tell() != length:
-        raise LineageCorruption(path, HEADER.size + fp.tell(), "body is not CBOR: "
-                                "bytes after the lineage map")
+        doc = cbor_strict.loads(body)
+    except CborDecodeError as e:
+        raise LineageCorruption(path, HEADER.size + e.offset,
+                                f"body is not CBOR: {e.reason}") from None
     try:
         return Lineage.from_dict(doc)
     except LineageError as e:

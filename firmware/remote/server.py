@@ -445,16 +445,13 @@ class RemoteServer:
                  spec.port)
 
     def _open_existing(self, unit_id: str) -> UnitStore:
-        import cbor2
-
-        from firmware.remote.unit import STATE_NAME
+        from firmware.remote.unit import stored_geometry
 
         if unit_id not in self.store.unit_ids():
             raise RemoteError(f"no unit {unit_id!r} in {self.store.root_dir}")
         # Geometry comes from the state file; UnitStore re-checks it all.
-        raw = (Path(self.store.unit_dir(unit_id)) / STATE_NAME).read_bytes()
-        body = cbor2.loads(cbor2.loads(raw)["body"])
-        return self.store.open_unit(unit_id, body["volume_size"], body["block_size"],
+        volume_size, block_size = stored_geometry(self.store.unit_dir(unit_id))
+        return self.store.open_unit(unit_id, volume_size, block_size,
                                     retention=self.retention,
                                     commit_delay_s=self.commit_delay_s)
 

@@ -42,6 +42,7 @@ from typing import Any
 
 import cbor2
 
+from firmware import cbor_strict
 from firmware.blockdev import NotReady
 from firmware.cbq.format import BARRIER_IN_RESYNC, split_barrier_flags
 from firmware.fsutil import write_conflict_image
@@ -320,17 +321,26 @@ class _State:
     @classmethod
     def decode(cls, raw: bytes, path: str) -> _State:
         try:
-            outer = cbor2.loads(raw)
+            outer = cbor_strict.loads(raw, floats=True)
             body = outer["body"]
             if outer.get("format") != FORMAT_VERSION:
                 raise JournalCorruption(f"unsupported state format {outer.get('format')!r}", path)
             if crc32c(body) != outer["crc"]:
                 raise JournalCorruption("state CRC mismatch", path)
-            fields = cbor2.loads(body)
+            fields = cbor_strict.loads(body, floats=True)
             known = {f.name for f in dataclasses.fields(cls)}
             return cls(**{k: v for k, v in fields.items() if k in known})
-        except (cbor2.CBORDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise JournalCorruption(f"unreadable state file: {exc}", path) from exc
+
+
+def stored_geometry(unit_dir: str | os.PathLike[str]) -> tuple[int, int]:
+    """(volume_size, block_size) of the unit stored in `unit_dir`, from its state file;
+    JournalCorruption when the file cannot be read as one."""
+    path = os.path.join(unit_dir, STATE_NAME)
+    with open(path, "rb") as f:
+        state = _State.decode(f.read(), path)
+    return state.volume_size, state.block_size
 
 
 def validate_unit_id(unit_id: str) -> str:

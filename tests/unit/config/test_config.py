@@ -42,6 +42,7 @@ from firmware.config import (
 )
 from firmware.config.store import SLOT_HEADER, encode_slot
 from firmware.storage import FileStorage
+from tests.support.hostile_cbor import shared_body
 
 PASSWORD = "correct horse battery"
 FP = "AB:" * 31 + "CD"
@@ -493,6 +494,24 @@ def test_import_validates_everything_before_writing(tmp_path: Path) -> None:
     assert (tmp_path / "config.bin").read_bytes() == before
     with pytest.raises(ConfigError):
         import_config(b'{"schema_version": 1, "role": "x"}', "json")
+
+
+@pytest.mark.timeout(10)
+def test_a_cbor_config_with_tags_is_refused_before_anything_is_built(tmp_path: Path) -> None:
+    # Shared references (tags 28/29) nest into a map key whose hash costs 2^levels: a
+    # general decoder stops the unit; the strict one refuses the first tag.
+    store = make_store(tmp_path)
+    store.set("unit.name", "before")
+    before = (tmp_path / "config.bin").read_bytes()
+    for levels in (3, 40):
+        with pytest.raises(ConfigError, match="tag 28"):
+            store.import_(shared_body(levels), "cbor")
+    # A bignum where an integer goes, and an indefinite-length map, are refused too.
+    for data, why in ((b"\xa1" + cbor2.dumps("scsi.lun") + b"\xc2\x41\x01", "tag 2"),
+                      (b"\xbf" + cbor2.dumps("scsi.lun") + b"\x01\xff", "indefinite")):
+        with pytest.raises(ConfigError, match=why):
+            store.import_(data, "cbor")
+    assert (tmp_path / "config.bin").read_bytes() == before
 
 
 # ---- torn writes
