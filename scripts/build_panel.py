@@ -52,6 +52,14 @@ VENDORED = (
              "4fe714775fa6cafc2466bac7fe28485c13610470d3ea2bddac956bcd89b4453d",
              "MIT licence, micropython-lib (PKG-INFO of the sdist)",
              (("micropython-logging-0.5.2/logging/__init__.py", "logging/__init__"),)),
+    # HD44780 character LCDs through a PCF8574 I2C backpack (16x2, 20x4)
+    Vendored("micropython-i2c-lcd", "0.1.1",
+             "https://files.pythonhosted.org/packages/f1/22/fc67520efa386b42f71d622d8ff0195b"
+             "9264f440d8aa26b6709700bae198/micropython-i2c-lcd-0.1.1.tar.gz",
+             "e611d3f59ecbd3143cd132725508051619c8cc04632b87e4b7cd800fe512a6ab",
+             "MIT licence, brainelectronics (PKG-INFO of the sdist)",
+             tuple((f"micropython-i2c-lcd-0.1.1/lcd_i2c/{m}.py", f"lcd_i2c/{m}")
+                   for m in ("__init__", "lcd_i2c", "const", "typing", "version"))),
 )
 
 

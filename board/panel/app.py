@@ -8,7 +8,6 @@ import time
 
 import logging
 import proto
-import render
 import ui
 
 PANEL_VERSION = "1.0.0"
@@ -32,7 +31,7 @@ def run(hw, loops=-1):
     link = hw.Link()
     buttons = hw.Buttons()
     leds = hw.Leds()
-    panel = ui.Panel(disp.width // 8, disp.height // 8, PANEL_VERSION)
+    panel = ui.Panel(disp.cols, disp.rows, PANEL_VERSION, invert=disp.invert)
     dec = proto.Decoder()
     boot = _boot_id()
     sent = 0
@@ -81,5 +80,5 @@ def run(hw, loops=-1):
         if panel.dirty:
             panel.dirty = False
             lines, hi = panel.view()
-            render.draw(disp, lines, hi)
+            disp.draw(lines, hi)
         hw.idle(20)

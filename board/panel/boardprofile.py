@@ -13,9 +13,15 @@ I2C_ID = 0
 I2C_SDA = 4   # GP4
 I2C_SCL = 5   # GP5
 I2C_FREQ = 400000
+#: "ssd1306": a 128x64 OLED (16 columns x 8 rows of text);
+#: "hd44780": a character LCD through a PCF8574 I2C backpack (LCD_COLS x LCD_ROWS).
+DISPLAY = "ssd1306"
 OLED_ADDR = 0x3C
 OLED_WIDTH = 128
 OLED_HEIGHT = 64
+LCD_ADDR = 0x27   # PCF8574 backpacks: 0x27 (PCF8574T) or 0x3F (PCF8574AT)
+LCD_COLS = 16
+LCD_ROWS = 2
 
 #: Buttons to ground, internal pull-ups: (name, GPIO).
 BUTTONS = (("up", 10), ("down", 11), ("select", 12), ("back", 13))

@@ -8,7 +8,7 @@ import time
 import boardprofile as P
 import logging
 import micropython
-import ssd1306
+import render
 from machine import I2C, UART, Pin
 
 # Over USB the log would share the wire with the protocol: keep it to errors there.
@@ -16,8 +16,16 @@ LOG_LEVEL = logging.ERROR if P.LINK == "usb" else logging.INFO
 
 
 def Display():
+    """The profile's display behind render's interface (cols, rows, invert, draw)."""
     i2c = I2C(P.I2C_ID, sda=Pin(P.I2C_SDA), scl=Pin(P.I2C_SCL), freq=P.I2C_FREQ)
-    return ssd1306.SSD1306_I2C(P.OLED_WIDTH, P.OLED_HEIGHT, i2c, addr=P.OLED_ADDR)
+    if P.DISPLAY == "hd44780":
+        from lcd_i2c import LCD
+        lcd = LCD(P.LCD_ADDR, P.LCD_COLS, P.LCD_ROWS, i2c=i2c)
+        lcd.begin()
+        return render.Chars(lcd)
+    import ssd1306
+    return render.Pixels(ssd1306.SSD1306_I2C(P.OLED_WIDTH, P.OLED_HEIGHT, i2c,
+                                             addr=P.OLED_ADDR))
 
 
 class _UartLink:

@@ -9,6 +9,9 @@ DOWN = "down"
 SELECT = "select"
 BACK = "back"
 
+#: Screens longer than the display show a page of it at a time, turning every PAGE_MS
+#: (up/down turn them by hand; back on the home screen goes to its first page).
+PAGE_MS = 2500
 #: How long the panel waits for the answer to an action (the appliance checks the
 #: admin password with scrypt and may apply a network change).
 REQUEST_TIMEOUT_MS = 15000
@@ -65,10 +68,17 @@ def _digit_positions(template):
 
 
 class Panel:
-    def __init__(self, cols=16, rows=8, version="?"):
+    def __init__(self, cols=16, rows=8, version="?", invert=True):
         self.cols = cols
         self.rows = rows
         self.version = version
+        #: the display can draw a row inverted (an OLED); else (a character LCD) the
+        #: selected menu line is marked with '>'
+        self.invert = invert
+        #: two or three rows (a 16x2 LCD): menus without their title, short forms
+        self.compact = rows < 4
+        self.page = 0
+        self.page_at = None
         self.status = None
         self.link_up = False
         self.screen = "home"
@@ -117,6 +127,13 @@ class Panel:
         self._show_result(lines)
 
     def tick(self, now, ticks_diff):
+        if self.page_at is None:
+            self.page_at = now
+        elif ticks_diff(now, self.page_at) >= PAGE_MS:
+            self.page_at = now
+            if self._pages() > 1:
+                self.page += 1
+                self.dirty = True
         if self.pending is not None and ticks_diff(now, self.pending[1]) > REQUEST_TIMEOUT_MS:
             self.pending = None
             self._show_result(["No answer from", "the unit"])
@@ -126,13 +143,27 @@ class Panel:
     def press(self, button, now):
         """One button press; returns the frames to send as [(type, object)]."""
         self.dirty = True
+        before = self.screen
         handler = getattr(self, "_press_" + self.screen)
-        return handler(button, now) or []
+        out = handler(button, now) or []
+        if self.screen != before:
+            self.page = 0
+            self.page_at = now
+        return out
+
+    def _turn_page(self, b, now):
+        if b in (UP, DOWN):
+            self.page += 1 if b == DOWN else self._pages() - 1
+            self.page_at = now
 
     def _press_home(self, b, now):
+        self._turn_page(b, now)
         if b == SELECT:
             self.screen = "menu"
             self.sel = 0
+        elif b == BACK:
+            self.page = 0
+            self.page_at = now
 
     def _menu_move(self, b, items):
         if b == UP:
@@ -239,22 +270,37 @@ class Panel:
     def _show_result(self, lines):
         self.result = lines
         self.screen = "result"
+        self.page = 0
+        self.page_at = None
         self.dirty = True
 
     def _press_result(self, b, now):
+        self._turn_page(b, now)
         if b in (SELECT, BACK):
             self.screen = "home"
 
     def _press_about(self, b, now):
+        self._turn_page(b, now)
         if b in (SELECT, BACK):
             self.screen = "menu"
 
     # ------------------------------------------------------------ drawing
 
     def view(self):
-        """(lines, highlighted row or -1): at most `rows` lines of at most `cols`."""
+        """(lines, highlighted row or -1): at most `rows` lines of at most `cols`; a
+        screen with more lines than rows (and no selection) shows its current page."""
         lines, hi = getattr(self, "_view_" + self.screen)()
+        if hi < 0 and len(lines) > self.rows:
+            page = self.page % self._pages(lines)
+            lines = lines[page * self.rows:]
         return [line[:self.cols] for line in lines[:self.rows]], hi
+
+    def _pages(self, lines=None):
+        if lines is None:
+            lines, hi = getattr(self, "_view_" + self.screen)()
+            if hi >= 0:
+                return 1
+        return (len(lines) + self.rows - 1) // self.rows
 
     def _view_home(self):
         st = self.status
@@ -271,6 +317,13 @@ class Panel:
             "ups %s" % st.get("ups", "-"),
         ]
         fault = st.get("fault")
+        if self.compact:
+            # the name, then at once the fault if there is one, then the rest by pages
+            if not self.link_up:
+                return [lines[0], "(unit silent)"], -1
+            if fault:
+                lines[1:1] = wrap("FAULT " + str(fault), self.cols)[:3]
+            return lines, -1
         if fault:
             lines.append("FAULT")
             lines.extend(wrap(fault, self.cols)[:1])
@@ -279,10 +332,14 @@ class Panel:
         return lines, -1
 
     def _menu_view(self, title, items):
-        room = self.rows - 1
+        head = [] if self.compact else [title]
+        room = self.rows - len(head)
         top = max(0, min(self.sel - room + 1, len(items) - room))
-        lines = [title] + [label for label, _ in items[top:top + room]]
-        return lines, 1 + self.sel - top
+        labels = [label for label, _ in items[top:top + room]]
+        if not self.invert:
+            labels = [(">" if top + i == self.sel else " ") + label
+                      for i, label in enumerate(labels)]
+        return head + labels, len(head) + self.sel - top
 
     def _view_menu(self):
         return self._menu_view("Menu", MAIN_MENU)
@@ -296,12 +353,20 @@ class Panel:
         ip, prefix = self.address.split("/")
         pre = "prefix /"
         at_ip = i < len(ip)
+        if self.compact:  # the part being edited, the caret under it
+            if at_ip:
+                return [ip, " " * i + "^"], -1
+            return [pre + prefix, " " * (len(pre) + i - len(ip) - 1) + "^"], -1
         return ["Static address", ip, " " * i + "^" if at_ip else "", pre + prefix,
                 "" if at_ip else " " * (len(pre) + i - len(ip) - 1) + "^",
                 "up/dn: digit", "sel: next"], -1
 
     def _view_confirm(self):
         q = CONFIRM.get(self.action, self.action)
+        if self.compact:
+            if self.action == "static":
+                return [self.args["address"], "/%d sel=y back=n" % self.args["prefix"]], -1
+            return [q, "sel=yes back=no"], -1
         lines = [q]
         if self.action == "static":
             lines.append("%s/%d" % (self.args["address"], self.args["prefix"]))
@@ -309,14 +374,21 @@ class Panel:
 
     def _view_pin(self):
         ch = OK_MARK if self.pin_index == 0 else PIN_CHARS[self.pin_index - 1]
+        if self.compact:
+            line = "Password " + "*" * len(self.pin)
+            if len(line) > self.cols:  # too many to draw: how many
+                line = "Password (%d)" % len(self.pin)
+            return [line, "char " + ch], -1
         return ["Admin password", "*" * len(self.pin), "char " + ch, "",
                 "sel add/OK", "back delete"], -1
 
     def _view_wait(self):
+        if self.compact:
+            return ["Working...", "waiting for unit"], -1
         return ["Working...", "", "(waiting for", "the unit)"], -1
 
     def _view_result(self):
-        return self.result + ["", "sel: back"], -1
+        return self.result + ([] if self.compact else [""]) + ["sel: back"], -1
 
     def _view_about(self):
         st = self.status or {}

@@ -15,17 +15,17 @@ from typing import Any
 import pytest
 
 from firmware import COPYRIGHT, __version__
-from firmware.config import ConfigStore, StoreSettings
-from firmware.link.tls import load_or_create_identity
+from firmware.config import ConfigStore
 from firmware.panel.codec import Frame, FrameDecoder, FrameType, encode_frame
 from tests.support.panelproc import (
     PANEL_SOURCE,
     ApplianceProc,
     Cable,
     PanelProc,
-    build_panel,
     micropython,
     pin_keys,
+    start_rig,
+    stop_rig,
     wait_for,
 )
 from tests.support.unitproc import LocalProc
@@ -44,40 +44,11 @@ MENU_DOWN = {"Network": 0, "Fingerprint": 1, "Standby": 2, "Promote": 3, "Switch
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("panel")
-    bundle = tmp / "bundle"
-    built = build_panel(bundle)
-    assert built.returncode == 0, built.stderr
-    cfg = tmp / "config.slots"
-    store = ConfigStore(StoreSettings(str(cfg)))
-    store.set_many({"unit.name": "panel-lab"})
-    store.set_admin_password(PIN)
-    ident = load_or_create_identity(tmp / "link", "panel-lab")
-    net = tmp / "sys-class-net"
-    (net / "eth0").mkdir(parents=True)
-    networkctl = tmp / "networkctl"
-    netlog = tmp / "networkctl.log"
-    networkctl.write_text(f"#!/bin/sh\necho \"$@\" >> {netlog}\n")
-    networkctl.chmod(0o755)
-    unit = LocalProc(tmp).start()
-    cable = Cable()
-    args = ["--device", cable.unit_end, "--control", str(unit.control), "--config", str(cfg),
-            "--cert", str(ident.cert_path), "--heartbeat", str(HEARTBEAT_S),
-            "--switchover-wait", str(SWITCHOVER_WAIT_S),
-            "--poweroff-command", f"touch {tmp / 'powered-off'}",
-            "--apply-network", "--network-file", str(tmp / "10-mirrorunit.network"),
-            "--networkctl", str(networkctl), "--sys-class-net", str(net)]
-    appliance = ApplianceProc(args, tmp).start()
-    panel = PanelProc(bundle, cable.panel_end, tmp).start()
-    d = {"tmp": tmp, "bundle": bundle, "store": store, "unit": unit, "cable": cable,
-         "appliance": appliance, "panel": panel, "ident": ident, "netlog": netlog}
+    d = start_rig(tmp_path_factory.mktemp("panel"), PIN, HEARTBEAT_S, SWITCHOVER_WAIT_S)
     try:
         yield d
     finally:
-        d["panel"].stop()
-        d["appliance"].stop()
-        cable.close()
-        unit.stop()
+        stop_rig(d)
 
 
 def home(panel: PanelProc) -> None:
@@ -111,7 +82,8 @@ def test_mpy_cross_compiles_every_panel_module(rig: dict[str, Any]) -> None:
     runtime = subprocess.run([micropython(), "-c",
                               "import sys; print(sys.implementation._mpy & 0xff)"],
                              capture_output=True, text=True, timeout=10)
-    for name in [*modules, "ssd1306", "logging/__init__"]:
+    for name in [*modules, "ssd1306", "logging/__init__", "lcd_i2c/__init__", "lcd_i2c/lcd_i2c",
+                 "lcd_i2c/const"]:
         mpy = bundle / f"{name}.mpy"
         assert mpy.exists(), f"{name}.py gave no .mpy"
         head = mpy.read_bytes()[:4]
@@ -120,16 +92,18 @@ def test_mpy_cross_compiles_every_panel_module(rig: dict[str, Any]) -> None:
         assert head[:1] == b"M" and head[1] == int(runtime.stdout), (name, head)
         assert head[2] >> 2 == 0, f"{name}.mpy holds native code"
     assert (bundle / "main.py").read_text() == (PANEL_SOURCE / "main.py").read_text()
-    assert "micropython-ssd1306 0.3" in (bundle / "VENDORED.txt").read_text()
+    vendored = (bundle / "VENDORED.txt").read_text()
+    assert "micropython-ssd1306 0.3" in vendored and "micropython-i2c-lcd 0.1.1" in vendored
 
 
 HW_SCRIPT = """
-import json, machine, hw, render, boardprofile as P
+import json, machine, hw, boardprofile as P
 d = hw.Display()
+assert (d.cols, d.rows, d.invert) == (16, 8, True)
 bus = machine.I2C.last
-render.draw(d, ["hello", "world"], 1)
+d.draw(["hello", "world"], 1)
 addr, data = bus.data[-1]
-assert data[0] == 0x40 and data[1:] == bytes(d.buffer), "framebuffer not sent"
+assert data[0] == 0x40 and data[1:] == bytes(d.fb.buffer), "framebuffer not sent"
 b = hw.Buttons()
 sel = machine.Pin.pins[dict(P.BUTTONS)["select"]]
 presses = [b.poll(100)]
@@ -424,3 +398,155 @@ def test_panel_restart_recovers(rig: dict[str, Any]) -> None:
     assert len(new) == 1  # a boot id of its own
     wait_for("appliance sees the restart", lambda: f"controller restarted (boot "
              f"{next(iter(new))})" in log.read_text(), ONE_BEAT)
+
+
+# ---------------------------------------------------------------- a 16x2 character LCD
+
+LCD_HW_SCRIPT = """
+import json, machine, hw
+d = hw.Display()
+bus = machine.I2C.last
+d.draw(["MirrorUnit", "local ready"], -1)
+first = len(bus.commands)
+d.draw(["MirrorUnit", "local standby\u00e9"], -1)
+print(json.dumps({"i2c": [bus.bus, bus.pins, bus.freq], "size": [d.cols, d.rows, d.invert],
+                  "first": first, "cmds": [[a, list(b)] for a, b in bus.commands]}))
+"""
+
+
+def test_the_real_hw_module_drives_a_character_lcd(rig: dict[str, Any]) -> None:
+    """board/panel/hw.py with a profile naming an HD44780: the vendored lcd_i2c driver
+    sets the controller up and writes the text, as a simulated PCF8574 + HD44780 decodes
+    the bytes on the bus; a redraw rewrites only the row that changed, and characters
+    the LCD's ROM lacks become '?'."""
+    from tests.support.panel_hw.hd44780_sim import Hd44780
+    profile = rig["tmp"] / "lcd-profile"
+    profile.mkdir(exist_ok=True)
+    (profile / "boardprofile.py").write_text(
+        (PANEL_SOURCE / "boardprofile.py").read_text() + '\nDISPLAY = "hd44780"\n')
+    fake_machine = PANEL_SOURCE.parents[1] / "tests" / "support" / "panel_machine"
+    r = subprocess.run([micropython(), "-c", LCD_HW_SCRIPT], capture_output=True, text=True,
+                       timeout=20, cwd=rig["tmp"], env=dict(
+                           os.environ, MICROPYPATH=f"{profile}:{fake_machine}:{rig['bundle']}"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["i2c"] == [0, [4, 5], 400000] and out["size"] == [16, 2, False]
+    lcd = Hd44780(0x27, 16, 2)
+    for n, (addr, data) in enumerate(out["cmds"]):
+        lcd.writeto(addr, bytes(data))
+        if n + 1 == out["first"]:
+            assert lcd.text() == ["MirrorUnit      ", "local ready     "]
+            before = lcd.writes
+    assert lcd.text() == ["MirrorUnit      ", "local standby?  "]
+    assert lcd.errors == [] and lcd.backlight
+    # one row only: an address command, 16 characters and the address command lcd_i2c
+    # sends after them to track its cursor; each byte two nibbles, each nibble three
+    # writes through the expander (data, E high, E low)
+    assert lcd.writes - before == 18 * 2 * 3
+
+
+@pytest.fixture(scope="module")
+def lcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    d = start_rig(tmp_path_factory.mktemp("panel-lcd"), PIN, HEARTBEAT_S, SWITCHOVER_WAIT_S,
+                  display="hd44780")
+    try:
+        yield d
+    finally:
+        stop_rig(d)
+
+
+#: The home screen on 16x2 turns a page every 2.5 s (board/panel/ui.py PAGE_MS): three
+#: pages of status, so anything on it shows within a turn of all of them.
+LCD_CYCLE = 3 * 2.5 + ONE_BEAT
+
+
+def lcd_home(panel: PanelProc) -> None:
+    def at_home() -> bool:
+        if panel.screen[:1] == ["panel-lab"]:
+            return True
+        panel.press("b")  # back out of a menu; on the home screen, its first page
+        return False
+    wait_for("the home screen", at_home, 5.0, interval=0.3)
+
+
+def lcd_open(panel: PanelProc, item: str) -> None:
+    """The menu on two rows has no title; the selected item is marked with '>'."""
+    lcd_home(panel)
+    panel.press("s")
+    panel.wait_text(">Network")
+    panel.press("d" * MENU_DOWN[item])
+    panel.wait_text(">" + item)
+    panel.press("s")
+
+
+def test_lcd_pages_the_status_and_puts_a_fault_first(lcd: dict[str, Any]) -> None:
+    panel: PanelProc = lcd["panel"]
+    unit: LocalProc = lcd["unit"]
+    assert panel.wait_text("panel-lab", timeout=15.0) == ["panel-lab", "local ready"]
+    # every status line comes round on the two rows, none longer than 16 columns
+    for wanted in ("link ", "cbq ", "ups "):
+        panel.wait_text(wanted, timeout=LCD_CYCLE)
+    assert all(len(line) <= 16 for _, lines, _ in panel.screens for line in lines)
+    unit.call("volume.set_state", state="offline")
+    try:
+        lcd_home(panel)
+        assert panel.wait_text("panel-lab", "FAULT", timeout=ONE_BEAT)[0] == "panel-lab"
+        wait_for("the fault LED on", lambda: panel.led_state[2] == "1", 2.0)
+    finally:
+        unit.call("volume.set_state", state="ready")
+    panel.wait_text("local ready", timeout=LCD_CYCLE)
+    assert panel.display_errors == []
+
+
+def test_lcd_password_entry_refuses_a_wrong_one_and_promotes_with_the_right_one(
+        lcd: dict[str, Any]) -> None:
+    panel: PanelProc = lcd["panel"]
+    unit: LocalProc = lcd["unit"]
+    lcd_open(panel, "Standby")
+    assert panel.wait_text("Standby volume?") == ["Standby volume?", "sel=yes back=no"]
+    panel.press("s")
+    panel.wait_text("Password", "char 0")
+    panel.press(pin_keys(WRONG[:7])[:-2])  # without [OK]
+    panel.wait_text("Password *******", "char 0")
+    panel.press(pin_keys(WRONG[7:])[:-2])  # three more do not fit: the count is shown
+    panel.wait_text("Password (10)", "char 0")
+    panel.press("ds")
+    panel.wait_text("Refused:", timeout=10.0)
+    assert volume_state(unit) == "ready"
+    for item, question, state in (("Standby", "Standby volume?", "standby"),
+                                  ("Promote", "Promote volume?", "ready")):
+        lcd_open(panel, item)
+        panel.wait_text(question)
+        panel.press("s")
+        panel.wait_text("Password")
+        panel.press(pin_keys(PIN))
+        panel.wait_text("Volume is", timeout=10.0)
+        assert volume_state(unit) == state
+        panel.press("s")
+    assert panel.display_errors == []
+
+
+def test_lcd_static_address_on_two_rows(lcd: dict[str, Any]) -> None:
+    panel: PanelProc = lcd["panel"]
+    store: ConfigStore = lcd["store"]
+    lcd_open(panel, "Network")
+    panel.wait_text(">DHCP", " Static address")
+    panel.press("ds")
+    assert panel.wait_text("192.168.001.010") == ["192.168.001.010", "^"]
+    # the last octet 010 -> 011: the caret moves under the digit being changed
+    panel.press("s" * 11)
+    assert panel.wait_text(" " * 14 + "^") == ["192.168.001.010", " " * 14 + "^"]
+    panel.press("u")
+    panel.wait_text("192.168.001.011")
+    panel.press("s")
+    assert panel.wait_text("prefix /24") == ["prefix /24", " " * 8 + "^"]
+    panel.press("ss")
+    assert panel.wait_text("192.168.1.11") == ["192.168.1.11", "/24 sel=y back=n"]
+    panel.press("s")
+    panel.wait_text("Password")
+    panel.press(pin_keys(PIN))
+    panel.wait_text("Saved", timeout=15.0)
+    cfg = store.load().config
+    assert cfg is not None
+    assert (cfg["network.mode"], cfg["network.address"]) == ("static", "192.168.1.11")
+    assert panel.display_errors == []

@@ -23,11 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from firmware.config import ConfigStore, StoreSettings
+from firmware.link.tls import load_or_create_identity
 from firmware.panel.codec import Frame, FrameDecoder
 from tests.support import REPO
+from tests.support.unitproc import LocalProc
 
 PANEL_SOURCE = REPO / "board" / "panel"
 FAKE_HW = REPO / "tests" / "support" / "panel_hw"
+FAKE_MACHINE = REPO / "tests" / "support" / "panel_machine"
 BUILD_SCRIPT = REPO / "scripts" / "build_panel.py"
 VENDOR_CACHE = REPO / "build" / "panel-vendor"
 
@@ -156,18 +160,25 @@ class PanelProc:
     fake hw of tests/support/panel_hw: buttons are written to its stdin, and what its
     display shows is read back from its stdout."""
 
-    def __init__(self, bundle: Path, link: str, workdir: Path) -> None:
+    def __init__(self, bundle: Path, link: str, workdir: Path,
+                 display: str = "ssd1306") -> None:
         self.bundle = bundle
+        self.display = display
         self.link = link
         self.workdir = workdir
         self.log = workdir / "panel.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.screens: list[tuple[float, list[str], int]] = []
         self.leds: list[tuple[float, str]] = []
+        #: what the simulated LCD controller saw go wrong on its bus (hd44780 only)
+        self.display_errors: list[str] = []
         self._lock = threading.Lock()
 
     def start(self) -> PanelProc:
-        env = dict(os.environ, MICROPYPATH=f"{FAKE_HW}:{self.bundle}", PANEL_LINK=self.link)
+        path = [FAKE_HW, FAKE_MACHINE, self.bundle] if self.display == "hd44780" else [
+            FAKE_HW, self.bundle]
+        env = dict(os.environ, MICROPYPATH=":".join(map(str, path)), PANEL_LINK=self.link,
+                   PANEL_DISPLAY=self.display)
         # `import main` as the board's boot does; cwd holds no module
         self.proc = subprocess.Popen([micropython(), "-c", "import main"], env=env,
                                      cwd=self.workdir, stdin=subprocess.PIPE,
@@ -184,6 +195,7 @@ class PanelProc:
                 if line.startswith("SCREEN "):
                     shown = json.loads(line[7:])
                     self.screens.append((now, shown["lines"], shown["hi"]))
+                    self.display_errors = shown["errors"]
                 elif line.startswith("LEDS "):
                     self.leds.append((now, line[5:]))
 
@@ -265,3 +277,44 @@ class ApplianceProc:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+def start_rig(tmp: Path, pin: str, heartbeat_s: float, switchover_wait_s: float,
+              display: str = "ssd1306") -> dict[str, Any]:
+    """A real `mirrorunit local`, `mirrorunit panel` on its end of a `Cable`, and the
+    panel firmware (built into tmp/bundle) with `display` on the other end; the unit is
+    named panel-lab, its admin password is `pin`, networkctl is a script logging its
+    arguments.  `stop_rig` takes the returned dict."""
+    bundle = tmp / "bundle"
+    built = build_panel(bundle)
+    assert built.returncode == 0, built.stderr
+    cfg = tmp / "config.slots"
+    store = ConfigStore(StoreSettings(str(cfg)))
+    store.set_many({"unit.name": "panel-lab"})
+    store.set_admin_password(pin)
+    ident = load_or_create_identity(tmp / "link", "panel-lab")
+    net = tmp / "sys-class-net"
+    (net / "eth0").mkdir(parents=True)
+    networkctl = tmp / "networkctl"
+    netlog = tmp / "networkctl.log"
+    networkctl.write_text(f"#!/bin/sh\necho \"$@\" >> {netlog}\n")
+    networkctl.chmod(0o755)
+    unit = LocalProc(tmp).start()
+    cable = Cable()
+    args = ["--device", cable.unit_end, "--control", str(unit.control), "--config", str(cfg),
+            "--cert", str(ident.cert_path), "--heartbeat", str(heartbeat_s),
+            "--switchover-wait", str(switchover_wait_s),
+            "--poweroff-command", f"touch {tmp / 'powered-off'}",
+            "--apply-network", "--network-file", str(tmp / "10-mirrorunit.network"),
+            "--networkctl", str(networkctl), "--sys-class-net", str(net)]
+    appliance = ApplianceProc(args, tmp).start()
+    panel = PanelProc(bundle, cable.panel_end, tmp, display).start()
+    return {"tmp": tmp, "bundle": bundle, "store": store, "unit": unit, "cable": cable,
+            "appliance": appliance, "panel": panel, "ident": ident, "netlog": netlog}
+
+
+def stop_rig(rig: dict[str, Any]) -> None:
+    rig["panel"].stop()
+    rig["appliance"].stop()
+    rig["cable"].close()
+    rig["unit"].stop()

@@ -1,9 +1,12 @@
 # A stand-in for board/panel/hw.py on the MicroPython Unix port (tests only): put this
 # directory first on MICROPYPATH and the panel firmware imports it instead of the real
 # one.  The link is the tty named by PANEL_LINK; the buttons are bytes on stdin
-# (u, d, s, b); the display is a real framebuf.FrameBuffer whose pixels are read back
-# into text, with LED changes, on stdout:
-#   SCREEN {"lines": [...], "hi": row}      LEDS <activity><link><fault>
+# (u, d, s, b).  The display (PANEL_DISPLAY) is either a real framebuf.FrameBuffer whose
+# pixels are read back into text ("ssd1306", the default), or a 16x2 character LCD: the
+# vendored lcd_i2c driver writing to a simulated PCF8574 + HD44780 (hd44780_sim) whose
+# DDRAM is read back ("hd44780"; lcd_i2c imports machine.I2C, so tests/support/
+# panel_machine goes on the path too).  What it shows and the LEDs go to stdout:
+#   SCREEN {"lines": [...], "hi": row, "errors": [...]}      LEDS <activity><link><fault>
 
 import json
 import logging
@@ -12,6 +15,8 @@ import select
 import sys
 
 import framebuf
+import hd44780_sim
+import render
 
 LOG_LEVEL = logging.INFO
 WIDTH = 128
@@ -34,7 +39,7 @@ def _font():
     return table
 
 
-class Display(framebuf.FrameBuffer):
+class _Oled(framebuf.FrameBuffer):
     def __init__(self):
         self.width = WIDTH
         self.height = HEIGHT
@@ -64,7 +69,30 @@ class Display(framebuf.FrameBuffer):
         lines, hi = self.read_text()
         if (lines, hi) != self.shown:
             self.shown = (lines, hi)
-            print("SCREEN " + json.dumps({"lines": lines, "hi": hi}))
+            print("SCREEN " + json.dumps({"lines": lines, "hi": hi, "errors": []}))
+
+
+class _Lcd(render.Chars):
+    def __init__(self):
+        import lcd_i2c  # the driver the board uses, from the bundle
+        self.sim = hd44780_sim.Hd44780(0x27, 16, 2)
+        lcd = lcd_i2c.LCD(0x27, 16, 2, i2c=self.sim)
+        lcd.begin()
+        super().__init__(lcd)
+        self.seen = None
+
+    def draw(self, lines, highlight=-1):
+        super().draw(lines, highlight)
+        seen = ([line.rstrip() for line in self.sim.text()], list(self.sim.errors))
+        if seen != self.seen:
+            self.seen = seen
+            print("SCREEN " + json.dumps({"lines": seen[0], "hi": -1, "errors": seen[1]}))
+
+
+def Display():
+    if os.getenv("PANEL_DISPLAY") == "hd44780":
+        return _Lcd()
+    return render.Pixels(_Oled())
 
 
 class Link:
