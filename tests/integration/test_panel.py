@@ -52,7 +52,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 
 def home(panel: PanelProc) -> None:
-    """Back to the home screen from wherever the last test left the panel."""
+    """Back to the home screen from wherever the last test left the panel (back on the
+    home screen shows its first page)."""
     def at_home() -> bool:
         if panel.screen and panel.screen[0] == "panel-lab":
             return True
@@ -460,18 +461,9 @@ def lcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 LCD_CYCLE = 3 * 2.5 + ONE_BEAT
 
 
-def lcd_home(panel: PanelProc) -> None:
-    def at_home() -> bool:
-        if panel.screen[:1] == ["panel-lab"]:
-            return True
-        panel.press("b")  # back out of a menu; on the home screen, its first page
-        return False
-    wait_for("the home screen", at_home, 5.0, interval=0.3)
-
-
 def lcd_open(panel: PanelProc, item: str) -> None:
     """The menu on two rows has no title; the selected item is marked with '>'."""
-    lcd_home(panel)
+    home(panel)
     panel.press("s")
     panel.wait_text(">Network")
     panel.press("d" * MENU_DOWN[item])
@@ -489,7 +481,7 @@ def test_lcd_pages_the_status_and_puts_a_fault_first(lcd: dict[str, Any]) -> Non
     assert all(len(line) <= 16 for _, lines, _ in panel.screens for line in lines)
     unit.call("volume.set_state", state="offline")
     try:
-        lcd_home(panel)
+        home(panel)
         assert panel.wait_text("panel-lab", "FAULT", timeout=ONE_BEAT)[0] == "panel-lab"
         wait_for("the fault LED on", lambda: panel.led_state[2] == "1", 2.0)
     finally:
