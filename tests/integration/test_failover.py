@@ -382,7 +382,13 @@ def test_test_failover_clone_is_writable_and_never_reaches_the_mirror(
         assert status[0]["scratch_limit"] == 256 * 1024
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:  # not left running once the test has failed
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0
     assert remote.call("role.test_failover_status", unit=unit_id) == []
     assert not list(Path(remote.workdir).rglob("*.scratch"))
     # Nothing written to the clone is in the mirror, which equals the local image.

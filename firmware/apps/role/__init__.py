@@ -20,7 +20,6 @@ import argparse
 import json
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -129,10 +128,9 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         r = call(args.control, "role.test_failover", unit=args.unit, address=args.nbd,
                  seq=args.seq, scratch_bytes=args.scratch)
-        print(f"test failover of unit {args.unit} at seq {r['seq']}, writable: "
-              f"nbd://{r['address']}/{r['export']} (scratch {r['scratch_limit']} bytes; "
-              "replication goes on; Ctrl-C ends it and discards its writes)", flush=True)
-        _wait_for_stop()
+        _wait_for_stop(f"test failover of unit {args.unit} at seq {r['seq']}, writable: "
+                       f"nbd://{r['address']}/{r['export']} (scratch {r['scratch_limit']} "
+                       "bytes; replication goes on; Ctrl-C ends it and discards its writes)")
         for e in call(args.control, "role.test_failover_end", unit=args.unit):
             print(f"ended {e['key']}: {e['scratch_used']} bytes written to it discarded")
         return 0
@@ -189,32 +187,38 @@ def _run(args: argparse.Namespace) -> int:
     if args.usb:
         r = call(args.control, "remote.usb_start", unit=args.unit, udc=args.usb_udc,
                  serial=args.usb_serial)
-        print(f"serving unit {args.unit} over USB (serial {r['serial']}) as a {r['state']} "
-              "(Ctrl-C to stop)", flush=True)
         try:
-            _wait_for_stop()
+            _wait_for_stop(f"serving unit {args.unit} over USB (serial {r['serial']}) as a "
+                           f"{r['state']} (Ctrl-C to stop)")
         finally:
             call(args.control, "remote.nbd_stop", key=r["key"])
         return 0
     r = call(args.control, "remote.nbd_start", unit=args.unit, address=args.nbd,
              seq=args.seq)
-    print(f"serving unit {args.unit} {'writable' if r.get('writable') else 'read-only'}: "
-          f"nbd://{r['address']}/{r['export']}  (Ctrl-C to stop)", flush=True)
     try:
-        _wait_for_stop()
+        _wait_for_stop(f"serving unit {args.unit} "
+                       f"{'writable' if r.get('writable') else 'read-only'}: "
+                       f"nbd://{r['address']}/{r['export']}  (Ctrl-C to stop)")
     finally:
         call(args.control, "remote.nbd_stop", key=r["key"])
     return 0
 
 
-def _wait_for_stop() -> None:
-    """Until Ctrl-C or SIGTERM."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+def _wait_for_stop(banner: str) -> None:
+    """Print `banner`, then wait until Ctrl-C (SIGINT) or SIGTERM.
+
+    Both are blocked from before the banner and taken with sigwait(), so neither is lost:
+    not one sent as soon as the banner is read (before the wait has begun), nor a SIGINT
+    this command was started with ignored (as a shell without job control starts a
+    background job), which Python never turns into KeyboardInterrupt. The command runs no
+    other thread the kernel could hand them to instead."""
+    stop = {signal.SIGINT, signal.SIGTERM}
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
     try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
+        print(banner, flush=True)
+        signal.sigwait(stop)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _print_status(result: dict[str, Any]) -> None:
