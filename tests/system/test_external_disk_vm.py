@@ -88,7 +88,9 @@ def start_writer(guest: GuestVM, name: str, blocks_n: int = 2000) -> tuple[Path,
 D=$(find_disk MirrorUn)
 ( i=0
   while [ ! -e {stop} ] && [ $i -lt {blocks_n} ]; do
-      if [ -n "$D" ] && dd if={blocks} of=$D bs={BLOCK} skip=$i seek=$i count=1 \
+      # only to a block device: dd to a node that went away would create a regular
+      # file in /dev, and the disk coming back under that name would get no node
+      if [ -b "$D" ] && dd if={blocks} of=$D bs={BLOCK} skip=$i seek=$i count=1 \
               oflag=direct,dsync conv=notrunc status=none 2>/dev/null; then
           echo "ok $i"
       else
